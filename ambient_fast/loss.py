@@ -1,0 +1,133 @@
+"""The ambient training objective (Daras et al. 2023, section 3.1), EDM and VP flavours.
+
+Given an observed image `y = A x` (pixels outside A are unknown and never read), its mask A
+and a further-corrupted mask `A_hat = B A`, the network sees
+`cat([A_hat * (y + sigma n), A_hat])` and is graded on every pixel it is allowed to know:
+
+    loss = weight(sigma) * || A * (D - y) ||^2        (or weight * A * |D - y| for norm=1)
+
+It cannot tell a pixel hidden by B (graded) from one hidden by A (never graded), so it must
+predict both: that is what makes the model learn E[x0 | A_hat x_t, A_hat].
+
+Losses are returned per sample (summed over pixels, not over the batch); the caller reduces.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+
+from ambient_fast.nn.precond import vp_sigma
+
+
+class AmbientLossTerms(NamedTuple):
+    """Per-sample terms, each (N,) float32.
+
+    train: error on the pixels the network saw (A_hat), the reference's `train_loss`.
+    val: error on every observed pixel (A); this is the objective (`loss`), the reference's `val_loss`.
+    test: error on all pixels against the clean image, only when the caller has one (synthetic
+        data, evaluation); the reference computed it against the clean images it was handed.
+    """
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: Optional[torch.Tensor]
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The optimised objective, per sample."""
+        return self.val
+
+
+class AmbientLoss:
+    """Shared body of the ambient losses; subclasses draw sigma and its weight."""
+
+    def __init__(self, norm: int = 2):
+        if norm not in (1, 2):
+            raise ValueError(f"norm must be 1 (L1) or 2 (L2), got {norm!r}")
+        self.norm = norm
+
+    def sample_sigma(self, n: int, device, generator: Optional[torch.Generator] = None):
+        """(sigma, weight), each (n, 1, 1, 1) float32."""
+        raise NotImplementedError
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, net, y: torch.Tensor, A: torch.Tensor, A_hat: torch.Tensor, *,
+                 labels: Optional[torch.Tensor] = None, augment_labels: Optional[torch.Tensor] = None,
+                 sigma: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None, clean: Optional[torch.Tensor] = None) -> AmbientLossTerms:
+        """Evaluate the ambient loss on one batch.
+
+        Args:
+            net: preconditioned ambient denoiser, `net(x (N, 2C, H, W), sigma (N,), labels, augment_labels)`.
+            y: (N, C, H, W) observed images `A * x` in [-1, 1]; values outside A are ignored.
+            A: (N, C, H, W) 0/1 mask of observed pixels.
+            A_hat: (N, C, H, W) further-corrupted mask, A_hat <= A.
+            labels, augment_labels: conditioning passed to `net`.
+            sigma: (N,) noise levels; drawn from the training distribution when None.
+            noise: (N, C, H, W) standard normal noise (scaled by sigma here); drawn when None.
+            generator: random source for sigma and noise when they are drawn.
+            clean: (N, C, H, W) clean images, only for the `test` diagnostic.
+        """
+        if not (y.shape == A.shape == A_hat.shape) or y.ndim != 4:
+            raise ValueError(f"y, A and A_hat must share one (N, C, H, W) shape; got {tuple(y.shape)}, "
+                             f"{tuple(A.shape)}, {tuple(A_hat.shape)}")
+        n = y.shape[0]
+        if sigma is None:
+            sigma, weight = self.sample_sigma(n, y.device, generator)
+        else:
+            sigma = sigma.to(device=y.device, dtype=torch.float32).reshape(-1, 1, 1, 1)
+            weight = self.weight(sigma)
+        if noise is None:
+            noise = torch.randn(y.shape, device=y.device, generator=generator)
+        y = A * y  # nothing outside A may reach the network or the loss
+        net_input = torch.cat([A_hat * (y + sigma * noise), A_hat], dim=1)
+        D = net(net_input, sigma.flatten(), labels, augment_labels)[:, : y.shape[1]]
+        error = self._error(D, y)
+        return AmbientLossTerms(
+            train=_sum_per_sample(weight * A_hat * error),
+            val=_sum_per_sample(weight * A * error),
+            test=None if clean is None else _sum_per_sample(weight * self._error(D, clean)),
+        )
+
+    def _error(self, D: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (D - target).square() if self.norm == 2 else (D - target).abs()
+
+
+def _sum_per_sample(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).sum(1)
+
+
+class EDMAmbientLoss(AmbientLoss):
+    """EDM flavour: ln(sigma) ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2."""
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, norm: int = 2):
+        super().__init__(norm)
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def sample_sigma(self, n, device, generator=None):
+        sigma = (torch.randn([n, 1, 1, 1], device=device, generator=generator) * self.P_std + self.P_mean).exp()
+        return sigma, self.weight(sigma)
+
+    def weight(self, sigma):
+        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+
+
+class VPAmbientLoss(AmbientLoss):
+    """VP flavour: sigma = sigma_VP(t), t uniform in [epsilon_t, 1], weight 1 / sigma^2."""
+
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5, norm: int = 2):
+        super().__init__(norm)
+        self.beta_d = beta_d
+        self.beta_min = beta_min
+        self.epsilon_t = epsilon_t
+
+    def sample_sigma(self, n, device, generator=None):
+        u = torch.rand([n, 1, 1, 1], device=device, generator=generator)
+        sigma = vp_sigma(1 + u * (self.epsilon_t - 1), self.beta_d, self.beta_min)
+        return sigma, self.weight(sigma)
+
+    def weight(self, sigma):
+        return 1 / sigma ** 2

@@ -1,0 +1,25 @@
+"""Packaging for ambient-fast.
+
+`kernels/` lives at the top of the repository but installs as `ambient_fast.kernels`: a
+top-level module named `kernels` would collide with an existing PyPI package. The mapping
+works for `pip install .` and for editable installs (`pip install -e .`).
+"""
+from setuptools import setup
+
+setup(
+    name="ambient-fast",
+    version="0.1.0",
+    description="Fast, checkpoint-compatible Ambient Diffusion: learn clean image distributions from corrupted data",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["ambient_fast", "ambient_fast.nn", "ambient_fast.kernels"],
+    package_dir={"ambient_fast.kernels": "kernels"},
+    # torch is pinned in .ci/run and the README (installed first, CPU build); any range here
+    # would let pip pull a multi-GB CUDA build on a machine that has none installed yet.
+    install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4"],
+    extras_require={
+        "test": ["pytest>=8", "scipy>=1.10"],
+        "dali": ["nvidia-dali-cuda130>=1.40"],
+    },
+)

@@ -1,0 +1,41 @@
+"""Shared test set-up: fixed seeds, the reference fixtures, tiny model configurations."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(os.environ.get("AMBIENT_FAST_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def load_fixture(name: str):
+    """(config, weights, cases) of a golden reference fixture; skips the test when absent."""
+    folder = FIXTURES / name
+    if not folder.is_dir():
+        pytest.skip(f"reference fixtures not found at {folder} (they live in ../shared/fixtures beside the "
+                    "project root; set AMBIENT_FAST_FIXTURES to point elsewhere)")
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    return config, load_file(folder / "weights.safetensors"), load_file(folder / "cases.safetensors")
+
+
+# Small versions of every architecture variant: (model_type, architecture kwargs).
+TINY_ARCHITECTURES = {
+    "ddpmpp": ("SongUNet", dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                                dropout=0.0)),
+    "ncsnpp": ("SongUNet", dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                                embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
+                                resample_filter=[1, 3, 3, 1], dropout=0.0)),
+    "skip": ("SongUNet", dict(model_channels=16, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4],
+                              embedding_type="fourier", encoder_type="skip", decoder_type="skip",
+                              resample_filter=[1, 3, 3, 1], dropout=0.0)),
+    "adm": ("DhariwalUNet", dict(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                                 dropout=0.0)),
+}
