@@ -1,0 +1,271 @@
+"""Network checkpoints: our safetensors format, and safe import of the published reference runs.
+
+Our format: one `.safetensors` file holding the weights, with the model config and the
+corruption the model was trained on as JSON in the metadata. Nothing in it can execute code.
+
+A reference run (giannisdaras/ambient-diffusion, on EDM) stores `network-snapshot-NNNNNN.pkl`:
+`pickle.dumps(dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...))`, where `ema`
+is a state dict (keys prefixed `_orig_mod.` by torch.compile) or, in older snapshots, the
+pickled module, and `loss_fn` / `augment_pipe` are EDM "persistent objects" that carry the
+source code of their defining module. Loading such a file with `pickle.load` executes that
+source. `import_reference` reads it with a restricted unpickler instead: persistent objects
+become inert records of their data, each tensor storage is read with
+`torch.load(weights_only=True)`, and any global outside a short allow-list is refused with an
+error that names it.
+"""
+import io
+import json
+import os
+import pickle
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ambient_fast.nn import AmbientPrecond, build_model, from_reference
+
+FORMAT = "ambient-fast/1"
+COMPILE_PREFIX = "_orig_mod."
+
+
+@dataclass
+class LoadedNetwork:
+    """A network ready to sample or restore with, and what it was trained on."""
+
+    model: AmbientPrecond
+    corruption: dict = field(default_factory=dict)   # kind, p, delta, shared_channels, ...
+    source: str = ""                                  # path it came from
+    metadata: dict = field(default_factory=dict)      # anything else the file recorded
+
+    @property
+    def survival(self) -> Optional[float]:
+        """Probability that a pixel survives A_hat during training, (1 - p)(1 - delta), if known."""
+        p, delta = self.corruption.get("p"), self.corruption.get("delta")
+        return None if p is None or delta is None else (1 - p) * (1 - delta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Our format.
+
+def atomic_write(path: Union[str, Path], write) -> None:
+    """Write through `write(temporary_path)`, fsync, then rename over `path`: a crash never leaves
+    a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_network(path: Union[str, Path], model: AmbientPrecond, corruption: Optional[Mapping] = None,
+                 **metadata: Any) -> None:
+    """Save weights and config as safetensors (atomically). `corruption` records the training
+    corruption (kind, p, delta, shared_channels); further keyword arguments go to the metadata as JSON."""
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    header = {"format": FORMAT, "model": json.dumps(model.config), "corruption": json.dumps(dict(corruption or {})),
+              "extra": json.dumps(metadata)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+def _load_safetensors(path: Path) -> LoadedNetwork:
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path} is a safetensors file but not an ambient-fast checkpoint "
+                             f"(metadata format {header.get('format')!r}, expected {FORMAT!r})")
+        state = {key: f.get_tensor(key) for key in f.keys()}
+    model = build_model(json.loads(header["model"]))
+    model.load_state_dict(state, strict=True)
+    return LoadedNetwork(model.eval(), json.loads(header.get("corruption", "{}")), str(path),
+                         json.loads(header.get("extra", "{}")))
+
+
+def load_network(path: Union[str, Path], training_options: Optional[Union[str, Path]] = None) -> LoadedNetwork:
+    """Load one of our `.safetensors` checkpoints or a reference `.pkl` snapshot (or a reference run
+    directory, whose newest snapshot is taken), through one call path, in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        snapshots = sorted(path.glob("network-snapshot-*.pkl"))
+        if not snapshots:
+            raise FileNotFoundError(f"no network-snapshot-*.pkl in {path}")
+        path = snapshots[-1]
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    if path.suffix == ".pkl":
+        return import_reference(path, training_options)
+    raise ValueError(f"unknown checkpoint type {path.name!r}: expected .safetensors (ours) or .pkl (reference)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe import of reference snapshots.
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The file asked for something the safe importer does not allow."""
+
+
+@dataclass
+class PersistentRecord:
+    """What an EDM persistent object holds, as data: its class name, its source (never executed)
+    and its state (`__dict__`)."""
+
+    class_name: str
+    module_src: str
+    state: dict
+
+
+class ModuleRecord:
+    """A plain torch container module (ModuleDict) from the pickle, as its state only."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _persistent_record(meta: dict) -> PersistentRecord:
+    if not isinstance(meta, dict) or meta.get("type") != "class":
+        raise UnsafePickleError(f"unexpected persistent-object record: {type(meta).__name__}")
+    return PersistentRecord(str(meta.get("class_name")), str(meta.get("module_src", "")), dict(meta.get("state") or {}))
+
+
+def _load_storage(data: bytes):
+    """A tensor storage, saved by torch.save inside the pickle; loaded without executing code."""
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _numpy_scalar(dtype: np.dtype, data: bytes):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise UnsafePickleError("refusing a numpy scalar of object dtype")
+    return np.frombuffer(data, dtype=dtype)[0].item()
+
+
+_ALLOWED = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch.storage", "_load_from_bytes"): _load_storage,
+    ("torch.nn.modules.container", "ModuleDict"): ModuleRecord,
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Resolves only the globals a reference snapshot needs, each to a data-only stand-in."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"refusing to load global '{module}.{name}': not on the allow-list of the safe importer "
+                "(a reference snapshot needs only tensors, OrderedDict, numpy scalars and EDM persistent "
+                "objects). The file may be malicious or of an unknown format.") from None
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError(f"refusing persistent id {pid!r}: not used by reference snapshots")
+
+
+def safe_unpickle(data: bytes) -> Any:
+    """`pickle.loads` restricted to reference-snapshot content; executes nothing from the data."""
+    return SafeUnpickler(io.BytesIO(data)).load()
+
+
+def _module_state_dict(node: Any, prefix: str = "") -> "OrderedDict[str, torch.Tensor]":
+    """Flatten a pickled module (persistent records and ModuleDicts) into a state dict."""
+    state = node.state if isinstance(node, (PersistentRecord, ModuleRecord)) else None
+    if not isinstance(state, dict):
+        raise UnsafePickleError(f"unexpected object in a pickled network at {prefix or 'the root'!r}: {type(node).__name__}")
+    out = OrderedDict()
+    skip = set(state.get("_non_persistent_buffers_set") or ())
+    for group in ("_parameters", "_buffers"):
+        for name, tensor in (state.get(group) or {}).items():
+            if tensor is not None and name not in skip:
+                out[prefix + name] = tensor.detach()
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            out.update(_module_state_dict(child, f"{prefix}{name}."))
+    return out
+
+
+def _strip_compile_prefix(state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((key[len(COMPILE_PREFIX):] if key.startswith(COMPILE_PREFIX) else key, value)
+                       for key, value in state.items())
+
+
+def _json_ready(value: Any) -> Any:
+    """Convert what the snapshot's plain data may hold (numpy scalars, tuples) into JSON types."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def import_reference(snapshot_pkl: Union[str, Path], training_options_json: Optional[Union[str, Path]] = None) -> LoadedNetwork:
+    """Import a published Ambient Diffusion snapshot without executing anything from it.
+
+    Args:
+        snapshot_pkl: `network-snapshot-NNNNNN.pkl` of a reference run.
+        training_options_json: its `training_options.json`; defaults to the one beside the snapshot.
+    Returns:
+        The EMA network (double-sigmoid gate, reference preconditioning, loaded strictly, eval
+        mode) and the corruption settings: kind, p, delta, shared_channels.
+    """
+    snapshot_pkl = Path(snapshot_pkl)
+    options_path = Path(training_options_json) if training_options_json else snapshot_pkl.with_name("training_options.json")
+    if not options_path.is_file():
+        raise FileNotFoundError(f"{options_path} not found: a reference snapshot needs its run's training_options.json "
+                                "(pass it with --training-options or put it beside the snapshot)")
+    options = json.loads(options_path.read_text())
+    data = safe_unpickle(snapshot_pkl.read_bytes())
+    if not isinstance(data, dict) or "ema" not in data:
+        raise ValueError(f"{snapshot_pkl} is not a reference network snapshot (no 'ema' entry)")
+
+    ema = data["ema"]
+    state = ema if isinstance(ema, Mapping) else _module_state_dict(ema)
+    state = _strip_compile_prefix(state)
+    network_kwargs = dict(options.get("network_kwargs") or {})
+    dataset_kwargs = {**_json_ready(options.get("dataset_kwargs") or {}), **_json_ready(data.get("dataset_kwargs") or {})}
+    config = {**network_kwargs, **_interface_from_weights(state, dataset_kwargs)}
+    model = from_reference(config, state)
+
+    corruption = dict(
+        kind=dataset_kwargs.get("corruption_pattern", "dust"),
+        p=dataset_kwargs.get("corruption_probability"),
+        delta=dataset_kwargs.get("delta_probability"),
+        shared_channels=bool(dataset_kwargs.get("mask_full_rgb", False)),
+    )
+    loss = data.get("loss_fn")
+    metadata = dict(reference_loss=loss.class_name if isinstance(loss, PersistentRecord) else None,
+                    loss_state=_json_ready({k: v for k, v in (loss.state if isinstance(loss, PersistentRecord) else {}).items()
+                                            if isinstance(v, (int, float, str, bool, np.generic))}))
+    return LoadedNetwork(model, corruption, str(snapshot_pkl), metadata)
+
+
+def _interface_from_weights(state: Mapping[str, torch.Tensor], dataset_kwargs: Mapping) -> dict:
+    """img_resolution, img_channels (2C) and label_dim, which the reference took from its data set
+    rather than from training_options: read them off the weights where they are unambiguous."""
+    first_conv = [key for key in state if key.startswith("model.enc.") and key.endswith("_conv.weight")]
+    if not first_conv:
+        raise ValueError("the snapshot's weights have no 'model.enc.*_conv.weight': not an EDM U-Net")
+    resolution = int(first_conv[0][len("model.enc."):].split("x", 1)[0])
+    label = state.get("model.map_label.weight")
+    return dict(img_resolution=int(dataset_kwargs.get("resolution") or resolution),
+                img_channels=int(state[first_conv[0]].shape[1]),
+                label_dim=int(label.shape[1]) if label is not None else 0)

@@ -1,0 +1,31 @@
+"""`python -m ambient_fast.convert RUN_DIR_OR_PKL OUT.safetensors`: convert a published reference
+snapshot into our safetensors format once (safely: nothing in the pickle is executed)."""
+import argparse
+import sys
+
+from ambient_fast.checkpoint import load_network, save_network
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ambient_fast.convert", description=__doc__)
+    parser.add_argument("source", help="reference run directory (newest snapshot) or network-snapshot-*.pkl")
+    parser.add_argument("out", help="output .safetensors path")
+    parser.add_argument("--training-options", help="training_options.json, if not beside the snapshot")
+    args = parser.parse_args(argv)
+    if not args.out.endswith(".safetensors"):
+        parser.error(f"the output must be a .safetensors file, got {args.out!r}")
+    try:
+        loaded = load_network(args.source, args.training_options)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    save_network(args.out, loaded.model, loaded.corruption, converted_from=loaded.source, **loaded.metadata)
+    model = loaded.model
+    params = sum(p.numel() for p in model.parameters())
+    print(f"converted {loaded.source} -> {args.out} ({model.model_type}, {params / 1e6:.2f} M parameters, "
+          f"gate {model.gate}, corruption {loaded.corruption})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

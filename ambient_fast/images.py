@@ -1,0 +1,40 @@
+"""Image files: tensors in [-1, 1] to uint8 PNGs and back, and grids for looking at many at once."""
+import math
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return array.permute(0, 2, 3, 1).numpy()
+
+
+def save_png(array: np.ndarray, path: Union[str, Path]) -> None:
+    """Save one (H, W, C) uint8 image, C in {1, 3, 4}."""
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+
+def load_png(path: Union[str, Path]) -> np.ndarray:
+    """(H, W, C) uint8."""
+    array = np.asarray(Image.open(path))
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def grid(arrays: Sequence[np.ndarray], columns: int = 0, pad: int = 1, background: int = 255) -> np.ndarray:
+    """Tile (H, W, C) uint8 images into one (rows, columns) grid separated by `pad` pixels;
+    `columns` = 0 picks a near-square layout."""
+    if not len(arrays):
+        raise ValueError("grid needs at least one image")
+    h, w, c = arrays[0].shape
+    columns = columns or math.ceil(math.sqrt(len(arrays)))
+    rows = math.ceil(len(arrays) / columns)
+    out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), background, dtype=np.uint8)
+    for index, array in enumerate(arrays):
+        r, col = divmod(index, columns)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = array
+    return out

@@ -1,0 +1,235 @@
+"""Samplers for ambient models (Daras et al. 2023, section 3.2): EDM's Euler / Heun solver with a
+fixed mask, optionally with reconstruction guidance from further masks.
+
+The model was trained to predict E[x0 | A_hat x_t, A_hat]; the fixed-mask sampler uses that, for
+one mask M_0 drawn once, in place of E[x0 | x_t]. Reconstruction guidance adds the gradient of
+`K * sum_j 0.5 ||D_0(x, t) - D_j(x, t)||^2` over the other masks, which pulls the predictions
+made from different masks together (the factor K and the sum over the whole batch are the
+reference's, and its published samples depend on them).
+
+Everything here is a pure function of its inputs: latents, masks and the churn noise source
+decide the result, so each image depends only on its own seed.
+"""
+import math
+from typing import Callable, Optional
+
+import torch
+
+
+def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                    dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """EDM's noise levels t_0 > ... > t_{N-1} = sigma_min, with t_N = 0 appended: (num_steps + 1,)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    i = torch.arange(num_steps, dtype=dtype, device=device)
+    denominator = max(num_steps - 1, 1)
+    t = (sigma_max ** (1 / rho) + i / denominator * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros_like(t[:1])])
+
+
+def ambient_sample(
+    net: torch.nn.Module,
+    latents: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    num_steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    solver: str = "heun",
+    guidance: float = 0.0,
+    class_labels: Optional[torch.Tensor] = None,
+    clip: bool = True,
+    dtype: torch.dtype = torch.float64,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float("inf"),
+    S_noise: float = 1.0,
+    randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+) -> torch.Tensor:
+    """Sample from an ambient model with a fixed mask (K = 1) or with reconstruction guidance (K > 1).
+
+    Args:
+        net: ambient denoiser, `net(cat([M * x, M]) (B, 2C, H, W), sigma, class_labels)` whose first C
+            output channels are the denoised image.
+        latents: (B, C, H, W) standard normal latents, one per image (per seed).
+        masks: (K, B, C, H, W) 0/1 masks. Mask 0 drives the update; masks 1..K-1 the guidance term.
+        num_steps, sigma_min, sigma_max, rho: EDM's noise-level discretisation.
+        solver: "heun" (2nd order, Euler on the last step) or "euler".
+        guidance: scale w of the reconstruction-guidance gradient; 0 disables it (and autograd).
+        class_labels: (B, label_dim) or None.
+        clip: clamp every prediction to [-1, 1] (the reference's default).
+        dtype: dtype of the sampler state (float64 like the reference, or float32).
+        S_churn, S_min, S_max, S_noise: EDM's stochastic churn; S_churn = 0 is deterministic.
+        randn_like: noise source for churn; pass a per-seed generator to keep images independent of
+            their batch.
+    Returns:
+        (B, C, H, W) samples in `dtype`: the last step's prediction D_0.
+    """
+    if solver not in ("heun", "euler"):
+        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+    if masks.ndim != 5 or masks.shape[1:] != latents.shape:
+        raise ValueError(f"masks must have shape (K, *latents.shape) = (K, {', '.join(map(str, latents.shape))}), "
+                         f"got {tuple(masks.shape)}")
+    channels = latents.shape[1]
+    masks = masks.to(device=latents.device, dtype=dtype)
+    use_guidance = guidance != 0 and masks.shape[0] > 1
+    t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=latents.device)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = net(torch.cat([mask * x, mask], dim=1), t, class_labels)[:, :channels].to(dtype)
+        return out.clamp(-1, 1) if clip else out
+
+    def increment(x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """dt * (x - D_0(x, t)) / t, minus w * grad_x E(x, t) when guidance is on."""
+        if not use_guidance:
+            return dt * (x - denoise(x, t, masks[0])) / t
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            d0 = denoise(x, t, masks[0])
+            energy = masks.shape[0] * sum(0.5 * (d0 - denoise(x, t, m)).square().sum() for m in masks[1:])
+            (grad,) = torch.autograd.grad(energy, x)
+        return dt * (x.detach() - d0.detach()) / t - guidance * grad
+
+    x = latents.to(dtype) * t_steps[0]
+    with torch.no_grad():
+        for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+            gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
+            t_hat = t_cur + gamma * t_cur
+            if gamma > 0:
+                x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
+            g1 = increment(x, t_hat, t_next - t_hat)
+            if solver == "heun" and i < num_steps - 1:
+                x = x + (g1 + increment(x + g1, t_next, t_next - t_hat)) / 2
+            else:
+                x = x + g1
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python -m ambient_fast.sample --net PATH --out DIR --seeds 0-63
+
+def parse_seeds(text: str) -> "list[int]":
+    """'0-63', '5', '1,4,9-12' -> list of seeds."""
+    seeds = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                first, last = (int(v) for v in part.split("-", 1))
+                if last < first:
+                    raise ValueError
+                seeds.extend(range(first, last + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise ValueError(f"--seeds takes a list like '0-63' or '1,4,9-12', got {text!r}") from None
+    return seeds
+
+
+def seeded_inputs(seeds, shape, num_masks: int, survival: float, shared_channels: bool, device):
+    """Latents (B, C, H, W) and dust masks (K, B, C, H, W), each image's drawn from its own seed only."""
+    channels, height, width = shape
+    latents, masks = [], []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(int(seed))
+        latents.append(torch.randn(shape, generator=generator))
+        mask_shape = (num_masks, 1 if shared_channels else channels, height, width)
+        mask = (torch.rand(mask_shape, generator=generator) < survival).float()
+        masks.append(mask.expand(num_masks, channels, height, width))
+    return torch.stack(latents).to(device), torch.stack(masks, dim=1).to(device)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from ambient_fast.checkpoint import load_network
+    from ambient_fast.distributed import close_world, init_world
+    from ambient_fast.images import grid, load_png, save_png, to_uint8
+
+    parser = argparse.ArgumentParser(prog="python -m ambient_fast.sample",
+                                     description="Generate images from an ambient model (ours or a reference snapshot).")
+    parser.add_argument("--net", required=True, help=".safetensors checkpoint, reference .pkl snapshot or run directory")
+    parser.add_argument("--training-options", help="training_options.json of a reference snapshot, if not beside it")
+    parser.add_argument("--out", required=True, help="output directory for one PNG per seed and grid.png")
+    parser.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,4,9-12 (default 0-63)")
+    parser.add_argument("--batch", type=int, default=64, help="images per network evaluation (default 64)")
+    parser.add_argument("--steps", type=int, default=18, help="solver steps (default 18)")
+    parser.add_argument("--solver", choices=["heun", "euler"], default="heun")
+    parser.add_argument("--survival", type=float, help="probability that the sampling mask keeps a pixel "
+                        "(default: the training survival (1 - p)(1 - delta))")
+    parser.add_argument("--masks", type=int, default=1, help="masks per image: 1 = fixed mask, K > 1 adds "
+                        "reconstruction guidance from the other K - 1 (default 1)")
+    parser.add_argument("--guidance", type=float, default=0.0, help="reconstruction-guidance scale (default 0)")
+    parser.add_argument("--class", dest="class_index", type=int, help="class index for a conditional model")
+    parser.add_argument("--churn", type=float, default=0.0, help="EDM's S_churn (default 0: deterministic)")
+    parser.add_argument("--float32", action="store_true", help="keep the sampler state in float32 instead of float64")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    args = parser.parse_args(argv)
+
+    try:
+        seeds = parse_seeds(args.seeds)
+        if args.batch < 1 or args.steps < 1 or args.masks < 1:
+            raise ValueError("--batch, --steps and --masks must be at least 1")
+        world, device = init_world(args.device)
+        loaded = load_network(args.net, args.training_options)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    model = loaded.model.to(device)
+    survival = args.survival if args.survival is not None else loaded.survival
+    if survival is None:
+        print("error: the checkpoint does not record its training corruption; pass --survival", file=sys.stderr)
+        return 1
+    if not 0 < survival <= 1:
+        print(f"error: --survival must be in (0, 1], got {survival}", file=sys.stderr)
+        return 1
+    channels = model.img_channels // 2
+    shape = (channels, model.img_resolution, model.img_resolution)
+    labels = None
+    if model.label_dim:
+        if args.class_index is None or not 0 <= args.class_index < model.label_dim:
+            print(f"error: this model is conditional on {model.label_dim} classes: pass --class in "
+                  f"0..{model.label_dim - 1}", file=sys.stderr)
+            return 1
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mine = seeds[world.rank::world.size]
+    shared = bool(loaded.corruption.get("shared_channels", False))
+    if world.is_main:
+        print(f"sampling {len(seeds)} images from {loaded.source} on {device} ({world.size} process(es)): "
+              f"{args.steps} {args.solver} steps, survival {survival:.3f}, {args.masks} mask(s), guidance {args.guidance}")
+    with Progress(disable=not world.is_main) as progress:
+        task = progress.add_task("sampling", total=len(mine))
+        for start in range(0, len(mine), args.batch):
+            batch_seeds = mine[start:start + args.batch]
+            latents, masks = seeded_inputs(batch_seeds, shape, args.masks, survival, shared, device)
+            if model.label_dim:
+                labels = torch.nn.functional.one_hot(torch.full((len(batch_seeds),), args.class_index),
+                                                     model.label_dim).float().to(device)
+            images = ambient_sample(model, latents, masks, num_steps=args.steps, solver=args.solver,
+                                    guidance=args.guidance, class_labels=labels, S_churn=args.churn,
+                                    dtype=torch.float32 if args.float32 else torch.float64)
+            for seed, array in zip(batch_seeds, to_uint8(images)):
+                save_png(array, out / f"{seed:06d}.png")
+            progress.advance(task, len(batch_seeds))
+    world.barrier()
+    if world.is_main:
+        save_png(grid([load_png(out / f"{seed:06d}.png") for seed in seeds]), out / "grid.png")
+        (out / "sampling.json").write_text(json.dumps(dict(
+            net=str(loaded.source), seeds=args.seeds, steps=args.steps, solver=args.solver, survival=survival,
+            masks=args.masks, guidance=args.guidance, churn=args.churn, class_index=args.class_index), indent=1))
+        print(f"wrote {len(seeds)} images and {out / 'grid.png'}")
+    close_world()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
