@@ -17,7 +17,7 @@ setup(
     package_dir={"ambient_fast.kernels": "kernels"},
     # torch is pinned in .ci/run and the README (installed first, CPU build); any range here
     # would let pip pull a multi-GB CUDA build on a machine that has none installed yet.
-    install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4"],
+    install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pillow>=10", "rich>=13"],
     extras_require={
         "test": ["pytest>=8", "scipy>=1.10"],
         "dali": ["nvidia-dali-cuda130>=1.40"],
