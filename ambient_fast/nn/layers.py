@@ -236,9 +236,17 @@ class UNetBlock(torch.nn.Module):
 
     def _attend(self, qkv: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Multi-head self-attention over pixels; channels of `qkv` are laid out as
-        (head, channel, q/k/v), as EDM's reshape implies."""
+        (head, channel, q/k/v), as EDM's reshape implies.
+
+        On CUDA: fused scaled_dot_product_attention. Elsewhere: the reference's own arithmetic
+        (logits and softmax in fp32), which reproduces its outputs bit for bit on CPU.
+        """
         n, c, h, w = shape
         q, k, v = qkv.reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-        # (heads*N, c, L) -> (heads*N, L, c) for scaled_dot_product_attention (scale 1/sqrt(c)).
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return a.transpose(1, 2).reshape(n, c, h, w)
+        if qkv.is_cuda:
+            # (heads*N, c, L) -> (heads*N, L, c); the default scale is 1/sqrt(c), as in the reference.
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return a.transpose(1, 2).reshape(n, c, h, w)
+        logits = torch.einsum("ncq,nck->nqk", q.float(), (k / np.sqrt(k.shape[1])).float())
+        weights = logits.softmax(dim=2).to(q.dtype)
+        return torch.einsum("nqk,nck->ncq", weights, v).reshape(n, c, h, w)
