@@ -1,0 +1,581 @@
+"""Corruption operators A and their further corruptions A_hat = B A (Ambient Diffusion).
+
+Ambient Diffusion trains on measurements y = A x0 only. At training time the model sees an
+even more corrupted input A_hat x_t and is graded on everything A measures. Theorem 4.1 of the
+paper: this learns E[x0 | A_hat x_t, A_hat] iff E[A^T A | A_hat] is full rank for every A_hat.
+`check_full_rank_condition` estimates that matrix by Monte Carlo for a given operator.
+
+Shapes: images x are (B, C, H, W). Mask operators return A with x's shape and dtype (1 = kept);
+"gaussian_cs" returns (B, m, C*H*W) matrices; "averaging" returns (B,) flags (1 = averaged).
+All randomness is drawn from an optional `torch.Generator`, on the generator's own device.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "CorruptionOperator",
+    "MaskOperator",
+    "DustOperator",
+    "BoxOperator",
+    "FixedBoxOperator",
+    "KeepPatchOperator",
+    "GaussianCSOperator",
+    "AveragingOperator",
+    "OPERATORS",
+    "make_operator",
+    "FullRankReport",
+    "check_full_rank_condition",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _random(fn: Callable[..., Tensor], *args: Any, generator: torch.Generator | None,
+            device: torch.device, **kwargs: Any) -> Tensor:
+    """Call torch.rand / randn / randint and move the result to `device`.
+
+    A generator can only feed its own device, so draw there (a CPU generator stays usable for
+    CUDA images and results do not depend on where the images live).
+    """
+    source = generator.device if generator is not None else device
+    return fn(*args, generator=generator, device=source, **kwargs).to(device)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    """Raise unless 0 <= value < 1 (written so that NaN fails too)."""
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must lie in [0, 1), got {name}={value!r}")
+
+
+def _side(fraction: float, size: int, *, round_up: bool) -> int:
+    """Box side ceil/int(fraction * size), robust to float noise (int(0.29 * 100) is 28)."""
+    length = round(fraction * size, 9)
+    return math.ceil(length) if round_up else int(length)
+
+
+def _box(top: Tensor, left: Tensor, height: int, width: int, H: int, W: int) -> Tensor:
+    """(B,) corners -> (B, H, W) bool, True on [top, top+height) x [left, left+width) (cut by the border)."""
+    rows = torch.arange(H, device=top.device)
+    cols = torch.arange(W, device=top.device)
+    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + height)
+    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + width)
+    return in_rows[:, :, None] & in_cols[:, None, :]
+
+
+def _first_true(flags: Tensor) -> Tensor:
+    """(B, L) bool -> (B,) index of the first True (argmax returns the first maximum)."""
+    return flags.to(torch.uint8).argmax(dim=1)
+
+
+def _to_mask(keep: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
+    """(B, 1 or C, H, W) bool -> (B, C, H, W) 0/1 mask; a real copy, not an expanded view."""
+    mask = keep.to(dtype)
+    return mask.repeat(1, channels // mask.shape[1], 1, 1)
+
+
+def _warn_no_further_corruption() -> None:
+    warnings.warn(
+        "no further corruption (A_hat = A): the model is never graded on the pixels A removes, "
+        "so it cannot learn them (the full-rank condition of Theorem 4.1 fails)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+# ----------------------------------------------------------------------------- base classes
+
+
+class CorruptionOperator(ABC):
+    """A random linear measurement A and its further corruption A_hat = B A.
+
+    Subclasses implement `_sample`, `_further` and `_apply` (and `a_shape` / checks where the
+    measurement is not a mask); the public methods validate their inputs and delegate.
+    """
+
+    name: ClassVar[str]
+
+    # -- description
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Constructor parameters, read back from the attributes of the same names."""
+        return {key: getattr(self, key) for key in inspect.signature(type(self)).parameters}
+
+    def describe(self) -> dict[str, Any]:
+        """{"name": ..., **params}: what data-set metadata records to rebuild the operator."""
+        return {"name": self.name, **self.params}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+    # -- public API
+
+    def corrupt(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Draw A ~ p(A) for each image and measure. x: (B, C, H, W) -> (y, A)."""
+        self._check_x(x)
+        A = self._sample(self.a_shape(x.shape), x.dtype, x.device, generator)
+        return self.apply(A, x), A
+
+    def further_corrupt(self, A: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw A_hat ~ p(A_hat | A) for each item of the batch; same shape and device as A."""
+        self._check_A(A)
+        return self._further(A, generator)
+
+    def apply(self, A: Tensor, x: Tensor) -> Tensor:
+        """The measurement y = A x of each image x: (B, C, H, W) under its own A."""
+        self._check_x(x)
+        expected = self.a_shape(x.shape)
+        if tuple(A.shape) != expected:
+            raise ValueError(
+                f"{self.name}: A must have shape {expected} for images of shape "
+                f"{tuple(x.shape)}, got {tuple(A.shape)}"
+            )
+        return self._apply(A, x)
+
+    def as_matrix(self, A: Tensor, image_shape: tuple[int, int, int]) -> Tensor:
+        """Dense matrices of the linear maps x -> A x: (B, m, n) with n = C*H*W. Tiny sizes only.
+
+        Column j is the measurement of the j-th basis image, so one definition serves every
+        operator (for masks it is diag of the flattened mask).
+        """
+        C, H, W = image_shape
+        n, B = C * H * W, A.shape[0]
+        basis = torch.eye(n, dtype=A.dtype, device=A.device).view(n, C, H, W)
+        columns = self.apply(A.repeat_interleave(n, dim=0), basis.repeat(B, 1, 1, 1))
+        return columns.reshape(B, n, -1).transpose(1, 2)
+
+    def posterior_samples(self, A_hat: Tensor, num: int, generator: torch.Generator | None = None,
+                          *, batch_size: int = 8192, max_draws: int = 4_000_000) -> Tensor:
+        """`num` samples of A ~ p(A | A_hat) for one A_hat (batch of 1): (num, *A_hat.shape[1:]).
+
+        Rejection sampling: draw (A, A_hat') pairs from the prior and keep the A whose A_hat'
+        equals A_hat exactly. Exact but only practical when A_hat takes few values (tiny
+        images); raises RuntimeError after `max_draws` prior draws.
+        """
+        self._check_posterior_input(A_hat)
+        shape = (batch_size, *A_hat.shape[1:])
+        accepted: list[Tensor] = []
+        found = drawn = 0
+        while found < num:
+            if drawn >= max_draws:
+                raise RuntimeError(
+                    f"{self.name}: rejection sampling found {found} of {num} posterior samples in "
+                    f"{drawn} prior draws; this A_hat is too unlikely (use a smaller image or "
+                    "raise max_draws)"
+                )
+            A = self._sample(shape, A_hat.dtype, A_hat.device, generator)
+            match = (self._further(A, generator) == A_hat).reshape(batch_size, -1).all(dim=1)
+            accepted.append(A[match])
+            found += int(match.sum())
+            drawn += batch_size
+        return torch.cat(accepted)[:num]
+
+    # -- hooks
+
+    @abstractmethod
+    def a_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of A for a batch of images of shape x_shape = (B, C, H, W)."""
+
+    @abstractmethod
+    def _check_A(self, A: Tensor) -> None:
+        """Validate an A handed to further_corrupt / posterior_samples (no image to compare with)."""
+
+    @abstractmethod
+    def _sample(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                generator: torch.Generator | None) -> Tensor:
+        """A batch of A ~ p(A) of the given (full) shape."""
+
+    @abstractmethod
+    def _further(self, A: Tensor, generator: torch.Generator | None) -> Tensor:
+        """A_hat ~ p(A_hat | A) for each item of the batch."""
+
+    @abstractmethod
+    def _apply(self, A: Tensor, x: Tensor) -> Tensor:
+        """y = A x, inputs already validated."""
+
+    def _check_size(self, H: int, W: int) -> None:
+        """Raise if the operator cannot act on H x W images (default: any size works)."""
+
+    # -- validation shared by the public methods
+
+    def _check_x(self, x: Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"{self.name}: images must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{self.name}: images must be floating point, got {x.dtype}")
+        self._check_size(x.shape[-2], x.shape[-1])
+
+    def _check_posterior_input(self, A_hat: Tensor) -> None:
+        self._check_A(A_hat)
+        if A_hat.shape[0] != 1:
+            raise ValueError(f"{self.name}: posterior_samples takes one A_hat (batch of 1), "
+                             f"got shape {tuple(A_hat.shape)}")
+
+
+class MaskOperator(CorruptionOperator):
+    """Operators whose A is a 0/1 mask of the image's shape: y = A * x."""
+
+    def a_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(x_shape)
+
+    def _check_A(self, A: Tensor) -> None:
+        if A.ndim != 4:
+            raise ValueError(f"{self.name}: masks must be 4-D (B, C, H, W), got shape {tuple(A.shape)}")
+        self._check_size(A.shape[-2], A.shape[-1])
+
+    def _apply(self, A: Tensor, x: Tensor) -> Tensor:
+        return A * x
+
+
+# ----------------------------------------------------------------------------- mask operators
+
+
+class DustOperator(MaskOperator):
+    """Random inpainting: each pixel kept with probability 1 - p; A_hat keeps each kept pixel
+    with probability 1 - delta. `shared_channels` draws one coin per pixel for all channels."""
+
+    name = "dust"
+
+    def __init__(self, p: float, delta: float = 0.1, shared_channels: bool = False) -> None:
+        _check_fraction("p", p)
+        _check_fraction("delta", delta)
+        if delta == 0:
+            _warn_no_further_corruption()
+        self.p, self.delta, self.shared_channels = p, delta, shared_channels
+
+    @property
+    def survival_A(self) -> float:
+        """Probability that a pixel is kept by A."""
+        return 1 - self.p
+
+    @property
+    def survival(self) -> float:
+        """Probability that a pixel is kept by A_hat: (1 - p)(1 - delta)."""
+        return (1 - self.p) * (1 - self.delta)
+
+    def _coins(self, shape: tuple[int, ...], keep_prob: float, device: torch.device,
+               generator: torch.Generator | None) -> Tensor:
+        """(B, C, H, W) bool, True with probability keep_prob; one coin per pixel if shared."""
+        B, C, H, W = shape
+        draw_shape = (B, 1, H, W) if self.shared_channels else (B, C, H, W)
+        # rand is uniform on [0, 1), so P(u < keep_prob) = keep_prob exactly.
+        return _random(torch.rand, draw_shape, generator=generator, device=device) < keep_prob
+
+    def _sample(self, shape, dtype, device, generator):
+        return _to_mask(self._coins(shape, 1 - self.p, device, generator), shape[1], dtype)
+
+    def _further(self, A, generator):
+        keep = self._coins(tuple(A.shape), 1 - self.delta, A.device, generator)
+        return A * _to_mask(keep, A.shape[1], A.dtype)
+
+    def posterior_samples(self, A_hat: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+        """Exact p(A | A_hat): pixels kept by A_hat were kept by A; an erased one was kept by A
+        (and erased only by the further corruption) with probability (1-p) delta / (1 - (1-p)(1-delta))."""
+        self._check_posterior_input(A_hat)
+        erased = 1 - self.survival
+        revived = (1 - self.p) * self.delta / erased if erased > 0 else 0.0
+        coins = self._coins((num, *A_hat.shape[1:]), revived, A_hat.device, generator)
+        return torch.maximum(A_hat.expand(num, -1, -1, -1), _to_mask(coins, A_hat.shape[1], A_hat.dtype))
+
+
+class BoxOperator(MaskOperator):
+    """Erase a ceil(p*H) x ceil(p*W) box whose top-left corner is uniform over the whole image
+    (cut by the border); A_hat erases a second ceil(delta*H) x ceil(delta*W) box anywhere."""
+
+    name = "box"
+
+    def __init__(self, p: float, delta: float) -> None:
+        _check_fraction("p", p)
+        _check_fraction("delta", delta)
+        if delta == 0:
+            _warn_no_further_corruption()
+        self.p, self.delta = p, delta
+
+    def _erase_box(self, fraction: float, shape: tuple[int, ...], device: torch.device,
+                   generator: torch.Generator | None) -> Tensor:
+        """(B, 1, H, W) bool keep-mask with one random box of the given relative side erased."""
+        B, _, H, W = shape
+        top = _random(torch.randint, 0, H, (B,), generator=generator, device=device)
+        left = _random(torch.randint, 0, W, (B,), generator=generator, device=device)
+        box = _box(top, left, _side(fraction, H, round_up=True), _side(fraction, W, round_up=True), H, W)
+        return ~box[:, None]
+
+    def _sample(self, shape, dtype, device, generator):
+        return _to_mask(self._erase_box(self.p, shape, device, generator), shape[1], dtype)
+
+    def _further(self, A, generator):
+        return A * self._erase_box(self.delta, tuple(A.shape), A.device, generator).to(A.dtype)
+
+
+class FixedBoxOperator(MaskOperator):
+    """Erase an int(p*H)-sided square fully inside the image; A_hat erases one more square of
+    the same size that does not overlap the first (uniform over the non-overlapping positions).
+    delta only switches the further corruption off (delta == 0)."""
+
+    name = "fixed_box"
+
+    def __init__(self, p: float, delta: float = 0.1) -> None:
+        _check_fraction("p", p)
+        _check_fraction("delta", delta)
+        if delta == 0:
+            _warn_no_further_corruption()
+        elif p > 0.5:
+            # Two disjoint squares of side s fit iff 2s <= H or 2s <= W, and s = int(p*H) > H/2
+            # for all but small H, so the paper's second block has no place to go.
+            raise ValueError(
+                f"fixed_box: a second non-overlapping box of side int(p*H) needs p <= 0.5, got p={p!r}"
+            )
+        self.p, self.delta = p, delta
+
+    def _check_size(self, H: int, W: int) -> None:
+        side = _side(self.p, H, round_up=False)
+        if side > W:
+            raise ValueError(f"fixed_box: box of side {side} (p={self.p}) does not fit a {H}x{W} image")
+
+    def _sample(self, shape, dtype, device, generator):
+        B, C, H, W = shape
+        side = _side(self.p, H, round_up=False)
+        top = _random(torch.randint, 0, H - side + 1, (B,), generator=generator, device=device)
+        left = _random(torch.randint, 0, W - side + 1, (B,), generator=generator, device=device)
+        return _to_mask(~_box(top, left, side, side, H, W)[:, None], C, dtype)
+
+    def _further(self, A, generator):
+        if self.delta == 0:
+            return A.clone()
+        B, _, H, W = A.shape
+        side = _side(self.p, H, round_up=False)
+        erased = A[:, 0] == 0
+        top1, left1 = _first_true(erased.any(dim=2)), _first_true(erased.any(dim=1))
+        rows = torch.arange(H - side + 1, device=A.device)
+        cols = torch.arange(W - side + 1, device=A.device)
+        # Squares are disjoint iff they are separated along rows or along columns.
+        apart_rows = (rows - top1[:, None]).abs() >= side
+        apart_cols = (cols - left1[:, None]).abs() >= side
+        allowed = apart_rows[:, :, None] | apart_cols[:, None, :]
+        # The argmax of i.i.d. uniform scores over the allowed cells is a uniform allowed cell.
+        scores = _random(torch.rand, allowed.shape, generator=generator, device=A.device)
+        choice = scores.masked_fill(~allowed, -1).flatten(1).argmax(dim=1)
+        top2, left2 = choice // len(cols), choice % len(cols)
+        return A * ~_box(top2, left2, side, side, H, W)[:, None]
+
+
+class KeepPatchOperator(MaskOperator):
+    """Keep only an int((1-p)*H)-sided square patch at a uniform position inside the image;
+    A_hat keeps an int((1-delta)*patch)-sided sub-square at a uniform position inside it."""
+
+    name = "keep_patch"
+
+    def __init__(self, p: float, delta: float) -> None:
+        _check_fraction("p", p)
+        _check_fraction("delta", delta)
+        if delta == 0:
+            _warn_no_further_corruption()
+        self.p, self.delta = p, delta
+
+    def _sides(self, H: int) -> tuple[int, int]:
+        """(patch side, sub-square side) for images of height H."""
+        patch = _side(1 - self.p, H, round_up=False)
+        return patch, _side(1 - self.delta, patch, round_up=False)
+
+    def _check_size(self, H: int, W: int) -> None:
+        patch, sub = self._sides(H)
+        if not 1 <= patch <= W or sub < 1:
+            raise ValueError(
+                f"keep_patch: kept patch of side {patch} (p={self.p}) and sub-square of side {sub} "
+                f"(delta={self.delta}) must both be at least 1 and fit a {H}x{W} image"
+            )
+
+    def _sample(self, shape, dtype, device, generator):
+        B, C, H, W = shape
+        patch, _ = self._sides(H)
+        top = _random(torch.randint, 0, H - patch + 1, (B,), generator=generator, device=device)
+        left = _random(torch.randint, 0, W - patch + 1, (B,), generator=generator, device=device)
+        return _to_mask(_box(top, left, patch, patch, H, W)[:, None], C, dtype)
+
+    def _further(self, A, generator):
+        B, _, H, W = A.shape
+        patch, sub = self._sides(H)
+        kept = A[:, 0] != 0
+        top, left = _first_true(kept.any(dim=2)), _first_true(kept.any(dim=1))
+        shift = _random(torch.randint, 0, patch - sub + 1, (2, B), generator=generator, device=A.device)
+        return A * _box(top + shift[0], left + shift[1], sub, sub, H, W)[:, None]
+
+
+# ----------------------------------------------------------------------------- other operators
+
+
+class GaussianCSOperator(CorruptionOperator):
+    """Compressed sensing: A is an m x n matrix with i.i.d. N(0, 1/m) entries (n = C*H*W), one
+    per image, y = A x.flatten(). A_hat zeroes one uniformly chosen row (deletion with a static
+    shape: A_hat^T A_hat is that of the matrix with the row removed)."""
+
+    name = "gaussian_cs"
+
+    def __init__(self, m: int, delete_row: bool = True) -> None:
+        if isinstance(m, bool) or not isinstance(m, int) or m < 2:
+            raise ValueError(f"m must be an integer >= 2, got m={m!r}")
+        if not delete_row:
+            _warn_no_further_corruption()
+        self.m, self.delete_row = m, delete_row
+
+    def a_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
+        B, C, H, W = x_shape
+        return (B, self.m, C * H * W)
+
+    def _check_A(self, A: Tensor) -> None:
+        if A.ndim != 3 or A.shape[1] != self.m:
+            raise ValueError(f"gaussian_cs: A must have shape (B, {self.m}, n), got {tuple(A.shape)}")
+
+    def _sample(self, shape, dtype, device, generator):
+        # Any shape: posterior_samples also uses this for single N(0, 1/m) rows.
+        entries = _random(torch.randn, shape, generator=generator, device=device, dtype=dtype)
+        return entries / math.sqrt(self.m)
+
+    def _further(self, A, generator):
+        if not self.delete_row:
+            return A.clone()
+        row = _random(torch.randint, 0, self.m, (A.shape[0],), generator=generator, device=A.device)
+        keep = torch.arange(self.m, device=A.device) != row[:, None]
+        return A * keep[:, :, None].to(A.dtype)
+
+    def _apply(self, A, x):
+        return (A @ x.flatten(1)[:, :, None])[:, :, 0]
+
+    def posterior_samples(self, A_hat: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+        """Exact p(A | A_hat): the kept rows are A's; the zeroed row was an independent N(0, 1/m) row."""
+        self._check_posterior_input(A_hat)
+        samples = A_hat.repeat(num, 1, 1)
+        if not self.delete_row:
+            return samples
+        zero_rows = (A_hat[0] == 0).all(dim=1).nonzero().flatten()
+        if len(zero_rows) != 1:
+            raise ValueError(f"gaussian_cs: A_hat must have exactly one zeroed row, found {len(zero_rows)}")
+        samples[:, zero_rows[0]] = self._sample((num, A_hat.shape[2]), A_hat.dtype, A_hat.device, generator)
+        return samples
+
+
+class AveragingOperator(CorruptionOperator):
+    """With probability p an image is replaced by its factor x factor block average (average
+    pooling, then nearest upsampling). A: (B,) flags, 1 = averaged. A_hat averages every image."""
+
+    name = "averaging"
+
+    def __init__(self, p: float, factor: int = 8) -> None:
+        _check_fraction("p", p)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be a positive integer, got factor={factor!r}")
+        self.p, self.factor = p, factor
+
+    def a_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (x_shape[0],)
+
+    def _check_A(self, A: Tensor) -> None:
+        if A.ndim != 1:
+            raise ValueError(f"averaging: A must be 1-D flags of shape (B,), got {tuple(A.shape)}")
+
+    def _check_size(self, H: int, W: int) -> None:
+        if H % self.factor or W % self.factor:
+            raise ValueError(f"averaging: factor {self.factor} must divide the image size, got {H}x{W}")
+
+    def _sample(self, shape, dtype, device, generator):
+        return (_random(torch.rand, shape, generator=generator, device=device) < self.p).to(dtype)
+
+    def _further(self, A, generator):
+        return torch.ones_like(A)
+
+    def _apply(self, A, x):
+        averaged = F.interpolate(F.avg_pool2d(x, self.factor), scale_factor=self.factor, mode="nearest")
+        return torch.where(A[:, None, None, None] > 0, averaged, x)
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+OPERATORS: dict[str, type[CorruptionOperator]] = {
+    cls.name: cls
+    for cls in (DustOperator, BoxOperator, FixedBoxOperator, KeepPatchOperator,
+                GaussianCSOperator, AveragingOperator)
+}
+
+
+def make_operator(name: str, **params: Any) -> CorruptionOperator:
+    """Build the operator `name` (a key of OPERATORS) from keyword parameters."""
+    if name not in OPERATORS:
+        raise ValueError(f"unknown corruption operator {name!r}; valid names: {sorted(OPERATORS)}")
+    cls = OPERATORS[name]
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**params)
+    except TypeError as err:
+        valid = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+                          for p in signature.parameters.values())
+        raise ValueError(f"{name}: {err}; valid parameters: {valid}") from None
+    return cls(**params)
+
+
+# ----------------------------------------------------------------------------- Theorem 4.1
+
+
+@dataclass(frozen=True)
+class FullRankReport:
+    """Outcome of `check_full_rank_condition`.
+
+    min_eigenvalues: smallest eigenvalue of the estimate of E[A^T A | A_hat], one per A_hat.
+    min_eigenvalue:  the smallest of those.
+    tolerance:       the threshold an eigenvalue must exceed to count as non-zero.
+    holds:           min_eigenvalue > tolerance.
+    """
+
+    min_eigenvalues: tuple[float, ...]
+    min_eigenvalue: float
+    tolerance: float
+    holds: bool
+
+
+def check_full_rank_condition(op: CorruptionOperator, image_shape: tuple[int, int, int], *,
+                              num_hats: int = 8, posterior_samples: int = 2000,
+                              generator: torch.Generator | None = None,
+                              rtol: float = 1e-8) -> FullRankReport:
+    """Monte Carlo check of Theorem 4.1: is E[A^T A | A_hat] full rank for sampled A_hat?
+
+    Draws `num_hats` A_hat from the prior for images of shape image_shape = (C, H, W) (tiny),
+    estimates E[A^T A | A_hat] with `posterior_samples` draws of op.posterior_samples and takes
+    its smallest eigenvalue in float64.
+
+    Tolerance: a direction that no posterior sample measures lies in the null space of every
+    sampled A^T A, so the estimate is exactly singular there up to float64 rounding (~1e-16
+    relative). A direction measured with posterior probability q contributes about q, at least
+    1/posterior_samples once seen (it is missed with probability (1 - q)^posterior_samples).
+    Hence zero means `min eigenvalue <= rtol * largest eigenvalue`, with rtol far above
+    rounding and far below 1/posterior_samples.
+    """
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+    device = generator.device if generator is not None else torch.device("cpu")
+    x = _random(torch.rand, (num_hats, *image_shape), generator=generator, device=device, dtype=torch.float64)
+    _, A = op.corrupt(x, generator)
+    A_hat = op.further_corrupt(A, generator)
+    min_eigenvalues, largest = [], 0.0
+    for i in range(num_hats):
+        samples = op.posterior_samples(A_hat[i : i + 1], posterior_samples, generator)
+        mats = op.as_matrix(samples, image_shape).double()
+        gram = torch.einsum("sji,sjk->ik", mats, mats) / len(samples)
+        eigenvalues = torch.linalg.eigvalsh(gram)
+        min_eigenvalues.append(eigenvalues[0].item())
+        largest = max(largest, eigenvalues[-1].item())
+    tolerance = rtol * largest
+    smallest = min(min_eigenvalues)
+    return FullRankReport(tuple(min_eigenvalues), smallest, tolerance, smallest > tolerance)
