@@ -1,0 +1,10 @@
+"""Corrupted data sets: the on-disk format, the prepare command, the loaders and a synthetic set.
+
+- `format`: `write_dataset`, `DatasetWriter`, `CorruptedDataset` (observed A*x as uint8, A bit-packed,
+  labels, checksummed metadata; memory-mapped, nothing clean on disk).
+- `sources`: image folders and EDM-style zips, user masks (what `prepare` reads).
+- `prepare`: `python -m ambient_fast.prepare` (corrupt, import, verify).
+- `synthetic`: the built-in procedural data set whose clean distribution is known exactly.
+- `loader`: `make_loader`, batches of (y, A, A_hat, labels) with B redrawn every time; plain
+  PyTorch, or NVIDIA DALI through `dali_loader`.
+"""

@@ -1,0 +1,412 @@
+"""The corrupted data-set format: what a training run reads, and nothing clean.
+
+A data set is a directory holding
+
+    observed.npy   uint8 (N, C, R, R)    A * x: every pixel outside the mask A is 0
+    masks.npy      uint8 (N, ceil(C*R*R / 8))
+                                         A, one bool per value of the flattened (C, R, R) image,
+                                         numpy.packbits(..., bitorder="little"): bit k of byte j
+                                         is element 8 j + k (channels stored even when shared)
+    labels.npy     int64 (N,)            class indices (only when the set has labels)
+    meta.json      format version, shape, count, label_dim, the corruption that drew A
+                   ({"kind", "p", "delta", "shared_channels", ...}), the fraction of observed
+                   values, sha256 of each array file, source description, creation time
+
+Arrays are plain .npy files, memory-mapped when read: no decoding at training time. A set is
+built in a hidden sibling directory, fsynced and renamed into place, so a directory under the
+final name is always complete (a crash leaves at most a hidden `.NAME.partial-*` directory).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+__all__ = ["FORMAT", "VERSION", "DataError", "DatasetMeta", "DatasetWriter", "CorruptedDataset",
+           "write_dataset", "corruption_record", "packed_size", "unpack_masks"]
+
+FORMAT = "ambient-fast-data"
+VERSION = 1
+OBSERVED, MASKS, LABELS, META = "observed.npy", "masks.npy", "labels.npy", "meta.json"
+_HASH_BLOCK = 1 << 20
+_CHECK_ROWS = 4096  # images per chunk when a whole array is scanned (bounded memory)
+
+
+class DataError(ValueError):
+    """Bad data-set input or a damaged data set; the message says what and what to do."""
+
+
+def packed_size(shape: tuple[int, int, int]) -> int:
+    """Bytes per image of a bit-packed (C, H, W) mask."""
+    return math.ceil(math.prod(shape) / 8)
+
+
+def corruption_record(operator) -> dict[str, Any]:
+    """meta.json's `corruption` entry for a mask operator of ambient_fast.corruption:
+    {"kind": name, **its parameters, "shared_channels": bool}. Only dust can draw a mask per
+    channel; the box-shaped masks are the same for every channel."""
+    description = dict(operator.describe())
+    record = {"kind": description.pop("name"), **description}
+    record.setdefault("shared_channels", True)
+    return record
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """The validated content of meta.json.
+
+    shape: (C, R, R) of one image. label_dim: number of classes, 0 without labels.
+    corruption: {"kind", "p", "delta", "shared_channels", ...}; delta is the training default.
+    files: sha256 hex digest of each array file, by file name.
+    """
+
+    count: int
+    shape: tuple[int, int, int]
+    label_dim: int
+    corruption: dict
+    observed_fraction: float
+    files: dict
+    source: str
+    created: str
+    version: int = VERSION
+
+    def __post_init__(self):
+        C, H, W = self.shape
+        problems = [
+            (self.count >= 1, f"count must be at least 1, got {self.count}"),
+            (C >= 1 and H >= 1 and H == W, f"images must be square (C, R, R), got shape {self.shape}"),
+            (self.label_dim >= 0, f"label_dim must be >= 0, got {self.label_dim}"),
+            ("kind" in self.corruption, "corruption must record its 'kind'"),
+            (set(self.files) == set(self.array_files), f"files must list {self.array_files}, got {sorted(self.files)}"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise DataError(f"invalid data-set metadata: {message}")
+
+    @property
+    def array_files(self) -> list[str]:
+        return [OBSERVED, MASKS] + ([LABELS] if self.label_dim else [])
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": self.version, "count": self.count, "shape": list(self.shape),
+                "label_dim": self.label_dim, "corruption": self.corruption,
+                "observed_fraction": self.observed_fraction, "files": {k: {"sha256": v} for k, v in self.files.items()},
+                "source": self.source, "created": self.created}
+
+    @classmethod
+    def from_json(cls, data: dict, where: Path) -> "DatasetMeta":
+        if data.get("format") != FORMAT:
+            raise DataError(f"{where} is not an ambient-fast data set (format {data.get('format')!r}, "
+                            f"expected {FORMAT!r})")
+        if data.get("version") != VERSION:
+            raise DataError(f"{where}: data-set format version {data.get('version')!r} is not supported "
+                            f"(this ambient-fast reads version {VERSION}); prepare the set again")
+        try:
+            return cls(count=int(data["count"]), shape=tuple(int(v) for v in data["shape"]),
+                       label_dim=int(data["label_dim"]), corruption=dict(data["corruption"]),
+                       observed_fraction=float(data["observed_fraction"]),
+                       files={k: str(v["sha256"]) for k, v in data["files"].items()},
+                       source=str(data["source"]), created=str(data["created"]), version=int(data["version"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(f"{where}: malformed meta.json ({type(error).__name__}: {error}); "
+                            "prepare the set again") from None
+
+
+def _is_dataset(path: Path) -> bool:
+    """True when `path` holds an ambient-fast meta.json (whatever its state)."""
+    try:
+        return json.loads((path / META).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_destination(dest: Path, overwrite: bool) -> None:
+    """Refuse a destination we must not replace."""
+    if dest.exists() and not dest.is_dir():
+        raise DataError(f"destination {dest} is a file; choose a directory path for the data set")
+    if dest.is_dir() and any(dest.iterdir()):
+        if not overwrite:
+            raise DataError(f"destination in use: {dest} exists and is not empty; choose another destination "
+                            "or overwrite it (--overwrite, overwrite=True)")
+        if not _is_dataset(dest):
+            # Overwriting deletes the folder: only ever do that to a data set.
+            raise DataError(f"destination in use: {dest} holds files that are not an ambient-fast data set; "
+                            "refusing to overwrite it (choose another destination)")
+
+
+class DatasetWriter:
+    """Streams a data set into a hidden sibling directory; `commit` renames it into place.
+
+    Use as a context manager: leaving the block without `commit` (an exception) removes the
+    partial directory, and the destination is never touched before `commit`.
+
+        with DatasetWriter(dest, count=N, shape=(C, R, R), label_dim=K) as writer:
+            writer.append(observed, masks, labels)      # any number of chunks, in order
+            path = writer.commit(corruption, source)
+    """
+
+    def __init__(self, dest: Union[str, Path], *, count: int, shape: tuple[int, int, int], label_dim: int = 0,
+                 overwrite: bool = False):
+        self.dest = Path(dest)
+        self.count, self.shape, self.label_dim = int(count), tuple(int(v) for v in shape), int(label_dim)
+        self.overwrite = overwrite
+        if self.count < 1:
+            raise DataError("a data set needs at least one image")
+        C, H, W = self.shape
+        if H != W:
+            raise DataError(f"images must be square, got {H}x{W}; resize them (prepare --resolution R)")
+        if self.label_dim < 0:
+            raise DataError(f"label_dim must be >= 0, got {label_dim}")
+        _check_destination(self.dest, overwrite)
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.dest.parent / f".{self.dest.name}.partial-{uuid.uuid4().hex[:12]}"
+        self.tmp.mkdir()
+        self._observed = self._masks = self._labels = None
+        open_memmap = np.lib.format.open_memmap
+        try:
+            self._observed = open_memmap(self.tmp / OBSERVED, "w+", np.uint8, (self.count, *self.shape))
+            self._masks = open_memmap(self.tmp / MASKS, "w+", np.uint8, (self.count, packed_size(self.shape)))
+            if self.label_dim:
+                self._labels = open_memmap(self.tmp / LABELS, "w+", np.int64, (self.count,))
+        except BaseException:
+            self.abort()  # e.g. a full disk: leave nothing behind
+            raise
+        self.filled = 0
+        self._observed_values = 0
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
+
+    def append(self, observed: np.ndarray, masks: np.ndarray, labels: Optional[np.ndarray] = None) -> None:
+        """Add the next images: observed uint8 (B, C, R, R), masks bool (B, C, R, R), labels int (B,)
+        (required iff label_dim > 0). Observed must be 0 wherever the mask is 0."""
+        B = len(observed)
+        if observed.dtype != np.uint8 or observed.shape[1:] != self.shape:
+            raise DataError(f"observed must be uint8 of shape (B, {', '.join(map(str, self.shape))}), "
+                            f"got {observed.dtype} {observed.shape}")
+        if masks.dtype != np.bool_ or masks.shape != observed.shape:
+            raise DataError(f"masks must be bool with the shape of observed {observed.shape}, got {masks.dtype} "
+                            f"{masks.shape}")
+        if self.filled + B > self.count:
+            raise DataError(f"too many images: {self.filled + B} for a data set of {self.count}")
+        leaked = np.count_nonzero(observed[~masks])
+        if leaked:
+            raise DataError(f"{leaked} values are non-zero where the mask is 0: a data set holds only A * x "
+                            "(zero every erased value before writing)")
+        if (labels is None) != (self._labels is None):
+            raise DataError("labels must be given with every chunk iff the data set has labels (label_dim > 0)")
+        rows = slice(self.filled, self.filled + B)
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (B,) or not np.issubdtype(labels.dtype, np.integer):
+                raise DataError(f"labels must be integers of shape ({B},), got {labels.dtype} {labels.shape}")
+            if B and (labels.min() < 0 or labels.max() >= self.label_dim):
+                raise DataError(f"labels must lie in [0, {self.label_dim}), got {labels.min()}..{labels.max()}")
+            self._labels[rows] = labels
+        self._observed[rows] = observed
+        self._masks[rows] = np.packbits(masks.reshape(B, -1), axis=1, bitorder="little")
+        self._observed_values += int(np.count_nonzero(masks))
+        self.filled += B
+
+    def commit(self, corruption: dict, source: str) -> Path:
+        """Checksum, write meta.json, fsync, rename into place; returns the data set's path."""
+        if self.filled != self.count:
+            raise DataError(f"only {self.filled} of {self.count} images were written")
+        arrays = {OBSERVED: self._observed, MASKS: self._masks, LABELS: self._labels}
+        for array in arrays.values():
+            if array is not None:
+                array.flush()
+        self._observed = self._masks = self._labels = None  # close the memory maps
+        meta = DatasetMeta(
+            count=self.count, shape=self.shape, label_dim=self.label_dim, corruption=dict(corruption),
+            observed_fraction=self._observed_values / (self.count * math.prod(self.shape)),
+            files={name: _sha256(self.tmp / name) for name, a in arrays.items() if a is not None},
+            source=source, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        (self.tmp / META).write_text(json.dumps(meta.to_json(), indent=1))
+        for name in [*meta.files, META]:
+            _fsync(self.tmp / name)
+        _fsync(self.tmp)
+        self._move_into_place()
+        return self.dest
+
+    def _move_into_place(self) -> None:
+        # Checked again: another process may have claimed the destination meanwhile.
+        _check_destination(self.dest, self.overwrite)
+        old = None
+        if self.dest.is_dir() and any(self.dest.iterdir()):
+            old = self.dest.parent / f".{self.dest.name}.replaced-{uuid.uuid4().hex[:12]}"
+            os.rename(self.dest, old)
+        elif self.dest.is_dir():
+            self.dest.rmdir()
+        os.rename(self.tmp, self.dest)
+        _fsync(self.dest.parent)
+        if old is not None:
+            shutil.rmtree(old)
+
+    def abort(self) -> None:
+        """Remove the partial directory (nothing if committed)."""
+        self._observed = self._masks = self._labels = None
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+
+
+def write_dataset(dest: Union[str, Path], observed: np.ndarray, masks: np.ndarray, corruption: dict,
+                  labels: Optional[np.ndarray] = None, source: str = "", overwrite: bool = False) -> Path:
+    """Write a data set in one call.
+
+    Args:
+        dest: directory to create (refused when it exists and is not empty, unless `overwrite`,
+            which replaces only an existing data set).
+        observed: uint8 (N, C, R, R), A * x: 0 wherever the mask is 0.
+        masks: bool (N, C, R, R), A (True = observed).
+        corruption: {"kind", "p", "delta", "shared_channels", ...} (see `corruption_record`).
+        labels: int (N,) class indices or None; label_dim = max + 1.
+        source: where the images came from, for the record.
+    """
+    label_dim = 0 if labels is None or not len(labels) else int(np.max(labels)) + 1
+    with DatasetWriter(dest, count=len(observed), shape=observed.shape[1:], label_dim=label_dim,
+                       overwrite=overwrite) as writer:
+        writer.append(observed, masks, labels)
+        return writer.commit(corruption, source)
+
+
+class CorruptedDataset:
+    """A data set on disk, memory-mapped.
+
+    `get(indices)` -> (observed uint8 (B, C, R, R), mask bool (B, C, R, R), labels float32 one-hot
+    (B, label_dim)); `get_raw(indices)` -> (observed, packed masks uint8 (B, packed_size), label
+    indices int64 (B,) or None), what the loaders feed on. `verify()` checks checksums and content.
+    """
+
+    def __init__(self, path: Union[str, Path], verify: bool = False):
+        self.path = Path(path)
+        meta_path = self.path / META
+        if not meta_path.is_file():
+            raise DataError(f"{self.path} is not an ambient-fast data set (no {META}); make one with "
+                            "python -m ambient_fast.prepare")
+        try:
+            data = json.loads(meta_path.read_text())
+        except ValueError as error:
+            raise DataError(f"{meta_path} is not valid JSON ({error}); prepare the set again") from None
+        self.meta = DatasetMeta.from_json(data, self.path)
+        self._arrays = {}
+        expected = {OBSERVED: (np.uint8, (self.meta.count, *self.meta.shape)),
+                    MASKS: (np.uint8, (self.meta.count, packed_size(self.meta.shape))),
+                    LABELS: (np.int64, (self.meta.count,))}
+        for name in self.meta.array_files:
+            try:
+                array = np.load(self.path / name, mmap_mode="r")
+            except (OSError, ValueError) as error:
+                raise DataError(f"{self.path / name} cannot be read ({error}); the data set is damaged") from None
+            dtype, shape = expected[name]
+            if array.dtype != dtype or array.shape != shape:
+                raise DataError(f"{self.path / name} holds {array.dtype} {array.shape}, meta.json says "
+                                f"{np.dtype(dtype)} {shape}; the data set is damaged")
+            self._arrays[name] = array
+        if verify:
+            self.verify()
+
+    def __len__(self) -> int:
+        return self.meta.count
+
+    def __repr__(self) -> str:
+        C, R, _ = self.meta.shape
+        return f"CorruptedDataset({str(self.path)!r}: {len(self)} x {C}x{R}x{R}, labels {self.label_dim}, {self.corruption})"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, R, R) of one image."""
+        return self.meta.shape
+
+    @property
+    def resolution(self) -> int:
+        return self.meta.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.meta.shape[0]
+
+    @property
+    def label_dim(self) -> int:
+        return self.meta.label_dim
+
+    @property
+    def corruption(self) -> dict:
+        return dict(self.meta.corruption)
+
+    def _check_indices(self, indices) -> np.ndarray:
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+            raise IndexError(f"indices must be a 1-D integer array, got {indices.dtype} {indices.shape}")
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"indices must lie in [0, {len(self)}), got {indices.min()}..{indices.max()}")
+        return indices
+
+    def get_raw(self, indices) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """(observed uint8 (B, C, R, R), packed masks uint8 (B, packed_size), labels int64 (B,) or None)."""
+        indices = self._check_indices(indices)
+        labels = self._arrays.get(LABELS)
+        return (self._arrays[OBSERVED][indices], self._arrays[MASKS][indices],
+                None if labels is None else np.asarray(labels[indices]))
+
+    def get(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(observed uint8 (B, C, R, R), mask bool (B, C, R, R), labels float32 one-hot (B, label_dim))."""
+        observed, packed, labels = self.get_raw(indices)
+        one_hot = np.zeros((len(observed), self.label_dim), np.float32)
+        if labels is not None:
+            one_hot[np.arange(len(labels)), labels] = 1
+        return observed, unpack_masks(packed, self.shape), one_hot
+
+    def verify(self) -> None:
+        """Check each array file against its checksum, then that observed is 0 outside the mask
+        and labels lie in range. Raises DataError naming every problem found."""
+        problems = [f"{name}: checksum mismatch (the file changed after it was written)"
+                    for name in self.meta.array_files if _sha256(self.path / name) != self.meta.files[name]]
+        if not problems:
+            for start in range(0, len(self), _CHECK_ROWS):
+                rows = np.arange(start, min(start + _CHECK_ROWS, len(self)))
+                observed, masks, _ = self.get(rows)
+                if np.count_nonzero(observed[~masks]):
+                    problems.append(f"{OBSERVED}: non-zero values where the mask is 0 (images {start}..)")
+                    break
+            labels = self._arrays.get(LABELS)
+            if labels is not None and (labels.min() < 0 or labels.max() >= self.label_dim):
+                problems.append(f"{LABELS}: labels outside [0, {self.label_dim})")
+        if problems:
+            raise DataError(f"{self.path} failed verification: " + "; ".join(problems)
+                            + ". Prepare the data set again.")
+
+
+def unpack_masks(packed: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """packed uint8 (B, packed_size(shape)) -> bool (B, C, H, W)."""
+    bits = np.unpackbits(packed, axis=1, count=math.prod(shape), bitorder="little")
+    return bits.reshape(len(packed), *shape).view(np.bool_)

@@ -1,0 +1,243 @@
+"""What `prepare` reads: image folders, EDM-style zips, and the masks of already corrupted data.
+
+An image source lists its images by relative path (posix, sorted: that order is the data set's
+order) and decodes them to uint8 (C, R, R) arrays. Labels come from an optional `dataset.json`
+at its root, EDM's layout: {"labels": [[relative_path, class_index], ...]} (or "labels": null).
+"""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Optional, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ambient_fast.data.format import DataError
+
+__all__ = ["ImageSource", "image_extensions", "center_crop_resize", "mask_folder", "read_mask", "mask_array",
+           "mask_rows"]
+
+LABELS_FILE = "dataset.json"
+GRAY_MODES = {"1", "L", "I", "I;16", "F"}
+
+
+def image_extensions() -> set[str]:
+    """Lower-case suffixes (with the dot) that PIL can open."""
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _is_image(name: str, extensions: set[str]) -> bool:
+    return PurePosixPath(name).suffix.lower() in extensions
+
+
+class ImageSource:
+    """A folder (searched recursively) or a zip of images, read in sorted relative-path order.
+
+    names: relative posix paths. labels: int64 (N,) aligned with names, or None.
+    channels: 1 when every image is greyscale, else 3 (others are converted to RGB).
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        extensions = image_extensions()
+        self._zip: Optional[zipfile.ZipFile] = None
+        if self.path.is_dir():
+            files = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
+        elif self.path.is_file() and zipfile.is_zipfile(self.path):
+            self._zip = zipfile.ZipFile(self.path)
+            files = [name for name in self._zip.namelist() if not name.endswith("/")]
+        elif self.path.exists():
+            raise DataError(f"source {self.path} is neither a folder nor a zip file")
+        else:
+            raise DataError(f"source {self.path} does not exist")
+        self.names = sorted(name for name in files if _is_image(name, extensions))
+        if not self.names:
+            raise DataError(f"source {self.path} holds no images (looked for {', '.join(sorted(extensions)[:8])}, ...)")
+        self.labels = self._read_labels(set(files))
+        self.sizes, modes = self._scan_headers()
+        self.channels = 1 if modes <= GRAY_MODES else 3
+
+    def __enter__(self) -> "ImageSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def describe(self) -> str:
+        kind = "zip" if self._zip is not None else "folder"
+        return f"{kind} {self.path.resolve()} ({len(self)} images)"
+
+    def _read_bytes(self, name: str) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(name)
+        return (self.path / name).read_bytes()
+
+    def _open(self, name: str) -> Image.Image:
+        """The image, opened lazily (a folder's file is read up to its header only); DataError
+        when PIL cannot read it."""
+        try:
+            if self._zip is None:
+                return Image.open(self.path / name)
+            return Image.open(io.BytesIO(self._zip.read(name)))
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"cannot read image {name} in {self.path}: {error}") from None
+
+    def _scan_headers(self) -> tuple[list[tuple[int, int]], set[str]]:
+        """(W, H) of each image and the set of modes, without decoding pixels."""
+        sizes, modes = [], set()
+        for name in self.names:
+            with self._open(name) as image:
+                sizes.append(image.size)
+                modes.add(image.mode)
+        return sizes, modes
+
+    def _read_labels(self, files: set[str]) -> Optional[np.ndarray]:
+        if LABELS_FILE not in files:
+            return None
+        try:
+            entries = json.loads(self._read_bytes(LABELS_FILE)).get("labels")
+        except (ValueError, AttributeError) as error:
+            raise DataError(f"{self.path}/{LABELS_FILE} is not valid JSON of the form "
+                            f'{{"labels": [[file, class], ...]}} ({error})') from None
+        if entries is None:
+            return None
+        try:
+            table = {str(name): int(label) for name, label in entries}
+        except (TypeError, ValueError):
+            raise DataError(f'{self.path}/{LABELS_FILE}: "labels" must be a list of [file, class index] pairs') from None
+        missing = [name for name in self.names if name not in table]
+        if missing:
+            raise DataError(f"{self.path}/{LABELS_FILE} has no label for {len(missing)} image(s), e.g. {missing[:3]}")
+        labels = np.array([table[name] for name in self.names], np.int64)
+        if labels.min() < 0:
+            raise DataError(f"{self.path}/{LABELS_FILE}: class indices must be >= 0, found {labels.min()}")
+        return labels
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        """(H, W) of image `index`."""
+        width, height = self.sizes[index]
+        return height, width
+
+    def read(self, index: int, resolution: Optional[int] = None) -> np.ndarray:
+        """Image `index` as uint8 (C, H, W), center-cropped and resized to a square `resolution`
+        when given."""
+        name = self.names[index]
+        with self._open(name) as image:
+            try:
+                image = image.convert("L" if self.channels == 1 else "RGB")
+            except OSError as error:  # truncated or corrupt pixel data shows only when decoding
+                raise DataError(f"cannot decode image {name} in {self.path}: {error}") from None
+            if resolution is not None:
+                image = center_crop_resize(image, resolution)
+            array = np.asarray(image, dtype=np.uint8)
+        return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+    def read_all(self, indices: Iterable[int], resolution: Optional[int] = None) -> np.ndarray:
+        """uint8 (B, C, H, W) for the given indices."""
+        return np.stack([self.read(index, resolution) for index in indices])
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """The largest centred square, resized to resolution x resolution (Lanczos)."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    if side != width or side != height:
+        image = image.crop((left, top, left + side, top + side))
+    if side != resolution:
+        image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return image
+
+
+# ----------------------------------------------------------------------------------------------
+# User masks. White (or 1) = observed. A single-channel mask applies to every channel.
+
+def _binary(values: np.ndarray, on: int, where: str) -> np.ndarray:
+    """values in {0, on} -> bool; DataError otherwise."""
+    if values.dtype == np.bool_:
+        return values
+    bad = (values != 0) & (values != on)
+    if bad.any():
+        found = np.unique(values[bad])[:5].tolist()
+        raise DataError(f"{where} is not binary: values must be 0 (erased) or {on} (observed), found {found}")
+    return values == on
+
+
+def _fit_channels(mask: np.ndarray, channels: int, where: str) -> np.ndarray:
+    """bool (..., c, H, W) with c in {1, channels} -> (..., channels, H, W)."""
+    found = mask.shape[-3]
+    if found not in (1, channels):
+        raise DataError(f"{where} has {found} channels; masks need 1 (shared) or {channels} (one per channel)")
+    return np.repeat(mask, channels // found, axis=-3)
+
+
+def mask_folder(folder: Union[str, Path], names: list[str]) -> list[Path]:
+    """The mask file of each image name (relative path), in order: same relative folder and
+    stem, any image extension. Read each with `read_mask`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--masks {folder}: no such folder or .npy file")
+    extensions = image_extensions()
+    by_stem: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix.lower() in extensions:
+            key = path.relative_to(folder).with_suffix("").as_posix()
+            if key in by_stem:
+                raise DataError(f"two masks for {key}: {by_stem[key].name} and {path.name}; keep one")
+            by_stem[key] = path
+    keys = [PurePosixPath(name).with_suffix("").as_posix() for name in names]
+    missing = [key for key in keys if key not in by_stem]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) have no mask in {folder}, e.g. {missing[:3]} "
+                        "(a mask must have the image's relative path and stem)")
+    return [by_stem[key] for key in keys]
+
+
+def read_mask(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    """A mask image (1-bit, greyscale or RGB; 255 = observed) as bool (channels, H, W), checked
+    to be binary and of the image's size (H, W)."""
+    try:
+        with Image.open(path) as image:
+            mode, array = image.mode, np.asarray(image)
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"cannot read mask {path}: {error}") from None
+    if mode not in ("1", "L", "RGB"):
+        raise DataError(f"mask {path} has mode {mode}; save masks as 1-bit, greyscale or RGB images")
+    mask = _binary(array, 255, f"mask {path}")
+    mask = mask[None] if mask.ndim == 2 else mask.transpose(2, 0, 1)
+    if mask.shape[1:] != tuple(size):
+        raise DataError(f"mask {path} is {mask.shape[2]}x{mask.shape[1]} but its image is {size[1]}x{size[0]}")
+    return _fit_channels(mask, channels, f"mask {path}")
+
+
+def mask_array(path: Union[str, Path], source: ImageSource) -> np.ndarray:
+    """One .npy of 0/1 masks in the source's (sorted-name) order, (N, H, W) or (N, C, H, W):
+    returns it memory-mapped, its shape checked; read rows with `mask_rows`."""
+    path = Path(path)
+    try:
+        masks = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read masks {path}: {error}") from None
+    if masks.ndim not in (3, 4):
+        raise DataError(f"masks {path} must be (N, H, W) or (N, C, H, W), got shape {masks.shape}")
+    if len(masks) != len(source):
+        raise DataError(f"masks {path} holds {len(masks)} masks but the source has {len(source)} images")
+    sizes = {source.size_of(i) for i in range(len(source))}
+    if sizes != {tuple(masks.shape[-2:])}:
+        raise DataError(f"masks {path} are {masks.shape[-1]}x{masks.shape[-2]} but the images are "
+                        f"{', '.join(f'{w}x{h}' for h, w in sorted(sizes))}")
+    return masks
+
+
+def mask_rows(masks: np.ndarray, rows: slice, channels: int, where: str) -> np.ndarray:
+    """bool (B, C, H, W) for rows of an array from `mask_array`, checked to be binary."""
+    chunk = _binary(np.asarray(masks[rows]), 1, where)
+    return _fit_channels(chunk[:, None] if chunk.ndim == 3 else chunk, channels, where)
