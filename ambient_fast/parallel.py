@@ -1,0 +1,55 @@
+"""Parallelism applied to a built model, in a fixed order: FSDP2 per U-Net block, then the U-Net
+root, with a bf16/fp32 mixed-precision policy; or DDP; or nothing. Then torch.compile.
+
+Only the U-Net (`model.model`) is sharded: the preconditioning wrapper has no parameters and
+computes its coefficients in fp32, so it stays outside FSDP's input casting.
+"""
+import contextlib
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from ambient_fast.distributed import World
+from ambient_fast.nn.layers import UNetBlock
+
+PARALLEL_KINDS = ("fsdp", "ddp", "none")
+
+
+def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.device, bf16: bool,
+                compile_blocks: bool) -> torch.nn.Module:
+    """Apply compile and FSDP2 / DDP to `model` (an AmbientPrecond) in place; return the module to call."""
+    if kind not in PARALLEL_KINDS:
+        raise ValueError(f"--parallel must be one of {PARALLEL_KINDS}, got {kind!r}")
+    unet = model.model
+    if compile_blocks:
+        for block in unet.modules():
+            if isinstance(block, UNetBlock):
+                block.compile()
+    if kind == "fsdp":
+        mesh = init_device_mesh(device.type, (world.size,))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        for block in unet.modules():
+            if isinstance(block, UNetBlock):
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(unet, mesh=mesh, mp_policy=policy)
+        return model
+    if kind == "ddp":
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return model
+
+
+def gradient_sync(model: torch.nn.Module, kind: str, enabled: bool):
+    """Context for one micro-batch of gradient accumulation: skip the gradient reduction unless
+    `enabled` (the last micro-batch)."""
+    if kind == "ddp" and not enabled:
+        return model.no_sync()
+    if kind == "fsdp":
+        model.model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The AmbientPrecond inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -1,0 +1,142 @@
+"""The trainer: the default run end to end (shortened), exact resumption (one process and two ranks
+under torchrun with gloo, FSDP2 and DDP), SIGTERM, roll-back on divergence, bad input."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ambient_fast.train import Trainer, TrainConfig, main
+from ambient_fast.training_state import state_dirs
+
+FAST = ["--steps", "4", "--batch", "8", "--snapshot-every", "2", "--sample-count", "4", "--channels", "16",
+        "--channel-mult", "1,2", "--blocks", "1", "--attn", ""]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    """Share one built-in synthetic data set between the tests of this module."""
+    monkeypatch.setenv("AMBIENT_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def final_weights(run):
+    return load_file(str(run / "network-final.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_default_run_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--out", str(run), *FAST]) == 0
+    printed = capsys.readouterr().out
+    for name in ("network-final.safetensors", "samples.png", "inputs.png", "overview.png", "stats.jsonl", "config.json"):
+        assert (run / name).is_file(), name
+        assert name in printed or name in ("samples.png", "inputs.png", "config.json"), name
+    assert "kernels:" in printed and "parallel none" in printed
+    assert len(state_dirs(run)) <= 2 and state_dirs(run)[-1].name.endswith("000000004")
+    assert (run / "network-snapshot-000000002.safetensors").is_file()
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert stats[-1]["Progress/step"] == 4 and stats[-1]["Loss/loss"]["mean"] > 0
+
+
+def test_resume_is_exact_in_one_process(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["--out", str(straight), *FAST, "--steps", "6"]) == 0
+    assert main(["--out", str(resumed), *FAST, "--steps", "3"]) == 0
+    assert main(["--resume", str(resumed), "--steps", "6"]) == 0
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--out", str(run), *FAST, "--steps", "2"]) == 0
+    assert main(["--resume", str(run), "--lr", "0.5"]) == 1
+    assert "lr" in capsys.readouterr().err
+
+
+def test_sigterm_writes_state_and_resume_finishes_exactly(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    env = dict(os.environ)
+    args = [*FAST, "--steps", "40", "--snapshot-every", "1000"]
+    assert main(["--out", str(straight), *args]) == 0
+    process = subprocess.Popen([sys.executable, "-m", "ambient_fast.train", "--out", str(stopped), *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (stopped / "stats.jsonl").is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    if "interrupted at step" not in out:
+        pytest.skip("the run finished before the signal arrived")
+    assert state_dirs(stopped), "no training state written on SIGTERM"
+    assert main(["--resume", str(stopped)]) == 0
+    assert_same_weights(final_weights(straight), final_weights(stopped))
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_torchrun_two_ranks_resume_exactly(tmp_path, parallel):
+    def torchrun(*args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                   str(29500 + (os.getpid() + len(args)) % 1000), "-m", "ambient_fast.train", *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    out = torchrun("--out", str(straight), *FAST, "--parallel", parallel)
+    assert f"2 rank(s)" in out and f"parallel {parallel}" in out
+    torchrun("--out", str(resumed), *FAST, "--parallel", parallel, "--steps", "2")
+    torchrun("--resume", str(resumed), "--steps", "4")
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+
+
+def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=6, batch=4, snapshot_every=2, model_channels=16,
+                      channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], bad_steps=2, max_rollbacks=1,
+                      sample_count=4)
+    trainer = Trainer(cfg)
+    for _ in range(2):
+        trainer.train_step()
+    trainer.snapshot()
+    good = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    original = trainer.loss_fn.__class__.__call__
+
+    def poisoned(self, *args, **kwargs):
+        terms = original(self, *args, **kwargs)
+        return terms._replace(val=terms.val * float("nan"))
+
+    trainer.loss_fn.__class__.__call__ = poisoned
+    try:
+        assert math.isnan(trainer.train_step())  # skipped
+        assert math.isnan(trainer.train_step())  # skipped again: rolled back
+        assert trainer.skipped == 2 and trainer.rollbacks == 1 and trainer.lr_factor == 0.5
+        assert trainer.step == 2
+        assert all(torch.equal(good[k], v) for k, v in trainer.net.state_dict().items())
+        trainer.train_step()
+        with pytest.raises(RuntimeError, match="diverged"):
+            trainer.train_step()
+    finally:
+        trainer.loss_fn.__class__.__call__ = original
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "/nonexistent/data"], "nonexistent"),
+    (["--delta", "1.5"], "--delta"),
+    (["--batch", "6", "--batch-gpu", "4"], "--batch-gpu"),
+    (["--resume", "/nonexistent/run"], "config.json"),
+])
+def test_bad_input_errors(argv, message, capsys, tmp_path):
+    assert main(["--out", str(tmp_path / "run"), *argv]) == 1
+    assert message in capsys.readouterr().err
