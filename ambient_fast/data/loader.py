@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ambient_fast.data.format import CorruptedDataset
+from ambient_fast.seeds import derive_seed
 
 __all__ = ["Batch", "Loader", "TorchLoader", "make_loader", "dali_available", "LOADER_KINDS"]
 
