@@ -46,6 +46,9 @@ ARCHS = {  # --arch -> (model_type, architecture arguments that define it)
 SIZES = {16: dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8]),
          32: dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16]),
          64: dict(model_channels=128, channel_mult=[1, 2, 2, 2], num_blocks=4, attn_resolutions=[16])}
+# Erasure probability of the built-in synthetic set: high enough that most of every training image is
+# missing, low enough that the default run learns the shapes within its few CPU minutes.
+SYNTHETIC_P = 0.6
 # What may change when a run is resumed; everything else is the run's own configuration.
 RESUMABLE_OVERRIDES = {"steps", "snapshot_every", "device", "loader", "compile", "keep", "sample_count"}
 
@@ -59,13 +62,13 @@ class TrainConfig:
     mask_aware: bool = True             # mask-aware preconditioning (False: the reference's)
     gate: str = "sigmoid"               # sigmoid | double_sigmoid (as the published checkpoints) | none
     delta: float = 0.1                  # further-corruption probability; p comes from the data set
-    batch: int = 32                     # global batch size per step
+    batch: int = 16                     # global batch size per step (the built-in run's; raise it for real data)
     batch_gpu: Optional[int] = None     # per-rank micro-batch (gradient accumulation); None = batch / ranks
-    lr: float = 1e-3                    # peak learning rate
-    lr_rampup_kimg: float = 10          # learning-rate ramp-up, thousands of images
+    lr: float = 2e-3                    # peak learning rate
+    lr_rampup_kimg: float = 1           # learning-rate ramp-up, thousands of images
     ema: float = 0.5                    # EMA half-life, millions of images (as EDM's --ema)
     ema_rampup: float = 0.05            # EMA half-life ramp-up ratio
-    steps: int = 1600                   # total optimiser steps
+    steps: int = 1000                   # total optimiser steps
     seed: int = 0                       # global seed
     dropout: float = 0.0                # dropout inside U-Net blocks
     model_channels: Optional[int] = None  # U-Net width; None = by resolution
@@ -137,10 +140,10 @@ class Trainer:
             from ambient_fast.data.synthetic import synthetic_dataset
 
             root = Path(os.environ.get("AMBIENT_FAST_CACHE", Path.home() / ".cache" / "ambient-fast"))
-            if world.is_main:
-                synthetic_dataset(root, delta=cfg.delta)
+            if world.is_main:  # prepared once by the main rank, then opened by all
+                synthetic_dataset(root, p=SYNTHETIC_P, delta=cfg.delta)
             world.barrier()
-            path = synthetic_dataset(root, delta=cfg.delta)
+            path = synthetic_dataset(root, p=SYNTHETIC_P, delta=cfg.delta)
         else:
             path = Path(cfg.data)
         self.dataset = CorruptedDataset(path)
@@ -214,9 +217,9 @@ class Trainer:
                         self.snapshot()
                     if self.step % tick == 0 or self.step == cfg.steps:
                         rate = (self.step - start_step) * cfg.batch / max(time.time() - start_time, 1e-9)
-                        self._report(stats, window, rate)
+                        mean = self._report(stats, window, rate)
                         eta = (cfg.steps - self.step) * cfg.batch / max(rate, 1e-9)
-                        progress.update(task, info=f"loss {sum(window) / len(window):.4g} | lr {self.lr:.2e} | "
+                        progress.update(task, info=f"loss {mean:.4g} | lr {self.lr:.2e} | "
                                         f"{rate:.0f} img/s | ETA {eta:.0f} s{self._gpu_info()}")
                         window = []
                     progress.update(task, completed=self.step)
@@ -237,8 +240,9 @@ class Trainer:
         rampup = self.cfg.lr_rampup_kimg * 1000
         return self.cfg.lr * self.lr_factor * (min(self.images_seen / rampup, 1.0) if rampup > 0 else 1.0)
 
-    def train_step(self) -> float:
-        """One optimiser step over `batch` images; returns the mean objective per image."""
+    def train_step(self) -> torch.Tensor:
+        """One optimiser step over `batch` images; returns the mean objective per image (a 0-d
+        tensor on the device, NaN for a skipped step: reading it is left to the reporting)."""
         cfg = self.cfg
         torch.manual_seed(derive_seed(cfg.seed, self.world.rank, self.step))
         self.optimizer.zero_grad(set_to_none=True)
@@ -264,13 +268,13 @@ class Trainer:
             self.bad_streak += 1
             if self.bad_streak >= cfg.bad_steps:
                 self._roll_back()
-                return float("nan")
+                return torch.tensor(float("nan"))
         self.step += 1
         self.images_seen += cfg.batch
         if self.world.size > 1:
             dist.all_reduce(total)
             total /= self.world.size
-        return total.item()
+        return total
 
     def _update_ema(self):
         cfg = self.cfg
@@ -381,13 +385,15 @@ class Trainer:
 
     # -- reporting and signals -------------------------------------------------------------------
 
-    def _report(self, path: Path, window, rate: float):
-        if not self.world.is_main:
-            return
-        losses = torch.tensor(window, dtype=torch.float64)
+    def _report(self, path: Path, window: "list[torch.Tensor]", rate: float) -> float:
+        """Append one EDM-style line to stats.jsonl (main rank); return the window's mean loss."""
+        losses = torch.stack([loss.detach().cpu().double() for loss in window])
         finite = losses[torch.isfinite(losses)]
+        mean = finite.mean().item() if len(finite) else float("nan")
+        if not self.world.is_main:
+            return mean
         entry = {
-            "Loss/loss": dict(num=len(finite), mean=finite.mean().item() if len(finite) else None,
+            "Loss/loss": dict(num=len(finite), mean=mean if len(finite) else None,
                               std=finite.std().item() if len(finite) > 1 else 0.0),
             "Progress/step": self.step, "Progress/kimg": self.images_seen / 1000,
             "Progress/lr": self.lr, "Progress/skipped_steps": self.skipped, "Progress/rollbacks": self.rollbacks,
@@ -395,6 +401,7 @@ class Trainer:
         }
         with open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")
+        return mean
 
     def _gpu_info(self) -> str:
         if self.device.type != "cuda":
@@ -454,12 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--reference-precond", dest="mask_aware", action="store_false", help="the reference's preconditioning")
     add("--gate", choices=["sigmoid", "double_sigmoid", "none"])
     add("--delta", type=float, help="further-corruption probability (default 0.1)")
-    add("--batch", type=int, help="global batch size (default 32)")
+    add("--batch", type=int, help="global batch size (default 16)")
     add("--batch-gpu", dest="batch_gpu", type=int, help="per-rank micro-batch for gradient accumulation")
-    add("--lr", type=float)
-    add("--lr-rampup", dest="lr_rampup_kimg", type=float, help="learning-rate ramp-up in kimg (default 10)")
+    add("--lr", type=float, help="peak learning rate (default 2e-3)")
+    add("--lr-rampup", dest="lr_rampup_kimg", type=float, help="learning-rate ramp-up in kimg (default 1)")
     add("--ema", type=float, help="EMA half-life in Mimg (default 0.5)")
-    add("--steps", type=int, help="total optimiser steps (default 1600)")
+    add("--steps", type=int, help="total optimiser steps (default 1000)")
     add("--seed", type=int)
     add("--dropout", type=float)
     add("--channels", dest="model_channels", type=int, help="U-Net width (default by resolution)")

@@ -119,8 +119,8 @@ def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path):
 
     trainer.loss_fn.__class__.__call__ = poisoned
     try:
-        assert math.isnan(trainer.train_step())  # skipped
-        assert math.isnan(trainer.train_step())  # skipped again: rolled back
+        assert math.isnan(trainer.train_step().item())  # skipped
+        assert math.isnan(trainer.train_step().item())  # skipped again: rolled back
         assert trainer.skipped == 2 and trainer.rollbacks == 1 and trainer.lr_factor == 0.5
         assert trainer.step == 2
         assert all(torch.equal(good[k], v) for k, v in trainer.net.state_dict().items())
