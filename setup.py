@@ -19,7 +19,9 @@ setup(
     # would let pip pull a multi-GB CUDA build on a machine that has none installed yet.
     install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pillow>=10", "rich>=13"],
     extras_require={
-        "test": ["pytest>=8", "scipy>=1.10"],
+        # The tests exercise the Triton kernels (interpreter mode on CPU) and the DALI pipeline.
+        "test": ["pytest>=8", "triton>=3.2", "nvidia-dali-cuda130>=1.40"],
+        "kernels": ["triton>=3.2"],
         "dali": ["nvidia-dali-cuda130>=1.40"],
     },
 )

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ambient_fast.kernels import masked_loss
 from ambient_fast.nn.precond import vp_sigma
 
 
@@ -83,10 +84,9 @@ class AmbientLoss:
         y = A * y  # nothing outside A may reach the network or the loss
         net_input = torch.cat([A_hat * (y + sigma * noise), A_hat], dim=1)
         D = net(net_input, sigma.flatten(), labels, augment_labels)[:, : y.shape[1]]
-        error = self._error(D, y)
-        return AmbientLossTerms(
-            train=_sum_per_sample(weight * A_hat * error),
-            val=_sum_per_sample(weight * A * error),
+        return AmbientLossTerms(  # masked_loss: one fused pass on GPU (loss and its gradient)
+            train=masked_loss(D.detach(), y, A_hat, weight, self.norm),  # a diagnostic: no gradient
+            val=masked_loss(D, y, A, weight, self.norm),
             test=None if clean is None else _sum_per_sample(weight * self._error(D, clean)),
         )
 

@@ -15,6 +15,9 @@ from typing import Callable, Optional
 
 import torch
 
+from ambient_fast.graphs import StaticDenoiser
+from ambient_fast.kernels import fused_device, sampler_step
+
 
 def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                     dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
@@ -48,6 +51,7 @@ def ambient_sample(
     S_max: float = float("inf"),
     S_noise: float = 1.0,
     randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+    fast: bool = False,
 ) -> torch.Tensor:
     """Sample from an ambient model with a fixed mask (K = 1) or with reconstruction guidance (K > 1).
 
@@ -65,6 +69,9 @@ def ambient_sample(
         S_churn, S_min, S_max, S_noise: EDM's stochastic churn; S_churn = 0 is deterministic.
         randn_like: noise source for churn; pass a per-seed generator to keep images independent of
             their batch.
+        fast: the fast path (fixed mask, no churn): float32 state, the network in bf16, its call
+            captured in a CUDA graph on GPUs, the elementwise work of each step fused. Off: the
+            reference-faithful path.
     Returns:
         (B, C, H, W) samples in `dtype`: the last step's prediction D_0.
     """
@@ -73,6 +80,11 @@ def ambient_sample(
     if masks.ndim != 5 or masks.shape[1:] != latents.shape:
         raise ValueError(f"masks must have shape (K, *latents.shape) = (K, {', '.join(map(str, latents.shape))}), "
                          f"got {tuple(masks.shape)}")
+    if fast:
+        if guidance != 0 or S_churn != 0:
+            raise ValueError("the fast path samples with a fixed mask and no churn; use fast=False (--exact) "
+                             "for reconstruction guidance or churn")
+        dtype = torch.float32
     channels = latents.shape[1]
     masks = masks.to(device=latents.device, dtype=dtype)
     use_guidance = guidance != 0 and masks.shape[0] > 1
@@ -93,13 +105,39 @@ def ambient_sample(
             (grad,) = torch.autograd.grad(energy, x)
         return dt * (x.detach() - d0.detach()) / t - guidance * grad
 
+    def fused_step(x: torch.Tensor, t_hat: torch.Tensor, t_next: torch.Tensor, heun: bool) -> torch.Tensor:
+        """The same step with its elementwise work in one kernel per evaluation; `net_input` holds
+        cat([M * x, M]) and is updated in place, `evaluate(t)` predicts from it."""
+        dt, mask = t_next - t_hat, masks[0]
+        if not heun:
+            return sampler_step(x, evaluate(t_hat), mask, t_hat, dt, clip=clip, net_input=net_input,
+                                write_mask=False).x
+        g1 = sampler_step(x, evaluate(t_hat), mask, t_hat, dt, stage="heun_predict", clip=clip,
+                          net_input=net_input, write_mask=False).g1
+        return sampler_step(x, evaluate(t_next), mask, t_next, dt, stage="heun_correct", g1=g1, clip=clip,
+                            net_input=net_input, write_mask=False).x
+
     x = latents.to(dtype) * t_steps[0]
+    # Fused elementwise steps: always on the fast path; on the exact path where the kernels run (CUDA),
+    # with the reference's arithmetic in the state's dtype.
+    fused = fast or (guidance == 0 and x.is_cuda and fused_device(x.device))
+    net_input = torch.cat([masks[0] * x, masks[0]], dim=1).float() if fused else None
+
+    def evaluate_in_place(t: torch.Tensor) -> torch.Tensor:
+        return net(net_input, t, class_labels)[:, :channels]
+
+    evaluate = StaticDenoiser(net, net_input, class_labels, use_graph=x.is_cuda) if fast else evaluate_in_place
     with torch.no_grad():
         for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
             gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
             t_hat = t_cur + gamma * t_cur
             if gamma > 0:
                 x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
+                if fused:
+                    net_input[:, :channels] = masks[0] * x
+            if fused:
+                x = fused_step(x, t_hat, t_next, solver == "heun" and i < num_steps - 1)
+                continue
             g1 = increment(x, t_hat, t_next - t_hat)
             if solver == "heun" and i < num_steps - 1:
                 x = x + (g1 + increment(x + g1, t_next, t_next - t_hat)) / 2
@@ -169,7 +207,9 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=0.0, help="reconstruction-guidance scale (default 0)")
     parser.add_argument("--class", dest="class_index", type=int, help="class index for a conditional model")
     parser.add_argument("--churn", type=float, default=0.0, help="EDM's S_churn (default 0: deterministic)")
-    parser.add_argument("--float32", action="store_true", help="keep the sampler state in float32 instead of float64")
+    parser.add_argument("--float32", action="store_true", help="exact path: keep the state in float32, not float64")
+    parser.add_argument("--exact", action="store_true", help="the reference-faithful path on a GPU too (default there: "
+                        "the fast path, bf16 network in a CUDA graph, float32 state)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     args = parser.parse_args(argv)
 
@@ -203,20 +243,25 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     mine = seeds[world.rank::world.size]
     shared = bool(loaded.corruption.get("shared_channels", False))
+    fast = device.type == "cuda" and not args.exact and args.guidance == 0 and args.churn == 0
     if world.is_main:
         print(f"sampling {len(seeds)} images from {loaded.source} on {device} ({world.size} process(es)): "
-              f"{args.steps} {args.solver} steps, survival {survival:.3f}, {args.masks} mask(s), guidance {args.guidance}")
+              f"{args.steps} {args.solver} steps, survival {survival:.3f}, {args.masks} mask(s), guidance {args.guidance}, "
+              f"{'fast path (bf16, CUDA graph)' if fast else 'exact path'}")
     with Progress(disable=not world.is_main) as progress:
         task = progress.add_task("sampling", total=len(mine))
         for start in range(0, len(mine), args.batch):
             batch_seeds = mine[start:start + args.batch]
-            latents, masks = seeded_inputs(batch_seeds, shape, args.masks, survival, shared, device)
+            # The fast path pads every batch to --batch: one static shape, so the same kernels run
+            # whatever batch an image lands in (padding images are dropped).
+            padded = list(batch_seeds) + [0] * ((args.batch - len(batch_seeds)) if fast else 0)
+            latents, masks = seeded_inputs(padded, shape, args.masks, survival, shared, device)
             if model.label_dim:
-                labels = torch.nn.functional.one_hot(torch.full((len(batch_seeds),), args.class_index),
+                labels = torch.nn.functional.one_hot(torch.full((len(padded),), args.class_index),
                                                      model.label_dim).float().to(device)
             images = ambient_sample(model, latents, masks, num_steps=args.steps, solver=args.solver,
                                     guidance=args.guidance, class_labels=labels, S_churn=args.churn,
-                                    dtype=torch.float32 if args.float32 else torch.float64)
+                                    dtype=torch.float32 if args.float32 else torch.float64, fast=fast)
             for seed, array in zip(batch_seeds, to_uint8(images)):
                 save_png(array, out / f"{seed:06d}.png")
             progress.advance(task, len(batch_seeds))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ambient_fast.kernels import gated_activation
+from ambient_fast.kernels import gated_activation_packed
 
 GATES = ("sigmoid", "double_sigmoid", "none")
 
@@ -102,8 +102,7 @@ class Conv2d(torch.nn.Module):
         if self.gate == "none":
             return F.conv2d(x, w, b, padding=padding)
         both = F.conv2d(x, torch.cat([w, self.gate_weight.to(x.dtype)]), padding=padding)
-        a, g = both.chunk(2, dim=1)
-        return gated_activation(a, g, b, self.gate == "double_sigmoid")
+        return gated_activation_packed(both, b, self.gate == "double_sigmoid")  # a, g = both.chunk(2, dim=1)
 
     def _resample(self, x: torch.Tensor, channels: int, up: bool, padding: int) -> torch.Tensor:
         f = self.resample_filter.to(x.dtype)

@@ -1,0 +1,331 @@
+"""Benchmark of the fused Triton kernels: `python bench/kernels.py`.
+
+For each kernel and sizes from 1 MB to 256 MB (size = elements x 4 bytes), the time of the eager
+PyTorch sequence it replaces, of torch.compile of that sequence, and of the Triton kernel: the
+median of triton.testing.do_bench, the kernel's bandwidth (bytes it must move / time), that as a
+percentage of the copy bandwidth measured in the same run, and the speedups. Every kernel's
+output is checked against the eager result before it is timed. The table is printed and saved
+as markdown in bench/results/kernels-<device>-<date>.md.
+
+Without a GPU the timings mean nothing: the script says so, runs the correctness checks in
+Triton's interpreter at small sizes instead, and exits 0 when they pass.
+
+Targets (DESIGN.md): at 64 MB and more, at least 85% of the copy bandwidth and 2.5x eager.
+"""
+import argparse
+import datetime
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+from typing import Callable, List, NamedTuple
+
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from ambient_fast import kernels  # noqa: E402
+from ambient_fast.kernels._utils import triton_available  # noqa: E402
+from ambient_fast.kernels.ambient_input import ambient_input_launch  # noqa: E402
+from ambient_fast.kernels.gated_activation import gated_backward, gated_forward  # noqa: E402
+from ambient_fast.kernels.sampler_step import sampler_step_launch  # noqa: E402
+
+SIZES_MB = (1, 8, 64, 256)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Case(NamedTuple):
+    """One benchmark row: three callables doing the same work and the bytes the kernel moves."""
+
+    op: str
+    detail: str
+    size_mb: float
+    bytes: int
+    eager: Callable
+    compiled: Callable
+    fused: Callable
+    check: Callable[[], float]  # max |fused - eager| (relative where noted); must be below tolerance
+    tolerance: float
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases. Each builder returns a Case for `numel` elements of the op's main (N, C, H, W) tensor.
+
+
+def gated_cases(numel: int, size_mb: float, device, channels_last: bool) -> List[Case]:
+    C, H, W = 128, 32, 32
+    N = max(1, numel // (C * H * W))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dtype = torch.bfloat16
+    ag = torch.randn(N, 2 * C, H, W, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    bias = torch.randn(C, device=device, dtype=dtype)
+    dout = torch.randn(N, C, H, W, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    elem = N * C * H * W * 2
+    reference = kernels.gated_activation_reference
+    compiled = lazy_compile(reference)
+
+    def eager_fwd():
+        with torch.no_grad():
+            return reference(*ag.chunk(2, dim=1), bias, True)
+
+    def compiled_fwd():
+        with torch.no_grad():
+            return compiled(*ag.chunk(2, dim=1), bias, True)
+
+    def fused_fwd():
+        return gated_forward(*ag.chunk(2, dim=1), bias, True)
+
+    leaf, leaf_bias = ag.detach().requires_grad_(True), bias.detach().requires_grad_(True)
+    eager_out = reference(*leaf.chunk(2, dim=1), leaf_bias, True)
+    compiled_out = compiled(*leaf.chunk(2, dim=1), leaf_bias, True)
+    dag = torch.empty_like(ag)
+
+    def eager_bwd():
+        return torch.autograd.grad(eager_out, (leaf, leaf_bias), dout, retain_graph=True)
+
+    def compiled_bwd():
+        return torch.autograd.grad(compiled_out, (leaf, leaf_bias), dout, retain_graph=True)
+
+    def fused_bwd():
+        return dag, gated_backward(*ag.chunk(2, dim=1), dout, True, True, *dag.chunk(2, dim=1))
+
+    def check_fwd():
+        return _max_err(fused_fwd(), eager_fwd())
+
+    def check_bwd():
+        got, want = fused_bwd(), eager_bwd()
+        return max(_max_err(got[0], want[0]), _max_err(got[1], want[1], relative=True))
+
+    layout = "channels_last" if channels_last else "nchw"
+    detail = f"bf16 {layout} ({N},{2 * C},{H},{W}) double"
+    return [Case("gated_activation fwd", detail, size_mb, 3 * elem, eager_fwd, compiled_fwd, fused_fwd, check_fwd,
+                 0.05),  # a, g read, out written
+            Case("gated_activation bwd", detail, size_mb, 5 * elem, eager_bwd, compiled_bwd, fused_bwd, check_bwd,
+                 0.05)]  # a, g, dout read, da, dg written
+
+
+def masked_loss_cases(numel: int, size_mb: float, device) -> List[Case]:
+    C, H, W = 3, 64, 64
+    N = max(1, numel // (C * H * W))
+    output = torch.randn(N, 2 * C, H, W, device=device)
+    D = output[:, :C].detach().requires_grad_(True)  # the image channels of a network output
+    y = torch.rand(N, C, H, W, device=device) * 2 - 1
+    A = (torch.rand(N, C, H, W, device=device) < 0.6).float()
+    weight = torch.rand(N, device=device) + 0.5
+    dloss = torch.ones(N, device=device)
+    reference = kernels.masked_loss_reference
+    compiled = lazy_compile(reference)
+
+    def run(fn):
+        loss = fn(D, y, A, weight)
+        return loss, torch.autograd.grad(loss, D, dloss)[0]
+
+    def check():
+        (loss, grad), (ref_loss, ref_grad) = run(kernels.masked_loss), run(reference)
+        return max(_max_err(loss, ref_loss, relative=True), _max_err(grad, ref_grad))
+
+    elem = N * C * H * W * 4
+    # forward reads D, y, A and writes dloss/dD; backward reads it and writes the scaled gradient
+    return [Case("masked_loss fwd+bwd", f"fp32 L2 ({N},{C},{H},{W}) slice", size_mb, 6 * elem,
+                 lambda: run(reference), lambda: run(compiled), lambda: run(kernels.masked_loss), check, 1e-4)]
+
+
+def ambient_input_cases(numel: int, size_mb: float, device) -> List[Case]:
+    C, H, W = 3, 64, 64
+    N = max(1, numel // (C * H * W))
+    A_bool = torch.rand(N, C, H, W, device=device) < 0.8
+    y = (torch.randint(0, 256, (N, C, H, W), device=device, dtype=torch.uint8) * A_bool).to(torch.uint8)
+    packed = torch.from_numpy(np.packbits(A_bool.cpu().numpy().reshape(N, -1), axis=1, bitorder="little")).to(device)
+    sigma, c_in = torch.rand(N, device=device) + 0.1, torch.rand(N, device=device) + 0.5
+    reference = kernels.ambient_input_reference
+    compiled = lazy_compile(reference)
+    kw = dict(delta=0.1, scale_mask=False)
+
+    def fused(return_draws=False):
+        return ambient_input_launch(y, packed, sigma, c_in, 0.1, 7, 0, False, False, torch.float32, return_draws)
+
+    def check():
+        out = fused(return_draws=True)
+        want = reference(y, packed, sigma, c_in, B=out.B, noise=out.noise, **kw)
+        return max(_max_err(a, b) for a, b in zip(out[:4], want[:4]))
+
+    elem = N * C * H * W
+    traffic = elem * (1 + 4 * 2 + 4 * 3) + packed.numel()  # y uint8, packed A; net input, A_hat, A, y
+    return [Case("ambient_input", f"uint8 y, packed A ({N},{C},{H},{W}) -> fp32", size_mb, traffic,
+                 lambda: reference(y, packed, sigma, c_in, **kw), lambda: compiled(y, packed, sigma, c_in, **kw),
+                 fused, check, 1e-5)]
+
+
+def sampler_cases(numel: int, size_mb: float, device) -> List[Case]:
+    C, H, W = 3, 64, 64
+    N = max(1, numel // (C * H * W))
+    dtype = torch.float64  # the sampler's default state dtype
+    x = torch.randn(N, C, H, W, device=device, dtype=dtype) * 5
+    output = torch.randn(N, 2 * C, H, W, device=device)
+    D = output[:, :C]
+    mask = (torch.rand(N, C, H, W, device=device) < 0.5).to(dtype)
+    g1 = torch.randn_like(x)
+    t, dt = torch.tensor(2.5, device=device, dtype=dtype), torch.tensor(-0.4, device=device, dtype=dtype)
+    net_input = torch.cat([mask * x, mask], dim=1)
+    reference = kernels.sampler_step_reference
+    compiled = lazy_compile(reference)
+    kw = dict(stage="heun_correct", g1=g1, net_input=net_input, write_mask=False)
+
+    def fused():
+        return sampler_step_launch(x, D, mask, t, dt, "heun_correct", g1, True, net_input, False, None)
+
+    def check():
+        got = fused()
+        return _max_err(got, reference(x, D, mask, t, dt, **kw).x)
+
+    elem = N * C * H * W
+    traffic = elem * (8 * 3 + 4 + 8 * 2)  # read x, g1, M (fp64), D (fp32); write x_next, M x_next
+    return [Case("sampler_step heun_correct", f"fp64 state ({N},{C},{H},{W})", size_mb, traffic,
+                 lambda: reference(x, D, mask, t, dt, **kw), lambda: compiled(x, D, mask, t, dt, **kw),
+                 fused, check, 1e-9)]
+
+
+def cases_of_size(size_mb: float, device) -> List[Case]:
+    numel = int(size_mb * 2 ** 20) // 4
+    cases = []
+    for channels_last in (False, True):
+        cases += gated_cases(numel, size_mb, device, channels_last)
+    cases += masked_loss_cases(numel, size_mb, device)
+    cases += ambient_input_cases(numel, size_mb, device)
+    cases += sampler_cases(numel, size_mb, device)
+    return cases
+
+
+def lazy_compile(fn: Callable) -> Callable:
+    """torch.compile(fn), compiled on first call (the CPU run never calls it)."""
+    compiled = []
+
+    def call(*args, **kwargs):
+        if not compiled:
+            compiled.append(torch.compile(fn, dynamic=False))
+        return compiled[0](*args, **kwargs)
+
+    return call
+
+
+def _max_err(a, b, relative: bool = False) -> float:
+    a, b = a.double(), b.double()
+    err = (a - b).abs().max().item()
+    return err / max(b.abs().max().item(), 1e-30) if relative else err
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: time everything
+
+
+def median_ms(fn: Callable) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0]
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 256 MB device-to-device copy (read + write)."""
+    src = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / median_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def run_gpu(sizes_mb, console: Console) -> int:
+    import triton
+
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    copy = copy_bandwidth()
+    console.print(f"{name}: copy bandwidth {copy:.0f} GB/s; timing {len(sizes_mb)} sizes ...")
+    rows, failures = [], []
+    for size_mb in sizes_mb:
+        for case in cases_of_size(size_mb, device):
+            err = case.check()
+            ok = err <= case.tolerance
+            if not ok:
+                failures.append(f"{case.op} {case.detail}: error {err:.3g} > {case.tolerance:g}")
+            eager, compiled, fused = median_ms(case.eager), median_ms(case.compiled), median_ms(case.fused)
+            gbs = case.bytes / fused / 1e6
+            rows.append((case.op, case.detail.split(" (")[0], case.size_mb, [
+                case.op, case.detail, f"{case.size_mb:g}", f"{eager:.4f}", f"{compiled:.4f}", f"{fused:.4f}",
+                f"{gbs:.0f}", f"{100 * gbs / copy:.0f}%", f"{eager / fused:.2f}x", f"{compiled / fused:.2f}x",
+                "ok" if ok else f"FAIL {err:.2g}"]))
+            console.print(f"  {case.op:26s} {case.size_mb:>4g} MB  eager {eager:.4f}  compile {compiled:.4f}  "
+                          f"triton {fused:.4f} ms", highlight=False)
+        torch.cuda.empty_cache()
+    rows = [row for *_, row in sorted(rows, key=lambda r: r[:3])]
+    header = ["op", "case", "MB", "eager ms", "compile ms", "triton ms", "triton GB/s", "% copy", "vs eager",
+              "vs compile", "check"]
+    table = Table(title=f"fused kernels on {name} (copy {copy:.0f} GB/s)")
+    for column in header:
+        table.add_column(column, justify="left" if column in ("op", "case", "check") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+    today = datetime.date.today().isoformat()
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    path = RESULTS / f"kernels-{slug}-{today}.md"
+    lines = [f"# Fused kernels on {name}, {today}", "",
+             f"torch {torch.__version__}, Triton {triton.__version__}, CUDA {torch.version.cuda}, "
+             f"Python {platform.python_version()}. Copy bandwidth (256 MB device copy, same run): {copy:.0f} GB/s.",
+             "Times: median of triton.testing.do_bench. GB/s: the bytes the fused kernel must move / its time. "
+             "Size: elements x 4 bytes of the op's main (N, C, H, W) tensor. Targets (DESIGN.md): at 64 MB and "
+             "more, >= 85% of copy bandwidth and >= 2.5x eager.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    console.print(f"wrote {path}")
+    for failure in failures:
+        console.print(f"[red]check failed:[/] {failure}")
+    return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: correctness only, in the interpreter
+
+
+def run_cpu(console: Console) -> int:
+    console.print("[bold yellow]No CUDA GPU: kernel timings need a GPU.[/] Running the correctness checks in "
+                  "Triton's interpreter (TRITON_INTERPRET=1) at small sizes instead.")
+    table = Table(title=f"fused kernels vs eager PyTorch, Triton interpreter on {platform.processor() or 'CPU'}")
+    for column in ("op", "case", "max error", "tolerance", "check"):
+        table.add_column(column)
+    failures = 0
+    for case in cases_of_size(0.01, torch.device("cpu")):
+        err = case.check()
+        ok = err <= case.tolerance
+        failures += not ok
+        table.add_row(case.op, case.detail, f"{err:.3g}", f"{case.tolerance:g}", "ok" if ok else "[red]FAIL[/]")
+    console.print(table)
+    console.print(f"path: {kernels.active_path('cpu')}")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES_MB)),
+                        help="sizes in MB (elements x 4 bytes), comma-separated (default 1,8,64,256)")
+    args = parser.parse_args(argv)
+    console = Console()
+    if not triton_available():
+        console.print("Triton is not installed: nothing to benchmark.")
+        return 1
+    if not GPU:
+        return run_cpu(console)
+    return run_gpu([float(s) for s in args.sizes.split(",")], console)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
