@@ -1,6 +1,9 @@
 """Shared test set-up: fixed seeds, the reference fixtures, tiny model configurations."""
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,19 @@ TINY_ARCHITECTURES = {
     "adm": ("DhariwalUNet", dict(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
                                  dropout=0.0)),
 }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(module: str, *args: str, ranks: int = 2) -> str:
+    """Run `python -m module args` under torchrun on CPU (gloo); return its stdout, fail on error."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port",
+               str(free_port()), "-m", module, *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -12,7 +12,7 @@ from ambient_fast.images import load_png
 from ambient_fast.nn import EDMPrecond, from_reference
 from ambient_fast.sample import ambient_sample, edm_sigma_steps, parse_seeds, seeded_inputs
 
-from conftest import TINY_ARCHITECTURES, load_fixture
+from conftest import TINY_ARCHITECTURES, load_fixture, torchrun
 from test_nn import randomize_
 
 
@@ -160,3 +160,18 @@ def test_fast_path_cuda_graph(reference):
     fast = ambient_sample(model, latents, masks, fast=True)
     assert (fast.double() - exact).abs().max() < 0.1
     assert (fast.double() - exact).abs().mean() < 0.01
+
+
+def test_sample_cli_under_torchrun_splits_seeds(tmp_path):
+    net = tmp_path / "net.safetensors"
+    save_network(net, small_model(), dict(kind="dust", p=0.5, delta=0.1, shared_channels=False))
+    args = ["--net", str(net), "--seeds", "0-4", "--steps", "2", "--batch", "2"]
+    out = torchrun("ambient_fast.sample", *args, "--out", str(tmp_path / "two"))
+    assert "2 process(es)" in out
+    single = subprocess.run([sys.executable, "-m", "ambient_fast.sample", *args, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    for seed in range(5):  # each image depends only on its seed, not on the rank or batch it ran in
+        name = f"{seed:06d}.png"
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    assert (tmp_path / "two" / "grid.png").is_file()

@@ -8,12 +8,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ambient_fast.train import Trainer, TrainConfig, main
 from ambient_fast.training_state import state_dirs
+
+from conftest import torchrun
 
 FAST = ["--steps", "4", "--batch", "8", "--snapshot-every", "2", "--sample-count", "4", "--channels", "16",
         "--channel-mult", "1,2", "--blocks", "1", "--attn", ""]
@@ -86,19 +89,11 @@ def test_sigterm_writes_state_and_resume_finishes_exactly(tmp_path):
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_torchrun_two_ranks_resume_exactly(tmp_path, parallel):
-    def torchrun(*args):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                   str(29500 + (os.getpid() + len(args)) % 1000), "-m", "ambient_fast.train", *args]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
-
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    out = torchrun("--out", str(straight), *FAST, "--parallel", parallel)
-    assert f"2 rank(s)" in out and f"parallel {parallel}" in out
-    torchrun("--out", str(resumed), *FAST, "--parallel", parallel, "--steps", "2")
-    torchrun("--resume", str(resumed), "--steps", "4")
+    out = torchrun("ambient_fast.train", "--out", str(straight), *FAST, "--parallel", parallel)
+    assert "2 rank(s)" in out and f"parallel {parallel}" in out
+    torchrun("ambient_fast.train", "--out", str(resumed), *FAST, "--parallel", parallel, "--steps", "2")
+    torchrun("ambient_fast.train", "--resume", str(resumed), "--steps", "4")
     assert_same_weights(final_weights(straight), final_weights(resumed))
 
 
@@ -140,3 +135,25 @@ def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path):
 def test_bad_input_errors(argv, message, capsys, tmp_path):
     assert main(["--out", str(tmp_path / "run"), *argv]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_training_does_not_depend_on_pixels_outside_A(tmp_path):
+    """The same images prepared with different values in the erased pixels train identically."""
+    from ambient_fast.data.prepare import main as prepare
+    from ambient_fast.images import save_png
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((24, 16, 16)) < 0.4
+    np.save(tmp_path / "masks.npy", masks)
+    base = rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
+    for name in "ab":
+        source = tmp_path / f"src-{name}"
+        source.mkdir()
+        images = np.where(masks[..., None], base, rng.integers(0, 256, base.shape, dtype=np.uint8))
+        for index, image in enumerate(images):
+            save_png(image, source / f"{index:03d}.png")
+        assert prepare(["--source", str(source), "--masks", str(tmp_path / "masks.npy"),
+                        "--dest", str(tmp_path / f"data-{name}")]) == 0
+        assert main(["--data", str(tmp_path / f"data-{name}"), "--out", str(tmp_path / f"run-{name}"), *FAST,
+                     "--steps", "3"]) == 0
+    assert_same_weights(final_weights(tmp_path / "run-a"), final_weights(tmp_path / "run-b"))
