@@ -85,13 +85,21 @@ def _to_mask(keep: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
     return mask.repeat(1, channels // mask.shape[1], 1, 1)
 
 
-def _warn_no_further_corruption() -> None:
+def _warn_no_further_corruption(stacklevel: int = 3) -> None:
     warnings.warn(
         "no further corruption (A_hat = A): the model is never graded on the pixels A removes, "
         "so it cannot learn them (the full-rank condition of Theorem 4.1 fails)",
         UserWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
+
+
+def _check_p_and_delta(p: float, delta: float) -> None:
+    """Both in [0, 1); delta = 0 is allowed but warned about."""
+    _check_fraction("p", p)
+    _check_fraction("delta", delta)
+    if delta == 0:
+        _warn_no_further_corruption(stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- base classes
@@ -250,10 +258,7 @@ class DustOperator(MaskOperator):
     name = "dust"
 
     def __init__(self, p: float, delta: float = 0.1, shared_channels: bool = False) -> None:
-        _check_fraction("p", p)
-        _check_fraction("delta", delta)
-        if delta == 0:
-            _warn_no_further_corruption()
+        _check_p_and_delta(p, delta)
         self.p, self.delta, self.shared_channels = p, delta, shared_channels
 
     @property
@@ -298,10 +303,7 @@ class BoxOperator(MaskOperator):
     name = "box"
 
     def __init__(self, p: float, delta: float) -> None:
-        _check_fraction("p", p)
-        _check_fraction("delta", delta)
-        if delta == 0:
-            _warn_no_further_corruption()
+        _check_p_and_delta(p, delta)
         self.p, self.delta = p, delta
 
     def _erase_box(self, fraction: float, shape: tuple[int, ...], device: torch.device,
@@ -328,11 +330,8 @@ class FixedBoxOperator(MaskOperator):
     name = "fixed_box"
 
     def __init__(self, p: float, delta: float = 0.1) -> None:
-        _check_fraction("p", p)
-        _check_fraction("delta", delta)
-        if delta == 0:
-            _warn_no_further_corruption()
-        elif p > 0.5:
+        _check_p_and_delta(p, delta)
+        if delta > 0 and p > 0.5:
             # Two disjoint squares of side s fit iff 2s <= H or 2s <= W, and s = int(p*H) > H/2
             # for all but small H, so the paper's second block has no place to go.
             raise ValueError(
@@ -379,10 +378,7 @@ class KeepPatchOperator(MaskOperator):
     name = "keep_patch"
 
     def __init__(self, p: float, delta: float) -> None:
-        _check_fraction("p", p)
-        _check_fraction("delta", delta)
-        if delta == 0:
-            _warn_no_further_corruption()
+        _check_p_and_delta(p, delta)
         self.p, self.delta = p, delta
 
     def _sides(self, H: int) -> tuple[int, int]:
