@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ambient_fast import kernels
 from ambient_fast.checkpoint import save_network
 from ambient_fast.distributed import World, close_world, init_world
-from ambient_fast.loss import EDMAmbientLoss, VPAmbientLoss
+from ambient_fast.loss import EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
 from ambient_fast.nn import EDMPrecond, VPPrecond
 from ambient_fast.parallel import gradient_sync, parallelize, unwrap
 from ambient_fast.seeds import derive_seed
@@ -62,6 +62,7 @@ class TrainConfig:
     mask_aware: bool = True             # mask-aware preconditioning (False: the reference's)
     gate: str = "sigmoid"               # sigmoid | double_sigmoid (as the published checkpoints) | none
     delta: float = 0.1                  # further-corruption probability; p comes from the data set
+    hidden_weight: str = "lambda"       # loss weight on pixels B hid: lambda (the reference's) | unit (1 / c_out^2)
     batch: int = 16                     # global batch size per step (the built-in run's; raise it for real data)
     batch_gpu: Optional[int] = None     # per-rank micro-batch (gradient accumulation); None = batch / ranks
     lr: float = 2e-3                    # peak learning rate
@@ -94,6 +95,7 @@ class TrainConfig:
             (self.precond in ("edm", "vp"), "--precond must be edm or vp"),
             (self.gate in ("sigmoid", "double_sigmoid", "none"), "--gate must be sigmoid, double_sigmoid or none"),
             (0 <= self.delta < 1, f"--delta must be in [0, 1), got {self.delta}"),
+            (self.hidden_weight in ("lambda", "unit"), "--hidden-weight must be lambda or unit"),
             (self.batch >= 1 and (self.batch_gpu is None or self.batch_gpu >= 1), "--batch and --batch-gpu must be >= 1"),
             (self.steps >= 1, "--steps must be >= 1"),
             (self.lr > 0, "--lr must be positive"),
@@ -154,8 +156,12 @@ class Trainer:
         if per_rank % micro:
             raise ValueError(f"--batch-gpu {micro} does not divide the per-rank batch {per_rank}")
         self.per_rank, self.micro, self.accumulation = per_rank, micro, per_rank // micro
+        # Where the fused ambient-input kernel runs it draws B (with the noise) in the loss's
+        # single pass over the batch; elsewhere the loader draws B.
+        self.b_in_kernel = kernels.fused_device(self.device)
         self.loader = make_loader(self.dataset, batch_size=micro, rank=world.rank, world_size=world.size,
-                                  seed=cfg.seed, delta=cfg.delta, xflip=cfg.xflip, device=self.device, kind=cfg.loader)
+                                  seed=cfg.seed, delta=cfg.delta, xflip=cfg.xflip, device=self.device, kind=cfg.loader,
+                                  further_corruption=not self.b_in_kernel)
 
     def _setup_model(self):
         cfg, device = self.cfg, self.device
@@ -181,14 +187,17 @@ class Trainer:
         self.ema = {name: p.detach().clone() for name, p in self.params.items()}
         self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                           fused=device.type == "cuda")
-        self.loss_fn = EDMAmbientLoss() if cfg.precond == "edm" else VPAmbientLoss()
+        hidden_weight = unit_hidden_weight(self.net) if cfg.hidden_weight == "unit" else None
+        loss_cls = EDMAmbientLoss if cfg.precond == "edm" else VPAmbientLoss
+        self.loss_fn = loss_cls(hidden_weight=hidden_weight)
         # FSDP2 casts to bf16 itself; otherwise autocast does.
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16 and self.parallel != "fsdp")
 
     def summary(self) -> str:
         params = sum(p.numel() for p in self.net.parameters())
         return (f"{self.cfg.arch} ({params / 1e6:.2f} M params, gate {self.cfg.gate}, "
-                f"{'mask-aware' if self.cfg.mask_aware else 'reference'} {self.cfg.precond} preconditioning) | "
+                f"{'mask-aware' if self.cfg.mask_aware else 'reference'} {self.cfg.precond} preconditioning, "
+                f"hidden-pixel weight {self.cfg.hidden_weight}) | "
                 f"data {self.dataset.path} ({len(self.dataset)} images {self.dataset.resolution}x{self.dataset.resolution}, "
                 f"corruption {self.dataset.corruption}, delta {self.cfg.delta}) | {self.world.size} rank(s) on "
                 f"{self.device}, parallel {self.parallel}, {'bf16' if self.bf16 else 'fp32'}, "
@@ -249,8 +258,12 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for index in range(self.accumulation):
             batch = self.loader.next()
+            in_kernel = {}
+            if batch.A_hat is None:  # B drawn in the loss's fused pass, seeded by the position like the rest
+                in_kernel = dict(delta=cfg.delta, shared_channels=self.loader.shared_channels,
+                                 seed=derive_seed(cfg.seed, self.world.rank, self.step, index))
             with gradient_sync(self.model, self.parallel, index == self.accumulation - 1), self.autocast:
-                terms = self.loss_fn(self.model, batch.y, batch.A, batch.A_hat, labels=batch.labels)
+                terms = self.loss_fn(self.model, batch.y, batch.A, batch.A_hat, labels=batch.labels, **in_kernel)
                 loss = terms.loss.sum() / self.per_rank
             loss.backward()
             total += loss.detach()
@@ -461,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--reference-precond", dest="mask_aware", action="store_false", help="the reference's preconditioning")
     add("--gate", choices=["sigmoid", "double_sigmoid", "none"])
     add("--delta", type=float, help="further-corruption probability (default 0.1)")
+    add("--hidden-weight", dest="hidden_weight", choices=["lambda", "unit"],
+        help="loss weight on pixels B hid: lambda(sigma) as the reference (default), or unit (1 / c_out^2)")
     add("--batch", type=int, help="global batch size (default 16)")
     add("--batch-gpu", dest="batch_gpu", type=int, help="per-rank micro-batch for gradient accumulation")
     add("--lr", type=float, help="peak learning rate (default 2e-3)")

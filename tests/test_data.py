@@ -526,3 +526,14 @@ def test_dali_loader_resumes_positions(dust_set):
     restarted = make_loader(dust_set, **kwargs)
     restarted.load_state_dict(state)
     assert torch.equal(restarted.next().A_hat, again[0].A_hat)  # same position, same pipeline seed
+
+
+def test_loader_leaves_b_to_the_consumer(dust_set):
+    """further_corruption=False: the same y, A and labels, and no A_hat (the trainer's fused path)."""
+    for kind, drawing in loaders(dust_set, batch_size=16, xflip=True, seed=3).items():
+        leaving = make_loader(dust_set, batch_size=16, xflip=True, seed=3, kind=kind, further_corruption=False)
+        a, b = drawing.next(), leaving.next()
+        assert a.A_hat is not None and b.A_hat is None, kind
+        for name in ("y", "A", "labels"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (kind, name)
+        assert "B left to the consumer" in leaving.describe()

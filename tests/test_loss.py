@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from ambient_fast.loss import EDMAmbientLoss, VPAmbientLoss
-from ambient_fast.nn import EDMPrecond
+from ambient_fast.kernels import ambient_input
+from ambient_fast.loss import EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
+from ambient_fast.nn import EDMPrecond, VPPrecond
 
 from conftest import TINY_ARCHITECTURES
 
@@ -33,9 +34,9 @@ class OutputNet(torch.nn.Module):
         return self.D + 0.1 * x.sum(1, keepdim=True)
 
 
-def tiny_model():
+def tiny_model(precond=EDMPrecond, **options):
     model_type, kwargs = TINY_ARCHITECTURES["ddpmpp"]
-    return EDMPrecond(img_resolution=R, img_channels=2 * C, model_type=model_type, **kwargs)
+    return precond(img_resolution=R, img_channels=2 * C, model_type=model_type, **kwargs, **options)
 
 
 @pytest.mark.parametrize("loss_fn", [EDMAmbientLoss(), VPAmbientLoss(), EDMAmbientLoss(norm=1)])
@@ -126,3 +127,47 @@ def test_bad_arguments():
         EDMAmbientLoss(norm=3)
     with pytest.raises(ValueError, match="shape"):
         EDMAmbientLoss()(OutputNet(), y, A[:, :1], A_hat)
+
+
+@pytest.mark.parametrize("interpret", [pytest.param("0", id="reference"), pytest.param("1", id="triton-interpreter")])
+@pytest.mark.parametrize("shared", [False, True])
+def test_b_drawn_in_the_loss_equals_the_same_draws_given(interpret, shared, monkeypatch):
+    """A_hat=None: the loss draws B and the noise in one ambient_input pass (fused on GPU, here the
+    Triton interpreter or the reference); the objective is the one for those draws passed in."""
+    if interpret == "1":
+        pytest.importorskip("triton", reason="Triton is not installed: the fused path is not tested")
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.delenv("AMBIENT_FAST_KERNELS", raising=False)
+    x, y, A, _ = batch()
+    model, loss_fn = tiny_model(), EDMAmbientLoss()
+    sigma = torch.rand(N) * 3 + 0.05
+    drawn = ambient_input(y, A, sigma, delta=0.3, seed=11, shared_channels=shared, return_draws=True)
+    inside = loss_fn(model, y, A, None, sigma=sigma, delta=0.3, seed=11, shared_channels=shared)
+    given = loss_fn(model, y, A, A * drawn.B, sigma=sigma, noise=drawn.noise)
+    torch.testing.assert_close(inside.loss, given.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inside.train, given.train, rtol=1e-5, atol=1e-5)
+    other = loss_fn(model, y, A, None, sigma=sigma, delta=0.3, seed=12, shared_channels=shared)
+    assert not torch.equal(inside.train, other.train)  # another seed, other draws
+    with pytest.raises(ValueError, match="pass delta and seed"):
+        loss_fn(model, y, A, None, sigma=sigma, delta=0.3)
+
+
+def test_unit_hidden_weight_grades_hidden_pixels_by_one_over_c_out_squared():
+    x, y, A, A_hat = batch()
+    sigma, noise = torch.rand(N) * 3 + 0.05, torch.randn(N, C, R, R)
+    net = tiny_model(mask_aware=True)
+    plain, unit = EDMAmbientLoss(), EDMAmbientLoss(hidden_weight=unit_hidden_weight(net))
+    a = plain(net, y, A, A_hat, sigma=sigma, noise=noise)
+    b = unit(net, y, A, A_hat, sigma=sigma, noise=noise)
+    D = net(torch.cat([A_hat * (y + sigma.view(-1, 1, 1, 1) * noise), A_hat], 1), sigma)[:, :C]
+    hidden = ((A - A_hat) * (D - y).square()).flatten(1).sum(1) / net.sigma_data ** 2
+    visible = (plain.weight(sigma.view(-1, 1, 1, 1)) * A_hat * (D - y).square()).flatten(1).sum(1)
+    torch.testing.assert_close(b.loss, visible + hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.train, a.train)
+    assert (b.loss < a.loss).all()  # lambda(sigma) > 1 / sigma_data^2 at every sigma
+    # The reference's preconditioning: c_out(sigma)^-2 is lambda(sigma) itself, for EDM and VP.
+    for precond, loss_cls in ((EDMPrecond, EDMAmbientLoss), (VPPrecond, VPAmbientLoss)):
+        reference = tiny_model(precond, mask_aware=False)
+        same = [loss_cls(hidden_weight=w)(reference, y, A, A_hat, sigma=sigma, noise=noise).loss
+                for w in (None, unit_hidden_weight(reference))]
+        torch.testing.assert_close(same[0], same[1], rtol=1e-5, atol=1e-5)

@@ -60,6 +60,28 @@ def test_resume_is_exact_in_one_process(tmp_path):
     assert_same_weights(final_weights(straight), final_weights(resumed))
 
 
+def test_fused_path_draws_b_in_the_kernel_and_resumes_exactly(tmp_path, monkeypatch):
+    """Where the fused kernels run (here: Triton's interpreter) the loader leaves B to the
+    ambient-input kernel, seeded by the run's position, so resuming stays exact."""
+    pytest.importorskip("triton", reason="Triton is not installed: the fused training path is not tested")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("AMBIENT_FAST_KERNELS", raising=False)
+    tiny = dict(batch=2, steps=2, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[],
+                hidden_weight="unit")
+    straight = Trainer(TrainConfig(out=str(tmp_path / "straight"), **tiny))
+    assert straight.b_in_kernel and not straight.loader.further_corruption
+    assert "B left to the consumer" in straight.summary() and "ambient_input" in straight.summary()
+    losses = [straight.train_step() for _ in range(2)]
+    assert all(torch.isfinite(loss) for loss in losses)
+    first = Trainer(TrainConfig(out=str(tmp_path / "resumed"), **tiny))
+    first.train_step()
+    first.snapshot()
+    resumed = Trainer(TrainConfig(out=str(tmp_path / "resumed"), **tiny), resume=True)
+    resumed.train_step()
+    for name, value in straight.params.items():
+        assert torch.equal(value, resumed.params[name]), name
+
+
 def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["--out", str(run), *FAST, "--steps", "2"]) == 0

@@ -9,6 +9,7 @@ loader does (ambient_fast.data.loader) and feeds the raw stored bytes, in that o
     flip  = fn.flip of image and mask with the same per-sample flag
     A     = float(mask);  y = float(u * mask) / 127.5 - A
     A_hat = A * fn.random.coin_flip(1 - delta), shape (1 or C, R, R), broadcast over channels
+            (not drawn with further_corruption=False: the consumer draws B)
     labels = fn.one_hot(label)
 
 B comes from DALI's generator, seeded from (seed, rank, position) whenever the pipeline is built
@@ -78,9 +79,11 @@ class DaliLoader(Loader):
                 observed, mask = fn.flip(observed, horizontal=flip), fn.flip(mask, horizontal=flip)
             A = fn.cast(mask, dtype=types.FLOAT)
             y = fn.cast(observed * mask, dtype=types.FLOAT) / 127.5 - A
-            coins = fn.random.coin_flip(probability=1 - self.delta, shape=[1 if self.shared_channels else C, H, W],
-                                        dtype=types.UINT8, device=where)
-            outputs = [y, A, A * coins]
+            outputs = [y, A]
+            if self.further_corruption:
+                coins = fn.random.coin_flip(probability=1 - self.delta, shape=[1 if self.shared_channels else C, H, W],
+                                            dtype=types.UINT8, device=where)
+                outputs.append(A * coins)
             if self.dataset.label_dim:
                 label = fn.external_source(name="label", dtype=types.INT64)
                 outputs.append(fn.one_hot(label.gpu() if gpu else label, num_classes=self.dataset.label_dim,
@@ -99,6 +102,8 @@ class DaliLoader(Loader):
             self._pipe.feed_input("label", labels)
         # Copies: DALI reuses its output buffers on the next run.
         tensors = [to_torch_tensor(output.as_tensor(), copy=True).to(self.device) for output in self._pipe.run()]
+        if not self.further_corruption:
+            tensors.insert(2, None)
         if labels is None:
             tensors.append(torch.zeros((self.batch_size, 0), device=self.device))
         return Batch(*tensors)

@@ -39,11 +39,12 @@ _SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit k of a packed byte is value 
 
 
 class Batch(NamedTuple):
-    """One batch on the loader's device. y, A, A_hat: float32 (B, C, R, R); labels: float32 (B, label_dim)."""
+    """One batch on the loader's device. y, A, A_hat: float32 (B, C, R, R); labels: float32 (B, label_dim).
+    A_hat is None when the loader leaves B to the consumer (`further_corruption=False`)."""
 
     y: Tensor
     A: Tensor
-    A_hat: Tensor
+    A_hat: Optional[Tensor]
     labels: Tensor
 
 
@@ -62,7 +63,7 @@ class Loader(ABC):
     kind: ClassVar[str]
 
     def __init__(self, dataset: CorruptedDataset, *, batch_size: int, rank: int, world_size: int, seed: int,
-                 delta: float, shared_channels: bool, xflip: bool, device: torch.device):
+                 delta: float, shared_channels: bool, xflip: bool, device: torch.device, further_corruption: bool):
         checks = [
             (isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be a positive integer, got {batch_size!r}"),
             (isinstance(world_size, int) and world_size >= 1, f"world_size must be a positive integer, got {world_size!r}"),
@@ -76,6 +77,7 @@ class Loader(ABC):
         self.dataset = dataset
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.delta, self.shared_channels, self.xflip, self.device = float(delta), bool(shared_channels), bool(xflip), device
+        self.further_corruption = bool(further_corruption)
         global_batch = batch_size * world_size
         self.steps_per_epoch = len(dataset) // global_batch
         if self.steps_per_epoch == 0:
@@ -148,7 +150,8 @@ class Loader(ABC):
     def describe(self) -> str:
         """One line: kind, sizes, corruption, device."""
         return (f"{self.kind} loader: {len(self.dataset)} images, batch {self.batch_size} on rank {self.rank} of "
-                f"{self.world_size}, {self.steps_per_epoch} steps/epoch, delta {self.delta:g} "
+                f"{self.world_size}, {self.steps_per_epoch} steps/epoch, "
+                f"{'B drawn here' if self.further_corruption else 'B left to the consumer'}: delta {self.delta:g} "
                 f"({'shared over channels' if self.shared_channels else 'per channel'}), "
                 f"xflip {'on' if self.xflip else 'off'}, device {self.device}")
 
@@ -178,9 +181,11 @@ class TorchLoader(Loader):
         A = mask.float()
         y = (u * mask).float() / 127.5 - A
         B, C, H, W = A.shape
-        generator = torch.Generator(device=self.device).manual_seed(self.b_seed(epoch, batch))
-        keep = torch.rand((B, 1 if self.shared_channels else C, H, W), generator=generator, device=self.device)
-        A_hat = A * (keep < 1 - self.delta)
+        A_hat = None
+        if self.further_corruption:
+            generator = torch.Generator(device=self.device).manual_seed(self.b_seed(epoch, batch))
+            keep = torch.rand((B, 1 if self.shared_channels else C, H, W), generator=generator, device=self.device)
+            A_hat = A * (keep < 1 - self.delta)
         if labels is None:
             one_hot = torch.zeros((B, 0), device=self.device)
         else:
@@ -190,7 +195,7 @@ class TorchLoader(Loader):
 
 def make_loader(dataset: Union[CorruptedDataset, str], *, batch_size: int, rank: int = 0, world_size: int = 1,
                 seed: int = 0, delta: float = 0.1, shared_channels: Optional[bool] = None, xflip: bool = False,
-                device: Union[str, torch.device] = "cpu", kind: str = "auto") -> Loader:
+                device: Union[str, torch.device] = "cpu", kind: str = "auto", further_corruption: bool = True) -> Loader:
     """An endless loader of `Batch`es for one rank (see the module docstring for the semantics).
 
     Args:
@@ -204,6 +209,8 @@ def make_loader(dataset: Union[CorruptedDataset, str], *, batch_size: int, rank:
         xflip: mirror image and mask together with probability 1/2.
         device: where the batches live (DALI uses the GPU of a CUDA device, its CPU backend otherwise).
         kind: "torch", "dali", or "auto" (DALI when it is installed and the device is CUDA).
+        further_corruption: draw B and return A_hat; False leaves A_hat None, for a consumer that
+            draws B itself (the trainer, when the fused ambient-input kernel runs).
     """
     if kind not in LOADER_KINDS:
         raise ValueError(f"loader kind must be one of {LOADER_KINDS}, got {kind!r}")
@@ -219,4 +226,4 @@ def make_loader(dataset: Union[CorruptedDataset, str], *, batch_size: int, rank:
     else:
         cls = TorchLoader
     return cls(dataset, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, delta=delta,
-               shared_channels=shared_channels, xflip=xflip, device=device)
+               shared_channels=shared_channels, xflip=xflip, device=device, further_corruption=further_corruption)

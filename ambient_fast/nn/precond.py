@@ -49,6 +49,12 @@ class AmbientPrecond(torch.nn.Module):
         """(c_skip, c_out, c_in, c_noise) for sigma of shape (N, 1, 1, 1), float32."""
         raise NotImplementedError
 
+    def hidden_output_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c_out on an image pixel whose mask is 0: sigma_data (mask-aware) or c_out(sigma)."""
+        if self.mask_aware:
+            return torch.full_like(sigma, self.sigma_data)
+        return self.coefficients(sigma)[1].expand_as(sigma)
+
     @property
     def config(self) -> dict:
         """Everything needed to rebuild this model with `build_model` (JSON-serialisable)."""
