@@ -20,8 +20,12 @@ def save_png(array: np.ndarray, path: Union[str, Path]) -> None:
 
 
 def load_png(path: Union[str, Path]) -> np.ndarray:
-    """(H, W, C) uint8."""
-    array = np.asarray(Image.open(path))
+    """(H, W, C) uint8, C in {1, 3, 4}: what `save_png` writes. Other modes (palette, 1-bit,
+    16-bit, ...) raise ValueError: their raw arrays are not 8-bit pixel values."""
+    with Image.open(path) as image:
+        if image.mode not in ("L", "RGB", "RGBA"):
+            raise ValueError(f"{path} is a {image.mode!r} image; save it as 8-bit greyscale (L), RGB or RGBA")
+        array = np.asarray(image)
     return array[:, :, None] if array.ndim == 2 else array
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ambient_fast.checkpoint import load_network
 from ambient_fast.images import grid, save_png, to_uint8
+from ambient_fast.metrics import psnr
 
 
 def restore(model, observed: torch.Tensor, mask: torch.Tensor, sigma: float, labels=None,
@@ -44,13 +45,6 @@ def restore(model, observed: torch.Tensor, mask: torch.Tensor, sigma: float, lab
     return out.clamp(-1, 1)
 
 
-def psnr(images: np.ndarray, references: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB of uint8 arrays of equal shape (N, ...)."""
-    diff = images.astype(np.float64) - references.astype(np.float64)
-    mse = np.maximum((diff ** 2).reshape(len(images), -1).mean(1), 1e-10)
-    return 10 * np.log10(255.0 ** 2 / mse)
-
-
 def lpips_distance(images: torch.Tensor, references: torch.Tensor):
     """(mean LPIPS, None) or (None, why it could not be computed)."""
     try:
@@ -66,6 +60,8 @@ def lpips_distance(images: torch.Tensor, references: torch.Tensor):
 
 
 def _clean_references(args, data_path: Path, count: int) -> Optional[np.ndarray]:
+    from ambient_fast.data.synthetic import clean_twin
+
     if args.clean:
         path = Path(args.clean)
         if path.suffix == ".npy":
@@ -76,7 +72,7 @@ def _clean_references(args, data_path: Path, count: int) -> Optional[np.ndarray]
             with ImageSource(path) as source:
                 clean = source.read_all(range(len(source)))
     else:
-        twin = data_path.with_name(data_path.name + "-clean") / "images.npy"
+        twin = clean_twin(data_path) / "images.npy"
         if not twin.is_file():
             return None
         print(f"clean references: {twin}")

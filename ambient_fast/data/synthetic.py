@@ -25,7 +25,7 @@ from ambient_fast.corruption import make_operator
 from ambient_fast.data.format import CorruptedDataset, DataError, corruption_record, write_dataset
 
 __all__ = ["palette", "gradient", "RESOLUTIONS", "clean_images", "palette_fraction", "synthetic_dataset",
-           "dataset_name"]
+           "dataset_name", "clean_twin", "is_synthetic"]
 
 # Read-only: the distribution is defined by these.
 palette = np.array([
@@ -39,6 +39,7 @@ palette = np.array([
 gradient = np.array([[10, 20, 70], [60, 10, 40]], dtype=np.uint8)  # (top row, bottom row) RGB, both dark
 RESOLUTIONS = (16, 32)
 HELD_OUT_STREAM = 1  # clean_images draws stream 0 of a seed; the held-out twin draws stream 1
+SOURCE = "ambient_fast.data.synthetic"  # how meta.json's `source` of a synthetic set begins
 
 
 def _draw(n: int, resolution: int, rng: np.random.Generator) -> np.ndarray:
@@ -105,6 +106,18 @@ def dataset_name(*, resolution: int, n: int, p: float, delta: float, shared_chan
     return f"synthetic-r{resolution}-n{n}-p{p:g}-delta{delta:g}-{channels}-seed{seed}"
 
 
+def clean_twin(path: Union[str, Path]) -> Path:
+    """The folder beside the synthetic data set at `path` holding its clean images
+    (images.npy) and held-out clean images (held_out.npy)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}-clean")
+
+
+def is_synthetic(dataset: CorruptedDataset) -> bool:
+    """True when `dataset` was prepared by `synthetic_dataset` (so it has a clean twin)."""
+    return dataset.meta.source.startswith(SOURCE)
+
+
 def _matches(path: Path, corruption: dict, n: int, resolution: int) -> bool:
     """True when `path` is an intact data set with these parameters."""
     try:
@@ -131,7 +144,8 @@ def synthetic_dataset(root: Union[str, Path], *, resolution: int = 16, n: int = 
     corruption = corruption_record(operator)
     root = Path(root)
     name = dataset_name(resolution=resolution, n=n, p=p, delta=delta, shared_channels=shared_channels, seed=seed)
-    path, clean_dir = root / name, root / f"{name}-clean"
+    path = root / name
+    clean_dir = clean_twin(path)
     for file, make in (("images.npy", lambda: clean_images(n, resolution, seed)),
                        ("held_out.npy", lambda: _held_out(n, resolution, seed))):
         if not (clean_dir / file).is_file():
@@ -141,6 +155,6 @@ def synthetic_dataset(root: Union[str, Path], *, resolution: int = 16, n: int = 
         _, A = operator.corrupt(torch.zeros(images.shape), torch.Generator().manual_seed(seed))
         masks = A.numpy() != 0
         write_dataset(path, images * masks, masks, corruption,
-                      source=f"ambient_fast.data.synthetic ({n} images {resolution}x{resolution}, seed {seed})",
+                      source=f"{SOURCE} ({n} images {resolution}x{resolution}, seed {seed})",
                       overwrite=path.exists())
     return path

@@ -1,0 +1,203 @@
+"""`python -m ambient_fast.evaluate --samples DIR --reference DIR_OR_DATASET`: sample quality and memorisation.
+
+Reports the Fréchet distance between the samples and clean reference images (FID with
+`--features inception --weights pt_inception-2015-12-05-6726825d.pth`; in pixel space by default,
+which needs no weights) and, with `--training`, each sample's top-1 cosine similarity to the
+training images (the paper's memorisation study, Figure 6).
+
+Images are read from a folder of PNGs (what `python -m ambient_fast.sample` writes; its grid.png
+is skipped), a uint8 .npy (N, C, H, W), or, for --reference and --training, the built-in
+synthetic data set: its clean twin's held-out images serve as the reference and its clean
+originals as the training set. Any other prepared data set holds only corrupted images and is
+refused: pass its clean images instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ambient_fast.data.format import META, CorruptedDataset
+from ambient_fast.data.synthetic import clean_twin, is_synthetic
+from ambient_fast.images import load_png
+from ambient_fast.inception import WEIGHTS_FILE
+from ambient_fast.metrics import (InceptionFeatures, cosine_nearest_neighbour, frechet_distance,
+                                  nearest_neighbour_similarity, pixel_features)
+
+SAMPLE_GRID = "grid.png"  # the overview `python -m ambient_fast.sample` writes beside the samples
+
+
+@dataclass
+class Images:
+    """Images read for evaluation: uint8 (N, C, H, W), a name per image (its file, or its row of
+    a .npy) and where they came from."""
+
+    array: np.ndarray
+    names: list[str]
+    source: str
+
+    @property
+    def shape_text(self) -> str:
+        return "x".join(map(str, self.array.shape[1:]))
+
+
+def load_images(path, role: str) -> Images:
+    """A folder of PNGs (sorted by name, grid.png skipped) or a uint8 .npy (N, C, H, W), C = 1 or 3.
+    `role` (the option's name) starts every error message."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".npy":
+        try:
+            array = np.load(path)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{role} {path} cannot be read ({error})") from None
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] not in (1, 3):
+            raise ValueError(f"{role} {path} holds {array.dtype} {array.shape}; expected uint8 (N, C, H, W), "
+                             "channels first, C = 1 or 3")
+        if not len(array):
+            raise ValueError(f"{role} {path} holds no images")
+        return Images(array, [f"{path.name}[{i}]" for i in range(len(array))], str(path))
+    if not path.exists():
+        raise ValueError(f"{role} {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{role} {path} is neither a folder of PNG images nor a .npy file")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".png" and p.name != SAMPLE_GRID)
+    if not files:
+        raise ValueError(f"{role} {path} holds no .png images (a sample grid, {SAMPLE_GRID}, does not count)")
+    arrays = [load_png(file) for file in files]
+    first_of_shape = {}
+    for file, array in zip(files, arrays):
+        first_of_shape.setdefault(array.shape, file.name)
+    if len(first_of_shape) > 1:
+        found = ", ".join(f"{w}x{h} with {c} channel(s) (e.g. {name})" for (h, w, c), name in first_of_shape.items())
+        raise ValueError(f"{role} {path} mixes image sizes: {found}; evaluate images of one size and kind")
+    channels = arrays[0].shape[2]
+    if channels not in (1, 3):
+        raise ValueError(f"{role} {path}: the images have {channels} channels; use RGB or greyscale images")
+    return Images(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)), [f.name for f in files], str(path))
+
+
+def load_clean(path, role: str, twin_file: str, what: str) -> Images:
+    """Clean images from a folder, a .npy, or the clean twin of the built-in synthetic data set
+    (`twin_file` there, described as `what`). Other prepared data sets are refused: they hold
+    only corrupted images."""
+    path = Path(path)
+    if not (path / META).is_file():
+        return load_images(path, role)
+    if not is_synthetic(CorruptedDataset(path)):
+        raise ValueError(f"{role} {path} is a prepared (corrupted) data set: it holds only the observed pixels "
+                         "A x, so it cannot serve as clean images; pass clean images instead (a folder of PNGs or "
+                         "a uint8 .npy (N, C, H, W))")
+    twin = clean_twin(path) / twin_file
+    if not twin.is_file():
+        raise ValueError(f"{role} {path} is the built-in synthetic set, but its clean twin {twin} is missing; "
+                         "ambient_fast.data.synthetic.synthetic_dataset with the set's parameters writes it again")
+    images = load_images(twin, role)
+    images.source = f"{twin} ({what})"
+    return images
+
+
+def _check_shapes(samples: Images, others: dict) -> None:
+    for role, images in others.items():
+        if images.array.shape[1] != samples.array.shape[1]:
+            raise ValueError(f"--samples have {samples.array.shape[1]} channel(s), {role} {images.array.shape[1]}; "
+                             "compare images of one kind (RGB or greyscale)")
+        if images.array.shape[2:] != samples.array.shape[2:]:
+            raise ValueError(f"--samples are {samples.shape_text} images, {role} {images.shape_text}; "
+                             "compare images of one size")
+
+
+def evaluate(samples: Images, reference: Images, training: Optional[Images], features: str,
+             weights: Optional[str], device, batch: int) -> dict:
+    """The report: Fréchet distance, counts, and nearest-neighbour similarities when `training`."""
+    _check_shapes(samples, {"--reference": reference, **({"--training": training} if training else {})})
+    extract = InceptionFeatures(weights, device, batch) if features == "inception" else pixel_features
+    sample_features = extract(samples.array)
+    report = dict(
+        samples=dict(source=samples.source, count=len(samples.array), shape=list(samples.array.shape[1:])),
+        reference=dict(source=reference.source, count=len(reference.array)),
+        features=features, feature_dim=sample_features.shape[1], weights=weights,
+        frechet_distance=frechet_distance(sample_features, extract(reference.array)))
+    if training is not None:
+        if features == "inception":
+            similarity, index = cosine_nearest_neighbour(sample_features, extract(training.array))
+        else:
+            similarity, index = nearest_neighbour_similarity(samples.array, training.array)
+        top = int(similarity.argmax())
+        report["training"] = dict(source=training.source, count=len(training.array))
+        report["nearest_neighbour"] = dict(
+            features="inception pool3" if features == "inception" else "pixels, each image's mean subtracted",
+            mean=float(similarity.mean()), median=float(np.median(similarity)),
+            p95=float(np.percentile(similarity, 95)), max=float(similarity[top]),
+            most_similar=dict(sample=samples.names[top], training=training.names[index[top]]),
+            per_sample=[dict(sample=name, similarity=float(s), training=training.names[i])
+                        for name, s, i in zip(samples.names, similarity, index)])
+    return report
+
+
+def _print_table(report: dict) -> None:
+    name = "FID (Inception pool3)" if report["features"] == "inception" else "Fréchet distance (pixels)"
+    rows = [("samples", f"{report['samples']['count']} x {'x'.join(map(str, report['samples']['shape']))}  "
+                        f"{report['samples']['source']}"),
+            ("reference", f"{report['reference']['count']}  {report['reference']['source']}"),
+            ("features", f"{report['features']}, {report['feature_dim']}-d"),
+            (name, f"{report['frechet_distance']:.4f}")]
+    if "training" in report:
+        nn = report["nearest_neighbour"]
+        rows += [("training", f"{report['training']['count']}  {report['training']['source']}"),
+                 ("top-1 similarity", f"mean {nn['mean']:.4f}  median {nn['median']:.4f}  95% {nn['p95']:.4f}  "
+                                      f"max {nn['max']:.4f}  ({nn['features']})"),
+                 ("most similar", f"{nn['most_similar']['sample']} ~ training {nn['most_similar']['training']}")]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label.ljust(width)}  {value}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ambient_fast.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", required=True, help="folder of PNGs (python -m ambient_fast.sample --out) "
+                        "or a uint8 .npy (N, C, H, W)")
+    parser.add_argument("--reference", required=True, help="clean images: folder of PNGs, uint8 .npy, or the "
+                        "built-in synthetic data set (its held-out clean images)")
+    parser.add_argument("--training", help="training images for nearest-neighbour similarity: folder, .npy, or "
+                        "the built-in synthetic data set (its clean originals)")
+    parser.add_argument("--features", choices=["pixel", "inception"], default="pixel",
+                        help="feature space: pixel (default) or inception (FID; needs --weights)")
+    parser.add_argument("--weights", help=f"FID Inception weights: pytorch-fid's {WEIGHTS_FILE} or a .safetensors "
+                        "copy (a local file; nothing is downloaded)")
+    parser.add_argument("--out", help="write the report (with every sample's similarity) to this JSON file")
+    parser.add_argument("--batch", type=int, default=64, help="images per Inception forward pass (default 64)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    args = parser.parse_args(argv)
+    try:
+        if args.features == "inception" and not args.weights:
+            raise ValueError(f"--features inception needs --weights: pytorch-fid's {WEIGHTS_FILE} (or a "
+                             ".safetensors copy), a local file")
+        if args.features == "pixel" and args.weights:
+            raise ValueError("--weights is only used with --features inception")
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(auto if args.device == "auto" else args.device)
+        samples = load_images(args.samples, "--samples")
+        reference = load_clean(args.reference, "--reference", "held_out.npy",
+                               "held-out clean images of the synthetic set")
+        training = (load_clean(args.training, "--training", "images.npy",
+                               "clean originals of the synthetic training set") if args.training else None)
+        report = evaluate(samples, reference, training, args.features, args.weights, device, args.batch)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    _print_table(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"report: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
