@@ -5,7 +5,7 @@ PyTorch sequence it replaces, of torch.compile of that sequence, and of the Trit
 median of triton.testing.do_bench, the kernel's bandwidth (bytes it must move / time), that as a
 percentage of the copy bandwidth measured in the same run, and the speedups. Every kernel's
 output is checked against the eager result before it is timed. The table is printed and saved
-as markdown in bench/results/kernels-<device>-<date>.md.
+as markdown in bench/results/kernels-<device>-<date>.md (or --results DIR).
 
 Without a GPU the timings mean nothing: the script says so, runs the correctness checks in
 Triton's interpreter at small sizes instead, and exits 0 when they pass.
@@ -13,10 +13,8 @@ Triton's interpreter at small sizes instead, and exits 0 when they pass.
 Targets (DESIGN.md): at 64 MB and more, at least 85% of the copy bandwidth and 2.5x eager.
 """
 import argparse
-import datetime
 import os
 import platform
-import re
 import sys
 from pathlib import Path
 from typing import Callable, List, NamedTuple
@@ -28,10 +26,13 @@ if not GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+
+import _harness as harness  # noqa: E402
 
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.kernels._utils import triton_available  # noqa: E402
@@ -40,7 +41,6 @@ from ambient_fast.kernels.gated_activation import gated_backward, gated_forward 
 from ambient_fast.kernels.sampler_step import sampler_step_launch  # noqa: E402
 
 SIZES_MB = (1, 8, 64, 256)
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Case(NamedTuple):
@@ -240,9 +240,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / median_ms(lambda: dst.copy_(src)) / 1e6
 
 
-def run_gpu(sizes_mb, console: Console) -> int:
-    import triton
-
+def run_gpu(sizes_mb, console: Console, results: Path) -> int:
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     copy = copy_bandwidth()
@@ -266,26 +264,18 @@ def run_gpu(sizes_mb, console: Console) -> int:
     rows = [row for *_, row in sorted(rows, key=lambda r: r[:3])]
     header = ["op", "case", "MB", "eager ms", "compile ms", "triton ms", "triton GB/s", "% copy", "vs eager",
               "vs compile", "check"]
-    table = Table(title=f"fused kernels on {name} (copy {copy:.0f} GB/s)")
-    for column in header:
-        table.add_column(column, justify="left" if column in ("op", "case", "check") else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-
-    today = datetime.date.today().isoformat()
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    path = RESULTS / f"kernels-{slug}-{today}.md"
-    lines = [f"# Fused kernels on {name}, {today}", "",
-             f"torch {torch.__version__}, Triton {triton.__version__}, CUDA {torch.version.cuda}, "
-             f"Python {platform.python_version()}. Copy bandwidth (256 MB device copy, same run): {copy:.0f} GB/s.",
-             "Times: median of triton.testing.do_bench. GB/s: the bytes the fused kernel must move / its time. "
-             "Size: elements x 4 bytes of the op's main (N, C, H, W) tensor. Targets (DESIGN.md): at 64 MB and "
-             "more, >= 85% of copy bandwidth and >= 2.5x eager.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    harness.print_table(console, f"fused kernels on {name} (copy {copy:.0f} GB/s)", header, rows,
+                        left=("op", "case", "check"))
+    command = "python bench/kernels.py " + " ".join(sys.argv[1:])
+    path = harness.report_path(results, "kernels", device)
+    harness.write_report(path, f"Fused kernels on {name}, {harness.today()}", [
+        harness.environment_section(device, command.strip()),
+        f"Copy bandwidth (256 MB device copy, same run): {copy:.0f} GB/s. "
+        "Times: median of triton.testing.do_bench. GB/s: the bytes the fused kernel must move / its time. "
+        "Size: elements x 4 bytes of the op's main (N, C, H, W) tensor. Ratios: eager ms / triton ms and "
+        "compile ms / triton ms of the same row. Targets (DESIGN.md): at 64 MB and more, >= 85% of copy "
+        "bandwidth and >= 2.5x eager.",
+        "\n".join(harness.markdown_table(header, rows))])
     console.print(f"wrote {path}")
     for failure in failures:
         console.print(f"[red]check failed:[/] {failure}")
@@ -317,6 +307,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES_MB)),
                         help="sizes in MB (elements x 4 bytes), comma-separated (default 1,8,64,256)")
+    parser.add_argument("--results", type=Path, default=harness.RESULTS, help="folder of the markdown report")
     args = parser.parse_args(argv)
     console = Console()
     if not triton_available():
@@ -324,7 +315,7 @@ def main(argv=None) -> int:
         return 1
     if not GPU:
         return run_cpu(console)
-    return run_gpu([float(s) for s in args.sizes.split(",")], console)
+    return run_gpu([float(s) for s in args.sizes.split(",")], console, args.results)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,220 @@
+"""Sampling throughput against a reference-style sampler: `python bench/sample.py`.
+
+18-step Heun with one fixed mask (EDM's noise levels, no churn) at 32x32 and 64x64, batch 256, on
+DDPM++ models of the published configurations built as the published checkpoints are (double-sigmoid
+gate, the reference's preconditioning) with random weights redrawn at unit scale (EDM initialises
+the last layers near zero, which would make every sampler return almost the same images):
+
+  reference-style: the reference sampler's way of working, written out below: float64 state and
+      torch.autograd on every evaluation (the reference differentiates its guidance energy even
+      when the guidance scale is 0 and the energy is 0), fp32 network, eager, no fused kernels, at
+      most 64 images per call (the reference's default batch; its autograd graph of a batch of 256
+      at 64x64 would not fit in 80 GB);
+  exact: ambient_fast.sample.ambient_sample(fast=False): float64 state, no autograd, the fused
+      sampler step where it runs (CUDA);
+  fast: ambient_fast.sample.ambient_sample(fast=True), the default on GPUs: bf16 network replayed
+      from a CUDA graph (on GPUs), float32 state, fused step.
+
+Reported: images/s (one timed call after a 2-step warm-up call), the speed-up over reference-style
+with both sides, and how far each sampler's images are from reference-style's (max and mean
+absolute difference; images lie in [-1, 1]). Written to bench/results/sample-<device>-<date>.md or
+--results DIR, after each resolution.
+
+Target (DESIGN.md, one H100, 64x64, batch 256): fast >= 20x reference-style, with the same images
+within tolerance (max 0.1, mean 0.01: tests/test_sample.py's bound for the CUDA-graph path; exact:
+max 1e-4, the fixtures' float64 bound). A CPU cannot judge the speed target; `--quick` runs small
+models there to check that it all works.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import List, NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+import _harness as harness  # noqa: E402
+from ambient_fast import kernels  # noqa: E402
+from ambient_fast.nn import build_reference_model  # noqa: E402
+from ambient_fast.sample import ambient_sample, edm_sigma_steps, seeded_inputs  # noqa: E402
+from ambient_fast.train import ARCHS, SIZES  # noqa: E402
+
+RESOLUTIONS = (32, 64)
+DEFAULT_BATCH = 256
+QUICK_SIZE = dict(model_channels=32, num_blocks=1)  # --quick: narrow and shallow, for a 2-core CPU
+QUICK_BATCH = 2
+NUM_STEPS = 18
+SURVIVAL = 0.54  # (1 - p)(1 - delta) for p = 0.4, delta = 0.1: the reference sampler's default
+# The reference samples at most 64 images per call (its --batch default); its autograd graph of a
+# 64x64 model at batch 256 would not fit in an H100's 80 GB. Reference-style runs in such chunks.
+REFERENCE_BATCH = 64
+TOLERANCE = {"exact": (1e-4, 1e-4), "fast": (0.1, 0.01)}  # (max, mean) absolute difference to reference-style
+
+
+def published_model(resolution: int, size: dict, device: torch.device) -> torch.nn.Module:
+    """The published DDPM++ configuration at `resolution` (narrowed by `size`), reference-compatible,
+    weights redrawn from N(0, 1 / fan_in) with a fixed seed, in eval mode on `device`."""
+    model_type, arch = ARCHS["ddpmpp"]
+    config = dict(img_resolution=resolution, img_channels=6, model_type=model_type, gated=True, dropout=0.0,
+                  **arch, **{**SIZES[resolution], **size})
+    net = build_reference_model(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.ndim >= 2:  # weights; biases and norm scales keep their initial values
+                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param[0].numel()))
+    return net.eval().to(device)
+
+
+def reference_style_sample(net: torch.nn.Module, latents: torch.Tensor, mask: torch.Tensor,
+                           num_steps: int = NUM_STEPS) -> torch.Tensor:
+    """The fixed-mask Heun sampler the way the reference runs it: float64 state; every evaluation
+    builds the autograd graph through the network and differentiates the guidance energy
+    K * sum_j 0.5 ||D_0 - D_j||^2 over its masks (here K = 1, so the energy and its gradient are 0,
+    times a guidance scale of 0), as the reference does whatever the scale.
+
+    latents: (B, C, H, W); mask: (B, C, H, W) 0/1. Returns (B, C, H, W) float64."""
+    channels = latents.shape[1]
+    mask = mask.to(torch.float64)
+    t_steps = edm_sigma_steps(num_steps, dtype=torch.float64, device=latents.device)
+
+    def increment(x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        denoised = net(torch.cat([mask * x, mask], dim=1), t, None).to(torch.float64)[:, :channels].clamp(-1, 1)
+        stacked = denoised[None]  # (K, B, C, H, W)
+        energy = len(stacked) * 0.5 * (stacked[:1] - stacked).square().sum()
+        (guidance_gradient,) = torch.autograd.grad(energy, x)
+        return dt * (x.detach() - denoised.detach()) / t - 0.0 * guidance_gradient
+
+    x = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        g1 = increment(x, t_cur, t_next - t_cur)
+        if i < num_steps - 1:
+            x = x + (g1 + increment(x + g1, t_next, t_next - t_cur)) / 2
+        else:
+            x = x + g1  # Euler on the last step: the prediction of the last evaluation
+    return x.detach()
+
+
+class Result(NamedTuple):
+    sampler: str
+    settings: str
+    images_per_s: float
+    images: torch.Tensor
+
+
+def run_samplers(resolution: int, batch: int, size: dict, device: torch.device,
+                 num_steps: int = NUM_STEPS) -> List[Result]:
+    """Each sampler: a 2-step warm-up call (kernel compilation, cuDNN plans, allocator), then one
+    timed `num_steps`-step call on the same latents and mask."""
+    net = published_model(resolution, size, device)
+    latents, masks = seeded_inputs(range(batch), (3, resolution, resolution), 1, SURVIVAL, False, device)
+
+    def reference_style(steps):
+        with harness.fused_kernels_off():
+            chunks = [slice(i, i + REFERENCE_BATCH) for i in range(0, batch, REFERENCE_BATCH)]
+            return torch.cat([reference_style_sample(net, latents[c], masks[0, c], steps) for c in chunks])
+
+    graph = "CUDA graph" if device.type == "cuda" else "no CUDA graph (GPU only)"
+    samplers = [
+        ("reference-style", f"float64 state, autograd every evaluation, fp32 network, eager, PyTorch references, "
+                            f"at most {REFERENCE_BATCH} images per call (the reference's default)", reference_style),
+        ("exact", f"float64 state, no autograd, fp32 network; kernels: {kernels.active_path(device)}",
+         lambda steps: ambient_sample(net, latents, masks, num_steps=steps)),
+        ("fast", f"float32 state, bf16 network, {graph}; kernels: {kernels.active_path(device)}",
+         lambda steps: ambient_sample(net, latents, masks, num_steps=steps, fast=True)),
+    ]
+    results = []
+    for name, settings, sample in samplers:
+        sample(2)
+        harness.reset_peak_memory(device)
+        images = []
+        elapsed = harness.seconds(lambda: images.append(sample(num_steps)), device)
+        results.append(Result(name, f"{settings}; {harness.tf32_state(device)}; peak memory "
+                                    f"{harness.peak_memory(device)}", batch / elapsed, images[0].double().cpu()))
+    return results
+
+
+HEADER = ["sampler", "images/s", "vs reference-style", "max abs diff", "mean abs diff", "within tolerance"]
+
+
+def table_rows(results: List[Result]) -> "list[list[str]]":
+    reference = results[0]
+    rows = []
+    for result in results:
+        diff = (result.images - reference.images).abs()
+        if result is reference:
+            agreement = ["-", "-", "(the reference)"]
+        else:
+            bound_max, bound_mean = TOLERANCE[result.sampler]
+            ok = diff.max().item() <= bound_max and diff.mean().item() <= bound_mean
+            agreement = [f"{diff.max().item():.3g}", f"{diff.mean().item():.3g}",
+                         f"{'yes' if ok else 'NO'} (max {bound_max:g}, mean {bound_mean:g})"]
+        rows.append([result.sampler, f"{result.images_per_s:.4g}",
+                     harness.ratio(result.images_per_s, reference.images_per_s), *agreement])
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resolutions", default="32,64", help="of 32 and 64, comma-separated (default 32,64)")
+    parser.add_argument("--batch", type=int, help=f"images per call (default {DEFAULT_BATCH}; --quick: {QUICK_BATCH})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--results", type=Path, default=harness.RESULTS, help="folder of the markdown report")
+    parser.add_argument("--quick", action="store_true", help="small models and batch: checks that it all runs")
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        resolutions = [int(r) for r in args.resolutions.split(",")]
+        if not resolutions or any(r not in RESOLUTIONS for r in resolutions):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--resolutions takes values among {RESOLUTIONS}, comma-separated; got {args.resolutions!r}")
+    batch = args.batch if args.batch is not None else (QUICK_BATCH if args.quick else DEFAULT_BATCH)
+    if batch < 1:
+        parser.error("--batch must be at least 1")
+    try:
+        device = harness.pick_device(args.device)
+    except ValueError as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+
+    gpu = device.type == "cuda"
+    if not gpu:
+        console.print(f"[bold yellow]{harness.CPU_CAVEAT}[/]")
+    size = QUICK_SIZE if args.quick else {}
+    command = "python bench/sample.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    sections = [harness.environment_section(device, command.strip()),
+                f"{NUM_STEPS}-step Heun, one fixed mask (survival {SURVIVAL}), DDPM++ as published (double-sigmoid "
+                "gate, reference preconditioning), random weights redrawn at unit scale. images/s: one timed call "
+                "after a 2-step warm-up call; differences: against reference-style's images, in [-1, 1]."
+                + (f" Quick run: models narrowed to {QUICK_SIZE} (not the published sizes)." if args.quick else "")]
+    path = harness.report_path(args.results, "sample", device)
+    failures = 0
+    for resolution in resolutions:
+        console.print(f"{resolution}x{resolution}, batch {batch}: reference-style, exact and fast samplers ...")
+        results = run_samplers(resolution, batch, size, device)
+        rows = table_rows(results)
+        failures += sum(row[-1].startswith("NO") for row in rows)
+        title = f"{resolution}x{resolution}{' (narrowed: --quick)' if args.quick else ''}, batch {batch}"
+        harness.print_table(console, title, HEADER, rows, left=("sampler", "within tolerance"))
+        fast, reference = results[2], results[0]
+        target = (f"- fast / reference-style: {harness.ratio(fast.images_per_s, reference.images_per_s)} images/s"
+                  + ("; target >= 20x at 64x64, batch 256" + ("" if gpu else " (not judged: CPU)")
+                     if resolution == 64 else ""))
+        lines = [target] + [f"- {result.sampler}: {result.settings}" for result in results]
+        console.print("\n".join(lines), highlight=False)
+        sections += [f"## {title}", "\n".join(harness.markdown_table(HEADER, rows)), "\n".join(lines)]
+        harness.write_report(path, f"Sampling throughput on {harness.device_name(device)}, {harness.today()}", sections)
+    console.print(f"wrote {path}")
+    if failures:
+        console.print(f"[red]{failures} sampler(s) outside tolerance[/]")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
