@@ -50,7 +50,7 @@ SIZES = {16: dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_res
 # missing, low enough that the default run learns the shapes within its few CPU minutes.
 SYNTHETIC_P = 0.6
 # What may change when a run is resumed; everything else is the run's own configuration.
-RESUMABLE_OVERRIDES = {"steps", "snapshot_every", "device", "loader", "compile", "keep", "sample_count"}
+RESUMABLE_OVERRIDES = {"steps", "snapshot_every", "device", "loader", "compile", "tf32", "keep", "sample_count"}
 
 
 @dataclass
@@ -80,6 +80,7 @@ class TrainConfig:
     parallel: str = "auto"              # fsdp | ddp | none; auto = fsdp under torchrun
     precision: str = "auto"             # bf16 | fp32; auto = bf16 on CUDA
     compile: Optional[bool] = None      # torch.compile the blocks; None = on CUDA
+    tf32: bool = True                   # TF32 matmuls and convolutions on CUDA (the reference: off)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     max_grad_norm: float = 1.0          # gradient clipping; 0 = off
     snapshot_every: int = 500           # steps between snapshots (EMA network + training state)
@@ -115,6 +116,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg = cfg
         self.world, self.device = init_world(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.run_dir = Path(cfg.out)
         self.stop_requested = False
         self._setup_data()
@@ -201,7 +204,7 @@ class Trainer:
                 f"data {self.dataset.path} ({len(self.dataset)} images {self.dataset.resolution}x{self.dataset.resolution}, "
                 f"corruption {self.dataset.corruption}, delta {self.cfg.delta}) | {self.world.size} rank(s) on "
                 f"{self.device}, parallel {self.parallel}, {'bf16' if self.bf16 else 'fp32'}, "
-                f"compile {'on' if self.compiled else 'off'}, loader {self.loader.describe()} | "
+                f"compile {'on' if self.compiled else 'off'}, TF32 {'on' if self.cfg.tf32 and self.device.type == 'cuda' else 'off'}, loader {self.loader.describe()} | "
                 f"batch {self.cfg.batch} = {self.world.size} x {self.accumulation} x {self.micro} | "
                 f"kernels: {kernels.active_path(self.device)}")
 
@@ -493,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", choices=["bf16", "fp32"])
     add("--compile", dest="compile", action="store_true")
     add("--no-compile", dest="compile", action="store_false")
+    add("--tf32", dest="tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA (default)")
+    add("--no-tf32", dest="tf32", action="store_false", help="full fp32 matmuls and convolutions, as the reference")
     add("--device", help="auto, cpu, cuda or cuda:N")
     add("--max-grad-norm", dest="max_grad_norm", type=float, help="gradient clipping (default 1.0; 0 = off)")
     add("--snapshot-every", dest="snapshot_every", type=int, help="steps between snapshots (default 500)")

@@ -166,7 +166,7 @@ class Setup(NamedTuple):
 def our_trainer(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> Trainer:
     """Our Trainer on `data`: its defaults (fast) or the reference settings; the caller holds
     `reference_settings()` around construction and steps for the latter."""
-    options = {} if fast else dict(precision="fp32", compile=False, loader="torch")
+    options = {} if fast else dict(precision="fp32", compile=False, tf32=False, loader="torch")
     cfg = TrainConfig(data=str(data.path), out=str(out), batch=setup.batch, steps=10 ** 9, snapshot_every=10 ** 9,
                       device=str(setup.device), lr=LR, **setup.size, **options)
     trainer = Trainer(cfg)
