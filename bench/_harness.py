@@ -40,6 +40,24 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def add_common_arguments(parser, quick_help: str) -> None:
+    """--device, --results and --quick, the same for every benchmark."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the markdown report")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def parse_resolutions(parser, text: str, allowed, flag: str) -> "list[int]":
+    """Comma-separated resolutions among `allowed`; a parser error otherwise."""
+    try:
+        resolutions = [int(r) for r in text.split(",")]
+        if resolutions and all(r in allowed for r in resolutions):
+            return resolutions
+    except ValueError:
+        pass
+    parser.error(f"{flag} takes resolutions among {sorted(allowed)}, comma-separated; got {text!r}")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -163,17 +163,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolutions", default="32,64", help="of 32 and 64, comma-separated (default 32,64)")
     parser.add_argument("--batch", type=int, help=f"images per call (default {DEFAULT_BATCH}; --quick: {QUICK_BATCH})")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--results", type=Path, default=harness.RESULTS, help="folder of the markdown report")
-    parser.add_argument("--quick", action="store_true", help="small models and batch: checks that it all runs")
+    harness.add_common_arguments(parser, "small models and batch: checks that it all runs")
     args = parser.parse_args(argv)
     console = Console()
-    try:
-        resolutions = [int(r) for r in args.resolutions.split(",")]
-        if not resolutions or any(r not in RESOLUTIONS for r in resolutions):
-            raise ValueError
-    except ValueError:
-        parser.error(f"--resolutions takes values among {RESOLUTIONS}, comma-separated; got {args.resolutions!r}")
+    resolutions = harness.parse_resolutions(parser, args.resolutions, RESOLUTIONS, "--resolutions")
     batch = args.batch if args.batch is not None else (QUICK_BATCH if args.quick else DEFAULT_BATCH)
     if batch < 1:
         parser.error("--batch must be at least 1")

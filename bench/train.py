@@ -316,17 +316,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed steps first, compilation included (default 5; --quick: 2)")
     parser.add_argument("--reference-repo", type=Path,
                         help="a checkout of giannisdaras/ambient-diffusion: time its code too")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--results", type=Path, default=harness.RESULTS, help="folder of the markdown report")
-    parser.add_argument("--quick", action="store_true", help="small models and batches: checks that it all runs")
+    harness.add_common_arguments(parser, "small models and batches: checks that it all runs")
     args = parser.parse_args(argv)
     console = Console()
-    try:
-        resolutions = [int(r) for r in args.configs.split(",")]
-        if not resolutions or any(r not in CONFIGS for r in resolutions):
-            raise ValueError
-    except ValueError:
-        parser.error(f"--configs takes resolutions among {sorted(CONFIGS)}, comma-separated; got {args.configs!r}")
+    resolutions = harness.parse_resolutions(parser, args.configs, CONFIGS, "--configs")
     steps = args.steps if args.steps is not None else (QUICK["steps"] if args.quick else 20)
     warmup = args.warmup if args.warmup is not None else (QUICK["warmup"] if args.quick else 5)
     if (args.batch is not None and args.batch < 1) or steps < 1 or warmup < 0:
