@@ -13,12 +13,11 @@ so `--resume` continues bit for bit on the same hardware.
 import argparse
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -27,10 +26,10 @@ import torch.distributed as dist
 
 from ambient_fast import kernels
 from ambient_fast.checkpoint import save_network
-from ambient_fast.distributed import World, close_world, init_world
+from ambient_fast.distributed import close_world, init_world
 from ambient_fast.loss import EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
 from ambient_fast.nn import EDMPrecond, VPPrecond
-from ambient_fast.parallel import gradient_sync, parallelize, unwrap
+from ambient_fast.parallel import gradient_sync, parallelize
 from ambient_fast.seeds import derive_seed
 from ambient_fast.training_state import latest_state, load_training_state, save_training_state
 
