@@ -1,0 +1,286 @@
+"""The paper's central claims at laptop scale: `python bench/science.py [--quick] [--memorization]`.
+
+On the built-in synthetic distribution (ambient_fast.data.synthetic: one coloured rectangle on a
+black or gradient background, 16x16; its clean distribution is known exactly) the same model is
+trained, with the same steps and seeds, as
+
+    ambient      delta 0.1, mask-aware preconditioning (our default)
+    reference    delta 0.1, the reference's preconditioning
+    unit-weight  ambient with the loss on pixels B hid weighted 1 / c_out^2 (--hidden-weight unit)
+    naive        delta 0: no further corruption, the network is never graded on a pixel it did not see
+    clean        p 0, delta 0: trained on the clean images (the upper bound)
+
+at corruption p in {0.6, 0.8, 0.9} (--quick: p 0.8, ambient and naive). Each model then draws the
+same number of samples with the fixed-mask sampler (18 Heun steps; survival (1 - p)(1 - delta), the
+clean model 1), scored against held-out clean images by
+  - the Fréchet distance of pixel features (lower is better),
+  - the palette fraction: the share of sample pixels whose colour the distribution can produce
+    (1 on clean images),
+  - one-step restoration PSNR of held-out images corrupted with the same p.
+
+--memorization trains on 256 images only, clean and at p 0.8, for long enough that the clean model
+copies its training images, and compares the nearest-neighbour similarity of samples to the
+training set (the paper's Figure 6).
+
+Every trained model stays in --work (default runs/science) and a re-run reuses it, so an
+interrupted run loses at most the model it was training. The results go to --results (default
+bench/results): science.md (or science-quick.md), the numbers as JSON, sample grids side by side,
+and the memorization histogram.
+"""
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ambient_fast.checkpoint import load_network  # noqa: E402
+from ambient_fast.data.synthetic import clean_images, clean_twin, palette_fraction, synthetic_dataset  # noqa: E402
+from ambient_fast.images import grid, save_png, to_uint8  # noqa: E402
+from ambient_fast.metrics import frechet_distance, nearest_neighbour_similarity, pixel_features, psnr  # noqa: E402
+from ambient_fast.restore import restore  # noqa: E402
+from ambient_fast.sample import ambient_sample, seeded_inputs  # noqa: E402
+from ambient_fast.train import Trainer, TrainConfig  # noqa: E402
+
+RESOLUTION = 16
+DATA_SEED = 0
+RESTORE_SIGMA = 0.02  # the restore CLI's default noise level
+
+
+class Variant(NamedTuple):
+    name: str
+    clean_data: bool = False      # train on p = 0
+    delta: float = 0.1
+    mask_aware: bool = True
+    hidden_weight: str = "lambda"
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("ambient"),
+    Variant("reference", mask_aware=False),
+    Variant("unit-weight", hidden_weight="unit"),
+    Variant("naive", delta=0.0),
+    Variant("clean", clean_data=True, delta=0.0),
+)}
+
+
+class Settings(NamedTuple):
+    steps: int
+    batch: int
+    samples: int
+    seed: int
+    n: int = 4096   # training images
+
+
+def train(work: Path, data_root: Path, variant: Variant, p: float, settings: Settings) -> Path:
+    """Train (or reuse) one model; returns its final EMA network."""
+    data_p = 0.0 if variant.clean_data else p
+    run = work / f"p{data_p:g}-{variant.name}-n{settings.n}-steps{settings.steps}-batch{settings.batch}-seed{settings.seed}"
+    final = run / "network-final.safetensors"
+    if final.is_file():
+        print(f"reusing {final}", flush=True)
+        return final
+    data = synthetic_dataset(data_root, resolution=RESOLUTION, n=settings.n, p=data_p, delta=variant.delta,
+                             seed=DATA_SEED)
+    cfg = TrainConfig(data=str(data), out=str(run), steps=settings.steps, batch=settings.batch, seed=settings.seed,
+                      delta=variant.delta, mask_aware=variant.mask_aware, hidden_weight=variant.hidden_weight,
+                      snapshot_every=max(settings.steps // 4, 1), sample_count=16)
+    resume = (run / "config.json").is_file()
+    trainer = Trainer(cfg, resume=resume)
+    if trainer.train() != 0 or not final.is_file():
+        raise RuntimeError(f"training {run.name} did not finish")
+    return final
+
+
+def nchw_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, C, H, W), the metrics' layout."""
+    return np.ascontiguousarray(to_uint8(images).transpose(0, 3, 1, 2))
+
+
+def sample(network: Path, count: int, seed: int) -> np.ndarray:
+    """`count` samples (uint8 (N, C, H, W)) from the fixed-mask sampler at the model's training survival."""
+    loaded = load_network(network)
+    shape = (loaded.model.img_channels // 2, loaded.model.img_resolution, loaded.model.img_resolution)
+    shared = bool(loaded.corruption.get("shared_channels", True))
+    images = []
+    for start in range(0, count, 128):
+        seeds = range(seed * 10 ** 6 + start, seed * 10 ** 6 + min(start + 128, count))
+        latents, masks = seeded_inputs(seeds, shape, 1, loaded.survival, shared, "cpu")
+        images.append(nchw_uint8(ambient_sample(loaded.model, latents, masks)))
+    return np.concatenate(images)
+
+
+def restoration_psnr(network: Path, clean: np.ndarray, p: float, seed: int) -> float:
+    """Mean PSNR of one-step restorations of `clean` corrupted by shared-channel dust of erasure p."""
+    model = load_network(network).model
+    generator = torch.Generator().manual_seed(seed)
+    n, c, h, w = clean.shape
+    mask = (torch.rand((n, 1, h, w), generator=generator) >= p).float().expand(n, c, h, w)
+    observed = torch.from_numpy(clean).float() / 127.5 - 1
+    restored = restore(model, observed * mask, mask, RESTORE_SIGMA)
+    return float(psnr(nchw_uint8(restored), clean).mean())
+
+
+def score(samples: np.ndarray, held_out: np.ndarray) -> dict:
+    return dict(frechet_distance=frechet_distance(pixel_features(samples), pixel_features(held_out)),
+                palette_fraction=palette_fraction(samples))
+
+
+def held_out_images(data_root: Path, n: int) -> np.ndarray:
+    """The held-out clean images of the synthetic set (the same for every p)."""
+    return np.load(clean_twin(synthetic_dataset(data_root, resolution=RESOLUTION, n=n, p=0.0, delta=0.0,
+                                                seed=DATA_SEED)) / "held_out.npy")
+
+
+def run_grid(args, settings: Settings, ps, variants) -> "tuple[list[dict], dict[str, np.ndarray]]":
+    """Train, sample and score every (p, variant); returns the rows and 64 samples of each."""
+    data_root = args.work / "data"
+    held_out = held_out_images(data_root, settings.n)
+    restore_set = held_out[:256]
+    rows, grids = [], {}
+    for p in ps:
+        for name in variants:
+            if name == "clean" and p != ps[0]:
+                continue  # one clean model serves every p
+            network = train(args.work, data_root, VARIANTS[name], p, settings)
+            samples = sample(network, settings.samples, settings.seed)
+            row = dict(p=0.0 if name == "clean" else p, variant=name, **score(samples, held_out))
+            # The clean model restores images corrupted at every p of the grid; the others at their own.
+            row["restoration_psnr"] = {f"{q:g}": restoration_psnr(network, restore_set, q, settings.seed)
+                                       for q in (ps if name == "clean" else [p])}
+            rows.append(row)
+            grids[f"p={row['p']:g} {name}"] = samples[:64]
+            print(json.dumps(row), flush=True)
+    return rows, grids
+
+
+def run_memorization(args, settings: Settings) -> dict:
+    """Clean and p = 0.8 models on 256 images: nearest-neighbour similarity of their samples."""
+    data_root = args.work / "data"
+    result = {}
+    for name, p in (("clean", 0.0), ("ambient", 0.8)):
+        network = train(args.work, data_root, VARIANTS[name], p, settings)
+        samples = sample(network, settings.samples, settings.seed)
+        training = clean_images(settings.n, RESOLUTION, DATA_SEED)  # what the clean model saw
+        similarity, _ = nearest_neighbour_similarity(samples, training)
+        result[name] = similarity
+    return result
+
+
+def histogram_png(similarities: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(min(v.min() for v in similarities.values()), 1.0, 41)
+    for label, values in similarities.items():
+        axes.hist(values, bins=bins, alpha=0.6, label=label)
+    axes.set_xlabel("similarity of a sample to its nearest training image (pixel correlation)")
+    axes.set_ylabel("samples")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def side_by_side(grids: dict, path: Path) -> None:
+    """One PNG: the sample grids in a row, each 8 x 8, separated by white columns."""
+    tiles = [grid(list(samples.transpose(0, 2, 3, 1)), columns=8) for samples in grids.values()]
+    height = max(t.shape[0] for t in tiles)
+    gap = np.full((height, 6, 3), 255, np.uint8)
+    parts = []
+    for tile in tiles:
+        padded = np.full((height, tile.shape[1], 3), 255, np.uint8)
+        padded[: tile.shape[0]] = tile
+        parts += [padded, gap]
+    save_png(np.concatenate(parts[:-1], axis=1), path)
+
+
+def report(args, settings, rows, grids, memorization, memo_settings, elapsed: float) -> Path:
+    stem = "science-quick" if args.quick else "science-memorization" if args.memorization else "science"
+    args.results.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Ambient diffusion at laptop scale ({'quick' if args.quick else 'grid'})", "",
+             f"- Date: {datetime.date.today()}. Device: CPU ({platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads), torch {torch.__version__}. Wall time {elapsed / 60:.1f} min.",
+             f"- Command: `python bench/science.py {' '.join(sys.argv[1:])}`",
+             f"- Data: built-in synthetic set, {RESOLUTION}x{RESOLUTION}, {settings.n} training images, dust "
+             "corruption shared over channels; scored against 4,096 held-out clean images.",
+             f"- Training: DDPM++ (the default 16x16 size), {settings.steps} steps of batch {settings.batch}, "
+             f"seed {settings.seed}; {settings.samples} samples per model (18 Heun steps, fixed mask at the "
+             "training survival; the clean model unmasked); restoration: 256 held-out images, one "
+             f"evaluation at sigma {RESTORE_SIGMA}.", ""]
+    if rows:
+        lines += ["| p | variant | Fréchet distance (pixels) | palette fraction | restoration PSNR (dB) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for row in rows:
+            restoration = ", ".join(f"{v:.2f} (p {q})" for q, v in row["restoration_psnr"].items())
+            lines.append(f"| {row['p']:g} | {row['variant']} | {row['frechet_distance']:.2f} | "
+                         f"{row['palette_fraction']:.3f} | {restoration} |")
+        clean = held_out_images(args.work / "data", settings.n)
+        reference = score(clean[:settings.samples], clean[settings.samples: 2 * settings.samples])
+        lines += ["", f"Floor: {settings.samples} held-out clean images against other held-out clean images score "
+                  f"Fréchet distance {reference['frechet_distance']:.2f}, palette fraction "
+                  f"{reference['palette_fraction']:.3f}.", "",
+                  f"![samples]({stem}-samples.png)", "", "Samples, left to right: " + ", ".join(grids), ""]
+        side_by_side(grids, args.results / f"{stem}-samples.png")
+    if memorization:
+        histogram_png(memorization, args.results / f"{stem}-memorization.png")
+        lines += ["## Memorization", "",
+                  f"{memo_settings.n} training images, {memo_settings.steps} steps of batch {memo_settings.batch}; "
+                  f"{memo_settings.samples} samples per model; similarity = correlation of the pixels with the "
+                  "nearest training image.", "",
+                  "| model | median | 90th percentile | share above 0.95 |", "| --- | --- | --- | --- |"]
+        for name, values in memorization.items():
+            lines.append(f"| {name} | {np.median(values):.3f} | {np.quantile(values, 0.9):.3f} | "
+                         f"{(values > 0.95).mean():.3f} |")
+        lines += ["", f"![memorization]({stem}-memorization.png)", ""]
+    path = args.results / f"{stem}.md"
+    path.write_text("\n".join(lines))
+    (args.results / f"{stem}.json").write_text(json.dumps(dict(
+        rows=rows, memorization={k: v.tolist() for k, v in memorization.items()},
+        settings=settings._asdict(), memorization_settings=memo_settings._asdict() if memo_settings else None), indent=1))
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="p 0.8, ambient against naive (about 15 min on 2 cores)")
+    parser.add_argument("--memorization", action="store_true", help="only the memorization experiment")
+    parser.add_argument("--p", type=lambda t: [float(v) for v in t.split(",")], help="corruption levels (default 0.6,0.8,0.9)")
+    parser.add_argument("--variants", type=lambda t: t.split(","), help=f"of {', '.join(VARIANTS)} (default all)")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps per model (default 2000)")
+    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    parser.add_argument("--samples", type=int, default=512, help="samples per model (default 512)")
+    parser.add_argument("--memorization-steps", type=int, default=6000,
+                        help="training steps of the memorization models (default 6000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("runs/science"), help="trained models (reused on re-runs)")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    ps = args.p or ([0.8] if args.quick else [0.6, 0.8, 0.9])
+    variants = args.variants or (["ambient", "naive"] if args.quick else list(VARIANTS))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or any(not 0 < p < 1 for p in ps):
+        parser.error(f"--variants among {list(VARIANTS)} and --p in (0, 1); got {variants}, {ps}")
+    settings = Settings(args.steps, args.batch, args.samples, args.seed)
+    start = time.time()
+    rows, grids = ([], {}) if args.memorization else run_grid(args, settings, ps, variants)
+    memorization, memo_settings = {}, None
+    if args.memorization or not args.quick:
+        memo_settings = Settings(steps=args.memorization_steps, batch=args.batch, samples=256, seed=args.seed, n=256)
+        memorization = run_memorization(args, memo_settings)
+    path = report(args, settings, rows, grids, memorization, memo_settings, time.time() - start)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
