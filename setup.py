@@ -24,5 +24,6 @@ setup(
         "test": ["pytest>=8", "triton>=3.6; platform_system == 'Linux'", "nvidia-dali-cuda130>=1.40", "scipy>=1.10"],
         "kernels": ["triton>=3.6; platform_system == 'Linux'"],
         "dali": ["nvidia-dali-cuda130>=1.40"],
+        "bench": ["matplotlib>=3.5"],  # bench/science.py's memorization histogram
     },
 )

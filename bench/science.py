@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ambient_fast.checkpoint import load_network  # noqa: E402
+from ambient_fast.checkpoint import atomic_write, load_network  # noqa: E402
 from ambient_fast.data.synthetic import clean_images, clean_twin, palette_fraction, synthetic_dataset  # noqa: E402
 from ambient_fast.images import grid, save_png, to_uint8  # noqa: E402
 from ambient_fast.metrics import frechet_distance, nearest_neighbour_similarity, pixel_features, psnr  # noqa: E402
@@ -79,10 +79,34 @@ class Settings(NamedTuple):
     n: int = 4096   # training images
 
 
+def run_dir(work: Path, variant: Variant, p: float, settings: Settings) -> Path:
+    """The folder of one trained model, keyed by everything that decides it."""
+    data_p = 0.0 if variant.clean_data else p
+    return work / f"p{data_p:g}-{variant.name}-n{settings.n}-steps{settings.steps}-batch{settings.batch}-seed{settings.seed}"
+
+
+def training_seconds(run: Path) -> "float | None":
+    """Training wall time from the run's stats.jsonl (images seen / the last reported rate)."""
+    try:
+        last = json.loads((run / "stats.jsonl").read_text().splitlines()[-1])
+        return 1000 * last["Progress/kimg"] / last["Timing/images_per_sec"]
+    except (OSError, IndexError, KeyError, ValueError, ZeroDivisionError):
+        return None
+
+
+def cached(path: Path, compute):
+    """compute() once: its JSON-able result is kept at `path` and read back on re-runs."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value)))
+    return value
+
+
 def train(work: Path, data_root: Path, variant: Variant, p: float, settings: Settings) -> Path:
     """Train (or reuse) one model; returns its final EMA network."""
     data_p = 0.0 if variant.clean_data else p
-    run = work / f"p{data_p:g}-{variant.name}-n{settings.n}-steps{settings.steps}-batch{settings.batch}-seed{settings.seed}"
+    run = run_dir(work, variant, p, settings)
     final = run / "network-final.safetensors"
     if final.is_file():
         print(f"reusing {final}", flush=True)
@@ -128,6 +152,20 @@ def restoration_psnr(network: Path, clean: np.ndarray, p: float, seed: int) -> f
     return float(psnr(nchw_uint8(restored), clean).mean())
 
 
+def cached_samples(run: Path, network: Path, settings: Settings) -> np.ndarray:
+    """sample(), kept in the run folder (uint8 .npy) so that a re-run scores without sampling again."""
+    path = run / f"science-samples-{settings.samples}-seed{settings.seed}.npy"
+    if path.is_file():
+        return np.load(path)
+    samples = sample(network, settings.samples, settings.seed)
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, samples)
+
+    atomic_write(path, write)
+    return samples
+
+
 def score(samples: np.ndarray, held_out: np.ndarray) -> dict:
     return dict(frechet_distance=frechet_distance(pixel_features(samples), pixel_features(held_out)),
                 palette_fraction=palette_fraction(samples))
@@ -150,11 +188,16 @@ def run_grid(args, settings: Settings, ps, variants) -> "tuple[list[dict], dict[
             if name == "clean" and p != ps[0]:
                 continue  # one clean model serves every p
             network = train(args.work, data_root, VARIANTS[name], p, settings)
-            samples = sample(network, settings.samples, settings.seed)
-            row = dict(p=0.0 if name == "clean" else p, variant=name, **score(samples, held_out))
+            run = network.parent
+            samples = cached_samples(run, network, settings)
+            row = dict(p=0.0 if name == "clean" else p, variant=name,
+                       **cached(run / f"science-score-{settings.samples}.json", lambda: score(samples, held_out)))
             # The clean model restores images corrupted at every p of the grid; the others at their own.
-            row["restoration_psnr"] = {f"{q:g}": restoration_psnr(network, restore_set, q, settings.seed)
-                                       for q in (ps if name == "clean" else [p])}
+            row["restoration_psnr"] = {
+                f"{q:g}": cached(run / f"science-psnr-p{q:g}.json",
+                                 lambda q=q: restoration_psnr(network, restore_set, q, settings.seed))
+                for q in (ps if name == "clean" else [p])}
+            row["training_seconds"] = training_seconds(run)
             rows.append(row)
             grids[f"p={row['p']:g} {name}"] = samples[:64]
             print(json.dumps(row), flush=True)
@@ -164,13 +207,16 @@ def run_grid(args, settings: Settings, ps, variants) -> "tuple[list[dict], dict[
 def run_memorization(args, settings: Settings) -> dict:
     """Clean and p = 0.8 models on 256 images: nearest-neighbour similarity of their samples."""
     data_root = args.work / "data"
+    training = clean_images(settings.n, RESOLUTION, DATA_SEED)  # what the clean model saw (the p 0.8 one, masked)
     result = {}
     for name, p in (("clean", 0.0), ("ambient", 0.8)):
         network = train(args.work, data_root, VARIANTS[name], p, settings)
-        samples = sample(network, settings.samples, settings.seed)
-        training = clean_images(settings.n, RESOLUTION, DATA_SEED)  # what the clean model saw
+        samples = cached_samples(network.parent, network, settings)
         similarity, _ = nearest_neighbour_similarity(samples, training)
-        result[name] = similarity
+        result[f"{name} (p {p:g})"] = similarity
+    # What a model that generalises perfectly would show: new clean images against the same training set.
+    fresh = held_out_images(data_root, settings.n)[: settings.samples]
+    result["held-out clean images"], _ = nearest_neighbour_similarity(fresh, training)
     return result
 
 
@@ -214,16 +260,20 @@ def report(args, settings, rows, grids, memorization, memo_settings, elapsed: fl
              f"- Data: built-in synthetic set, {RESOLUTION}x{RESOLUTION}, {settings.n} training images, dust "
              "corruption shared over channels; scored against 4,096 held-out clean images.",
              f"- Training: DDPM++ (the default 16x16 size), {settings.steps} steps of batch {settings.batch}, "
-             f"seed {settings.seed}; {settings.samples} samples per model (18 Heun steps, fixed mask at the "
-             "training survival; the clean model unmasked); restoration: 256 held-out images, one "
-             f"evaluation at sigma {RESTORE_SIGMA}.", ""]
+             f"training seed {settings.seed} (initial weights, sigma, noise, B, loader order), data seed {DATA_SEED}; "
+             f"{settings.samples} samples per model from sample seeds {settings.seed * 10 ** 6}.."
+             f"{settings.seed * 10 ** 6 + settings.samples - 1} (one latent and one mask per seed; 18 Heun steps, "
+             "fixed mask at the training survival (1 - p)(1 - delta); the clean model unmasked); restoration: "
+             f"256 held-out images, dust masks from seed {settings.seed}, one evaluation at sigma {RESTORE_SIGMA}.", ""]
     if rows:
-        lines += ["| p | variant | Fréchet distance (pixels) | palette fraction | restoration PSNR (dB) |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += ["| p | variant | Fréchet distance (pixels) | palette fraction | restoration PSNR (dB) | training |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for row in rows:
             restoration = ", ".join(f"{v:.2f} (p {q})" for q, v in row["restoration_psnr"].items())
+            seconds = row.get("training_seconds")
             lines.append(f"| {row['p']:g} | {row['variant']} | {row['frechet_distance']:.2f} | "
-                         f"{row['palette_fraction']:.3f} | {restoration} |")
+                         f"{row['palette_fraction']:.3f} | {restoration} | "
+                         f"{'?' if seconds is None else f'{seconds / 60:.1f} min'} |")
         clean = held_out_images(args.work / "data", settings.n)
         reference = score(clean[:settings.samples], clean[settings.samples: 2 * settings.samples])
         lines += ["", f"Floor: {settings.samples} held-out clean images against other held-out clean images score "
@@ -236,7 +286,8 @@ def report(args, settings, rows, grids, memorization, memo_settings, elapsed: fl
         lines += ["## Memorization", "",
                   f"{memo_settings.n} training images, {memo_settings.steps} steps of batch {memo_settings.batch}; "
                   f"{memo_settings.samples} samples per model; similarity = correlation of the pixels with the "
-                  "nearest training image.", "",
+                  "nearest training image (1 = a copy). The held-out row is new clean images from the "
+                  "distribution against the same training set: what a model that does not copy shows.", "",
                   "| model | median | 90th percentile | share above 0.95 |", "| --- | --- | --- | --- |"]
         for name, values in memorization.items():
             lines.append(f"| {name} | {np.median(values):.3f} | {np.quantile(values, 0.9):.3f} | "
