@@ -305,6 +305,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="p 0.8, ambient against naive (about 15 min on 2 cores)")
     parser.add_argument("--memorization", action="store_true", help="only the memorization experiment")
+    parser.add_argument("--no-memorization", action="store_true", help="the grid without the memorization experiment")
     parser.add_argument("--p", type=lambda t: [float(v) for v in t.split(",")], help="corruption levels (default 0.6,0.8,0.9)")
     parser.add_argument("--variants", type=lambda t: t.split(","), help=f"of {', '.join(VARIANTS)} (default all)")
     parser.add_argument("--steps", type=int, default=2000, help="training steps per model (default 2000)")
@@ -325,7 +326,7 @@ def main(argv=None) -> int:
     start = time.time()
     rows, grids = ([], {}) if args.memorization else run_grid(args, settings, ps, variants)
     memorization, memo_settings = {}, None
-    if args.memorization or not args.quick:
+    if args.memorization or not (args.quick or args.no_memorization):
         memo_settings = Settings(steps=args.memorization_steps, batch=args.batch, samples=256, seed=args.seed, n=256)
         memorization = run_memorization(args, memo_settings)
     path = report(args, settings, rows, grids, memorization, memo_settings, time.time() - start)
