@@ -255,7 +255,8 @@ def report(args, settings, rows, grids, memorization, memo_settings, elapsed: fl
     args.results.mkdir(parents=True, exist_ok=True)
     lines = [f"# Ambient diffusion at laptop scale ({'quick' if args.quick else 'grid'})", "",
              f"- Date: {datetime.date.today()}. Device: CPU ({platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads), torch {torch.__version__}. Wall time {elapsed / 60:.1f} min.",
+             f"{torch.get_num_threads()} threads), torch {torch.__version__}. Wall time of this invocation "
+             f"{elapsed / 60:.1f} min (models, samples and scores found in --work are reused, not redone).",
              f"- Command: `python bench/science.py {' '.join(sys.argv[1:])}`",
              f"- Data: built-in synthetic set, {RESOLUTION}x{RESOLUTION}, {settings.n} training images, dust "
              "corruption shared over channels; scored against 4,096 held-out clean images.",
