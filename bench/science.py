@@ -79,10 +79,14 @@ class Settings(NamedTuple):
     n: int = 4096   # training images
 
 
+def training_p(variant: Variant, p: float) -> float:
+    """The erasure probability of the data `variant` trains on at grid level p."""
+    return 0.0 if variant.clean_data else p
+
+
 def run_dir(work: Path, variant: Variant, p: float, settings: Settings) -> Path:
     """The folder of one trained model, keyed by everything that decides it."""
-    data_p = 0.0 if variant.clean_data else p
-    return work / f"p{data_p:g}-{variant.name}-n{settings.n}-steps{settings.steps}-batch{settings.batch}-seed{settings.seed}"
+    return work / f"p{training_p(variant, p):g}-{variant.name}-n{settings.n}-steps{settings.steps}-batch{settings.batch}-seed{settings.seed}"
 
 
 def training_seconds(run: Path) -> "float | None":
@@ -105,13 +109,12 @@ def cached(path: Path, compute):
 
 def train(work: Path, data_root: Path, variant: Variant, p: float, settings: Settings) -> Path:
     """Train (or reuse) one model; returns its final EMA network."""
-    data_p = 0.0 if variant.clean_data else p
     run = run_dir(work, variant, p, settings)
     final = run / "network-final.safetensors"
     if final.is_file():
         print(f"reusing {final}", flush=True)
         return final
-    data = synthetic_dataset(data_root, resolution=RESOLUTION, n=settings.n, p=data_p, delta=variant.delta,
+    data = synthetic_dataset(data_root, resolution=RESOLUTION, n=settings.n, p=training_p(variant, p), delta=variant.delta,
                              seed=DATA_SEED)
     cfg = TrainConfig(data=str(data), out=str(run), steps=settings.steps, batch=settings.batch, seed=settings.seed,
                       delta=variant.delta, mask_aware=variant.mask_aware, hidden_weight=variant.hidden_weight,
