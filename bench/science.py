@@ -10,7 +10,9 @@ trained, with the same steps and seeds, as
     naive        delta 0: no further corruption, the network is never graded on a pixel it did not see
     clean        p 0, delta 0: trained on the clean images (the upper bound)
 
-at corruption p in {0.6, 0.8, 0.9} (--quick: p 0.8, ambient and naive). Each model then draws the
+at corruption p in {0.6, 0.8, 0.9} (--quick: p 0.8, ambient and naive); unit-weight only at p 0.8 unless
+--variants names it (the question is whether the weight changes the outcome, and a model per p costs
+about 5 minutes on 2 cores). Each model then draws the
 same number of samples with the fixed-mask sampler (18 Heun steps; survival (1 - p)(1 - delta), the
 clean model 1), scored against held-out clean images by
   - the Fréchet distance of pixel features (lower is better),
@@ -18,9 +20,9 @@ clean model 1), scored against held-out clean images by
     (1 on clean images),
   - one-step restoration PSNR of held-out images corrupted with the same p.
 
---memorization trains on 256 images only, clean and at p 0.8, for long enough that the clean model
-copies its training images, and compares the nearest-neighbour similarity of samples to the
-training set (the paper's Figure 6).
+--memorization trains on 64 images only (--memorization-images), clean and at p 0.8, for long
+enough that the clean model copies its training images, and compares the nearest-neighbour
+similarity of samples to the training set (the paper's Figure 6), at the end and at every snapshot.
 
 Every trained model stays in --work (default runs/science) and a re-run reuses it, so an
 interrupted run loses at most the model it was training. The results go to --results (default
@@ -52,6 +54,9 @@ from ambient_fast.train import Trainer, TrainConfig  # noqa: E402
 RESOLUTION = 16
 DATA_SEED = 0
 RESTORE_SIGMA = 0.02  # the restore CLI's default noise level
+FINAL_NETWORK = "network-final.safetensors"
+GRID_IMAGES = 4096  # training images of the grid; its held-out twin is the reference set of every score
+HIDDEN_WEIGHT_P = 0.8  # the only p at which the default grid compares hidden-pixel weights
 
 
 class Variant(NamedTuple):
@@ -76,7 +81,7 @@ class Settings(NamedTuple):
     batch: int
     samples: int
     seed: int
-    n: int = 4096   # training images
+    n: int = GRID_IMAGES  # training images
 
 
 def training_p(variant: Variant, p: float) -> float:
@@ -110,7 +115,7 @@ def cached(path: Path, compute):
 def train(work: Path, data_root: Path, variant: Variant, p: float, settings: Settings) -> Path:
     """Train (or reuse) one model; returns its final EMA network."""
     run = run_dir(work, variant, p, settings)
-    final = run / "network-final.safetensors"
+    final = run / FINAL_NETWORK
     if final.is_file():
         print(f"reusing {final}", flush=True)
         return final
@@ -155,9 +160,10 @@ def restoration_psnr(network: Path, clean: np.ndarray, p: float, seed: int) -> f
     return float(psnr(nchw_uint8(restored), clean).mean())
 
 
-def cached_samples(run: Path, network: Path, settings: Settings) -> np.ndarray:
+def cached_samples(network: Path, settings: Settings) -> np.ndarray:
     """sample(), kept in the run folder (uint8 .npy) so that a re-run scores without sampling again."""
-    path = run / f"science-samples-{settings.samples}-seed{settings.seed}.npy"
+    snapshot = "" if network.name == FINAL_NETWORK else "-step" + network.stem.rsplit("-", 1)[-1].lstrip("0")
+    path = network.parent / f"science-samples-{settings.samples}-seed{settings.seed}{snapshot}.npy"
     if path.is_file():
         return np.load(path)
     samples = sample(network, settings.samples, settings.seed)
@@ -190,9 +196,11 @@ def run_grid(args, settings: Settings, ps, variants) -> "tuple[list[dict], dict[
         for name in variants:
             if name == "clean" and p != ps[0]:
                 continue  # one clean model serves every p
+            if name == "unit-weight" and p != HIDDEN_WEIGHT_P and not args.variants:
+                continue
             network = train(args.work, data_root, VARIANTS[name], p, settings)
             run = network.parent
-            samples = cached_samples(run, network, settings)
+            samples = cached_samples(network, settings)
             row = dict(p=0.0 if name == "clean" else p, variant=name,
                        **cached(run / f"science-score-{settings.samples}.json", lambda: score(samples, held_out)))
             # The clean model restores images corrupted at every p of the grid; the others at their own.
@@ -207,20 +215,28 @@ def run_grid(args, settings: Settings, ps, variants) -> "tuple[list[dict], dict[
     return rows, grids
 
 
-def run_memorization(args, settings: Settings) -> dict:
-    """Clean and p = 0.8 models on 256 images: nearest-neighbour similarity of their samples."""
+def snapshot_step(network: Path, settings: Settings) -> int:
+    return settings.steps if network.name == FINAL_NETWORK else int(network.stem.rsplit("-", 1)[-1])
+
+
+def run_memorization(args, settings: Settings) -> "tuple[dict, dict]":
+    """Clean and p = 0.8 models on a few images: nearest-neighbour similarity of their samples to the
+    training set, at the end of training (name -> similarities) and at every snapshot (name -> {step: ...})."""
     data_root = args.work / "data"
     training = clean_images(settings.n, RESOLUTION, DATA_SEED)  # what the clean model saw (the p 0.8 one, masked)
-    result = {}
+    final, by_step = {}, {}
     for name, p in (("clean", 0.0), ("ambient", 0.8)):
+        label = f"{name} (p {p:g})"
         network = train(args.work, data_root, VARIANTS[name], p, settings)
-        samples = cached_samples(network.parent, network, settings)
-        similarity, _ = nearest_neighbour_similarity(samples, training)
-        result[f"{name} (p {p:g})"] = similarity
+        # The snapshots show when copying starts: the EMA network after k steps, as a k-step run would end.
+        networks = sorted(network.parent.glob("network-snapshot-*.safetensors")) + [network]
+        by_step[label] = {snapshot_step(n, settings): nearest_neighbour_similarity(cached_samples(n, settings), training)[0]
+                          for n in networks}
+        final[label] = by_step[label][settings.steps]
     # What a model that generalises perfectly would show: new clean images against the same training set.
-    fresh = held_out_images(data_root, settings.n)[: settings.samples]
-    result["held-out clean images"], _ = nearest_neighbour_similarity(fresh, training)
-    return result
+    fresh = held_out_images(data_root, GRID_IMAGES)[: settings.samples]
+    final["held-out clean images"], _ = nearest_neighbour_similarity(fresh, training)
+    return final, by_step
 
 
 def histogram_png(similarities: dict, path: Path) -> None:
@@ -253,7 +269,7 @@ def side_by_side(grids: dict, path: Path) -> None:
     save_png(np.concatenate(parts[:-1], axis=1), path)
 
 
-def report(args, settings, rows, grids, memorization, memo_settings, elapsed: float) -> Path:
+def report(args, settings, rows, grids, memorization, memorization_by_step, memo_settings, elapsed: float) -> Path:
     stem = "science-quick" if args.quick else "science-memorization" if args.memorization else "science"
     args.results.mkdir(parents=True, exist_ok=True)
     lines = [f"# Ambient diffusion at laptop scale ({'quick' if args.quick else 'grid'})", "",
@@ -296,11 +312,20 @@ def report(args, settings, rows, grids, memorization, memo_settings, elapsed: fl
         for name, values in memorization.items():
             lines.append(f"| {name} | {np.median(values):.3f} | {np.quantile(values, 0.9):.3f} | "
                          f"{(values > 0.95).mean():.3f} |")
-        lines += ["", f"![memorization]({stem}-memorization.png)", ""]
+        lines += ["", f"![memorization]({stem}-memorization.png)", "",
+                  "By training step (the EMA network of each snapshot, the same sample seeds): median similarity "
+                  "and share above 0.95.", "",
+                  "| step | " + " | ".join(f"{name} median | {name} > 0.95" for name in memorization_by_step) + " |",
+                  "| --- |" + " --- | --- |" * len(memorization_by_step)]
+        for step in sorted(next(iter(memorization_by_step.values()))):
+            lines.append(f"| {step} | " + " | ".join(f"{np.median(by[step]):.3f} | {(by[step] > 0.95).mean():.3f}"
+                                                     for by in memorization_by_step.values()) + " |")
+        lines.append("")
     path = args.results / f"{stem}.md"
     path.write_text("\n".join(lines))
     (args.results / f"{stem}.json").write_text(json.dumps(dict(
         rows=rows, memorization={k: v.tolist() for k, v in memorization.items()},
+        memorization_by_step={k: {step: v.tolist() for step, v in by.items()} for k, by in memorization_by_step.items()},
         settings=settings._asdict(), memorization_settings=memo_settings._asdict() if memo_settings else None), indent=1))
     return path
 
@@ -315,8 +340,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2000, help="training steps per model (default 2000)")
     parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     parser.add_argument("--samples", type=int, default=512, help="samples per model (default 512)")
-    parser.add_argument("--memorization-steps", type=int, default=6000,
-                        help="training steps of the memorization models (default 6000)")
+    parser.add_argument("--memorization-images", type=int, default=64,
+                        help="training images of the memorization models (default 64)")
+    parser.add_argument("--memorization-samples", type=int, default=256,
+                        help="samples per memorization model and snapshot (default 256)")
+    parser.add_argument("--memorization-steps", type=int, default=8000,
+                        help="training steps of the memorization models (default 8000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("runs/science"), help="trained models (reused on re-runs)")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -329,11 +358,12 @@ def main(argv=None) -> int:
     settings = Settings(args.steps, args.batch, args.samples, args.seed)
     start = time.time()
     rows, grids = ([], {}) if args.memorization else run_grid(args, settings, ps, variants)
-    memorization, memo_settings = {}, None
+    memorization, memorization_by_step, memo_settings = {}, {}, None
     if args.memorization or not (args.quick or args.no_memorization):
-        memo_settings = Settings(steps=args.memorization_steps, batch=args.batch, samples=256, seed=args.seed, n=256)
-        memorization = run_memorization(args, memo_settings)
-    path = report(args, settings, rows, grids, memorization, memo_settings, time.time() - start)
+        memo_settings = Settings(steps=args.memorization_steps, batch=args.batch, samples=args.memorization_samples, seed=args.seed,
+                                 n=args.memorization_images)
+        memorization, memorization_by_step = run_memorization(args, memo_settings)
+    path = report(args, settings, rows, grids, memorization, memorization_by_step, memo_settings, time.time() - start)
     print(f"wrote {path}")
     return 0
 

@@ -36,3 +36,20 @@ def test_bad_arguments(science):
         science.main(["--variants", "nonsense"])
     with pytest.raises(SystemExit):
         science.main(["--p", "1.5"])
+
+
+def test_memorization_reports_every_snapshot(science, tmp_path):
+    results = tmp_path / "results"
+    argv = ["--memorization", "--memorization-images", "16", "--memorization-steps", "4", "--memorization-samples", "4",
+            "--work", str(tmp_path / "work"), "--results", str(results)]
+    assert science.main(argv) == 0
+    saved = json.loads((results / "science-memorization.json").read_text())
+    assert set(saved["memorization"]) == {"clean (p 0)", "ambient (p 0.8)", "held-out clean images"}
+    # Snapshots every steps // 4 = 1 step, then the final network: steps 1..4 for both models.
+    for label in ("clean (p 0)", "ambient (p 0.8)"):
+        by_step = saved["memorization_by_step"][label]
+        assert sorted(map(int, by_step)) == [1, 2, 3, 4]
+        assert by_step["4"] == saved["memorization"][label]
+        assert all(-1 <= s <= 1 for values in by_step.values() for s in values)
+    report = (results / "science-memorization.md").read_text()
+    assert "| 3 |" in report and (results / "science-memorization-memorization.png").is_file()
