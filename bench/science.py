@@ -160,9 +160,14 @@ def restoration_psnr(network: Path, clean: np.ndarray, p: float, seed: int) -> f
     return float(psnr(nchw_uint8(restored), clean).mean())
 
 
+def snapshot_step(network: Path, settings: Settings) -> int:
+    """The training step a saved network was written at (network-snapshot-000002000 -> 2000)."""
+    return settings.steps if network.name == FINAL_NETWORK else int(network.stem.rsplit("-", 1)[-1])
+
+
 def cached_samples(network: Path, settings: Settings) -> np.ndarray:
     """sample(), kept in the run folder (uint8 .npy) so that a re-run scores without sampling again."""
-    snapshot = "" if network.name == FINAL_NETWORK else "-step" + network.stem.rsplit("-", 1)[-1].lstrip("0")
+    snapshot = "" if network.name == FINAL_NETWORK else f"-step{snapshot_step(network, settings)}"
     path = network.parent / f"science-samples-{settings.samples}-seed{settings.seed}{snapshot}.npy"
     if path.is_file():
         return np.load(path)
@@ -213,10 +218,6 @@ def run_grid(args, settings: Settings, ps, variants) -> "tuple[list[dict], dict[
             grids[f"p={row['p']:g} {name}"] = samples[:64]
             print(json.dumps(row), flush=True)
     return rows, grids
-
-
-def snapshot_step(network: Path, settings: Settings) -> int:
-    return settings.steps if network.name == FINAL_NETWORK else int(network.stem.rsplit("-", 1)[-1])
 
 
 def run_memorization(args, settings: Settings) -> "tuple[dict, dict]":
@@ -276,7 +277,7 @@ def report(args, settings, rows, grids, memorization, memorization_by_step, memo
              f"- Date: {datetime.date.today()}. Device: CPU ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads), torch {torch.__version__}. Wall time of this invocation "
              f"{elapsed / 60:.1f} min (models, samples and scores found in --work are reused, not redone).",
-             f"- Command: `python bench/science.py {' '.join(sys.argv[1:])}`",
+             "- Command: `" + " ".join(["python bench/science.py", *sys.argv[1:]]) + "`",
              f"- Data: built-in synthetic set, {RESOLUTION}x{RESOLUTION}, {settings.n} training images, dust "
              "corruption shared over channels; scored against 4,096 held-out clean images.",
              f"- Training: DDPM++ (the default 16x16 size), {settings.steps} steps of batch {settings.batch}, "
