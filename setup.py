@@ -19,9 +19,11 @@ setup(
     # would let pip pull a multi-GB CUDA build on a machine that has none installed yet.
     install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pillow>=10", "rich>=13", "nvidia-ml-py>=12"],
     extras_require={
-        # The tests exercise the Triton kernels (interpreter mode on CPU) and the DALI pipeline, and
-        # check the metrics against scipy (the package itself does not use it).
-        "test": ["pytest>=8", "triton>=3.6; platform_system == 'Linux'", "nvidia-dali-cuda130>=1.40", "scipy>=1.10"],
+        # The tests exercise the Triton kernels (interpreter mode on CPU), the DALI pipeline and
+        # bench/science.py end to end (its histogram needs matplotlib), and check the metrics against
+        # scipy (the package itself uses neither).
+        "test": ["pytest>=8", "triton>=3.6; platform_system == 'Linux'", "nvidia-dali-cuda130>=1.40", "scipy>=1.10",
+                 "matplotlib>=3.5"],
         "kernels": ["triton>=3.6; platform_system == 'Linux'"],
         "dali": ["nvidia-dali-cuda130>=1.40"],
         "bench": ["matplotlib>=3.5"],  # bench/science.py's memorization histogram
