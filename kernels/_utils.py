@@ -49,7 +49,24 @@ def fused_device(device) -> bool:
     if not kernels_enabled() or triton is None:
         return False
     kind = torch.device(device).type
-    return kind == "cuda" or (kind == "cpu" and interpreting())
+    return kind == "cuda" or (kind == "cpu" and (interpreting() or _recorder is not None))
+
+
+_recorder = None  # the active `aot.LaunchRecorder`, if any
+
+
+@contextlib.contextmanager
+def recording(recorder):
+    """While active, CPU tensors take the fused path and every launch goes to `recorder.record`
+    instead of running (see `aot.record_launches`)."""
+    global _recorder
+    if _recorder is not None:
+        raise RuntimeError("launches are already being recorded")
+    _recorder = recorder
+    try:
+        yield recorder
+    finally:
+        _recorder = None
 
 
 def use_fused(*tensors: Optional[torch.Tensor]) -> bool:
@@ -70,10 +87,22 @@ class LazyKernel:
         self.fn = fn
         self.options = options
         self._built = {}
+        self._compile_mode = None
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
 
+    def compile_mode(self):
+        """The kernel as Triton compiles it for a GPU, whatever TRITON_INTERPRET says."""
+        if self._compile_mode is None:
+            from triton.runtime.jit import JITFunction
+
+            self._compile_mode = JITFunction(self.fn, **self.options)
+        return self._compile_mode
+
     def __getitem__(self, grid):
+        if _recorder is not None:
+            recorder = _recorder
+            return lambda *args, **kwargs: recorder.record(self, args, kwargs)
         mode = interpreting()
         kernel = self._built.get(mode)
         if kernel is None:
@@ -188,8 +217,11 @@ def tile(C: int, HW: int, channels_last: bool, elements: int = 2048) -> Tuple[in
     return block_c, block_hw
 
 
-def num_warps(elements: int) -> int:
-    return 8 if elements >= 4096 else 4
+def num_warps(elements: int, per_thread: int = 8) -> int:
+    """Warps for a tile of `elements`, about `per_thread` elements a thread (at most 8 warps). More
+    per thread raise the registers each thread needs (ptxas, sm_90: the float64 sampler step took
+    196 a thread at 16 elements, 122 at 8) and cut the occupancy these bandwidth-bound kernels live on."""
+    return max(1, min(8, elements // (32 * per_thread)))
 
 
 def cdiv(a: int, b: int) -> int:

@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from ._utils import cdiv, empty_planes, is_channels_last, kernel, next_power_of_2, num_warps, planes, tl, use_fused
+from ._utils import cdiv, empty_planes, is_channels_last, kernel, next_power_of_2, planes, tl, use_fused
 
 # ----------------------------------------------------------------------------------------------
 # Kernel
@@ -99,6 +99,10 @@ def _ambient_input_kernel(
 # Launcher
 
 
+_TILE_ELEMENTS = 1024
+_ELEMENTS_PER_THREAD = 4
+
+
 class AmbientInput(NamedTuple):
     """What `ambient_input` writes. All float32 except net_input (its `dtype`)."""
 
@@ -126,14 +130,19 @@ def ambient_input_launch(y: torch.Tensor, A: torch.Tensor, sigma: torch.Tensor, 
     net_input = empty_planes((N, 2 * C, H, W), dtype, y.device, channels_last)
     outs = [empty_planes((N, C, H, W), torch.float32, y.device, channels_last) for _ in range(5 if return_draws else 3)]
     draws = outs[3:] if return_draws else [outs[0], outs[0]]
+    # Tiles of 1024 elements over 8 warps: 4 elements a thread. Each element draws four Philox
+    # numbers and a Box-Muller pair, so registers grow with elements per thread (ptxas, sm_90: 16 a
+    # thread take 153 registers, 8 take 80, 4 take 48), and this bandwidth-bound kernel needs the
+    # occupancy that few registers allow.
     block_c = min(next_power_of_2(C), 16)
-    block_hw = min(next_power_of_2(H * W), max(2048 // block_c, 1))
+    block_hw = min(next_power_of_2(H * W), max(_TILE_ELEMENTS // block_c, 1))
+    warps = max(1, min(8, block_c * block_hw // (32 * _ELEMENTS_PER_THREAD)))
     grid = (cdiv(H * W, block_hw), cdiv(C, block_c), N)
     _ambient_input_kernel[grid](
         y, A, sigma, c_in, net_input, *outs[:3], *draws, seed, offset, float(delta), C, H * W,
         *y_s, *a_s, *planes(net_input, channels_last)[1], *planes(outs[0], channels_last)[1],
         Y_UINT8=y.dtype == torch.uint8, PACKED=packed, SHARED=shared_channels, SCALE_MASK=scale_mask,
-        WRITE_DRAWS=return_draws, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps(block_c * block_hw))
+        WRITE_DRAWS=return_draws, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
     return AmbientInput(net_input, *outs)
 
 

@@ -54,8 +54,9 @@ def _sampler_step_kernel(
     t = tl.load(t_ptr).to(x.dtype)
     dt = tl.load(dt_ptr).to(x.dtype)
     if CLIP:
-        nan = tl.PropagateNan.ALL  # like torch.clamp: a NaN prediction stays NaN
-        d = tl.minimum(tl.maximum(d, -1.0, propagate_nan=nan), 1.0, propagate_nan=nan)
+        # Like torch.clamp, a NaN prediction stays NaN. The enum is spelled out in each call: bound to a
+        # local name, the compiler takes it for a tensor and fails (the interpreter does not notice).
+        d = tl.minimum(tl.maximum(d, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)
     g1_at = g1_ptr + n * g_sn + c * g_sc + p * g_sp
     if STAGE == 2:
         g1 = tl.load(g1_at, mask=inside)
@@ -83,7 +84,9 @@ def sampler_step_launch(x: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, t:
     """Launch one stage on checked arguments; returns x_next, or g1 for "heun_predict"."""
     N, C, H, W = x.shape
     channels_last = is_channels_last(x)
-    block_c, block_hw = tile(C, H * W, channels_last)
+    # float64 values take two registers each: half the tile, the same 8 warps (4 elements a thread)
+    wide = x.dtype == torch.float64
+    block_c, block_hw = tile(C, H * W, channels_last, elements=1024 if wide else 2048)
     grid = (cdiv(H * W, block_hw), cdiv(C, block_c), N)
     stage_index = STAGES.index(stage)
     x, x_s = planes(x, channels_last)
@@ -102,7 +105,7 @@ def sampler_step_launch(x: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, t:
         x, D, mask, g1, t, dt, result, net_input, C, H * W, *x_s, *d_s, *m_s, *g_s, *dense_strides(result, "out"),
         *dense_strides(net_input, "net_input"),
         STAGE=stage_index, CLIP=clip, WRITE_MASK=write_mask, BLOCK_C=block_c, BLOCK_HW=block_hw,
-        num_warps=num_warps(block_c * block_hw))
+        num_warps=num_warps(block_c * block_hw, per_thread=4 if wide else 8))
     return result
 
 
