@@ -120,8 +120,10 @@ def ambient_sample(
     x = latents.to(dtype) * t_steps[0]
     # Fused elementwise steps: always on the fast path; on the exact path where the kernels run (CUDA),
     # with the reference's arithmetic in the state's dtype.
-    fused = fast or (guidance == 0 and x.is_cuda and fused_device(x.device))
-    net_input = torch.cat([masks[0] * x, masks[0]], dim=1).float() if fused else None
+    fused = fast or (guidance == 0 and fused_device(x.device))
+    net_input = None
+    if fused:  # in the network's memory format, so that its first convolution reads it as it is
+        net_input = torch.cat([masks[0] * x, masks[0]], dim=1).float().contiguous(memory_format=memory_format(net))
 
     def evaluate_in_place(t: torch.Tensor) -> torch.Tensor:
         return net(net_input, t, class_labels)[:, :channels]
@@ -144,6 +146,14 @@ def ambient_sample(
             else:
                 x = x + g1
     return x
+
+
+def memory_format(net: torch.nn.Module) -> torch.memory_format:
+    """channels_last if the network's convolution weights are stored so, else contiguous."""
+    weight = next((p for p in net.parameters() if p.ndim == 4), None)
+    if weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +232,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    model = loaded.model.to(device)
+    # channels_last on GPUs: cuDNN's fast layout for bf16 convolutions (the fused kernels read either)
+    model = loaded.model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     survival = args.survival if args.survival is not None else loaded.survival
     if survival is None:
         print("error: the checkpoint does not record its training corruption; pass --survival", file=sys.stderr)

@@ -49,7 +49,8 @@ SIZES = {16: dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_res
 # missing, low enough that the default run learns the shapes within its few CPU minutes.
 SYNTHETIC_P = 0.6
 # What may change when a run is resumed; everything else is the run's own configuration.
-RESUMABLE_OVERRIDES = {"steps", "snapshot_every", "device", "loader", "compile", "tf32", "keep", "sample_count"}
+RESUMABLE_OVERRIDES = {"steps", "snapshot_every", "device", "loader", "compile", "tf32", "channels_last", "keep",
+                       "sample_count"}
 
 
 @dataclass
@@ -80,6 +81,7 @@ class TrainConfig:
     precision: str = "auto"             # bf16 | fp32; auto = bf16 on CUDA
     compile: Optional[bool] = None      # torch.compile the blocks; None = on CUDA
     tf32: bool = True                   # TF32 matmuls and convolutions on CUDA (the reference: off)
+    channels_last: Optional[bool] = None  # channels_last memory format (cuDNN's fast layout); None = on CUDA
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     max_grad_norm: float = 1.0          # gradient clipping; 0 = off
     snapshot_every: int = 500           # steps between snapshots (EMA network + training state)
@@ -178,6 +180,9 @@ class Trainer:
                            label_dim=self.dataset.label_dim, mask_aware=cfg.mask_aware, model_type=model_type,
                            gate=cfg.gate, dropout=cfg.dropout, **arch_kwargs, **size).to(device).train()
         self.config_for_checkpoint = self.net.config
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
         self.parallel = cfg.parallel if cfg.parallel != "auto" else ("fsdp" if self.world.size > 1 else "none")
         if self.parallel != "none" and self.world.size == 1:
@@ -203,7 +208,7 @@ class Trainer:
                 f"data {self.dataset.path} ({len(self.dataset)} images {self.dataset.resolution}x{self.dataset.resolution}, "
                 f"corruption {self.dataset.corruption}, delta {self.cfg.delta}) | {self.world.size} rank(s) on "
                 f"{self.device}, parallel {self.parallel}, {'bf16' if self.bf16 else 'fp32'}, "
-                f"compile {'on' if self.compiled else 'off'}, TF32 {'on' if self.cfg.tf32 and self.device.type == 'cuda' else 'off'}, loader {self.loader.describe()} | "
+                f"compile {'on' if self.compiled else 'off'}, {'channels_last' if self.channels_last else 'NCHW'}, TF32 {'on' if self.cfg.tf32 and self.device.type == 'cuda' else 'off'}, loader {self.loader.describe()} | "
                 f"batch {self.cfg.batch} = {self.world.size} x {self.accumulation} x {self.micro} | "
                 f"kernels: {kernels.active_path(self.device)}")
 
@@ -259,7 +264,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for index in range(self.accumulation):
-            batch = self.loader.next()
+            batch = self._in_layout(self.loader.next())
             in_kernel = {}
             if batch.A_hat is None:  # B drawn in the loss's fused pass, seeded by the position like the rest
                 in_kernel = dict(delta=cfg.delta, shared_channels=self.loader.shared_channels,
@@ -290,6 +295,14 @@ class Trainer:
             dist.all_reduce(total)
             total /= self.world.size
         return total
+
+    def _in_layout(self, batch):
+        """The batch's images and masks in the model's memory format (the network input is built in
+        theirs)."""
+        if not self.channels_last:
+            return batch
+        return batch._replace(**{name: getattr(batch, name).contiguous(memory_format=self.memory_format)
+                                 for name in ("y", "A", "A_hat") if getattr(batch, name) is not None})
 
     def _update_ema(self):
         cfg = self.cfg
@@ -379,7 +392,7 @@ class Trainer:
         import numpy as np
 
         loaded = load_network(network_path)
-        model = loaded.model.to(self.device)
+        model = loaded.model.to(self.device, memory_format=self.memory_format)
         count = self.cfg.sample_count
         shape = (self.dataset.channels, self.dataset.resolution, self.dataset.resolution)
         latents, masks = seeded_inputs(range(count), shape, 1, loaded.survival,
@@ -497,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-compile", dest="compile", action="store_false")
     add("--tf32", dest="tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA (default)")
     add("--no-tf32", dest="tf32", action="store_false", help="full fp32 matmuls and convolutions, as the reference")
+    add("--channels-last", dest="channels_last", action="store_true", help="channels_last memory format (default on CUDA)")
+    add("--no-channels-last", dest="channels_last", action="store_false", help="contiguous (NCHW) memory format")
     add("--device", help="auto, cpu, cuda or cuda:N")
     add("--max-grad-norm", dest="max_grad_norm", type=float, help="gradient clipping (default 1.0; 0 = off)")
     add("--snapshot-every", dest="snapshot_every", type=int, help="steps between snapshots (default 500)")
