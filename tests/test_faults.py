@@ -554,21 +554,19 @@ def test_10_sigkill_then_resume_leaves_no_duplicates_or_temporaries(tmp_path, ca
     newest = max(int(p.name.rsplit("-", 1)[1]) for p in run_dir.glob("training-state-*"))
     code, out, err = run(capsys, train_main, "--resume", run_dir, "--steps", newest + 2)
     assert code == 0, err
-    assert f"process {killed.pid}" in out  # the killed run's lock, reported and taken over
     steps = logged_steps(run_dir)
     assert steps == sorted(set(steps)) and steps[-1] == newest + 2
     assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
+    assert f"process {killed.pid}" in out  # the killed run's lock, reported and taken over
 
 
 def test_10_stats_are_strict_json(tmp_path):
     trainer = Trainer(TrainConfig(out=str(tmp_path / "run"), batch=4, model_channels=8, channel_mult=[1],
                                   num_blocks=1, attn_resolutions=[]))
-    try:
-        huge = torch.tensor(1e308, dtype=torch.float64)
-        trainer._report(tmp_path / "run" / "stats.jsonl", [huge, huge], float("inf"))
-    finally:
-        trainer.close()
+    huge = torch.tensor(1e308, dtype=torch.float64)  # their mean overflows
+    trainer._report(tmp_path / "run" / "stats.jsonl", [huge, huge], float("inf"))
     assert logged_steps(tmp_path / "run") == [0]
+    trainer.close()
 
 
 def test_10_json_errors_name_the_file(run_dir, tmp_path, capsys):
