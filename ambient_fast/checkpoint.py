@@ -1,7 +1,8 @@
 """Network checkpoints: our safetensors format, and safe import of the published reference runs.
 
-Our format: one `.safetensors` file holding the weights, with the model config and the
-corruption the model was trained on as JSON in the metadata. Nothing in it can execute code.
+Our format: one `.safetensors` file holding the weights, with the model config, the corruption
+the model was trained on and a sha256 of the weights in the metadata. Nothing in it can execute
+code; a network with non-finite weights is never written, and a damaged file is refused on load.
 
 A reference run (giannisdaras/ambient-diffusion, on EDM) stores `network-snapshot-NNNNNN.pkl`:
 `pickle.dumps(dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...))`, where `ema`
@@ -13,9 +14,9 @@ become inert records of their data, each tensor storage is read with
 `torch.load(weights_only=True)`, and any global outside a short allow-list is refused with an
 error that names it.
 """
+import hashlib
 import io
 import json
-import os
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,9 +25,10 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
+from ambient_fast.files import read_json, write_bytes
 from ambient_fast.nn import AmbientPrecond, build_model, from_reference
 
 FORMAT = "ambient-fast/1"
@@ -52,43 +54,63 @@ class LoadedNetwork:
 # ----------------------------------------------------------------------------------------------
 # Our format.
 
-def atomic_write(path: Union[str, Path], write) -> None:
-    """Write through `write(temporary_path)`, fsync, then rename over `path`: a crash never leaves
-    a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+class NonFiniteWeightsError(ValueError):
+    """A network whose weights hold NaN or infinite values: unusable, so never written."""
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], path: Union[str, Path]) -> None:
+    """Raise NonFiniteWeightsError (naming `path`, the file about to be written) when any
+    floating-point tensor holds NaN or an infinity."""
+    bad = [name for name, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"refusing to write {path}: {len(bad)} of the network's tensors hold non-finite values (NaN or infinity; "
+            f"e.g. {bad[0]}), so the network is unusable; nothing was written. A training run that gets here diverged: "
+            "lower --lr (or keep --max-grad-norm on) and resume from an earlier snapshot.")
+
+
+def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def save_network(path: Union[str, Path], model: AmbientPrecond, corruption: Optional[Mapping] = None,
                  **metadata: Any) -> None:
-    """Save weights and config as safetensors (atomically). `corruption` records the training
-    corruption (kind, p, delta, shared_channels); further keyword arguments go to the metadata as JSON."""
+    """Save weights and config as safetensors (atomically), with a checksum of the weights.
+    `corruption` records the training corruption (kind, p, delta, shared_channels); further
+    keyword arguments go to the metadata as JSON. Raises NonFiniteWeightsError, writing nothing,
+    when a weight is NaN or infinite."""
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    check_finite(tensors, path)
     header = {"format": FORMAT, "model": json.dumps(model.config), "corruption": json.dumps(dict(corruption or {})),
-              "extra": json.dumps(metadata)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+              "extra": json.dumps(metadata), "sha256": weights_digest(tensors)}
+    # Serialised here and written by our own atomic writer: its errors are OSErrors naming the file.
+    write_bytes(path, save(tensors, metadata=header))
 
 
 def _load_safetensors(path: Path) -> LoadedNetwork:
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path} is a safetensors file but not an ambient-fast checkpoint "
-                             f"(metadata format {header.get('format')!r}, expected {FORMAT!r})")
-        state = {key: f.get_tensor(key) for key in f.keys()}
-    model = build_model(json.loads(header["model"]))
+    damaged = "the file is damaged or truncated; write it again or use another snapshot"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if header.get("format") != FORMAT:
+                raise ValueError(f"{path} is a safetensors file but not an ambient-fast checkpoint "
+                                 f"(metadata format {header.get('format')!r}, expected {FORMAT!r})")
+            state = {key: f.get_tensor(key) for key in f.keys()}
+        config, corruption, extra = (json.loads(header.get(key, "{}")) for key in ("model", "corruption", "extra"))
+    except (SafetensorError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as an ambient-fast checkpoint ({error}): {damaged}") from None
+    # Checkpoints written before the checksum was added have none to check.
+    if "sha256" in header and weights_digest(state) != header["sha256"]:
+        raise ValueError(f"{path} failed its checksum: the weights changed after the file was written; {damaged}")
+    model = build_model(config)
     model.load_state_dict(state, strict=True)
-    return LoadedNetwork(model.eval(), json.loads(header.get("corruption", "{}")), str(path),
-                         json.loads(header.get("extra", "{}")))
+    return LoadedNetwork(model.eval(), corruption, str(path), extra)
 
 
 def load_network(path: Union[str, Path], training_options: Optional[Union[str, Path]] = None) -> LoadedNetwork:
@@ -112,8 +134,8 @@ def load_network(path: Union[str, Path], training_options: Optional[Union[str, P
 # ----------------------------------------------------------------------------------------------
 # Safe import of reference snapshots.
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The file asked for something the safe importer does not allow."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """The file asked for something the safe importer does not allow (a ValueError too: bad input)."""
 
 
 @dataclass
@@ -141,7 +163,15 @@ def _persistent_record(meta: dict) -> PersistentRecord:
 
 def _load_storage(data: bytes):
     """A tensor storage, saved by torch.save inside the pickle; loaded without executing code."""
-    return torch.load(io.BytesIO(data), weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message suggests weights_only=False, i.e. running the file's code: keep only its reason.
+        lines = [line.strip() for line in str(error).splitlines()]
+        reason = next((line for line in lines if line and "weights_only" not in line
+                       and not line.startswith("Check the documentation")), "it holds more than tensor data")
+        raise UnsafePickleError(f"refusing a tensor-storage record of the snapshot: {reason} The file may be "
+                                "malicious or of an unknown format; nothing from it was run.") from None
 
 
 def _numpy_scalar(dtype: np.dtype, data: bytes):
@@ -232,8 +262,14 @@ def import_reference(snapshot_pkl: Union[str, Path], training_options_json: Opti
     if not options_path.is_file():
         raise FileNotFoundError(f"{options_path} not found: a reference snapshot needs its run's training_options.json "
                                 "(pass it with --training-options or put it beside the snapshot)")
-    options = json.loads(options_path.read_text())
-    data = safe_unpickle(snapshot_pkl.read_bytes())
+    options = read_json(options_path, "the reference run's training_options.json is damaged; restore it")
+    try:
+        data = safe_unpickle(snapshot_pkl.read_bytes())
+    except UnsafePickleError:
+        raise
+    except Exception as error:  # whatever a truncated or garbled pickle makes the unpickler raise
+        raise ValueError(f"{snapshot_pkl} cannot be read ({type(error).__name__}: {error}): the snapshot is "
+                         "damaged or truncated, or not a reference snapshot") from None
     if not isinstance(data, dict) or "ema" not in data:
         raise ValueError(f"{snapshot_pkl} is not a reference network snapshot (no 'ema' entry)")
 

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from ambient_fast.checkpoint import load_network, save_network
+from ambient_fast.files import check_writable_file
 
 
 def main(argv=None) -> int:
@@ -15,11 +16,12 @@ def main(argv=None) -> int:
     if not args.out.endswith(".safetensors"):
         parser.error(f"the output must be a .safetensors file, got {args.out!r}")
     try:
+        check_writable_file(args.out, "the output")
         loaded = load_network(args.source, args.training_options)
+        save_network(args.out, loaded.model, loaded.corruption, converted_from=loaded.source, **loaded.metadata)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    save_network(args.out, loaded.model, loaded.corruption, converted_from=loaded.source, **loaded.metadata)
     model = loaded.model
     params = sum(p.numel() for p in model.parameters())
     print(f"converted {loaded.source} -> {args.out} ({model.model_type}, {params / 1e6:.2f} M parameters, "

@@ -6,7 +6,8 @@ which needs no weights) and, with `--training`, each sample's top-1 cosine simil
 training images (the paper's memorisation study, Figure 6).
 
 Images are read from a folder of PNGs (what `python -m ambient_fast.sample` writes; its grid.png
-is skipped), a uint8 .npy (N, C, H, W), or, for --reference and --training, the built-in
+is skipped, and where its sampling.json lists the images, the folder must hold exactly those), a
+uint8 .npy (N, C, H, W), or, for --reference and --training, the built-in
 synthetic data set: its clean twin's held-out images serve as the reference and its clean
 originals as the training set. Any other prepared data set holds only corrupted images and is
 refused: pass its clean images instead.
@@ -14,7 +15,6 @@ refused: pass its clean images instead.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +25,14 @@ import torch
 
 from ambient_fast.data.format import META, CorruptedDataset
 from ambient_fast.data.synthetic import clean_twin, is_synthetic
+from ambient_fast.files import check_writable_file, read_json, write_json
 from ambient_fast.images import load_png
 from ambient_fast.inception import WEIGHTS_FILE
 from ambient_fast.metrics import (InceptionFeatures, cosine_nearest_neighbour, frechet_distance,
                                   nearest_neighbour_similarity, pixel_features)
 
 SAMPLE_GRID = "grid.png"  # the overview `python -m ambient_fast.sample` writes beside the samples
+SAMPLING_RECORD = "sampling.json"  # `python -m ambient_fast.sample`'s record of the images it wrote
 
 
 @dataclass
@@ -69,6 +71,7 @@ def load_images(path, role: str) -> Images:
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".png" and p.name != SAMPLE_GRID)
     if not files:
         raise ValueError(f"{role} {path} holds no .png images (a sample grid, {SAMPLE_GRID}, does not count)")
+    _check_sampling_record(path, [file.name for file in files], role)
     arrays = [load_png(file) for file in files]
     first_of_shape = {}
     for file, array in zip(files, arrays):
@@ -80,6 +83,23 @@ def load_images(path, role: str) -> Images:
     if channels not in (1, 3):
         raise ValueError(f"{role} {path}: the images have {channels} channels; use RGB or greyscale images")
     return Images(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)), [f.name for f in files], str(path))
+
+
+def _check_sampling_record(path: Path, names: list[str], role: str) -> None:
+    """A sample folder must hold exactly the images its sampling.json lists: a stale image left by
+    another sampling would otherwise be scored with them."""
+    record = path / SAMPLING_RECORD
+    if not record.is_file():
+        return
+    listed = read_json(record).get("images")
+    if listed is None:  # written before sampling.json listed its images
+        return
+    extra, missing = sorted(set(names) - set(listed)), sorted(set(listed) - set(names))
+    if extra or missing:
+        found = "; ".join(([f"not listed: {', '.join(extra[:4])}"] if extra else [])
+                          + ([f"missing: {', '.join(missing[:4])}"] if missing else []))
+        raise ValueError(f"{role} {path} does not hold the images its {SAMPLING_RECORD} lists ({found}); they are "
+                         "not all from one sampling: sample again into an empty folder (or with --overwrite)")
 
 
 def load_clean(path, role: str, twin_file: str, what: str) -> Images:
@@ -180,6 +200,8 @@ def main(argv=None) -> int:
                              ".safetensors copy), a local file")
         if args.features == "pixel" and args.weights:
             raise ValueError("--weights is only used with --features inception")
+        if args.out:
+            check_writable_file(args.out, "--out")
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(auto if args.device == "auto" else args.device)
         samples = load_images(args.samples, "--samples")
@@ -193,8 +215,11 @@ def main(argv=None) -> int:
         return 1
     _print_table(report)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        try:
+            write_json(args.out, report)
+        except OSError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(f"report: {args.out}")
     return 0
 

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ambient_fast.files import atomic_write
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
@@ -15,8 +17,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: Union[str, Path]) -> None:
-    """Save one (H, W, C) uint8 image, C in {1, 3, 4}."""
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+    """Save one (H, W, C) uint8 image, C in {1, 3, 4} (atomically)."""
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def load_png(path: Union[str, Path]) -> np.ndarray:

@@ -8,7 +8,6 @@ references (`--clean`, or the clean twin of the built-in synthetic set, found au
 reports PSNR, and LPIPS where the `lpips` package and its weights are available locally.
 """
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from ambient_fast.checkpoint import load_network
+from ambient_fast.files import check_writable_dir, write_json
 from ambient_fast.images import grid, save_png, to_uint8
 from ambient_fast.metrics import psnr
 
@@ -111,6 +111,7 @@ def _run(args, scratch: Path) -> int:
 
     if args.sigma <= 0:
         raise ValueError(f"--sigma must be positive, got {args.sigma}")
+    out = check_writable_dir(args.out, "--out")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     data_path = Path(args.input)
     if args.masks:
@@ -126,8 +127,6 @@ def _run(args, scratch: Path) -> int:
     count = min(len(dataset), args.max_images or len(dataset))
     clean = _clean_references(args, Path(args.input), count) if not args.masks or args.clean else None
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     restored, inputs = [], []
     for start in range(0, count, args.batch):
@@ -158,7 +157,7 @@ def _run(args, scratch: Path) -> int:
     panels = [grid(list(r), columns=columns) for r in rows]
     overview = np.concatenate([np.concatenate([p, np.repeat(gap, p.shape[1], axis=1)]) for p in panels])
     save_png(overview, out / "overview.png")
-    (out / "restore.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "restore.json", report)
 
     print(f"restored {count} images from {args.input} with {loaded.source} (one network evaluation each, "
           f"sigma {args.sigma}) -> {out}")

@@ -10,7 +10,9 @@ reference's, and its published samples depend on them).
 Everything here is a pure function of its inputs: latents, masks and the churn noise source
 decide the result, so each image depends only on its own seed.
 """
+import collections
 import math
+import re
 from typing import Callable, Optional
 
 import torch
@@ -159,8 +161,11 @@ def memory_format(net: torch.nn.Module) -> torch.memory_format:
 # ----------------------------------------------------------------------------------------------
 # Command line: python -m ambient_fast.sample --net PATH --out DIR --seeds 0-63
 
+SAMPLE_OUTPUT = re.compile(r"^(\d+\.png|grid\.png|sampling\.json)$")  # what the command writes to --out
+
+
 def parse_seeds(text: str) -> "list[int]":
-    """'0-63', '5', '1,4,9-12' -> list of seeds."""
+    """'0-63', '5', '1,4,9-12' -> list of seeds, each at most once (a seed names one image file)."""
     seeds = []
     try:
         for part in text.split(","):
@@ -173,6 +178,10 @@ def parse_seeds(text: str) -> "list[int]":
                 seeds.append(int(part))
     except ValueError:
         raise ValueError(f"--seeds takes a list like '0-63' or '1,4,9-12', got {text!r}") from None
+    repeated = sorted(seed for seed, count in collections.Counter(seeds).items() if count > 1)
+    if repeated:
+        raise ValueError(f"--seeds {text} lists seed(s) {repeated[:5]} more than once; each seed is one image: "
+                         "list every seed once")
     return seeds
 
 
@@ -191,7 +200,6 @@ def seeded_inputs(seeds, shape, num_masks: int, survival: float, shared_channels
 
 def main(argv=None) -> int:
     import argparse
-    import json
     import sys
     from pathlib import Path
 
@@ -199,13 +207,16 @@ def main(argv=None) -> int:
 
     from ambient_fast.checkpoint import load_network
     from ambient_fast.distributed import close_world, init_world
+    from ambient_fast.files import claim_output_dir, write_json
     from ambient_fast.images import grid, load_png, save_png, to_uint8
 
     parser = argparse.ArgumentParser(prog="python -m ambient_fast.sample",
                                      description="Generate images from an ambient model (ours or a reference snapshot).")
     parser.add_argument("--net", required=True, help=".safetensors checkpoint, reference .pkl snapshot or run directory")
     parser.add_argument("--training-options", help="training_options.json of a reference snapshot, if not beside it")
-    parser.add_argument("--out", required=True, help="output directory for one PNG per seed and grid.png")
+    parser.add_argument("--out", required=True, help="output directory for one PNG per seed and grid.png (refused "
+                        "when it holds files, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the samples of an earlier run in --out")
     parser.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,4,9-12 (default 0-63)")
     parser.add_argument("--batch", type=int, default=64, help="images per network evaluation (default 64)")
     parser.add_argument("--steps", type=int, default=18, help="solver steps (default 18)")
@@ -229,29 +240,30 @@ def main(argv=None) -> int:
             raise ValueError("--batch, --steps and --masks must be at least 1")
         world, device = init_world(args.device)
         loaded = load_network(args.net, args.training_options)
+        # channels_last on GPUs: cuDNN's fast layout for bf16 convolutions (the fused kernels read either)
+        model = loaded.model.to(device, memory_format=torch.channels_last if device.type == "cuda"
+                                else torch.contiguous_format)
+        survival = args.survival if args.survival is not None else loaded.survival
+        if survival is None:
+            raise ValueError("the checkpoint does not record its training corruption; pass --survival")
+        if not 0 < survival <= 1:
+            raise ValueError(f"--survival must be in (0, 1], got {survival}")
+        if model.label_dim and (args.class_index is None or not 0 <= args.class_index < model.label_dim):
+            raise ValueError(f"this model is conditional on {model.label_dim} classes: pass --class in "
+                             f"0..{model.label_dim - 1}")
+        # Last of the checks, before any sampling: --overwrite deletes an earlier sampling's images, and
+        # without it stale images of another sampling must not mix with ours.
+        if world.is_main:
+            claim_output_dir(args.out, "--out", owned=SAMPLE_OUTPUT.match, what="samples", overwrite=args.overwrite)
+        world.barrier()
     except (OSError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
-    # channels_last on GPUs: cuDNN's fast layout for bf16 convolutions (the fused kernels read either)
-    model = loaded.model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-    survival = args.survival if args.survival is not None else loaded.survival
-    if survival is None:
-        print("error: the checkpoint does not record its training corruption; pass --survival", file=sys.stderr)
-        return 1
-    if not 0 < survival <= 1:
-        print(f"error: --survival must be in (0, 1], got {survival}", file=sys.stderr)
         return 1
     channels = model.img_channels // 2
     shape = (channels, model.img_resolution, model.img_resolution)
     labels = None
-    if model.label_dim:
-        if args.class_index is None or not 0 <= args.class_index < model.label_dim:
-            print(f"error: this model is conditional on {model.label_dim} classes: pass --class in "
-                  f"0..{model.label_dim - 1}", file=sys.stderr)
-            return 1
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     mine = seeds[world.rank::world.size]
     shared = bool(loaded.corruption.get("shared_channels", False))
     fast = device.type == "cuda" and not args.exact and args.guidance == 0 and args.churn == 0
@@ -279,9 +291,10 @@ def main(argv=None) -> int:
     world.barrier()
     if world.is_main:
         save_png(grid([load_png(out / f"{seed:06d}.png") for seed in seeds]), out / "grid.png")
-        (out / "sampling.json").write_text(json.dumps(dict(
-            net=str(loaded.source), seeds=args.seeds, steps=args.steps, solver=args.solver, survival=survival,
-            masks=args.masks, guidance=args.guidance, churn=args.churn, class_index=args.class_index), indent=1))
+        write_json(out / "sampling.json", dict(
+            net=str(loaded.source), seeds=args.seeds, images=[f"{seed:06d}.png" for seed in seeds], steps=args.steps,
+            solver=args.solver, survival=survival, masks=args.masks, guidance=args.guidance, churn=args.churn,
+            class_index=args.class_index))
         print(f"wrote {len(seeds)} images and {out / 'grid.png'}")
     close_world()
     return 0

@@ -12,7 +12,7 @@ so `--resume` continues bit for bit on the same hardware.
 """
 import argparse
 import dataclasses
-import json
+import math
 import os
 import signal
 import sys
@@ -25,13 +25,15 @@ import torch
 import torch.distributed as dist
 
 from ambient_fast import kernels
-from ambient_fast.checkpoint import save_network
+from ambient_fast.checkpoint import check_finite, save_network
 from ambient_fast.distributed import close_world, init_world
+from ambient_fast.files import dumps_json, read_json, write_json
 from ambient_fast.loss import EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
 from ambient_fast.nn import EDMPrecond, VPPrecond
 from ambient_fast.parallel import gradient_sync, parallelize
+from ambient_fast.run_dir import RunDirectory
 from ambient_fast.seeds import derive_seed
-from ambient_fast.training_state import latest_state, load_training_state, save_training_state
+from ambient_fast.training_state import load_newest_intact_state, save_training_state
 
 ARCHS = {  # --arch -> (model_type, architecture arguments that define it)
     "ddpmpp": ("SongUNet", dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
@@ -50,7 +52,11 @@ SIZES = {16: dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_res
 SYNTHETIC_P = 0.6
 # What may change when a run is resumed; everything else is the run's own configuration.
 RESUMABLE_OVERRIDES = {"steps", "snapshot_every", "device", "loader", "compile", "tf32", "channels_last", "keep",
-                       "sample_count"}
+                       "sample_count", "verify_data"}
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps and no roll-back left."""
 
 
 @dataclass
@@ -90,17 +96,38 @@ class TrainConfig:
     bad_steps: int = 10                 # consecutive non-finite steps before rolling back
     max_rollbacks: int = 3              # roll-backs allowed before giving up
     sample_count: int = 64              # images in the final sample grid
+    verify_data: bool = True            # check the data set's checksums and content at start (off: very large sets)
 
     def __post_init__(self):
+        def at_least(value, low):  # finite and >= low (rejects NaN and infinities)
+            return math.isfinite(value) and value >= low
+
+        def positive_ints(values):
+            return values is None or all(value >= 1 for value in values)
+
         checks = [
             (self.arch in ARCHS, f"--arch must be one of {sorted(ARCHS)}"),
             (self.precond in ("edm", "vp"), "--precond must be edm or vp"),
             (self.gate in ("sigmoid", "double_sigmoid", "none"), "--gate must be sigmoid, double_sigmoid or none"),
             (0 <= self.delta < 1, f"--delta must be in [0, 1), got {self.delta}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (self.hidden_weight in ("lambda", "unit"), "--hidden-weight must be lambda or unit"),
             (self.batch >= 1 and (self.batch_gpu is None or self.batch_gpu >= 1), "--batch and --batch-gpu must be >= 1"),
             (self.steps >= 1, "--steps must be >= 1"),
-            (self.lr > 0, "--lr must be positive"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive finite number, got {self.lr}"),
+            (at_least(self.lr_rampup_kimg, 0), f"--lr-rampup must be >= 0 kimg, got {self.lr_rampup_kimg}"),
+            (at_least(self.ema, 0), f"--ema must be >= 0 Mimg (0: no averaging), got {self.ema}"),
+            (at_least(self.ema_rampup, 0), f"ema_rampup must be >= 0, got {self.ema_rampup}"),
+            (at_least(self.max_grad_norm, 0), f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}"),
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (self.model_channels is None or self.model_channels >= 4,
+             f"--channels must be >= 4 (group normalisation needs 4 channels per group), got {self.model_channels}"),
+            (positive_ints(self.channel_mult) and self.channel_mult != [],
+             f"--channel-mult must list positive integers, got {self.channel_mult}"),
+            (self.num_blocks is None or self.num_blocks >= 1, f"--blocks must be >= 1, got {self.num_blocks}"),
+            (positive_ints(self.attn_resolutions), f"--attn must list positive resolutions, got {self.attn_resolutions}"),
+            (self.sample_count >= 1, f"--sample-count must be >= 1, got {self.sample_count}"),
+            (self.bad_steps >= 1 and self.max_rollbacks >= 0, "bad_steps must be >= 1 and max_rollbacks >= 0"),
             (self.parallel in ("auto", "fsdp", "ddp", "none"), "--parallel must be fsdp, ddp or none"),
             (self.precision in ("auto", "bf16", "fp32"), "--precision must be bf16 or fp32"),
             (self.loader in ("auto", "dali", "torch"), "--loader must be auto, dali or torch"),
@@ -114,31 +141,43 @@ class TrainConfig:
 class Trainer:
     """Builds data, model, optimiser and EMA from a TrainConfig, then trains, snapshots and resumes."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
+        """`resume`: continue the run in cfg.out; otherwise start one there, which must be empty
+        unless `overwrite`. The main rank locks the run directory until `close()`."""
         self.cfg = cfg
         self.world, self.device = init_world(cfg.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.run_dir = Path(cfg.out)
-        self.stop_requested = False
-        self._setup_data()
-        self._setup_model()
-        self.step = 0
-        self.images_seen = 0
-        self.lr_factor = 1.0
-        self.rollbacks = 0
-        self.skipped = 0
-        self.bad_streak = 0
-        if resume:
-            self._resume()
-        elif self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        self.run = RunDirectory(self.run_dir, resume=resume, overwrite=overwrite) if self.world.is_main else None
+        try:
+            self.stop_requested = False
+            self._setup_data()
+            self._setup_model()
+            self.step = 0
+            self.images_seen = 0
+            self.lr_factor = 1.0
+            self.rollbacks = 0
+            self.skipped = 0
+            self.bad_streak = 0
+            if resume:
+                self._resume()
+            elif self.world.is_main:
+                write_json(self.run_dir / "config.json", dataclasses.asdict(cfg))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (its lock); the trainer is not used afterwards."""
+        if self.run is not None:
+            self.run.close()
+            self.run = None
 
     # -- set-up ----------------------------------------------------------------------------------
 
     def _setup_data(self):
-        from ambient_fast.data.format import CorruptedDataset
+        from ambient_fast.data.format import CorruptedDataset, DataError
         from ambient_fast.data.loader import make_loader
 
         cfg, world = self.cfg, self.world
@@ -153,6 +192,12 @@ class Trainer:
         else:
             path = Path(cfg.data)
         self.dataset = CorruptedDataset(path)
+        if cfg.verify_data and world.is_main:
+            try:
+                self.dataset.verify()
+            except DataError as error:
+                raise DataError(f"{error} (training checks its data set first; --no-verify-data skips that for "
+                                "very large sets)") from None
         per_rank, remainder = divmod(cfg.batch, world.size)
         if remainder:
             raise ValueError(f"--batch {cfg.batch} does not split evenly over {world.size} ranks")
@@ -176,9 +221,14 @@ class Trainer:
                 size[key] = getattr(cfg, key)
         precond = EDMPrecond if cfg.precond == "edm" else VPPrecond
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.net = precond(img_resolution=self.dataset.resolution, img_channels=2 * self.dataset.channels,
-                           label_dim=self.dataset.label_dim, mask_aware=cfg.mask_aware, model_type=model_type,
-                           gate=cfg.gate, dropout=cfg.dropout, **arch_kwargs, **size).to(device).train()
+        try:
+            self.net = precond(img_resolution=self.dataset.resolution, img_channels=2 * self.dataset.channels,
+                               label_dim=self.dataset.label_dim, mask_aware=cfg.mask_aware, model_type=model_type,
+                               gate=cfg.gate, dropout=cfg.dropout, **arch_kwargs, **size).to(device).train()
+        except (ValueError, RuntimeError, KeyError, IndexError) as error:
+            raise ValueError(f"the architecture options ({', '.join(f'{k} {v}' for k, v in size.items())}) do not "
+                             f"make a network for {self.dataset.resolution}x{self.dataset.resolution} images: "
+                             f"{type(error).__name__}: {error}") from None
         self.config_for_checkpoint = self.net.config
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -218,6 +268,8 @@ class Trainer:
         cfg, world = self.cfg, self.world
         if world.is_main:
             print(self.summary(), flush=True)
+            for note in self.run.notes:
+                print(f"note: {note}", flush=True)
         handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         stats = self.run_dir / "stats.jsonl"
         tick = max(1, min(50, cfg.steps // 20))
@@ -315,13 +367,15 @@ class Trainer:
             torch._foreach_lerp_([self.ema[n] for n in names], [self.params[n].detach() for n in names], 1 - beta)
 
     def _roll_back(self):
-        state = latest_state(self.run_dir)
-        if state is None or self.rollbacks >= self.cfg.max_rollbacks:
-            raise RuntimeError(f"training diverged: {self.bad_streak} consecutive non-finite steps at step "
-                               f"{self.step} and no roll-back left ({self.rollbacks} used, {state or 'no state saved'})")
+        diverged = f"training diverged: {self.bad_streak} consecutive non-finite steps at step {self.step}"
+        if self.rollbacks >= self.cfg.max_rollbacks:
+            raise TrainingDiverged(f"{diverged} and no roll-back left ({self.rollbacks} used)")
         # The counters describe the whole run, not the state rolled back to.
         skipped, rollbacks, lr_factor = self.skipped, self.rollbacks, self.lr_factor
-        self._load(state)
+        try:
+            state = self._load_newest_state()
+        except FileNotFoundError:
+            raise TrainingDiverged(f"{diverged} and no training state saved to roll back to") from None
         self.skipped, self.rollbacks, self.lr_factor = skipped, rollbacks + 1, lr_factor * 0.5
         self.bad_streak = 0
         if self.world.is_main:
@@ -335,18 +389,26 @@ class Trainer:
         return dict(step=self.step, images_seen=self.images_seen, lr_factor=self.lr_factor,
                     rollbacks=self.rollbacks, skipped=self.skipped, loader=self.loader.state_dict())
 
-    def _load(self, state_dir: Path):
-        progress = load_training_state(state_dir, self.net, self.optimizer, self.ema)
+    def _load_newest_state(self) -> Path:
+        """Load the newest intact training state (collective), report the newer ones refused, and
+        return its directory."""
+        state, progress, refused = load_newest_intact_state(self.run_dir, self.world, self.net, self.optimizer,
+                                                            self.ema)
         self.step, self.images_seen = progress["step"], progress["images_seen"]
         self.lr_factor, self.rollbacks, self.skipped = progress["lr_factor"], progress["rollbacks"], progress["skipped"]
         self.loader.load_state_dict(progress["loader"])
+        if self.world.is_main:
+            for line in refused:
+                print(line, flush=True)
+        return state
 
     def _resume(self):
-        state = latest_state(self.run_dir)
-        if state is None:
-            raise FileNotFoundError(f"--resume {self.run_dir}: no training state in that directory")
-        self._load(state)
+        try:
+            state = self._load_newest_state()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--resume {self.run_dir}: no training state in that directory") from None
         if self.world.is_main:
+            self.run.truncate_stats(self.step)
             print(f"resumed {self.run_dir} from {state.name} at step {self.step}", flush=True)
 
     def _ema_state_dict(self) -> dict:
@@ -361,6 +423,7 @@ class Trainer:
     def _write_network(self, name: str) -> Path:
         ema_state = self._ema_state_dict()
         path = self.run_dir / name
+        check_finite(ema_state, path)  # on every rank (each holds the full EMA): all stop together
         if self.world.is_main:
             network = _bare_model(self.config_for_checkpoint, ema_state)
             save_network(path, network, self.dataset.corruption | {"delta": self.cfg.delta},
@@ -373,14 +436,14 @@ class Trainer:
                             self._progress_dict(), keep=self.cfg.keep)
 
     def finish(self):
-        save_training_state(self.run_dir, self.step, self.world, self.net, self.optimizer, self.ema,
-                            self._progress_dict(), keep=self.cfg.keep)
+        state = save_training_state(self.run_dir, self.step, self.world, self.net, self.optimizer, self.ema,
+                                    self._progress_dict(), keep=self.cfg.keep)
         final = self._write_network("network-final.safetensors")
         if self.world.is_main:
             overview = self._sample_grids(final)
             print(f"done: {self.step} steps, {self.images_seen} images ({self.skipped} skipped steps)\n"
                   f"  network (EMA):   {final}\n  samples/inputs:  {overview}\n"
-                  f"  stats:           {self.run_dir / 'stats.jsonl'}\n  training state:  {latest_state(self.run_dir)}",
+                  f"  stats:           {self.run_dir / 'stats.jsonl'}\n  training state:  {state}",
                   flush=True)
 
     def _sample_grids(self, network_path: Path) -> Path:
@@ -427,8 +490,8 @@ class Trainer:
             "Progress/lr": self.lr, "Progress/skipped_steps": self.skipped, "Progress/rollbacks": self.rollbacks,
             "Timing/images_per_sec": rate, "timestamp": time.time(),
         }
-        with open(path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        with open(path, "a") as f:  # appended; a line torn by a kill is dropped on resume
+            f.write(dumps_json(entry) + "\n")
         return mean
 
     def _gpu_info(self) -> str:
@@ -483,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data", help="prepared data set (python -m ambient_fast.prepare); default: the built-in synthetic set")
     add("--out", help="run directory (default runs/ambient)")
     add("--resume", metavar="DIR", help="continue the run in DIR up to --steps in total")
+    add("--overwrite", action="store_true", help="replace the run in --out (by default a non-empty --out is refused)")
     add("--arch", choices=sorted(ARCHS))
     add("--precond", choices=["edm", "vp"])
     add("--mask-aware", dest="mask_aware", action="store_true", help="mask-aware preconditioning (default)")
@@ -518,35 +582,50 @@ def build_parser() -> argparse.ArgumentParser:
     add("--keep", type=int, help="training states kept (default 2)")
     add("--loader", choices=["auto", "dali", "torch"])
     add("--sample-count", dest="sample_count", type=int, help="images in the final sample grid (default 64)")
+    add("--no-verify-data", dest="verify_data", action="store_false",
+        help="skip checking the data set's checksums and content at start (for very large sets)")
     return parser
 
 
-def config_from_args(argv=None) -> "tuple[TrainConfig, bool]":
+def config_from_args(argv=None) -> "tuple[TrainConfig, bool, bool]":
+    """(config, resume, overwrite) from the command line."""
     given = vars(build_parser().parse_args(argv))
-    resume = given.pop("resume", None)
+    resume, overwrite = given.pop("resume", None), given.pop("overwrite", False)
     if resume is None:
-        return TrainConfig(**given), False
+        return TrainConfig(**given), False, overwrite
+    if overwrite:
+        raise ValueError("--resume continues a run and --overwrite replaces one: give only one of them")
     saved_path = Path(resume) / "config.json"
     if not saved_path.is_file():
         raise FileNotFoundError(f"--resume {resume}: no config.json there (is it a run directory?)")
-    saved = json.loads(saved_path.read_text())
+    saved = read_json(saved_path, "the run's configuration is damaged: restore it, or start again with --overwrite")
+    unknown = set(saved) - {field.name for field in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"{saved_path} holds options this version does not know: {sorted(unknown)}")
     changed = {key for key, value in given.items() if saved.get(key) != value} - RESUMABLE_OVERRIDES - {"out"}
     if changed:
         raise ValueError(f"--resume keeps the run's configuration; these options differ from {saved_path}: "
                          f"{sorted(changed)} (only {sorted(RESUMABLE_OVERRIDES)} may change)")
-    return TrainConfig(**{**saved, **given, "out": str(resume)}), True
+    return TrainConfig(**{**saved, **given, "out": str(resume)}), True, False
 
 
 def main(argv=None) -> int:
+    trainer = None
     try:
-        cfg, resume = config_from_args(argv)
-        trainer = Trainer(cfg, resume=resume)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        cfg, resume, overwrite = config_from_args(argv)
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
+        return trainer.train()
+    except (ValueError, OSError, TrainingDiverged) as error:  # bad input, a refused write, a diverged run
         print(f"error: {error}", file=sys.stderr)
         return 1
-    try:
-        return trainer.train()
+    except RuntimeError as error:
+        if trainer is not None:
+            raise  # a failure inside training keeps its traceback
+        print(f"error: {error}", file=sys.stderr)  # e.g. --device cuda without a GPU
+        return 1
     finally:
+        if trainer is not None:
+            trainer.close()
         close_world()
 
 

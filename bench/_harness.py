@@ -19,6 +19,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ambient_fast.files import write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU_CAVEAT = ("No CUDA GPU: these are CPU figures, for correctness and regressions only. They say nothing about "
               "the performance targets, which are judged on a GPU (`bash bench/gpu_check.sh OUT_DIR`); GPU figures "
@@ -172,10 +174,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> "lis
 
 def write_report(path: Path, title: str, sections: Sequence[str]) -> Path:
     """Write `# title` and the sections (markdown text, one blank line between them)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n\n".join([f"# {title}", *sections]) + "\n")
-    return path
+    return write_text(path, "\n\n".join([f"# {title}", *sections]) + "\n")
 
 
 def environment_section(device: torch.device, command: str) -> str:

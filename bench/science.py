@@ -43,8 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ambient_fast.checkpoint import atomic_write, load_network  # noqa: E402
+from ambient_fast.checkpoint import load_network  # noqa: E402
 from ambient_fast.data.synthetic import clean_images, clean_twin, palette_fraction, synthetic_dataset  # noqa: E402
+from ambient_fast.files import atomic_write, write_json, write_text  # noqa: E402
 from ambient_fast.images import grid, save_png, to_uint8  # noqa: E402
 from ambient_fast.metrics import frechet_distance, nearest_neighbour_similarity, pixel_features, psnr  # noqa: E402
 from ambient_fast.restore import restore  # noqa: E402
@@ -108,7 +109,7 @@ def cached(path: Path, compute):
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value)))
+    write_json(path, value)
     return value
 
 
@@ -126,7 +127,11 @@ def train(work: Path, data_root: Path, variant: Variant, p: float, settings: Set
                       snapshot_every=max(settings.steps // 4, 1), sample_count=16)
     resume = (run / "config.json").is_file()
     trainer = Trainer(cfg, resume=resume)
-    if trainer.train() != 0 or not final.is_file():
+    try:
+        finished = trainer.train() == 0 and final.is_file()
+    finally:
+        trainer.close()
+    if not finished:
         raise RuntimeError(f"training {run.name} did not finish")
     return final
 
@@ -323,8 +328,8 @@ def report(args, settings, rows, grids, memorization, memorization_by_step, memo
                                                      for by in memorization_by_step.values()) + " |")
         lines.append("")
     path = args.results / f"{stem}.md"
-    path.write_text("\n".join(lines))
-    (args.results / f"{stem}.json").write_text(json.dumps(dict(
+    write_text(path, "\n".join(lines))
+    write_text(args.results / f"{stem}.json", json.dumps(dict(
         rows=rows, memorization={k: v.tolist() for k, v in memorization.items()},
         memorization_by_step={k: {step: v.tolist() for step, v in by.items()} for k, by in memorization_by_step.items()},
         settings=settings._asdict(), memorization_settings=memo_settings._asdict() if memo_settings else None), indent=1))

@@ -208,12 +208,12 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     save_network(path, model)
     before = path.read_bytes()
 
-    import ambient_fast.checkpoint as checkpoint
+    import ambient_fast.files as files
 
-    def crash(*args, **kwargs):
+    def crash(*args, **kwargs):  # killed after writing the temporary file, before renaming it
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(files, "fsync_path", crash)
     with pytest.raises(KeyboardInterrupt):
         save_network(path, randomize_(model))
     assert path.read_bytes() == before

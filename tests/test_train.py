@@ -76,6 +76,7 @@ def test_fused_path_draws_b_in_the_kernel_and_resumes_exactly(tmp_path, monkeypa
     first = Trainer(TrainConfig(out=str(tmp_path / "resumed"), **tiny))
     first.train_step()
     first.snapshot()
+    first.close()  # releases the run directory's lock
     resumed = Trainer(TrainConfig(out=str(tmp_path / "resumed"), **tiny), resume=True)
     resumed.train_step()
     for name, value in straight.params.items():

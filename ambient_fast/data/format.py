@@ -10,15 +10,19 @@ A data set is a directory holding
     labels.npy     int64 (N,)            class indices (only when the set has labels)
     meta.json      format version, shape, count, label_dim, the corruption that drew A
                    ({"kind", "p", "delta", "shared_channels", ...}), the fraction of observed
-                   values, sha256 of each array file, source description, creation time
+                   values, sha256 of each array file, source description, creation time, and
+                   the sha256 of all of that (`content_sha256`: an edited p or delta shows)
 
 Arrays are plain .npy files, memory-mapped when read: no decoding at training time. A set is
-built in a hidden sibling directory, fsynced and renamed into place, so a directory under the
-final name is always complete (a crash leaves at most a hidden `.NAME.partial-*` directory).
+written front to back (no memory map: a full disk is an error, not a SIGBUS) into a hidden
+sibling directory after a free-space check, fsynced and renamed into place, so a directory under
+the final name is always complete; any failure removes the partial directory (a killed process
+leaves at most a hidden `.NAME.partial-*` one).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -31,14 +35,17 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from ambient_fast.files import dumps_json, fsync_path, sha256_file, write_error
+
 __all__ = ["FORMAT", "VERSION", "DataError", "DatasetMeta", "DatasetWriter", "CorruptedDataset",
            "write_dataset", "corruption_record", "packed_size", "unpack_masks"]
 
 FORMAT = "ambient-fast-data"
 VERSION = 1
 OBSERVED, MASKS, LABELS, META = "observed.npy", "masks.npy", "labels.npy", "meta.json"
-_HASH_BLOCK = 1 << 20
+CONTENT_DIGEST = "content_sha256"  # meta.json's checksum of its own other fields
 _CHECK_ROWS = 4096  # images per chunk when a whole array is scanned (bounded memory)
+_SPARE_BYTES = 1 << 20  # beyond the arrays: meta.json, directory entries, file-system blocks
 
 
 class DataError(ValueError):
@@ -60,21 +67,10 @@ def corruption_record(operator) -> dict[str, Any]:
     return record
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a directory entry to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def content_digest(meta_json: dict) -> str:
+    """sha256 of meta.json's fields other than the digest itself (canonical JSON)."""
+    content = {key: value for key, value in meta_json.items() if key != CONTENT_DIGEST}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -154,10 +150,49 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
         if not overwrite:
             raise DataError(f"destination in use: {dest} exists and is not empty; choose another destination "
                             "or overwrite it (--overwrite, overwrite=True)")
+        # Overwriting replaces the folder as a whole: only ever do that to a data set and nothing else.
         if not _is_dataset(dest):
-            # Overwriting deletes the folder: only ever do that to a data set.
             raise DataError(f"destination in use: {dest} holds files that are not an ambient-fast data set; "
                             "refusing to overwrite it (choose another destination)")
+        others = sorted(set(os.listdir(dest)) - {OBSERVED, MASKS, LABELS, META})
+        if others:
+            raise DataError(f"destination in use: {dest} is a data set but also holds other files "
+                            f"({', '.join(others[:4])}); refusing to overwrite them: move them out or choose "
+                            "another destination")
+
+
+class _ArrayFile:
+    """One .npy file written front to back (header, then rows in order), hashed as it is written."""
+
+    def __init__(self, path: Path, dtype, shape: tuple):
+        self.dtype = np.dtype(dtype)
+        self.file = open(path, "wb")
+        self.digest = hashlib.sha256()
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False, "shape": tuple(shape)})
+        self._write(header.getvalue())
+
+    def _write(self, data) -> None:
+        self.file.write(data)
+        self.digest.update(data)
+
+    def append(self, rows: np.ndarray) -> None:
+        self._write(memoryview(np.ascontiguousarray(rows, dtype=self.dtype)).cast("B"))
+
+    def finish(self) -> str:
+        """Flush to disk and close; returns the file's sha256."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return self.digest.hexdigest()
+
+    def discard(self) -> None:
+        """Close without caring whether the last buffered bytes reach the disk (being removed)."""
+        try:
+            self.file.close()
+        except OSError:  # e.g. the disk is full: the original error is already on its way
+            pass
 
 
 class DatasetWriter:
@@ -184,21 +219,35 @@ class DatasetWriter:
         if self.label_dim < 0:
             raise DataError(f"label_dim must be >= 0, got {label_dim}")
         _check_destination(self.dest, overwrite)
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.dest.parent / f".{self.dest.name}.partial-{uuid.uuid4().hex[:12]}"
-        self.tmp.mkdir()
-        self._observed = self._masks = self._labels = None
-        open_memmap = np.lib.format.open_memmap
+        self._arrays: dict[str, _ArrayFile] = {}
         try:
-            self._observed = open_memmap(self.tmp / OBSERVED, "w+", np.uint8, (self.count, *self.shape))
-            self._masks = open_memmap(self.tmp / MASKS, "w+", np.uint8, (self.count, packed_size(self.shape)))
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self._check_free_space()
+            self.tmp = self.dest.parent / f".{self.dest.name}.partial-{uuid.uuid4().hex[:12]}"
+            self.tmp.mkdir()
+        except OSError as error:
+            raise write_error(self.dest, error) from error
+        try:
+            self._arrays[OBSERVED] = _ArrayFile(self.tmp / OBSERVED, np.uint8, (self.count, *self.shape))
+            self._arrays[MASKS] = _ArrayFile(self.tmp / MASKS, np.uint8, (self.count, packed_size(self.shape)))
             if self.label_dim:
-                self._labels = open_memmap(self.tmp / LABELS, "w+", np.int64, (self.count,))
-        except BaseException:
-            self.abort()  # e.g. a full disk: leave nothing behind
+                self._arrays[LABELS] = _ArrayFile(self.tmp / LABELS, np.int64, (self.count,))
+        except BaseException as error:
+            self.abort()  # leave nothing behind
+            if isinstance(error, OSError):
+                raise write_error(self.dest, error) from error
             raise
         self.filled = 0
         self._observed_values = 0
+
+    def _check_free_space(self) -> None:
+        needed = self.count * (math.prod(self.shape) + packed_size(self.shape) + (8 if self.label_dim else 0))
+        needed += _SPARE_BYTES
+        free = shutil.disk_usage(self.dest.parent).free
+        if free < needed:
+            raise DataError(f"not enough free space for {self.dest}: the data set needs {needed / 2 ** 20:.1f} MiB "
+                            f"and {free / 2 ** 20:.1f} MiB are free there; free some space or choose another "
+                            "destination")
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -222,18 +271,21 @@ class DatasetWriter:
         if leaked:
             raise DataError(f"{leaked} values are non-zero where the mask is 0: a data set holds only A * x "
                             "(zero every erased value before writing)")
-        if (labels is None) != (self._labels is None):
+        if (labels is not None) != (LABELS in self._arrays):
             raise DataError("labels must be given with every chunk iff the data set has labels (label_dim > 0)")
-        rows = slice(self.filled, self.filled + B)
         if labels is not None:
             labels = np.asarray(labels)
             if labels.shape != (B,) or not np.issubdtype(labels.dtype, np.integer):
                 raise DataError(f"labels must be integers of shape ({B},), got {labels.dtype} {labels.shape}")
             if B and (labels.min() < 0 or labels.max() >= self.label_dim):
                 raise DataError(f"labels must lie in [0, {self.label_dim}), got {labels.min()}..{labels.max()}")
-            self._labels[rows] = labels
-        self._observed[rows] = observed
-        self._masks[rows] = np.packbits(masks.reshape(B, -1), axis=1, bitorder="little")
+        try:
+            self._arrays[OBSERVED].append(observed)
+            self._arrays[MASKS].append(np.packbits(masks.reshape(B, -1), axis=1, bitorder="little"))
+            if labels is not None:
+                self._arrays[LABELS].append(labels)
+        except OSError as error:
+            raise write_error(self.dest, error) from error
         self._observed_values += int(np.count_nonzero(masks))
         self.filled += B
 
@@ -241,21 +293,20 @@ class DatasetWriter:
         """Checksum, write meta.json, fsync, rename into place; returns the data set's path."""
         if self.filled != self.count:
             raise DataError(f"only {self.filled} of {self.count} images were written")
-        arrays = {OBSERVED: self._observed, MASKS: self._masks, LABELS: self._labels}
-        for array in arrays.values():
-            if array is not None:
-                array.flush()
-        self._observed = self._masks = self._labels = None  # close the memory maps
-        meta = DatasetMeta(
-            count=self.count, shape=self.shape, label_dim=self.label_dim, corruption=dict(corruption),
-            observed_fraction=self._observed_values / (self.count * math.prod(self.shape)),
-            files={name: _sha256(self.tmp / name) for name, a in arrays.items() if a is not None},
-            source=source, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        (self.tmp / META).write_text(json.dumps(meta.to_json(), indent=1))
-        for name in [*meta.files, META]:
-            _fsync(self.tmp / name)
-        _fsync(self.tmp)
-        self._move_into_place()
+        try:
+            files = {name: array.finish() for name, array in self._arrays.items()}
+            self._arrays = {}
+            meta = DatasetMeta(
+                count=self.count, shape=self.shape, label_dim=self.label_dim, corruption=dict(corruption),
+                observed_fraction=self._observed_values / (self.count * math.prod(self.shape)), files=files,
+                source=source, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            content = meta.to_json()
+            (self.tmp / META).write_text(dumps_json({**content, CONTENT_DIGEST: content_digest(content)}, indent=1))
+            for name in [*files, META, "."]:
+                fsync_path(self.tmp / name)
+            self._move_into_place()
+        except OSError as error:
+            raise write_error(self.dest, error) from error
         return self.dest
 
     def _move_into_place(self) -> None:
@@ -268,13 +319,15 @@ class DatasetWriter:
         elif self.dest.is_dir():
             self.dest.rmdir()
         os.rename(self.tmp, self.dest)
-        _fsync(self.dest.parent)
+        fsync_path(self.dest.parent)
         if old is not None:
             shutil.rmtree(old)
 
     def abort(self) -> None:
         """Remove the partial directory (nothing if committed)."""
-        self._observed = self._masks = self._labels = None
+        for array in self._arrays.values():
+            array.discard()
+        self._arrays = {}
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
 
@@ -317,7 +370,10 @@ class CorruptedDataset:
             data = json.loads(meta_path.read_text())
         except ValueError as error:
             raise DataError(f"{meta_path} is not valid JSON ({error}); prepare the set again") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{meta_path} is not an ambient-fast data set's metadata; prepare the set again")
         self.meta = DatasetMeta.from_json(data, self.path)
+        self._meta_json = data
         self._arrays = {}
         expected = {OBSERVED: (np.uint8, (self.meta.count, *self.meta.shape)),
                     MASKS: (np.uint8, (self.meta.count, packed_size(self.meta.shape))),
@@ -386,24 +442,41 @@ class CorruptedDataset:
             one_hot[np.arange(len(labels)), labels] = 1
         return observed, unpack_masks(packed, self.shape), one_hot
 
-    def verify(self) -> None:
-        """Check each array file against its checksum, then that observed is 0 outside the mask
-        and labels lie in range. Raises DataError naming every problem found."""
-        problems = [f"{name}: checksum mismatch (the file changed after it was written)"
-                    for name in self.meta.array_files if _sha256(self.path / name) != self.meta.files[name]]
+    def verify(self) -> list[str]:
+        """Check meta.json against its own checksum, each array file against its checksum, then
+        recompute what meta.json claims from the arrays (the observed fraction; the counts are
+        checked on opening), that observed is 0 outside the mask and that labels lie in range.
+        Raises DataError naming every problem found; returns notes on what could not be checked."""
+        notes, problems = [], []
+        digest = self._meta_json.get(CONTENT_DIGEST)
+        if digest is None:
+            notes.append(f"{META} has no checksum of its own content (written by an older version): its corruption "
+                         "record could not be verified")
+        elif digest != content_digest(self._meta_json):
+            problems.append(f"{META}: its content changed after it was written (e.g. an edited p or delta) and no "
+                            "longer matches its checksum")
+        problems += [f"{name}: checksum mismatch (the file changed after it was written)"
+                     for name in self.meta.array_files if sha256_file(self.path / name) != self.meta.files[name]]
         if not problems:
+            observed_values = 0
             for start in range(0, len(self), _CHECK_ROWS):
                 rows = np.arange(start, min(start + _CHECK_ROWS, len(self)))
                 observed, masks, _ = self.get(rows)
+                observed_values += int(np.count_nonzero(masks))
                 if np.count_nonzero(observed[~masks]):
                     problems.append(f"{OBSERVED}: non-zero values where the mask is 0 (images {start}..)")
                     break
+            fraction = observed_values / (len(self) * math.prod(self.shape))
+            if not problems and not math.isclose(fraction, self.meta.observed_fraction, rel_tol=1e-9, abs_tol=1e-12):
+                problems.append(f"{META}: observed fraction {self.meta.observed_fraction} but the masks observe "
+                                f"{fraction}")
             labels = self._arrays.get(LABELS)
             if labels is not None and (labels.min() < 0 or labels.max() >= self.label_dim):
                 problems.append(f"{LABELS}: labels outside [0, {self.label_dim})")
         if problems:
             raise DataError(f"{self.path} failed verification: " + "; ".join(problems)
                             + ". Prepare the data set again.")
+        return notes
 
 
 def unpack_masks(packed: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

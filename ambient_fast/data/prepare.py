@@ -9,7 +9,8 @@
         source images (white = observed), or one .npy of 0/1 masks (N, H, W) or (N, C, H, W) in
         sorted-file-name order.
     prepare verify DEST
-        check checksums and content, print a summary.
+        check checksums (of the arrays and of meta.json) and recompute what meta.json claims,
+        print a summary.
 
 --delta is recorded as the training default; the trainer draws the further corruption B itself,
 fresh at every step. Bad input prints one line saying what is wrong and exits with status 1.
@@ -209,8 +210,9 @@ def _run(argv: list[str]) -> str:
     if argv[:1] == ["verify"]:
         verify = _Parser(prog="python -m ambient_fast.prepare verify", description="check a data set")
         verify.add_argument("dest")
-        dataset = CorruptedDataset(verify.parse_args(argv[1:]).dest, verify=True)
-        return summary(dataset, "ok, checksums and content verified")
+        dataset = CorruptedDataset(verify.parse_args(argv[1:]).dest)
+        notes = dataset.verify()
+        return "\n".join([summary(dataset, "ok, checksums and content verified"), *(f"  note: {n}" for n in notes)])
     args = build_parser().parse_args(argv)
     if args.masks is not None:
         given = [flag for flag, value in (("--p", args.p), ("--resolution", args.resolution)) if value is not None]

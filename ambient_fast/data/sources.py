@@ -21,7 +21,11 @@ __all__ = ["ImageSource", "image_extensions", "center_crop_resize", "mask_folder
            "mask_rows"]
 
 LABELS_FILE = "dataset.json"
-GRAY_MODES = {"1", "L", "I", "I;16", "F"}
+GRAY_MODES = {"1", "L", "I", "F"}  # and the 16-bit modes I;16, I;16B, ...
+
+
+def _is_grey(mode: str) -> bool:
+    return mode in GRAY_MODES or mode.startswith("I;16")
 
 
 def image_extensions() -> set[str]:
@@ -59,7 +63,7 @@ class ImageSource:
             raise DataError(f"source {self.path} holds no images (looked for {', '.join(sorted(extensions)[:8])}, ...)")
         self.labels = self._read_labels(set(files))
         self.sizes, modes = self._scan_headers()
-        self.channels = 1 if modes <= GRAY_MODES else 3
+        self.channels = 1 if all(_is_grey(mode) for mode in modes) else 3
 
     def __enter__(self) -> "ImageSource":
         return self
@@ -132,7 +136,7 @@ class ImageSource:
         name = self.names[index]
         with self._open(name) as image:
             try:
-                image = image.convert("L" if self.channels == 1 else "RGB")
+                image = _eight_bit(image, f"{name} in {self.path}").convert("L" if self.channels == 1 else "RGB")
             except OSError as error:  # truncated or corrupt pixel data shows only when decoding
                 raise DataError(f"cannot decode image {name} in {self.path}: {error}") from None
             if resolution is not None:
@@ -143,6 +147,19 @@ class ImageSource:
     def read_all(self, indices: Iterable[int], resolution: Optional[int] = None) -> np.ndarray:
         """uint8 (B, C, H, W) for the given indices."""
         return np.stack([self.read(index, resolution) for index in indices])
+
+
+def _eight_bit(image: Image.Image, where: str) -> Image.Image:
+    """16-bit greyscale scaled to 8-bit L (value / 257, rounded): PIL's own convert clips at 255.
+    PNG decodes 16-bit greyscale as I;16 (older Pillow: I); any other I or F image has no known
+    range and is refused."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.round(values / 257).astype(np.uint8))  # 2-D uint8: mode L
+    if image.mode in ("I", "F"):
+        raise DataError(f"image {where} holds {'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels "
+                        "of unknown range; save it as an 8- or 16-bit image")
+    return image
 
 
 def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:

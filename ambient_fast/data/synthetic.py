@@ -20,7 +20,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from ambient_fast.checkpoint import atomic_write
+from ambient_fast.files import atomic_write
 from ambient_fast.corruption import make_operator
 from ambient_fast.data.format import CorruptedDataset, DataError, corruption_record, write_dataset
 

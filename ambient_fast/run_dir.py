@@ -1,0 +1,114 @@
+"""A training run's directory: claimed when a run starts, locked for the run's life, tidied on start.
+
+- A new run refuses a folder that is not empty unless told `overwrite`, which deletes only what a
+  run writes and refuses a folder holding anything else (files.claim_output_dir).
+- `.lock` keeps a second training out of a run in use: the main rank holds an flock on it for
+  the run's life and records its PID and host in it, emptied when the run ends. The kernel
+  drops the flock when a process dies, so a killed run never blocks the next one, and the PID it
+  left behind is reported.
+- On start, temporaries of killed writers are removed; on resume, stats.jsonl is cut back to the
+  step resumed from (a killed run may have logged steps past its last saved state).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Optional
+
+from ambient_fast.files import TEMPORARY, check_writable_dir, claim_output_dir, remove_temporaries, write_text
+
+LOCK, STATS = ".lock", "stats.jsonl"
+# Everything a run writes (training states set aside as damaged included).
+RUN_OUTPUT = re.compile(r"^(config\.json|stats\.jsonl|samples\.png|inputs\.png|overview\.png"
+                        r"|network-(snapshot-\d+|final)\.safetensors|training-state-\d+(\.damaged-[0-9a-f]+)?)$")
+
+
+class RunInUse(ValueError):
+    """Another live process holds the run directory's lock."""
+
+
+def is_run_output(name: str) -> bool:
+    return bool(RUN_OUTPUT.match(name) or TEMPORARY.match(name))
+
+
+class RunDirectory:
+    """The run directory of the main rank: `RunDirectory(path, resume, overwrite)` checks and
+    locks it (ValueError, saying what to do, when it cannot); `close()` releases the lock.
+    `notes` lists what was found and tidied, for the log."""
+
+    def __init__(self, path, *, resume: bool, overwrite: bool):
+        self.path = Path(path)
+        self.notes: list[str] = []
+        option = "--resume" if resume else "--out"
+        check_writable_dir(self.path, option)
+        self._lock_fd: Optional[int] = None
+        self._lock(option)
+        try:
+            if not resume:
+                claim_output_dir(self.path, option, owned=is_run_output, what="a training run", overwrite=overwrite,
+                                 ignore=frozenset({LOCK}),
+                                 advice=f"continue the run there with --resume {self.path}, replace it with "
+                                        "--overwrite, or choose another --out")
+            removed = remove_temporaries(self.path)
+            if removed:
+                self.notes.append(f"removed {len(removed)} temporary file(s) left by killed writers "
+                                  f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self, option: str) -> None:
+        lock = self.path / LOCK
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").split() or ["?", "?"]
+            os.close(fd)
+            raise RunInUse(f"{option} {self.path} is in use by another training (process {holder[0]} on "
+                           f"{holder[-1]}); wait for it to end, or choose another folder") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            self.notes.append(f"this file system does not support locks: nothing keeps a second training out "
+                              f"of {self.path}")
+        previous = os.read(fd, 256).decode(errors="replace").split()
+        if previous:
+            self.notes.append(f"took over the lock of process {previous[0]} on {previous[-1]}, which ended "
+                              "without releasing it (killed?)")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        os.fsync(fd)
+        self._lock_fd = fd
+
+    def truncate_stats(self, step: int) -> None:
+        """Keep only the stats.jsonl lines of steps up to `step` (and drop a line torn by a kill)."""
+        path = self.path / STATS
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
+        if len(kept) < len(lines):
+            write_text(path, "".join(line + "\n" for line in kept))
+            self.notes.append(f"{STATS}: dropped {len(lines) - len(kept)} line(s) logged after step {step} "
+                              "(or torn) by the previous run")
+
+    def close(self) -> None:
+        """Release the lock; an empty lock file tells the next run this one ended cleanly."""
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _logged_step(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["Progress/step"])
+    except (ValueError, KeyError, TypeError):
+        return None
