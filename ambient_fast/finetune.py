@@ -33,7 +33,7 @@ MODEL_PREFIX = "model."  # the UNet's parameters inside the denoiser
 class FinetuneConfig(train.TrainConfig):
     unet: Optional[str] = None               # diffusers UNet directory (save_pretrained), scheduler config beside it
     prompt_embeddings: Optional[str] = None  # safetensors file with `prompt_embeddings` (K, L, D), conditional UNets
-    loss_weight: str = "x0"                  # x0 (the authors' script) | snr (epsilon MSE where seen); DiscreteVPAmbientLoss
+    loss_weight: str = "snr"                 # snr (noise-prediction error where seen) | x0 (the authors' script)
     # Fine-tuning defaults: a pre-trained model moves with a small learning rate.
     out: str = "runs/finetune"
     lr: float = 1e-4
@@ -92,8 +92,9 @@ def build_parser():
                         help="safetensors file with 'prompt_embeddings' (K, L, D) for a UNet2DConditionModel: K = 1 "
                         "conditions every image on it (e.g. the empty prompt), K > 1 picks by the data set's labels")
     parser.add_argument("--loss-weight", dest="loss_weight", choices=DiscreteVPAmbientLoss.WEIGHTINGS,
-                        help="x0: weight 1 on the x0 error, as the authors' DeepFloyd script (default); snr: the "
-                        "noise-prediction error where the network saw the pixel, the x0 error where B hid it")
+                        help="snr (default): the noise-prediction error where the network saw the pixel, the x0 error "
+                        "where B hid it; x0: weight 1 on the x0 error everywhere, as the authors' DeepFloyd script "
+                        "(measured in bench/results/finetune.md: it leaves the hidden pixels untrained far longer)")
     return parser
 
 
