@@ -1,22 +1,17 @@
 """bench/finetune.py end to end at a toy size, so that the fine-tuning demonstration cannot rot: it
 pre-trains, fine-tunes clean and corrupted, samples, scores and writes its report."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("diffusers", reason="the [diffusers] extra is not installed (it is part of [test])")
+from conftest import load_bench
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "finetune.py"
+pytest.importorskip("diffusers", reason="the [diffusers] extra is not installed (it is part of [test])")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("finetune_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("finetune")
 
 
 def test_pipeline_writes_its_report(bench, tmp_path):
