@@ -19,13 +19,16 @@ setup(
     # would let pip pull a multi-GB CUDA build on a machine that has none installed yet.
     install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pillow>=10", "rich>=13", "nvidia-ml-py>=12"],
     extras_require={
-        # The tests exercise the Triton kernels (interpreter mode on CPU), the DALI pipeline and
-        # bench/science.py end to end (its histogram needs matplotlib), and check the metrics against
-        # scipy (the package itself uses neither).
+        # The tests exercise the Triton kernels (interpreter mode on CPU), the DALI pipeline,
+        # fine-tuning diffusers models, and bench/science.py end to end (its histogram needs
+        # matplotlib), and check the metrics against scipy (the package itself uses neither).
         "test": ["pytest>=8", "triton>=3.6; platform_system == 'Linux'", "nvidia-dali-cuda130>=1.40", "scipy>=1.10",
-                 "matplotlib>=3.5"],
+                 "matplotlib>=3.5", "diffusers>=0.42"],
         "kernels": ["triton>=3.6; platform_system == 'Linux'"],
         "dali": ["nvidia-dali-cuda130>=1.40"],
-        "bench": ["matplotlib>=3.5"],  # bench/science.py's memorization histogram
+        # python -m ambient_fast.finetune and diffusers directories in sample / restore. diffusers
+        # does not require torch, so it never replaces the pinned CPU build.
+        "diffusers": ["diffusers>=0.42"],
+        "bench": ["matplotlib>=3.5"],  # the memorization histograms of bench/science.py and bench/finetune.py
     },
 )

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from ambient_fast.diffusers_unet import is_diffusers_model
 from ambient_fast.files import read_json, write_bytes
 from ambient_fast.nn import AmbientPrecond, build_model, from_reference
 
@@ -39,7 +40,7 @@ COMPILE_PREFIX = "_orig_mod."
 class LoadedNetwork:
     """A network ready to sample or restore with, and what it was trained on."""
 
-    model: AmbientPrecond
+    model: torch.nn.Module                            # an AmbientPrecond or a DiffusersDenoiser
     corruption: dict = field(default_factory=dict)   # kind, p, delta, shared_channels, ...
     source: str = ""                                  # path it came from
     metadata: dict = field(default_factory=dict)      # anything else the file recorded
@@ -114,9 +115,15 @@ def _load_safetensors(path: Path) -> LoadedNetwork:
 
 
 def load_network(path: Union[str, Path], training_options: Optional[Union[str, Path]] = None) -> LoadedNetwork:
-    """Load one of our `.safetensors` checkpoints or a reference `.pkl` snapshot (or a reference run
-    directory, whose newest snapshot is taken), through one call path, in eval mode."""
+    """Load one of our `.safetensors` checkpoints, a reference `.pkl` snapshot (or a reference run
+    directory, whose newest snapshot is taken) or a diffusers UNet directory (extra `[diffusers]`;
+    `ambient_fast.diffusers_unet`), through one call path, in eval mode."""
     path = Path(path)
+    if path.is_dir() and is_diffusers_model(path):
+        from ambient_fast.diffusers_unet import load_denoiser, read_info
+
+        info = read_info(path)
+        return LoadedNetwork(load_denoiser(path), info.get("corruption", {}), str(path), info)
     if path.is_dir():
         snapshots = sorted(path.glob("network-snapshot-*.pkl"))
         if not snapshots:

@@ -166,6 +166,38 @@ class VPAmbientLoss(AmbientLoss):
         return 1 / sigma ** 2
 
 
+class DiscreteVPAmbientLoss(AmbientLoss):
+    """A discrete-time VP model's flavour (a diffusers UNet through `DiffusersDenoiser`): sigma drawn
+    uniformly from the noise levels of its T training timesteps, with one of two weightings:
+
+    x0:  weight 1 on the x0 error on every pixel of A (the authors' DeepFloyd fine-tuning script:
+         uniform timesteps, mean squared error of the x0 prediction);
+    snr: weight 1 / sigma^2 (the signal-to-noise ratio) on the pixels the network saw, which for an
+         epsilon model is the squared error of the predicted noise (diffusers' usual objective), and
+         1 on the pixels B hid, where the network's output is the x0 prediction itself.
+    """
+
+    WEIGHTINGS = ("x0", "snr")
+
+    def __init__(self, sigmas: torch.Tensor, weighting: str = "x0", norm: int = 2):
+        if weighting not in self.WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {self.WEIGHTINGS}, got {weighting!r}")
+        super().__init__(norm, hidden_weight=torch.ones_like if weighting == "snr" else None)
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+        if len(sigmas) < 1 or not (sigmas > 0).all():
+            raise ValueError("the schedule's noise levels must be positive")
+        self.sigmas = sigmas
+        self.weighting = weighting
+
+    def sample_sigma(self, n, device, generator=None):
+        index = torch.randint(len(self.sigmas), (n,), device=device, generator=generator)
+        sigma = self.sigmas.to(device)[index].reshape(n, 1, 1, 1)
+        return sigma, self.weight(sigma)
+
+    def weight(self, sigma):
+        return torch.ones_like(sigma) if self.weighting == "x0" else 1 / sigma ** 2
+
+
 def unit_hidden_weight(net) -> WeightFn:
     """The hidden-pixel weight 1 / c_out^2 of preconditioned model `net` (an AmbientPrecond): it
     grades the network's raw output F on pixels hidden by B with weight 1."""

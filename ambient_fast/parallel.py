@@ -12,27 +12,26 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ambient_fast.distributed import World
-from ambient_fast.nn.layers import UNetBlock
 
 PARALLEL_KINDS = ("fsdp", "ddp", "none")
 
 
 def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.device, bf16: bool,
                 compile_blocks: bool) -> torch.nn.Module:
-    """Apply compile and FSDP2 / DDP to `model` (an AmbientPrecond) in place; return the module to call."""
+    """Apply compile and FSDP2 / DDP to `model` in place; return the module to call. `model` is an
+    AmbientPrecond or a DiffusersDenoiser: its network is `model.model`, and `model.blocks()` are
+    the units compiled and sharded one by one."""
     if kind not in PARALLEL_KINDS:
         raise ValueError(f"--parallel must be one of {PARALLEL_KINDS}, got {kind!r}")
-    unet = model.model
+    unet, blocks = model.model, model.blocks()
     if compile_blocks:
-        for block in unet.modules():
-            if isinstance(block, UNetBlock):
-                block.compile()
+        for block in blocks:
+            block.compile()
     if kind == "fsdp":
         mesh = init_device_mesh(device.type, (world.size,))
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        for block in unet.modules():
-            if isinstance(block, UNetBlock):
-                fully_shard(block, mesh=mesh, mp_policy=policy)
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(unet, mesh=mesh, mp_policy=policy)
         return model
     if kind == "ddp":

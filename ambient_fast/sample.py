@@ -198,6 +198,14 @@ def seeded_inputs(seeds, shape, num_masks: int, survival: float, shared_channels
     return torch.stack(latents).to(device), torch.stack(masks, dim=1).to(device)
 
 
+def sampling_sigmas(net, sigma_min: float = 0.002, sigma_max: float = 80.0) -> dict:
+    """EDM's sampling range clipped to the noise levels `net` covers (its `sigma_min` / `sigma_max`
+    where it has them: a discrete schedule of a diffusers model covers e.g. 0.01..157), as keyword
+    arguments of `ambient_sample`. Our own EDM and VP models cover EDM's default range, unchanged."""
+    return dict(sigma_min=max(sigma_min, getattr(net, "sigma_min", 0.0)),
+                sigma_max=min(sigma_max, getattr(net, "sigma_max", float("inf"))))
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
@@ -212,7 +220,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m ambient_fast.sample",
                                      description="Generate images from an ambient model (ours or a reference snapshot).")
-    parser.add_argument("--net", required=True, help=".safetensors checkpoint, reference .pkl snapshot or run directory")
+    parser.add_argument("--net", required=True, help=".safetensors checkpoint, reference .pkl snapshot or run directory, "
+                        "or a diffusers UNet directory (e.g. OUT/unet-ema of python -m ambient_fast.finetune)")
     parser.add_argument("--training-options", help="training_options.json of a reference snapshot, if not beside it")
     parser.add_argument("--out", required=True, help="output directory for one PNG per seed and grid.png (refused "
                         "when it holds files, unless --overwrite)")
@@ -284,7 +293,8 @@ def main(argv=None) -> int:
                                                      model.label_dim).float().to(device)
             images = ambient_sample(model, latents, masks, num_steps=args.steps, solver=args.solver,
                                     guidance=args.guidance, class_labels=labels, S_churn=args.churn,
-                                    dtype=torch.float32 if args.float32 else torch.float64, fast=fast)
+                                    dtype=torch.float32 if args.float32 else torch.float64, fast=fast,
+                                    **sampling_sigmas(model))
             for seed, array in zip(batch_seeds, to_uint8(images)):
                 save_png(array, out / f"{seed:06d}.png")
             progress.advance(task, len(batch_seeds))
@@ -294,7 +304,7 @@ def main(argv=None) -> int:
         write_json(out / "sampling.json", dict(
             net=str(loaded.source), seeds=args.seeds, images=[f"{seed:06d}.png" for seed in seeds], steps=args.steps,
             solver=args.solver, survival=survival, masks=args.masks, guidance=args.guidance, churn=args.churn,
-            class_index=args.class_index))
+            class_index=args.class_index, **sampling_sigmas(model)))
         print(f"wrote {len(seeds)} images and {out / 'grid.png'}")
     close_world()
     return 0

@@ -28,7 +28,7 @@ from ambient_fast import kernels
 from ambient_fast.checkpoint import check_finite, save_network
 from ambient_fast.distributed import close_world, init_world
 from ambient_fast.files import dumps_json, read_json, write_json
-from ambient_fast.loss import EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
+from ambient_fast.loss import AmbientLoss, EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
 from ambient_fast.nn import EDMPrecond, VPPrecond
 from ambient_fast.parallel import gradient_sync, parallelize
 from ambient_fast.run_dir import RunDirectory
@@ -141,6 +141,8 @@ class TrainConfig:
 class Trainer:
     """Builds data, model, optimiser and EMA from a TrainConfig, then trains, snapshots and resumes."""
 
+    command = "python -m ambient_fast.train"  # how the user continues an interrupted run
+
     def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
         """`resume`: continue the run in cfg.out; otherwise start one there, which must be empty
         unless `overwrite`. The main rank locks the run directory until `close()`."""
@@ -214,25 +216,15 @@ class Trainer:
 
     def _setup_model(self):
         cfg, device = self.cfg, self.device
-        model_type, arch_kwargs = ARCHS[cfg.arch]
-        size = dict(SIZES.get(self.dataset.resolution, SIZES[32]))
-        for key in size:
-            if getattr(cfg, key) is not None:
-                size[key] = getattr(cfg, key)
-        precond = EDMPrecond if cfg.precond == "edm" else VPPrecond
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         try:
-            self.net = precond(img_resolution=self.dataset.resolution, img_channels=2 * self.dataset.channels,
-                               label_dim=self.dataset.label_dim, mask_aware=cfg.mask_aware, model_type=model_type,
-                               gate=cfg.gate, dropout=cfg.dropout, **arch_kwargs, **size).to(device).train()
+            self.net, self.loss_fn = self.build_model()
         except (ValueError, RuntimeError, KeyError, IndexError) as error:
-            raise ValueError(f"the architecture options ({', '.join(f'{k} {v}' for k, v in size.items())}) do not "
-                             f"make a network for {self.dataset.resolution}x{self.dataset.resolution} images: "
-                             f"{type(error).__name__}: {error}") from None
-        self.config_for_checkpoint = self.net.config
+            raise ValueError(f"the model options do not make a network for {self.dataset.resolution}x"
+                             f"{self.dataset.resolution} images: {type(error).__name__}: {error}") from None
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.net.to(memory_format=self.memory_format)
+        self.net = self.net.to(device, memory_format=self.memory_format).train()
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
         self.parallel = cfg.parallel if cfg.parallel != "auto" else ("fsdp" if self.world.size > 1 else "none")
         if self.parallel != "none" and self.world.size == 1:
@@ -244,23 +236,56 @@ class Trainer:
         self.ema = {name: p.detach().clone() for name, p in self.params.items()}
         self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                           fused=device.type == "cuda")
-        hidden_weight = unit_hidden_weight(self.net) if cfg.hidden_weight == "unit" else None
-        loss_cls = EDMAmbientLoss if cfg.precond == "edm" else VPAmbientLoss
-        self.loss_fn = loss_cls(hidden_weight=hidden_weight)
         # FSDP2 casts to bf16 itself; otherwise autocast does.
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16 and self.parallel != "fsdp")
 
     def summary(self) -> str:
-        params = sum(p.numel() for p in self.net.parameters())
-        return (f"{self.cfg.arch} ({params / 1e6:.2f} M params, gate {self.cfg.gate}, "
-                f"{'mask-aware' if self.cfg.mask_aware else 'reference'} {self.cfg.precond} preconditioning, "
-                f"hidden-pixel weight {self.cfg.hidden_weight}) | "
+        return (f"{self.describe_model()} | "
                 f"data {self.dataset.path} ({len(self.dataset)} images {self.dataset.resolution}x{self.dataset.resolution}, "
                 f"corruption {self.dataset.corruption}, delta {self.cfg.delta}) | {self.world.size} rank(s) on "
                 f"{self.device}, parallel {self.parallel}, {'bf16' if self.bf16 else 'fp32'}, "
                 f"compile {'on' if self.compiled else 'off'}, {'channels_last' if self.channels_last else 'NCHW'}, TF32 {'on' if self.cfg.tf32 and self.device.type == 'cuda' else 'off'}, loader {self.loader.describe()} | "
                 f"batch {self.cfg.batch} = {self.world.size} x {self.accumulation} x {self.micro} | "
                 f"kernels: {kernels.active_path(self.device)}")
+
+    # -- the model family: what ambient_fast.finetune's FinetuneTrainer overrides -----------------
+
+    def build_model(self) -> "tuple[torch.nn.Module, AmbientLoss]":
+        """The denoiser (an AmbientPrecond: `net(x, sigma, labels)`, with `blocks()` for parallelize)
+        and its loss, built from the config and the data set."""
+        cfg = self.cfg
+        model_type, arch_kwargs = ARCHS[cfg.arch]
+        size = dict(SIZES.get(self.dataset.resolution, SIZES[32]))
+        for key in size:
+            if getattr(cfg, key) is not None:
+                size[key] = getattr(cfg, key)
+        precond = EDMPrecond if cfg.precond == "edm" else VPPrecond
+        net = precond(img_resolution=self.dataset.resolution, img_channels=2 * self.dataset.channels,
+                      label_dim=self.dataset.label_dim, mask_aware=cfg.mask_aware, model_type=model_type,
+                      gate=cfg.gate, dropout=cfg.dropout, **arch_kwargs, **size)
+        self.config_for_checkpoint = net.config
+        hidden_weight = unit_hidden_weight(net) if cfg.hidden_weight == "unit" else None
+        loss_cls = EDMAmbientLoss if cfg.precond == "edm" else VPAmbientLoss
+        return net, loss_cls(hidden_weight=hidden_weight)
+
+    def describe_model(self) -> str:
+        params = sum(p.numel() for p in self.net.parameters())
+        return (f"{self.cfg.arch} ({params / 1e6:.2f} M params, gate {self.cfg.gate}, "
+                f"{'mask-aware' if self.cfg.mask_aware else 'reference'} {self.cfg.precond} preconditioning, "
+                f"hidden-pixel weight {self.cfg.hidden_weight})")
+
+    def write_networks(self, final: bool) -> Path:
+        """Write the EMA network of this step (collective: every rank calls it; the main rank writes)
+        and return its path: a snapshot, or the final network at the end of the run."""
+        name = "network-final.safetensors" if final else f"network-snapshot-{self.step:09d}.safetensors"
+        ema_state = self._full_state_dict(ema=True)
+        path = self.run_dir / name
+        check_finite(ema_state, path)  # on every rank (each holds the full EMA): all stop together
+        if self.world.is_main:
+            network = _bare_model(self.config_for_checkpoint, ema_state)
+            save_network(path, network, self.dataset.corruption | {"delta": self.cfg.delta},
+                         step=self.step, images_seen=self.images_seen, config=dataclasses.asdict(self.cfg))
+        return path
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -295,7 +320,7 @@ class Trainer:
                         self.snapshot()
                         if world.is_main:
                             print(f"interrupted at step {self.step}: state saved; continue with "
-                                  f"python -m ambient_fast.train --resume {self.run_dir}", flush=True)
+                                  f"{self.command} --resume {self.run_dir}", flush=True)
                         return 0
             self.finish()
             return 0
@@ -411,34 +436,25 @@ class Trainer:
             self.run.truncate_stats(self.step)
             print(f"resumed {self.run_dir} from {state.name} at step {self.step}", flush=True)
 
-    def _ema_state_dict(self) -> dict:
-        """Full (unsharded) EMA weights and buffers on CPU, gathered on every rank (collective)."""
+    def _full_state_dict(self, ema: bool) -> dict:
+        """Full (unsharded) weights and buffers on CPU, the EMA's or the trained ones, gathered on
+        every rank (collective)."""
         out = {}
         for name, value in self.net.state_dict().items():
-            value = self.ema.get(name, value)
+            value = self.ema.get(name, value) if ema else value
             value = value.full_tensor() if hasattr(value, "full_tensor") else value
             out[name] = value.detach().float().cpu()
         return out
 
-    def _write_network(self, name: str) -> Path:
-        ema_state = self._ema_state_dict()
-        path = self.run_dir / name
-        check_finite(ema_state, path)  # on every rank (each holds the full EMA): all stop together
-        if self.world.is_main:
-            network = _bare_model(self.config_for_checkpoint, ema_state)
-            save_network(path, network, self.dataset.corruption | {"delta": self.cfg.delta},
-                         step=self.step, images_seen=self.images_seen, config=dataclasses.asdict(self.cfg))
-        return path
-
     def snapshot(self):
-        self._write_network(f"network-snapshot-{self.step:09d}.safetensors")
+        self.write_networks(final=False)
         save_training_state(self.run_dir, self.step, self.world, self.net, self.optimizer, self.ema,
                             self._progress_dict(), keep=self.cfg.keep)
 
     def finish(self):
         state = save_training_state(self.run_dir, self.step, self.world, self.net, self.optimizer, self.ema,
                                     self._progress_dict(), keep=self.cfg.keep)
-        final = self._write_network("network-final.safetensors")
+        final = self.write_networks(final=True)
         if self.world.is_main:
             overview = self._sample_grids(final)
             print(f"done: {self.step} steps, {self.images_seen} images ({self.skipped} skipped steps)\n"
@@ -450,7 +466,7 @@ class Trainer:
         """Write samples.png, inputs.png and overview.png (inputs | samples) to the run directory."""
         from ambient_fast.checkpoint import load_network
         from ambient_fast.images import grid, save_png, to_uint8
-        from ambient_fast.sample import ambient_sample, seeded_inputs
+        from ambient_fast.sample import ambient_sample, sampling_sigmas, seeded_inputs
 
         import numpy as np
 
@@ -463,7 +479,7 @@ class Trainer:
         labels = None
         if model.label_dim:
             labels = torch.eye(model.label_dim, device=self.device)[torch.arange(count) % model.label_dim]
-        samples = to_uint8(ambient_sample(model, latents, masks, class_labels=labels))
+        samples = to_uint8(ambient_sample(model, latents, masks, class_labels=labels, **sampling_sigmas(model)))
         observed, _, _ = self.dataset.get(np.arange(min(count, len(self.dataset))))
         inputs = observed.transpose(0, 2, 3, 1)
         sample_grid, input_grid = grid(list(samples)), grid(list(inputs))
@@ -539,34 +555,39 @@ def _progress_bar(enabled: bool):
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ambient_fast.train", description=__doc__.split("\n\n")[0],
-                                     argument_default=argparse.SUPPRESS)
+def build_parser(prog: str = "python -m ambient_fast.train", description: str = __doc__.split("\n\n")[0],
+                 defaults=TrainConfig, architecture: bool = True) -> argparse.ArgumentParser:
+    """The trainer's options; `architecture=False` leaves out those that define our own networks
+    (ambient_fast.finetune trains a given one). Help texts quote the defaults of `defaults`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     add = parser.add_argument
-    add("--data", help="prepared data set (python -m ambient_fast.prepare); default: the built-in synthetic set")
-    add("--out", help="run directory (default runs/ambient)")
+    add("--data", help="prepared data set (python -m ambient_fast.prepare)"
+        + ("; default: the built-in synthetic set" if architecture else " (required)"))
+    add("--out", help=f"run directory (default {defaults.out})")
     add("--resume", metavar="DIR", help="continue the run in DIR up to --steps in total")
     add("--overwrite", action="store_true", help="replace the run in --out (by default a non-empty --out is refused)")
-    add("--arch", choices=sorted(ARCHS))
-    add("--precond", choices=["edm", "vp"])
-    add("--mask-aware", dest="mask_aware", action="store_true", help="mask-aware preconditioning (default)")
-    add("--reference-precond", dest="mask_aware", action="store_false", help="the reference's preconditioning")
-    add("--gate", choices=["sigmoid", "double_sigmoid", "none"])
-    add("--delta", type=float, help="further-corruption probability (default 0.1)")
-    add("--hidden-weight", dest="hidden_weight", choices=["lambda", "unit"],
-        help="loss weight on pixels B hid: lambda(sigma) as the reference (default), or unit (1 / c_out^2)")
-    add("--batch", type=int, help="global batch size (default 16)")
+    if architecture:
+        add("--arch", choices=sorted(ARCHS))
+        add("--precond", choices=["edm", "vp"])
+        add("--mask-aware", dest="mask_aware", action="store_true", help="mask-aware preconditioning (default)")
+        add("--reference-precond", dest="mask_aware", action="store_false", help="the reference's preconditioning")
+        add("--gate", choices=["sigmoid", "double_sigmoid", "none"])
+        add("--hidden-weight", dest="hidden_weight", choices=["lambda", "unit"],
+            help="loss weight on pixels B hid: lambda(sigma) as the reference (default), or unit (1 / c_out^2)")
+        add("--dropout", type=float)
+        add("--channels", dest="model_channels", type=int, help="U-Net width (default by resolution)")
+        add("--channel-mult", dest="channel_mult", type=lambda s: [int(v) for v in s.split(",")], help="e.g. 2,2,2")
+        add("--blocks", dest="num_blocks", type=int, help="blocks per resolution")
+        add("--attn", dest="attn_resolutions", type=lambda s: [int(v) for v in s.split(",") if v], help="e.g. 16")
+    add("--delta", type=float, help=f"further-corruption probability (default {defaults.delta})")
+    add("--batch", type=int, help=f"global batch size (default {defaults.batch})")
     add("--batch-gpu", dest="batch_gpu", type=int, help="per-rank micro-batch for gradient accumulation")
-    add("--lr", type=float, help="peak learning rate (default 2e-3)")
-    add("--lr-rampup", dest="lr_rampup_kimg", type=float, help="learning-rate ramp-up in kimg (default 1)")
-    add("--ema", type=float, help="EMA half-life in Mimg (default 0.5)")
-    add("--steps", type=int, help="total optimiser steps (default 1000)")
+    add("--lr", type=float, help=f"peak learning rate (default {defaults.lr:g})")
+    add("--lr-rampup", dest="lr_rampup_kimg", type=float,
+        help=f"learning-rate ramp-up in kimg (default {defaults.lr_rampup_kimg:g})")
+    add("--ema", type=float, help=f"EMA half-life in Mimg (default {defaults.ema:g})")
+    add("--steps", type=int, help=f"total optimiser steps (default {defaults.steps})")
     add("--seed", type=int)
-    add("--dropout", type=float)
-    add("--channels", dest="model_channels", type=int, help="U-Net width (default by resolution)")
-    add("--channel-mult", dest="channel_mult", type=lambda s: [int(v) for v in s.split(",")], help="e.g. 2,2,2")
-    add("--blocks", dest="num_blocks", type=int, help="blocks per resolution")
-    add("--attn", dest="attn_resolutions", type=lambda s: [int(v) for v in s.split(",") if v], help="e.g. 16")
     add("--xflip", action="store_true", help="flip image and mask together")
     add("--parallel", choices=["fsdp", "ddp", "none"])
     add("--precision", choices=["bf16", "fp32"])
@@ -578,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-channels-last", dest="channels_last", action="store_false", help="contiguous (NCHW) memory format")
     add("--device", help="auto, cpu, cuda or cuda:N")
     add("--max-grad-norm", dest="max_grad_norm", type=float, help="gradient clipping (default 1.0; 0 = off)")
-    add("--snapshot-every", dest="snapshot_every", type=int, help="steps between snapshots (default 500)")
+    add("--snapshot-every", dest="snapshot_every", type=int,
+        help=f"steps between snapshots (default {defaults.snapshot_every})")
     add("--keep", type=int, help="training states kept (default 2)")
     add("--loader", choices=["auto", "dali", "torch"])
     add("--sample-count", dest="sample_count", type=int, help="images in the final sample grid (default 64)")
@@ -587,12 +609,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(argv=None) -> "tuple[TrainConfig, bool, bool]":
+def config_from_args(argv=None, parser: Optional[argparse.ArgumentParser] = None,
+                     config_cls=TrainConfig) -> "tuple[TrainConfig, bool, bool]":
     """(config, resume, overwrite) from the command line."""
-    given = vars(build_parser().parse_args(argv))
+    given = vars((parser or build_parser()).parse_args(argv))
     resume, overwrite = given.pop("resume", None), given.pop("overwrite", False)
     if resume is None:
-        return TrainConfig(**given), False, overwrite
+        return config_cls(**given), False, overwrite
     if overwrite:
         raise ValueError("--resume continues a run and --overwrite replaces one: give only one of them")
     saved_path = Path(resume) / "config.json"
@@ -606,16 +629,19 @@ def config_from_args(argv=None) -> "tuple[TrainConfig, bool, bool]":
     if changed:
         raise ValueError(f"--resume keeps the run's configuration; these options differ from {saved_path}: "
                          f"{sorted(changed)} (only {sorted(RESUMABLE_OVERRIDES)} may change)")
-    return TrainConfig(**{**saved, **given, "out": str(resume)}), True, False
+    return config_cls(**{**saved, **given, "out": str(resume)}), True, False
 
 
-def main(argv=None) -> int:
+def main(argv=None, parser: Optional[argparse.ArgumentParser] = None, config_cls=TrainConfig,
+         trainer_cls=Trainer) -> int:
+    """Parse, build the trainer, train; bad input, refused writes, a diverged run and missing
+    optional packages end with a message."""
     trainer = None
     try:
-        cfg, resume, overwrite = config_from_args(argv)
-        trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
+        cfg, resume, overwrite = config_from_args(argv, parser, config_cls)
+        trainer = trainer_cls(cfg, resume=resume, overwrite=overwrite)
         return trainer.train()
-    except (ValueError, OSError, TrainingDiverged) as error:  # bad input, a refused write, a diverged run
+    except (ValueError, OSError, TrainingDiverged, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except RuntimeError as error:

@@ -49,13 +49,14 @@ from ambient_fast.files import atomic_write, write_json, write_text  # noqa: E40
 from ambient_fast.images import grid, save_png, to_uint8  # noqa: E402
 from ambient_fast.metrics import frechet_distance, nearest_neighbour_similarity, pixel_features, psnr  # noqa: E402
 from ambient_fast.restore import restore  # noqa: E402
-from ambient_fast.sample import ambient_sample, seeded_inputs  # noqa: E402
+from ambient_fast.sample import ambient_sample, sampling_sigmas, seeded_inputs  # noqa: E402
 from ambient_fast.train import Trainer, TrainConfig  # noqa: E402
 
 RESOLUTION = 16
 DATA_SEED = 0
 RESTORE_SIGMA = 0.02  # the restore CLI's default noise level
 FINAL_NETWORK = "network-final.safetensors"
+FINAL_NETWORKS = (FINAL_NETWORK, "unet-ema")  # the end of a run: ours, and a fine-tuned diffusers UNet's (bench/finetune.py)
 GRID_IMAGES = 4096  # training images of the grid; its held-out twin is the reference set of every score
 HIDDEN_WEIGHT_P = 0.8  # the only p at which the default grid compares hidden-pixel weights
 
@@ -150,7 +151,7 @@ def sample(network: Path, count: int, seed: int) -> np.ndarray:
     for start in range(0, count, 128):
         seeds = range(seed * 10 ** 6 + start, seed * 10 ** 6 + min(start + 128, count))
         latents, masks = seeded_inputs(seeds, shape, 1, loaded.survival, shared, "cpu")
-        images.append(nchw_uint8(ambient_sample(loaded.model, latents, masks)))
+        images.append(nchw_uint8(ambient_sample(loaded.model, latents, masks, **sampling_sigmas(loaded.model))))
     return np.concatenate(images)
 
 
@@ -167,12 +168,12 @@ def restoration_psnr(network: Path, clean: np.ndarray, p: float, seed: int) -> f
 
 def snapshot_step(network: Path, settings: Settings) -> int:
     """The training step a saved network was written at (network-snapshot-000002000 -> 2000)."""
-    return settings.steps if network.name == FINAL_NETWORK else int(network.stem.rsplit("-", 1)[-1])
+    return settings.steps if network.name in FINAL_NETWORKS else int(network.stem.rsplit("-", 1)[-1])
 
 
 def cached_samples(network: Path, settings: Settings) -> np.ndarray:
     """sample(), kept in the run folder (uint8 .npy) so that a re-run scores without sampling again."""
-    snapshot = "" if network.name == FINAL_NETWORK else f"-step{snapshot_step(network, settings)}"
+    snapshot = "" if network.name in FINAL_NETWORKS else f"-step{snapshot_step(network, settings)}"
     path = network.parent / f"science-samples-{settings.samples}-seed{settings.seed}{snapshot}.npy"
     if path.is_file():
         return np.load(path)

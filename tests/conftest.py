@@ -1,4 +1,5 @@
 """Shared test set-up: fixed seeds, the reference fixtures, tiny model configurations."""
+import importlib.util
 import json
 import os
 import socket
@@ -58,3 +59,11 @@ def torchrun(module: str, *args: str, ranks: int = 2) -> str:
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def load_bench(name: str):
+    """bench/NAME.py imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

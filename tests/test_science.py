@@ -1,20 +1,15 @@
 """bench/science.py end to end at a toy size, so that the science benchmark cannot rot: it trains,
 samples, scores and writes its report, table and sample grids."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCIENCE = Path(__file__).resolve().parents[1] / "bench" / "science.py"
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def science():
-    spec = importlib.util.spec_from_file_location("science", SCIENCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("science")
 
 
 def test_quick_pipeline_writes_its_report(science, tmp_path):

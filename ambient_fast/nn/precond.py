@@ -19,7 +19,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .layers import check_gate
+from .layers import UNetBlock, check_gate
 from .unets import ARCHITECTURES
 
 
@@ -54,6 +54,10 @@ class AmbientPrecond(torch.nn.Module):
         if self.mask_aware:
             return torch.full_like(sigma, self.sigma_data)
         return self.coefficients(sigma)[1].expand_as(sigma)
+
+    def blocks(self) -> "list[torch.nn.Module]":
+        """The units torch.compile and FSDP treat one by one: the U-Net's blocks."""
+        return [module for module in self.model.modules() if isinstance(module, UNetBlock)]
 
     @property
     def config(self) -> dict:
