@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from ambient_fast import train
+from ambient_fast.checkpoint import check_finite
 from ambient_fast.diffusers_unet import DiffusersDenoiser, load_denoiser, save_denoiser
 from ambient_fast.loss import DiscreteVPAmbientLoss
 

@@ -622,7 +622,7 @@ def config_from_args(argv=None, parser: Optional[argparse.ArgumentParser] = None
     if not saved_path.is_file():
         raise FileNotFoundError(f"--resume {resume}: no config.json there (is it a run directory?)")
     saved = read_json(saved_path, "the run's configuration is damaged: restore it, or start again with --overwrite")
-    unknown = set(saved) - {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = set(saved) - {field.name for field in dataclasses.fields(config_cls)}
     if unknown:
         raise ValueError(f"{saved_path} holds options this version does not know: {sorted(unknown)}")
     changed = {key for key, value in given.items() if saved.get(key) != value} - RESUMABLE_OVERRIDES - {"out"}
