@@ -25,8 +25,7 @@ def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.d
         raise ValueError(f"--parallel must be one of {PARALLEL_KINDS}, got {kind!r}")
     unet, blocks = model.model, model.blocks()
     if compile_blocks:
-        for block in blocks:
-            block.compile()
+        compile_each(blocks)
     if kind == "fsdp":
         mesh = init_device_mesh(device.type, (world.size,))
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
@@ -37,6 +36,24 @@ def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.d
     if kind == "ddp":
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return model
+
+
+def compile_each(blocks: "list[torch.nn.Module]", backend="inductor") -> None:
+    """torch.compile every block, with static shapes, so that each runs compiled.
+
+    The blocks of a U-Net share one `forward` (one code object), and dynamo keeps at most
+    `recompile_limit` (8) compiled versions per code object: blocks of other widths, resolutions or
+    with attention each need their own, so past the eighth the rest ran eagerly. The limit is raised to
+    the number of blocks (each block's call in training has one shape). Static shapes: after a few
+    recompiles dynamo would otherwise mark sizes dynamic, and Inductor failed on the U-Net's symbolic
+    shapes (`cannot determine truth value of Relational`). `backend`: torch.compile's (checks count
+    the compiled calls through their own)."""
+    for name in ("recompile_limit", "cache_size_limit"):  # the name in torch >= 2.6, and before
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), len(blocks)))
+            break
+    for block in blocks:
+        block.compile(dynamic=False, backend=backend)
 
 
 def gradient_sync(model: torch.nn.Module, kind: str, enabled: bool):

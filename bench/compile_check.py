@@ -1,0 +1,162 @@
+"""torch.compile of the training step, checked on this machine: `python bench/compile_check.py`.
+
+For the CIFAR-10 (32x32) and 64x64 configurations, builds the trainer as `--compile` does (every
+U-Net block compiled with Inductor, static shapes), runs a few training steps and reports: the
+compile time (first step), the time of the later steps, the number of compiled graphs, how many of
+the blocks ran compiled in the last forward pass (all of them, or some fell back to eager: dynamo's
+recompile limit), the recompile-limit messages dynamo logged, and the first step's loss against an
+eager trainer's on the same batch. Exit status 1 if a block ran eagerly, the limit was hit or the
+losses differ beyond float32 rounding.
+
+Full width by default (the published configurations; minutes on a CPU, mostly Inductor's compile);
+`--quick`: one block per resolution and 16 channels (tests/test_compile.py runs that).
+"""
+import argparse
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+import _harness as harness  # noqa: E402
+
+RESOLUTIONS = (32, 64)
+QUICK_SIZE = dict(model_channels=16, num_blocks=1)
+STEPS = 3
+LOSS_TOLERANCE = 1e-3  # relative: Inductor reorders float32 arithmetic
+
+
+class CallCounter:
+    """A torch.compile backend that wraps another and counts the calls of the graphs it compiled:
+    `graphs` compiled so far, `calls` made since the last `reset_calls()`."""
+
+    def __init__(self, backend="inductor"):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.backend = lookup_backend(backend)
+        self.graphs = 0
+        self.calls = 0
+
+    def __call__(self, graph_module, example_inputs):
+        compiled = self.backend(graph_module, example_inputs)
+        self.graphs += 1
+
+        def run(*args):
+            self.calls += 1
+            return compiled(*args)
+
+        return run
+
+    def reset_calls(self):
+        self.calls = 0
+
+
+class LimitMessages(logging.Handler):
+    """Collects dynamo's log records that say a recompile limit was hit."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "recompile_limit" in message or "cache_size_limit" in message:
+            self.messages.append(message)
+
+
+@contextlib.contextmanager
+def dynamo_limit_messages():
+    handler = LimitMessages()
+    logger = logging.getLogger("torch._dynamo")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def check(resolution: int, size: dict, work: Path, steps: int = STEPS) -> dict:
+    """Train `steps` steps compiled and one eager on the same data; return the figures."""
+    from aot import random_set
+    from ambient_fast.parallel import compile_each
+    from ambient_fast.train import Trainer, TrainConfig
+
+    torch._dynamo.reset()
+    data = random_set(work / f"data-{resolution}", resolution, True, count=8)
+
+    def trainer(name):
+        config = TrainConfig(data=str(data), out=str(work / f"{name}-{resolution}"), device="cpu", compile=False,
+                             batch=2, steps=steps, **size)
+        with contextlib.redirect_stdout(None):
+            return Trainer(config)
+
+    eager_loss = trainer("eager").train_step().item()
+    compiled = trainer("compiled")
+    blocks = compiled.net.blocks()
+    counter = CallCounter()
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit), \
+            dynamo_limit_messages() as limit_messages:
+        compile_each(blocks, backend=counter)  # what --compile does, through a counting wrapper
+        times, losses = [], []
+        for _ in range(steps):
+            counter.reset_calls()
+            start = time.perf_counter()
+            losses.append(compiled.train_step().item())
+            times.append(time.perf_counter() - start)
+    torch._dynamo.reset()
+    return dict(resolution=resolution, blocks=len(blocks), graphs=counter.graphs, compiled_calls=counter.calls,
+                compile_s=times[0], step_s=sum(times[1:]) / max(len(times) - 1, 1), limit_messages=limit_messages,
+                loss=losses[0], eager_loss=eager_loss)
+
+
+def passed(result: dict) -> bool:
+    same_loss = abs(result["loss"] - result["eager_loss"]) <= LOSS_TOLERANCE * abs(result["eager_loss"])
+    return result["compiled_calls"] == result["blocks"] and not result["limit_messages"] and same_loss
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one block per resolution, 16 channels")
+    parser.add_argument("--results", type=Path, default=harness.RESULTS, help="folder of the markdown report")
+    parser.add_argument("--no-report", action="store_true", help="print only, write no report")
+    args = parser.parse_args(argv)
+    console = Console()
+    size = QUICK_SIZE if args.quick else {}
+    header = ["config", "blocks", "compiled in last forward", "graphs", "first step s", "later steps s",
+              "recompile-limit messages", "loss compiled / eager", "check"]
+    rows, failed = [], False
+    with tempfile.TemporaryDirectory(prefix="ambient-fast-compile-") as work:
+        for resolution in RESOLUTIONS:
+            console.print(f"{resolution}x{resolution}: {STEPS} compiled steps and 1 eager ...")
+            result = check(resolution, size, Path(work))
+            ok = passed(result)
+            failed |= not ok
+            rows.append([f"{resolution}x{resolution}" + (" (quick)" if args.quick else ""), str(result["blocks"]),
+                         str(result["compiled_calls"]), str(result["graphs"]), f"{result['compile_s']:.1f}",
+                         f"{result['step_s']:.2f}", str(len(result["limit_messages"])),
+                         f"{result['loss']:.6g} / {result['eager_loss']:.6g}", "ok" if ok else "FAIL"])
+    harness.print_table(console, "torch.compile of the training step (Inductor, CPU)", header, rows,
+                        left=("config", "check"))
+    if not args.no_report:
+        device = torch.device("cpu")
+        path = harness.report_path(args.results, "compile" + ("-quick" if args.quick else ""), device)
+        command = "python bench/compile_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        harness.write_report(path, f"torch.compile of the training step, {harness.today()}", [
+            harness.environment_section(device, command.strip()),
+            "Every U-Net block compiled as `--compile` does (Inductor, static shapes), batch 2. 'compiled in last "
+            "forward': compiled graphs called in the last step's forward pass (one per block when every block runs "
+            "compiled). First step: tracing and Inductor's compile included.",
+            "\n".join(harness.markdown_table(header, rows))])
+        console.print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
