@@ -209,3 +209,34 @@ def test_bad_arguments():
         EDMPrecond(img_resolution=8, img_channels=3, model_type="SongUNet")
     with pytest.raises(ValueError, match="encoder_type"):
         build("ddpmpp", encoder_type="fancy")
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention on CUDA: scaled_dot_product_attention with inputs its fused kernels accept.
+
+@pytest.mark.parametrize("channels,heads,res", [(32, 1, 8), (128, 2, 5), (48, 3, 4)], ids=lambda v: str(v))
+def test_fused_attention_matches_the_reference_and_takes_a_fused_kernel(monkeypatch, channels, heads, res):
+    """The CUDA branch of a block's attention, run on the CPU: it equals the reference arithmetic,
+    and SDPA receives 4-D (N, heads, L, c) tensors with a contiguous last dimension, for which it
+    picks a fused kernel (3-D or transposed inputs select the math path, choice 0)."""
+    from ambient_fast.nn import layers
+
+    block = layers.UNetBlock(channels, channels, emb_channels=16, attention=True, num_heads=heads).eval()
+    randomize_(block)
+    x, emb = torch.randn(2, channels, res, res), torch.randn(2, 16)
+    with torch.no_grad():
+        reference = block(x, emb)
+        choices = []
+        sdpa = F.scaled_dot_product_attention
+
+        def recording(q, k, v, *args, **kwargs):
+            assert q.ndim == 4 and q.shape == (2, heads, res * res, channels // heads)
+            assert all(t.stride(-1) == 1 for t in (q, k, v))
+            choices.append(torch._fused_sdp_choice(q, k, v))
+            return sdpa(q, k, v, *args, **kwargs)
+
+        monkeypatch.setattr(layers, "use_fused_attention", lambda qkv: True)
+        monkeypatch.setattr(layers.F, "scaled_dot_product_attention", recording)
+        fused = block(x, emb)
+    assert choices and all(choice != 0 for choice in choices), choices  # 0 = the math path
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)

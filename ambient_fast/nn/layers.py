@@ -237,15 +237,29 @@ class UNetBlock(torch.nn.Module):
         """Multi-head self-attention over pixels; channels of `qkv` are laid out as
         (head, channel, q/k/v), as EDM's reshape implies.
 
-        On CUDA: fused scaled_dot_product_attention. Elsewhere: the reference's own arithmetic
-        (logits and softmax in fp32), which reproduces its outputs bit for bit on CPU.
+        On CUDA: `fused_attention`. Elsewhere: the reference's own arithmetic (logits and softmax in
+        fp32), which reproduces its outputs bit for bit on CPU.
         """
         n, c, h, w = shape
+        if use_fused_attention(qkv):
+            q, k, v = qkv.reshape(n, self.num_heads, c // self.num_heads, 3, h * w).unbind(3)
+            return fused_attention(q, k, v).reshape(n, c, h, w)
         q, k, v = qkv.reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-        if qkv.is_cuda:
-            # (heads*N, c, L) -> (heads*N, L, c); the default scale is 1/sqrt(c), as in the reference.
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            return a.transpose(1, 2).reshape(n, c, h, w)
         logits = torch.einsum("ncq,nck->nqk", q.float(), (k / np.sqrt(k.shape[1])).float())
         weights = logits.softmax(dim=2).to(q.dtype)
         return torch.einsum("nqk,nck->ncq", weights, v).reshape(n, c, h, w)
+
+
+def use_fused_attention(qkv: torch.Tensor) -> bool:
+    return qkv.is_cuda
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q^T k / sqrt(c)) applied to v, for q, k, v of shape (N, heads, c, L) (channels, then
+    pixels); returns (N, heads, c, L), contiguous.
+
+    `scaled_dot_product_attention` takes its fused kernels (flash, memory-efficient) only for 4-D
+    (N, heads, L, c) inputs whose last dimension is contiguous; anything else falls back to the math
+    path, which materialises the L x L matrix. Hence the copies to that layout."""
+    q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).contiguous()
