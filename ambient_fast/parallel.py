@@ -1,8 +1,12 @@
-"""Parallelism applied to a built model, in a fixed order: FSDP2 per U-Net block, then the U-Net
-root, with a bf16/fp32 mixed-precision policy; or DDP; or nothing. Then torch.compile.
+"""Parallelism applied to a built model, in a fixed order: torch.compile per U-Net block, then
+FSDP2 per block and the U-Net root; or DDP; or nothing.
 
-Only the U-Net (`model.model`) is sharded: the preconditioning wrapper has no parameters and
-computes its coefficients in fp32, so it stays outside FSDP's input casting.
+One numerical policy for every kind: fp32 parameters, bf16 computation by autocast (the trainer's),
+gradients reduced in fp32. FSDP2 therefore gathers fp32 parameters and casts nothing itself: with a
+bf16 `param_dtype` it would cast every floating-point input of the U-Net to bf16, the noise labels
+included (VP's reach 999, where bf16 steps by 4), while autocast keeps the noise embedding's
+arithmetic in fp32 and casts only what its convolutions and matrix products read. A sharded run
+computes what a single process computes.
 """
 import contextlib
 
@@ -16,7 +20,7 @@ from ambient_fast.distributed import World
 PARALLEL_KINDS = ("fsdp", "ddp", "none")
 
 
-def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.device, bf16: bool,
+def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.device,
                 compile_blocks: bool) -> torch.nn.Module:
     """Apply compile and FSDP2 / DDP to `model` in place; return the module to call. `model` is an
     AmbientPrecond or a DiffusersDenoiser: its network is `model.model`, and `model.blocks()` are
@@ -28,7 +32,7 @@ def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.d
         compile_each(blocks)
     if kind == "fsdp":
         mesh = init_device_mesh(device.type, (world.size,))
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)  # see the module docstring
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(unet, mesh=mesh, mp_policy=policy)

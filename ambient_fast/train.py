@@ -230,14 +230,14 @@ class Trainer:
         if self.parallel != "none" and self.world.size == 1:
             self.parallel = "none"
         use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-        self.model = parallelize(self.net, self.parallel, self.world, device, self.bf16, use_compile)
+        self.model = parallelize(self.net, self.parallel, self.world, device, use_compile)
         self.compiled = use_compile
         self.params = {name: p for name, p in self.net.named_parameters()}
         self.ema = {name: p.detach().clone() for name, p in self.params.items()}
         self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                           fused=device.type == "cuda")
-        # FSDP2 casts to bf16 itself; otherwise autocast does.
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16 and self.parallel != "fsdp")
+        # bf16 by autocast under every kind of parallelism (ambient_fast.parallel: one numerical policy)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def summary(self) -> str:
         return (f"{self.describe_model()} | "
