@@ -130,11 +130,17 @@ def ambient_sample(
     def evaluate_in_place(t: torch.Tensor) -> torch.Tensor:
         return net(net_input, t, class_labels)[:, :channels]
 
-    evaluate = StaticDenoiser(net, net_input, class_labels, use_graph=x.is_cuda) if fast else evaluate_in_place
+    evaluate = evaluate_in_place
+    if fast:  # one captured graph per network and shape, reused by later calls
+        evaluate = StaticDenoiser.cached(net, net_input, class_labels, use_graph=x.is_cuda)
+        net_input = evaluate.net_input
+    # The churn decisions read the noise levels on the host, computed there: comparing the device's
+    # would wait for the GPU at every step.
+    t_host = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64).tolist()
     with torch.no_grad():
         for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-            gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
-            t_hat = t_cur + gamma * t_cur
+            gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn and S_min <= t_host[i] <= S_max else 0.0
+            t_hat = t_cur + gamma * t_cur if gamma > 0 else t_cur
             if gamma > 0:
                 x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
                 if fused:

@@ -175,3 +175,57 @@ def test_sample_cli_under_torchrun_splits_seeds(tmp_path):
         name = f"{seed:06d}.png"
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
     assert (tmp_path / "two" / "grid.png").is_file()
+
+
+def test_fast_path_builds_its_denoiser_once_per_shape(monkeypatch):
+    """The fast path's static denoiser (its CUDA graph on a GPU) is made once per network and shape
+    and reused; the reused one reads the new latents, masks and labels: its images equal those of a
+    fresh copy of the network."""
+    import copy
+
+    from ambient_fast import graphs
+
+    made = []
+    original = graphs.StaticDenoiser.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(graphs.StaticDenoiser, "__init__", counting)
+    model = small_model(label_dim=3)
+    kwargs = dict(num_steps=3, fast=True)
+    first_latents, first_masks = seeded_inputs([0, 1], (3, 8, 8), 1, 0.5, False, "cpu")
+    latents, masks = seeded_inputs([7, 8], (3, 8, 8), 1, 0.5, False, "cpu")
+    labels = torch.eye(3)[[2, 0]]
+    ambient_sample(model, first_latents, first_masks, class_labels=torch.eye(3)[[0, 1]], **kwargs)
+    reused = ambient_sample(model, latents, masks, class_labels=labels, **kwargs)
+    assert len(made) == 1
+    fresh = ambient_sample(copy.deepcopy(model), latents, masks, class_labels=labels, **kwargs)
+    assert len(made) == 2
+    assert torch.equal(reused, fresh)
+    more_latents, more_masks = seeded_inputs([0, 1, 2], (3, 8, 8), 1, 0.5, False, "cpu")
+    ambient_sample(model, more_latents, more_masks, class_labels=torch.eye(3), **kwargs)  # another batch size
+    assert len(made) == 3
+
+
+@pytest.mark.parametrize("options", [dict(), dict(fast=True), dict(S_churn=10.0, S_min=0.05, S_max=50.0)],
+                         ids=["exact", "fast", "churn"])
+def test_the_sampler_never_waits_for_device_values(options):
+    """No tensor value is read on the host during sampling (on a GPU each read waits for the queue to
+    drain): `.item()`, `bool(tensor)` and comparisons all dispatch to aten._local_scalar_dense."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                HostReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = small_model()
+    latents, masks = seeded_inputs([0, 1], (3, 8, 8), 1, 0.5, False, "cpu")
+    with HostReads():
+        ambient_sample(model, latents, masks, num_steps=4, **options)
+    assert HostReads.count == 0
