@@ -18,8 +18,10 @@ compiled to cubin; ptxas's report gives registers per thread, spills and shared 
 This uses Triton's internal binder (`create_function_from_signature`, `JITFunction._pack_args`),
 as found in Triton 3.6 (the GPU image's) and 3.9 (CI's).
 """
+import concurrent.futures
 import contextlib
 import io
+import multiprocessing
 import os
 import re
 import tempfile
@@ -159,17 +161,40 @@ def compile_one(spec: Specialization) -> CompileResult:
                          len(compiled.asm.get("cubin", b"")), "")
 
 
-def compile_all(specs: List[Specialization], progress=None) -> List[CompileResult]:
-    """Compile every specialisation (in a fresh Triton cache, so that ptxas runs and reports each);
-    `progress(done, total, result)` is called after each."""
+def compile_all(specs: List[Specialization], progress=None, workers: Optional[int] = None) -> List[CompileResult]:
+    """Compile every specialisation (in a fresh Triton cache, so that ptxas runs and reports each), in
+    `workers` forked processes (default: one a CPU core; 1 compiles here); `progress(done, total,
+    result)` is called after each, in order."""
+    workers = workers or os.cpu_count() or 1
     results = []
     with tempfile.TemporaryDirectory(prefix="ambient-fast-aot-") as cache, \
             _environment(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1"):
-        for spec in specs:
-            results.append(compile_one(spec))
+        for result in _compiled(specs, min(workers, len(specs))):
+            results.append(result)
             if progress is not None:
-                progress(len(results), len(specs), results[-1])
+                progress(len(results), len(specs), result)
     return results
+
+
+_SPECS: List[Specialization] = []  # what forked workers compile, by index (a JITFunction does not pickle)
+
+
+def _compile_index(index: int) -> tuple:
+    return tuple(compile_one(_SPECS[index]))[1:]
+
+
+def _compiled(specs: List[Specialization], workers: int) -> Iterable[CompileResult]:
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from map(compile_one, specs)
+        return
+    global _SPECS
+    _SPECS = specs
+    try:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for spec, fields in zip(specs, pool.map(_compile_index, range(len(specs)))):
+                yield CompileResult(spec, *fields)
+    finally:
+        _SPECS = []
 
 
 @contextlib.contextmanager
