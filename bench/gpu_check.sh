@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check: everything that needs a CUDA GPU, in one command, within 8 minutes on one H100.
+# The GPU check: everything that needs a CUDA GPU, in one command, within 12.5 minutes on one H100/H200
+# (--full: 18.5 minutes).
 #
-#   bash bench/gpu_check.sh [--wheels DIR] [--reference-repo PATH] OUT_DIR
+#   bash bench/gpu_check.sh [--full] [--wheels DIR] [--reference-repo PATH] OUT_DIR
 #   bash bench/gpu_check.sh --dry-run            # list the steps, run nothing
 #
 # Run it from anywhere on a machine with a CUDA GPU, torch and Triton (nothing is downloaded: such
@@ -13,18 +14,32 @@
 #            installed in editable mode (pip -e, no dependencies) if ambient_fast.kernels does not
 #            import yet (setup.py maps kernels/ to it)
 #   env      the GPU, torch, CUDA, Triton, DALI, and which kernel path runs
+#   aot      python bench/aot.py --quick: every kernel specialisation of the CI set compiled for sm_80
+#            and sm_90 with this machine's Triton, before anything launches one (a compile failure
+#            then names its kernel instead of failing inside a test)
 #   tests    python -m pytest -m gpu: compiled kernels against their references, the DALI GPU
-#            pipeline, the CUDA-graph sampler against the exact one, bf16 training against fp32
-#            (tests/test_kernels.py, test_sample.py, test_gpu.py; without nvidia.dali the DALI test
-#            skips, e.g. on an image with torch 2.11 and Triton 3.6 but no DALI; the fixture-based
-#            sampler test needs ../shared/fixtures or AMBIENT_FAST_FIXTURES)
+#            pipeline, the CUDA-graph sampler against the exact one, bf16 training against fp32, the
+#            trainer's compiled CUDA step (tests/test_kernels.py, test_sample.py, test_gpu.py;
+#            without nvidia.dali the DALI test skips, e.g. on an image with torch 2.11 and Triton 3.6
+#            but no DALI; the fixture-based sampler test needs ../shared/fixtures or AMBIENT_FAST_FIXTURES)
 #   kernels  python bench/kernels.py --sizes 64
-#   train    python bench/train.py --steps 10 --warmup 3 (CIFAR-10 config first, then 64x64; with
+#   train    python bench/train.py --steps 10 --warmup 3 --configs 32 (--full: 32,64; with
 #            --reference-repo, the authors' code too)
-#   sample   python bench/sample.py --resolutions 64,32 (batch 256, the target's 64x64 first)
+#   sample   python bench/sample.py --resolutions 64 (batch 256, the target's; --full: 64,32)
+# Limits (seconds) include compilation, which dominates the first call of every compiled path. Reasoned
+# from what was measured on a 2-core CPU (bench/results/aot-*, compile-cpu-*): the AOT quick set records
+# in about 15 s and compiles its ~280 specialisations in ~40 core-seconds (~10 s on 16 cores), the same
+# again for the first launch of each kernel in a process; Inductor compiles the 13 graphs of the
+# CIFAR-10 configuration (18 at 64x64), forward and backward, in ~20-60 s a configuration with its
+# parallel workers, where a 2-core CPU took ~100 s. So: aot 90 (torch and Triton imports, ~2x margin);
+# tests 180 (kernels' first compiles ~30 s, two trainer compiles of tiny models ~2 x 40 s, CUDA-graph
+# captures); kernels 80 (Triton compiles ~20 s, then timing); train 240 a configuration ((a) eager 13
+# steps ~30 s, (b) Inductor ~60 s and 13 steps, FLOP counting and the bf16 peak ~20 s, 2x margin);
+# sample 100 a resolution (2 warm-up and 1 timed call of three samplers, the reference-style one the
+# slowest, at batch 256). The default set's limits total 12.5 minutes, --full's 18.5.
 # A step that fails or runs out of time is recorded and the next one runs. Results:
 #   OUT_DIR/gpu-check-<date>.md   one report: the steps' status and times, the test summary, and the
-#                                 kernels, training and sampling tables (device, date, versions)
+#                                 AOT, kernels, training and sampling tables (device, date, versions)
 #   OUT_DIR/gpu-check.log         everything the steps printed
 # Exit status: 0 when every step passed, 1 otherwise, 2 for bad arguments.
 set -uo pipefail
@@ -32,12 +47,14 @@ set -uo pipefail
 usage() { sed -n '2,/^# Exit status/p' "$0" | sed 's/^# \{0,1\}//'; }
 
 dry_run=0
+full=0
 wheels="${AMBIENT_FAST_WHEELS:-}"
 reference_repo=""
 out=""
 while (($#)); do
     case "$1" in
         --dry-run) dry_run=1 ;;
+        --full) full=1 ;;
         --wheels) wheels="${2:?--wheels needs a folder}"; shift ;;
         --reference-repo) reference_repo="${2:?--reference-repo needs a path}"; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -63,14 +80,17 @@ reference_flag=""
 if [[ -n "$reference_repo" ]]; then
     reference_flag="--reference-repo $(printf %q "$(cd "$reference_repo" 2>/dev/null && pwd || echo "$reference_repo")")"
 fi
-# name | seconds allowed | command. The limits add up to 8 minutes.
+# name | seconds allowed | command (limits reasoned in the header)
+configs=32; resolutions=64; train_limit=240; sample_limit=100
+if ((full)); then configs=32,64; resolutions=64,32; train_limit=480; sample_limit=200; fi
 steps=(
     "setup|30|setup_step"
     "env|20|$py $work/env_check.py"
-    "tests|110|$py -m pytest -m gpu -q -rs -p no:cacheprovider"
-    "kernels|70|$py bench/kernels.py --sizes 64 --results $parts"
-    "train|160|$py bench/train.py --steps 10 --warmup 3 --results $parts $reference_flag"
-    "sample|90|$py bench/sample.py --resolutions 64,32 --results $parts"
+    "aot|90|$py bench/aot.py --quick --results $parts"
+    "tests|180|$py -m pytest -m gpu -q -rs -p no:cacheprovider"
+    "kernels|80|$py bench/kernels.py --sizes 64 --results $parts"
+    "train|$train_limit|$py bench/train.py --steps 10 --warmup 3 --configs $configs --results $parts $reference_flag"
+    "sample|$sample_limit|$py bench/sample.py --resolutions $resolutions --results $parts"
 )
 
 if ((dry_run)); then
@@ -161,7 +181,7 @@ report="$out/gpu-check-$(date +%F).md"
 {
     echo "# GPU check, $(date +%F)"
     echo
-    echo "Command: \`bash bench/gpu_check.sh ${wheels:+--wheels $wheels }${reference_flag:+$reference_flag }$out\` on $(hostname), commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$repo" diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')."
+    echo "Command: \`bash bench/gpu_check.sh $( ((full)) && echo '--full ')${wheels:+--wheels $wheels }${reference_flag:+$reference_flag }$out\` on $(hostname), commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$repo" diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')."
     echo
     echo "| step | status | seconds | limit |"
     echo "|---|---|---|---|"
@@ -177,7 +197,7 @@ report="$out/gpu-check-$(date +%F).md"
     echo "## Tests (python -m pytest -m gpu)"
     echo
     grep -E "^(SKIPPED|FAILED|ERROR)|passed|failed|error|skipped|deselected" "$work/tests.log" | sed 's/^/    /'
-    for part in "$parts"/kernels-*.md "$parts"/train-*.md "$parts"/sample-*.md; do
+    for part in "$parts"/aot-*.md "$parts"/kernels-*.md "$parts"/train-*.md "$parts"/sample-*.md; do
         [[ -f "$part" ]] || continue
         echo
         sed 's/^#/##/' "$part"  # one level down: each benchmark's report becomes a section

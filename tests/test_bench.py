@@ -162,3 +162,20 @@ def test_sample_main_writes_a_report(sample, tmp_path, monkeypatch):
     assert "## 32x32 (narrowed: --quick), batch 1" in report and "reference-style" in report and "torch " in report
     with pytest.raises(SystemExit):
         sample.main(["--resolutions", "128"])
+
+
+def test_gpu_check_compiles_ahead_first_and_fits_its_budget():
+    """`bash bench/gpu_check.sh --dry-run`: the AOT compile runs before anything launches a kernel, and
+    the steps' limits (compilation included) add up to what the script promises: 12.5 minutes, 18.5
+    with --full."""
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    for flags, budget in (([], 12.5 * 60), (["--full"], 18.5 * 60)):
+        out = subprocess.run(["bash", str(script), "--dry-run", *flags], capture_output=True, text=True,
+                             check=True).stdout
+        steps = re.findall(r"^\s+(\w+)\s+\(at most\s+(\d+) s\)", out, re.MULTILINE)
+        names = [name for name, _ in steps]
+        assert names == ["setup", "env", "aot", "tests", "kernels", "train", "sample"]
+        assert sum(int(limit) for _, limit in steps) == budget
