@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: everything that needs a CUDA GPU, in one command, within 12.5 minutes on one H100/H200
-# (--full: 18.5 minutes).
+# The GPU check: everything that needs a CUDA GPU, in one command, within 740 s (12.3 minutes) on one
+# H100/H200 (--full: 1080 s).
 #
 #   bash bench/gpu_check.sh [--full] [--wheels DIR] [--reference-repo PATH] OUT_DIR
 #   bash bench/gpu_check.sh --dry-run            # list the steps, run nothing
@@ -36,7 +36,7 @@
 # captures); kernels 80 (Triton compiles ~20 s, then timing); train 240 a configuration ((a) eager 13
 # steps ~30 s, (b) Inductor ~60 s and 13 steps, FLOP counting and the bf16 peak ~20 s, 2x margin);
 # sample 100 a resolution (2 warm-up and 1 timed call of three samplers, the reference-style one the
-# slowest, at batch 256). The default set's limits total 12.5 minutes, --full's 18.5.
+# slowest, at batch 256). The default set's limits total 740 s, --full's 1080 s.
 # A step that fails or runs out of time is recorded and the next one runs. Results:
 #   OUT_DIR/gpu-check-<date>.md   one report: the steps' status and times, the test summary, and the
 #                                 AOT, kernels, training and sampling tables (device, date, versions)
