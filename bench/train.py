@@ -4,12 +4,12 @@ For the CIFAR-10 configuration (DDPM++, gated, 32x32, channel_mult [2,2,2]) and 
 ([1,2,2,2]), at the batch per GPU given (--batch; default 128 at 32x32 and 64 at 64x64), one run
 times the full training step (batch, loss, backward, clipping, Adam, EMA) of
 
-  (a) reference settings: our trainer as the reference ran: fp32, TF32 off, eager, the fused kernels
-      off (AMBIENT_FAST_KERNELS=0), each image's masks made on the host with numpy, one image at a
+  (a) reference settings: our trainer as the reference ran: fp32, TF32 off, eager, NCHW, the fused
+      kernels off (AMBIENT_FAST_KERNELS=0), each image's masks made on the host with numpy, one image at a
       time as the reference's Dataset does, and the batch then copied to the device (the rest is our
       trainer as it is: its Adam is fused on CUDA);
-  (b) fast path: our trainer's defaults: bf16 autocast, torch.compile per U-Net block, the fused
-      Triton kernels (CUDA), B drawn on the device;
+  (b) fast path: our trainer's defaults: bf16 autocast, torch.compile per U-Net block, channels_last,
+      the fused Triton kernels (CUDA), B drawn on the device;
   (c) the authors' code, with --reference-repo PATH (a checkout of giannisdaras/ambient-diffusion):
       its `training.networks.EDMPrecond` and `training.loss.AmbientLoss`, imported from that
       checkout, in the step of its training loop (fp32, TF32 off, the network compiled on CUDA as
@@ -166,7 +166,7 @@ class Setup(NamedTuple):
 def our_trainer(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> Trainer:
     """Our Trainer on `data`: its defaults (fast) or the reference settings; the caller holds
     `reference_settings()` around construction and steps for the latter."""
-    options = {} if fast else dict(precision="fp32", compile=False, tf32=False, loader="torch")
+    options = {} if fast else dict(precision="fp32", compile=False, tf32=False, channels_last=False, loader="torch")
     cfg = TrainConfig(data=str(data.path), out=str(out), batch=setup.batch, steps=10 ** 9, snapshot_every=10 ** 9,
                       device=str(setup.device), lr=LR, **setup.size, **options)
     trainer = Trainer(cfg)
