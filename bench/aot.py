@@ -220,7 +220,8 @@ def run(mode: str, console: Console, results_dir: Path = None) -> int:
         path = Path(results_dir) / f"aot-triton-{triton.__version__}-{harness.today()}.md"
         command = "python bench/aot.py " + " ".join(sys.argv[1:])
         harness.write_report(path, f"Ahead-of-time compile of the fused kernels, {harness.today()}", [
-            harness.environment_section(torch.device("cpu"), command.strip()).replace(harness.CPU_CAVEAT, "") +
+            harness.environment_section(torch.device("cpu"), command.strip()).replace(
+                harness.CPU_CAVEAT, "A compile check: no GPU is needed.") +
             f"\n- Targets: {', '.join(TARGETS)} (cubin, Triton's bundled ptxas)",
             "\n".join(lines), "\n".join(harness.markdown_table(header, rows))])
         console.print(f"wrote {path}")
