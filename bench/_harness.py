@@ -49,6 +49,14 @@ def add_common_arguments(parser, quick_help: str) -> None:
     parser.add_argument("--quick", action="store_true", help=quick_help)
 
 
+def add_check_arguments(parser, quick_help: str) -> None:
+    """--quick, --results and --no-report, the same for the checks that need no device (bench/aot.py,
+    bench/compile_check.py)."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the markdown report")
+    parser.add_argument("--no-report", action="store_true", help="print only, write no report")
+
+
 def parse_resolutions(parser, text: str, allowed, flag: str) -> "list[int]":
     """Comma-separated resolutions among `allowed`; a parser error otherwise."""
     try:

@@ -230,9 +230,7 @@ def run(mode: str, console: Console, results_dir: Path = None) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the CI subset: narrow models, 16x16 and 32x32")
-    parser.add_argument("--results", type=Path, default=harness.RESULTS, help="folder of the markdown report")
-    parser.add_argument("--no-report", action="store_true", help="print only, write no report")
+    harness.add_check_arguments(parser, "the CI subset: narrow models, 16x16 and 32x32")
     args = parser.parse_args(argv)
     from ambient_fast.kernels._utils import triton_available
 

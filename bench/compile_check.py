@@ -123,9 +123,7 @@ def passed(result: dict) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one block per resolution, 16 channels")
-    parser.add_argument("--results", type=Path, default=harness.RESULTS, help="folder of the markdown report")
-    parser.add_argument("--no-report", action="store_true", help="print only, write no report")
+    harness.add_check_arguments(parser, "one block per resolution, 16 channels")
     args = parser.parse_args(argv)
     console = Console()
     size = QUICK_SIZE if args.quick else {}
