@@ -115,6 +115,19 @@ def seconds(fn: Callable[[], object], device: torch.device, repeats: int = 1) ->
 
 
 @contextlib.contextmanager
+def cpu_threads(count: int):
+    """torch's intra-op thread count set to `count` for the block, then restored: a benchmark called
+    in-process (the tests do) must not leave its setting behind, since the count changes how CPU
+    kernels split their reductions and so their last bits."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@contextlib.contextmanager
 def fused_kernels_off():
     """Our PyTorch references instead of the fused kernels (AMBIENT_FAST_KERNELS=0, which the
     dispatch reads at every call), restored afterwards."""

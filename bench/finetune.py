@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/science.py: sampling, scores, plots
 
 import science  # noqa: E402
+from _harness import cpu_threads  # noqa: E402
 from ambient_fast.data.synthetic import clean_images, synthetic_dataset  # noqa: E402
 from ambient_fast.diffusers_unet import require_diffusers  # noqa: E402
 from ambient_fast.finetune import FinetuneConfig, FinetuneTrainer  # noqa: E402
@@ -95,11 +96,11 @@ def train(run: Path, unet: Path, data: Path, threads: int, **options) -> Path:
     if final.is_dir():
         print(f"reusing {final}", flush=True)
         return final
-    torch.set_num_threads(threads)
     cfg = FinetuneConfig(unet=str(unet), data=str(data), out=str(run), sample_count=16, **options)
-    trainer = FinetuneTrainer(cfg, resume=(run / "config.json").is_file())
-    if trainer.train() != 0 or not final.is_dir():
-        raise RuntimeError(f"training {run.name} did not finish")
+    with cpu_threads(threads):
+        trainer = FinetuneTrainer(cfg, resume=(run / "config.json").is_file())
+        if trainer.train() != 0 or not final.is_dir():
+            raise RuntimeError(f"training {run.name} did not finish")
     return final
 
 
@@ -256,8 +257,8 @@ def main(argv=None) -> int:
         parser.error("steps and samples must be positive, --snapshot-samples at most --samples")
     start = time.time()
     networks = train_all(args, settings)
-    torch.set_num_threads(args.threads)
-    path = report(args, settings, evaluate(args, settings, networks), time.time() - start)
+    with cpu_threads(args.threads):
+        path = report(args, settings, evaluate(args, settings, networks), time.time() - start)
     print(f"wrote {path}")
     return 0
 

@@ -18,6 +18,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """Fail the test that leaves torch's thread count changed: later tests compare in-process runs
+    with subprocess ones bitwise, and the count changes a CPU reduction's last bits."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    torch.set_num_threads(before)
+    assert after == before, f"the test left torch's thread count at {after} (it was {before})"
+
+
 def load_fixture(name: str):
     """(config, weights, cases) of a golden reference fixture; skips the test when absent."""
     folder = FIXTURES / name

@@ -92,7 +92,8 @@ def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
 
 def test_sigterm_writes_state_and_resume_finishes_exactly(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    env = dict(os.environ)
+    # The subprocess computes with this process's thread count: it changes a CPU reduction's last bits.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     args = [*FAST, "--steps", "40", "--snapshot-every", "1000"]
     assert main(["--out", str(straight), *args]) == 0
     process = subprocess.Popen([sys.executable, "-m", "ambient_fast.train", "--out", str(stopped), *args],
