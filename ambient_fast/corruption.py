@@ -8,24 +8,39 @@ paper: this learns E[x0 | A_hat x_t, A_hat] iff E[A^T A | A_hat] is full rank fo
 Shapes: images x are (B, C, H, W). Mask operators return A with x's shape and dtype (1 = kept);
 "gaussian_cs" returns (B, m, C*H*W) matrices; "averaging" returns (B,) flags (1 = averaged).
 All randomness is drawn from an optional `torch.Generator`, on the generator's own device.
+
+Further corruption of a mask operator, in one place: `further_draw` turns an image's random words
+(24-bit integers) into a `FurtherDraw`, a per-value coin threshold or one box per image, and
+`keep_mask` evaluates it per value. `further_corrupt` feeds them words from a torch.Generator; the
+trainer's ambient input (`ambient_fast.kernels.ambient_input`, its fused kernel and its reference)
+feeds them Philox words of the run's counter-based streams (`ambient_fast.seeds`), and the fused
+kernel repeats `keep_mask`'s arithmetic value by value.
 """
 from __future__ import annotations
 
+import enum
 import inspect
 import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ambient_fast.seeds import BITS
+
 __all__ = [
     "CorruptionOperator",
     "MaskOperator",
+    "FurtherKind",
+    "FurtherDraw",
+    "keep_mask",
+    "coin_threshold",
+    "training_operator",
     "DustOperator",
     "BoxOperator",
     "FixedBoxOperator",
@@ -65,18 +80,31 @@ def _side(fraction: float, size: int, *, round_up: bool) -> int:
     return math.ceil(length) if round_up else int(length)
 
 
-def _box(top: Tensor, left: Tensor, height: int, width: int, H: int, W: int) -> Tensor:
-    """(B,) corners -> (B, H, W) bool, True on [top, top+height) x [left, left+width) (cut by the border)."""
+def _box(top: Tensor, left: Tensor, height: Tensor | int, width: Tensor | int, H: int, W: int) -> Tensor:
+    """(B,) corners and sides (or one side for all) -> (B, H, W) bool, True on [top, top+height) x
+    [left, left+width) (cut by the border)."""
     rows = torch.arange(H, device=top.device)
     cols = torch.arange(W, device=top.device)
-    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + height)
-    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + width)
+    bottom = (top + height)[:, None]
+    right = (left + width)[:, None]
+    in_rows = (rows >= top[:, None]) & (rows < bottom)
+    in_cols = (cols >= left[:, None]) & (cols < right)
     return in_rows[:, :, None] & in_cols[:, None, :]
 
 
 def _first_true(flags: Tensor) -> Tensor:
     """(B, L) bool -> (B,) index of the first True (argmax returns the first maximum)."""
     return flags.to(torch.uint8).argmax(dim=1)
+
+
+def _scaled(words: Tensor, count: Tensor | int) -> Tensor:
+    """Uniform integers in [0, count) from 24-bit words: floor(word * count / 2^24), exact in int64."""
+    return (words * count) >> BITS
+
+
+def _words(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """24-bit random words (int64) from a torch.Generator, the form `further_draw` consumes."""
+    return _random(torch.randint, 0, 1 << BITS, shape, generator=generator, device=device, dtype=torch.int64)
 
 
 def _to_mask(keep: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
@@ -100,6 +128,51 @@ def _check_p_and_delta(p: float, delta: float) -> None:
     _check_fraction("delta", delta)
     if delta == 0:
         _warn_no_further_corruption(stacklevel=4)
+
+
+# ----------------------------------------------------------------------------- further corruption draws
+
+
+class FurtherKind(enum.IntEnum):
+    """How B is decided for each value (the fused kernel's B_KIND takes these numbers)."""
+
+    COIN = 0       # kept iff the value's own 24-bit word (its pixel's, with shared channels) >= threshold
+    ERASE_BOX = 1  # kept unless inside the image's box
+    KEEP_BOX = 2   # kept only inside the image's box
+
+
+@dataclass(frozen=True)
+class FurtherDraw:
+    """B for a batch of N images, in the form it is evaluated value by value.
+
+    kind: a FurtherKind. threshold, shared_channels: COIN's. boxes: the box kinds' (N, 4) int64
+    (top, left, height, width) per image, cut by the image border.
+    """
+
+    kind: FurtherKind
+    threshold: int = 0
+    shared_channels: bool = False
+    boxes: Optional[Tensor] = None
+
+
+def coin_threshold(delta: float) -> int:
+    """The 24-bit threshold of a coin that erases with probability delta (to within 2^-25)."""
+    return round(delta * (1 << BITS))
+
+
+def keep_mask(draw: FurtherDraw, shape: tuple[int, int, int, int], coins: Optional[Tensor] = None) -> Tensor:
+    """B as bool, (N, C, H, W) for a COIN draw without shared channels, else (N, 1, H, W)
+    (broadcast over the channels). coins: COIN's 24-bit words, (N, C or 1, H, W)."""
+    N, C, H, W = shape
+    if draw.kind == FurtherKind.COIN:
+        expected = (N, 1 if draw.shared_channels else C, H, W)
+        if coins is None or tuple(coins.shape) != expected:
+            raise ValueError(f"a coin draw needs words of shape {expected}, got "
+                             f"{None if coins is None else tuple(coins.shape)}")
+        return coins >= draw.threshold
+    top, left, height, width = draw.boxes.unbind(1)
+    inside = _box(top, left, height, width, H, W)[:, None]
+    return inside if draw.kind == FurtherKind.KEEP_BOX else ~inside
 
 
 # ----------------------------------------------------------------------------- base classes
@@ -234,7 +307,24 @@ class CorruptionOperator(ABC):
 
 
 class MaskOperator(CorruptionOperator):
-    """Operators whose A is a 0/1 mask of the image's shape: y = A * x."""
+    """Operators whose A is a 0/1 mask of the image's shape: y = A * x. Their further corruption
+    is a `further_draw` from two 24-bit words per image (see the module docstring)."""
+
+    reads_mask: ClassVar[bool] = False  # whether further_draw needs where A's own box lies
+
+    @abstractmethod
+    def further_draw(self, kept: Optional[Tensor], words: Tensor, shape: tuple[int, int, int, int]) -> FurtherDraw:
+        """B for N images of `shape` (N, C, H, W). kept: (N, H, W) bool, channel 0 of A (only when
+        `reads_mask`; else None). words: (N, 2) int64 in [0, 2^24), the images' random words."""
+
+    def _further(self, A, generator):
+        N, C, H, W = A.shape
+        kept = A[:, 0] != 0 if self.reads_mask else None
+        draw = self.further_draw(kept, _words((N, 2), generator, A.device), tuple(A.shape))
+        coins = None
+        if draw.kind == FurtherKind.COIN:
+            coins = _words((N, 1 if draw.shared_channels else C, H, W), generator, A.device)
+        return A * keep_mask(draw, tuple(A.shape), coins).to(A.dtype)
 
     def a_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(x_shape)
@@ -282,9 +372,8 @@ class DustOperator(MaskOperator):
     def _sample(self, shape, dtype, device, generator):
         return _to_mask(self._coins(shape, 1 - self.p, device, generator), shape[1], dtype)
 
-    def _further(self, A, generator):
-        keep = self._coins(tuple(A.shape), 1 - self.delta, A.device, generator)
-        return A * _to_mask(keep, A.shape[1], A.dtype)
+    def further_draw(self, kept, words, shape):
+        return FurtherDraw(FurtherKind.COIN, coin_threshold(self.delta), self.shared_channels)
 
     def posterior_samples(self, A_hat: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact p(A | A_hat): pixels kept by A_hat were kept by A; an erased one was kept by A
@@ -318,8 +407,12 @@ class BoxOperator(MaskOperator):
     def _sample(self, shape, dtype, device, generator):
         return _to_mask(self._erase_box(self.p, shape, device, generator), shape[1], dtype)
 
-    def _further(self, A, generator):
-        return A * self._erase_box(self.delta, tuple(A.shape), A.device, generator).to(A.dtype)
+    def further_draw(self, kept, words, shape):
+        N, _, H, W = shape
+        height, width = _side(self.delta, H, round_up=True), _side(self.delta, W, round_up=True)
+        boxes = torch.stack([_scaled(words[:, 0], H), _scaled(words[:, 1], W),
+                             torch.full((N,), height, device=words.device), torch.full((N,), width, device=words.device)], 1)
+        return FurtherDraw(FurtherKind.ERASE_BOX, boxes=boxes)
 
 
 class FixedBoxOperator(MaskOperator):
@@ -351,24 +444,27 @@ class FixedBoxOperator(MaskOperator):
         left = _random(torch.randint, 0, W - side + 1, (B,), generator=generator, device=device)
         return _to_mask(~_box(top, left, side, side, H, W)[:, None], C, dtype)
 
-    def _further(self, A, generator):
-        if self.delta == 0:
-            return A.clone()
-        B, _, H, W = A.shape
-        side = _side(self.p, H, round_up=False)
-        erased = A[:, 0] == 0
+    reads_mask = True
+
+    def further_draw(self, kept, words, shape):
+        N, _, H, W = shape
+        side = _side(self.p, H, round_up=False) if self.delta > 0 else 0  # delta 0: nothing more erased
+        erased = ~kept
         top1, left1 = _first_true(erased.any(dim=2)), _first_true(erased.any(dim=1))
-        rows = torch.arange(H - side + 1, device=A.device)
-        cols = torch.arange(W - side + 1, device=A.device)
+        rows = torch.arange(H - side + 1, device=kept.device)
+        cols = torch.arange(W - side + 1, device=kept.device)
         # Squares are disjoint iff they are separated along rows or along columns.
         apart_rows = (rows - top1[:, None]).abs() >= side
         apart_cols = (cols - left1[:, None]).abs() >= side
-        allowed = apart_rows[:, :, None] | apart_cols[:, None, :]
-        # The argmax of i.i.d. uniform scores over the allowed cells is a uniform allowed cell.
-        scores = _random(torch.rand, allowed.shape, generator=generator, device=A.device)
-        choice = scores.masked_fill(~allowed, -1).flatten(1).argmax(dim=1)
-        top2, left2 = choice // len(cols), choice % len(cols)
-        return A * ~_box(top2, left2, side, side, H, W)[:, None]
+        allowed = (apart_rows[:, :, None] | apart_cols[:, None, :]).flatten(1)
+        # Where no disjoint place is left (the first square in the middle of a small image), any place.
+        allowed |= ~allowed.any(dim=1, keepdim=True)
+        # The k-th allowed place in row-major order, k uniform over the allowed count.
+        k = _scaled(words[:, 0], allowed.sum(dim=1))
+        choice = (allowed.cumsum(dim=1) <= k[:, None]).sum(dim=1)
+        sides = torch.full((N,), side, device=kept.device)
+        boxes = torch.stack([choice // len(cols), choice % len(cols), sides, sides], 1)
+        return FurtherDraw(FurtherKind.ERASE_BOX, boxes=boxes)
 
 
 class KeepPatchOperator(MaskOperator):
@@ -401,13 +497,15 @@ class KeepPatchOperator(MaskOperator):
         left = _random(torch.randint, 0, W - patch + 1, (B,), generator=generator, device=device)
         return _to_mask(_box(top, left, patch, patch, H, W)[:, None], C, dtype)
 
-    def _further(self, A, generator):
-        B, _, H, W = A.shape
+    reads_mask = True
+
+    def further_draw(self, kept, words, shape):
+        N, _, H, W = shape
         patch, sub = self._sides(H)
-        kept = A[:, 0] != 0
         top, left = _first_true(kept.any(dim=2)), _first_true(kept.any(dim=1))
-        shift = _random(torch.randint, 0, patch - sub + 1, (2, B), generator=generator, device=A.device)
-        return A * _box(top + shift[0], left + shift[1], sub, sub, H, W)[:, None]
+        shift = _scaled(words, patch - sub + 1)
+        sides = torch.full((N,), sub, device=kept.device)
+        return FurtherDraw(FurtherKind.KEEP_BOX, boxes=torch.stack([top + shift[:, 0], left + shift[:, 1], sides, sides], 1))
 
 
 # ----------------------------------------------------------------------------- other operators
@@ -520,6 +618,39 @@ def make_operator(name: str, **params: Any) -> CorruptionOperator:
                           for p in signature.parameters.values())
         raise ValueError(f"{name}: {err}; valid parameters: {valid}") from None
     return cls(**params)
+
+
+# The further corruptions a data set may train with, by the kind of its masks (meta.json's record;
+# "user" masks are imported ones). Each pair keeps Theorem 4.1's condition: every pixel that A can
+# hide is, with positive probability given A_hat, one that A observed and B hid, so the model is
+# graded on pixels like the ones A hides. Dust or user masks allow dust B or a box anywhere. A box
+# of A is told apart from dust holes or from a smaller box, so its pixels would never be graded:
+# box-shaped masks need the paper's own further corruption (a second box of the same kind).
+# fixed_box and keep_patch B are defined by the position of A's own box: their data sets only.
+FURTHER_FOR_DATA = {"dust": ("dust", "box"), "user": ("dust", "box"), "box": ("box",), "fixed_box": ("fixed_box",),
+                    "keep_patch": ("keep_patch",)}
+
+
+def training_operator(corruption: dict, delta: float, further: Optional[str] = None) -> MaskOperator:
+    """The mask operator whose `further_draw` a data set trains with.
+
+    corruption: meta.json's record ({"kind", "p", "shared_channels", ...}); delta: the further
+    corruption's level; further: a FURTHER_FOR_DATA kind overriding the data set's own (None: its
+    own, dust for user masks). Raises ValueError for a combination that breaks Theorem 4.1's
+    condition or an unknown kind."""
+    kind = corruption.get("kind")
+    if kind not in FURTHER_FOR_DATA:
+        raise ValueError(f"a data set of {kind!r} masks has no further corruption to train with (known kinds: "
+                         f"{sorted(FURTHER_FOR_DATA)})")
+    allowed = FURTHER_FOR_DATA[kind]
+    further = allowed[0] if further is None else further
+    if further not in allowed:
+        raise ValueError(f"--further {further} on a data set of {kind} masks breaks the condition of Theorem 4.1 (the "
+                         f"pixels its masks hide would never be graded); it trains with {' or '.join(allowed)}")
+    p = float(corruption.get("p", 0.0))
+    if further == "dust":
+        return DustOperator(p, delta, shared_channels=bool(corruption.get("shared_channels", False)))
+    return make_operator(further, p=p, delta=delta)
 
 
 # ----------------------------------------------------------------------------- Theorem 4.1

@@ -24,33 +24,46 @@ from typing import Optional
 
 from ambient_fast import train
 from ambient_fast.checkpoint import check_finite
+from ambient_fast.config import TrainConfig, build_parser, option
+from ambient_fast.trainer import Trainer
 from ambient_fast.diffusers_unet import DiffusersDenoiser, load_denoiser, save_denoiser
 from ambient_fast.loss import DiscreteVPAmbientLoss
 
 MODEL_PREFIX = "model."  # the UNet's parameters inside the denoiser
 
 
+def _default(name: str, value):
+    """The TrainConfig field `name` with another default (its help and checks kept)."""
+    field = TrainConfig.__dataclass_fields__[name]
+    return dataclasses.field(default=value, metadata=field.metadata)
+
+
 @dataclass
-class FinetuneConfig(train.TrainConfig):
-    unet: Optional[str] = None               # diffusers UNet directory (save_pretrained), scheduler config beside it
-    prompt_embeddings: Optional[str] = None  # safetensors file with `prompt_embeddings` (K, L, D), conditional UNets
-    loss_weight: str = "snr"                 # snr (noise-prediction error where seen) | x0 (the authors' script)
+class FinetuneConfig(TrainConfig):
+    unet: Optional[str] = option(None, "diffusers UNet directory written by save_pretrained (safetensors), its "
+                                 "scheduler_config.json beside it or in ../scheduler/; or a pipeline root with unet/ "
+                                 "and scheduler/ (required)")
+    prompt_embeddings: Optional[str] = option(None, "safetensors file with 'prompt_embeddings' (K, L, D) for a "
+                                              "UNet2DConditionModel: K = 1 conditions every image on it (e.g. the "
+                                              "empty prompt), K > 1 picks by the data set's labels")
+    loss_weight: str = option("snr", "snr: the noise-prediction error where the network saw the pixel, the x0 error "
+                              "where B hid it; x0: weight 1 on the x0 error everywhere, as the authors' DeepFloyd "
+                              "script (bench/results/finetune.md: it leaves the hidden pixels untrained far longer)",
+                              choices=DiscreteVPAmbientLoss.WEIGHTINGS)
     # Fine-tuning defaults: a pre-trained model moves with a small learning rate.
-    out: str = "runs/finetune"
-    lr: float = 1e-4
-    lr_rampup_kimg: float = 0.5
-    ema: float = 0.01
-    steps: int = 2000
+    out: str = _default("out", "runs/finetune")
+    lr: float = _default("lr", 1e-4)
+    lr_rampup_kimg: float = _default("lr_rampup_kimg", 0.5)
+    ema: float = _default("ema", 0.01)
+    steps: int = _default("steps", 2000)
 
     def __post_init__(self):
         super().__post_init__()
         if self.unet is None or self.data is None:
             raise ValueError("--unet DIR (a diffusers UNet) and --data DIR (a prepared data set) are required")
-        if self.loss_weight not in DiscreteVPAmbientLoss.WEIGHTINGS:
-            raise ValueError(f"--loss-weight must be one of {DiscreteVPAmbientLoss.WEIGHTINGS}")
 
 
-class FinetuneTrainer(train.Trainer):
+class FinetuneTrainer(Trainer):
     """The trainer with a diffusers UNet (DiffusersDenoiser) in place of our own network."""
 
     command = "python -m ambient_fast.finetune"
@@ -85,23 +98,14 @@ class FinetuneTrainer(train.Trainer):
         return self.run_dir / next(iter(targets))
 
 
-def build_parser():
-    parser = train.build_parser(prog="python -m ambient_fast.finetune", description=__doc__.split("\n\n")[0],
-                                defaults=FinetuneConfig, architecture=False)
-    parser.add_argument("--unet", help="diffusers UNet directory written by save_pretrained (safetensors), its "
-                        "scheduler_config.json beside it or in ../scheduler/; or a pipeline root with unet/ and scheduler/")
-    parser.add_argument("--prompt-embeddings", dest="prompt_embeddings",
-                        help="safetensors file with 'prompt_embeddings' (K, L, D) for a UNet2DConditionModel: K = 1 "
-                        "conditions every image on it (e.g. the empty prompt), K > 1 picks by the data set's labels")
-    parser.add_argument("--loss-weight", dest="loss_weight", choices=DiscreteVPAmbientLoss.WEIGHTINGS,
-                        help="snr (default): the noise-prediction error where the network saw the pixel, the x0 error "
-                        "where B hid it; x0: weight 1 on the x0 error everywhere, as the authors' DeepFloyd script "
-                        "(measured in bench/results/finetune.md: it leaves the hidden pixels untrained far longer)")
-    return parser
+def finetune_parser():
+    """The trainer's options without those that define our own networks, and the fine-tuner's."""
+    return build_parser(FinetuneConfig, prog="python -m ambient_fast.finetune", description=__doc__.split("\n\n")[0],
+                        leave_out=("architecture",))
 
 
 def main(argv=None) -> int:
-    return train.main(argv, parser=build_parser(), config_cls=FinetuneConfig, trainer_cls=FinetuneTrainer)
+    return train.main(argv, parser=finetune_parser(), config_cls=FinetuneConfig, trainer_cls=FinetuneTrainer)
 
 
 if __name__ == "__main__":

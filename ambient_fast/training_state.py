@@ -1,42 +1,45 @@
-"""Resumable training state: model, EMA and optimizer tensors through torch.distributed.checkpoint
-(sharded under FSDP2, one file set per run step), progress and loader position as JSON beside
-them. Nothing is unpickled when loading.
+"""Resumable training state: the trainer's one state dict (model, optimizer, EMA, counters and loader
+position, every entry a tensor) through torch.distributed.checkpoint, sharded under FSDP2, one file
+set per run step. Nothing in it is unpickled as code.
 
 A state directory is written under a hidden temporary name, given `checksums.json` (the sha256 of
 each of its files, written last) and renamed into place once every rank has finished; the last
 `keep` are kept. Loading verifies the checksums and falls back to the newest state that is intact,
 setting damaged ones aside (renamed, never deleted). RNG states need no saving: every random draw
-of a step is seeded from (seed, rank, step).
+derives from the run's position (ambient_fast.seeds).
+
+DCP keeps its index (`.metadata`) as a pickle and would load it with `pickle.load`, and any
+non-tensor entry through `torch.load(weights_only=False)`: before loading, the index is read with an
+unpickler that admits only DCP's own metadata records, torch sizes and dtypes; anything else (a
+non-tensor entry's record, any other object) refuses the state.
 """
+import contextlib
 import os
+import pickle
 import re
 import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
 
 from ambient_fast.distributed import World
 from ambient_fast.files import dumps_json, fsync_path, read_json, sha256_file, write_error
 
 PREFIX = "training-state-"
 STATE_NAME = re.compile(rf"^{PREFIX}\d{{9}}$")
-PROGRESS, CHECKSUMS = "progress.json", "checksums.json"
+CHECKSUMS, METADATA = "checksums.json", ".metadata"
+EARLIER_FORMAT = "progress.json"  # states of earlier versions kept progress beside the tensors
+KEY = "trainer"  # the one entry of the checkpoint
 
 
 def state_dirs(run_dir: Path) -> "list[Path]":
     """State directories of a run (each complete when written: renamed into place last), oldest first."""
     return sorted(p for p in Path(run_dir).glob(f"{PREFIX}*") if STATE_NAME.match(p.name) and p.is_dir())
-
-
-def _tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: "dict[str, torch.Tensor]"):
-    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(strict=True))
-    return {"model": model_state, "optimizer": optim_state["state"], "ema": ema}, optim_state["param_groups"]
 
 
 def _cause(error: BaseException) -> BaseException:
@@ -46,22 +49,26 @@ def _cause(error: BaseException) -> BaseException:
     return error
 
 
-def save_training_state(run_dir: Path, step: int, world: World, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer, ema: "dict[str, torch.Tensor]", progress: dict,
-                        keep: int = 2) -> Path:
-    """Write the state of `step` (collective: every rank calls it) and return its directory.
-    An OSError names the state directory when it cannot be written (a full disk, ...)."""
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that one process saves or loads alone; that is what a one-process run does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
+        yield
+
+
+def save_training_state(run_dir: Path, step: int, world: World, state: Stateful, keep: int = 2) -> Path:
+    """Write `state` (the trainer) as the state of `step` (collective: every rank calls it) and
+    return its directory. An OSError names the state directory when it cannot be written."""
     run_dir = Path(run_dir)
     final = run_dir / f"{PREFIX}{step:09d}"
     tmp = run_dir / f".{final.name}.tmp"  # one name for every rank (files.TEMPORARY)
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     world.barrier()
-    tensors, _ = _tensors(model, optimizer, ema)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-            dcp.save(tensors, checkpoint_id=str(tmp))
+        with _quiet():
+            dcp.save({KEY: state}, checkpoint_id=str(tmp))
     except CheckpointException as error:  # raised on every rank
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -71,10 +78,9 @@ def save_training_state(run_dir: Path, step: int, world: World, model: torch.nn.
     world.barrier()
     if world.is_main:
         try:
-            (tmp / PROGRESS).write_text(dumps_json(progress, indent=1))
             checksums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
             (tmp / CHECKSUMS).write_text(dumps_json(checksums, indent=1))
-            for name in (PROGRESS, CHECKSUMS, "."):
+            for name in (CHECKSUMS, "."):
                 fsync_path(tmp / name)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -88,12 +94,46 @@ def save_training_state(run_dir: Path, step: int, world: World, model: torch.nn.
     return final
 
 
-def verify_state(state_dir: Path) -> Optional[str]:
-    """Why the state in `state_dir` cannot be trusted, or None when its files match their checksums.
-    A state written before checksums existed has none to check: None."""
+# ----------------------------------------------------------------------------------------------
+# Checks before loading
+
+
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "ChunkStorageMetadata", "StorageMeta",
+                                              "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata records, torch sizes and dtypes, and nothing else."""
+
+    def find_class(self, module, name):
+        if name in _METADATA_CLASSES.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                            torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a tensor's record")
+
+
+def check_index(state_dir: Path) -> None:
+    """Raise ValueError unless the state's DCP index holds only tensor records."""
+    try:
+        with open(Path(state_dir) / METADATA, "rb") as f:
+            _IndexUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError) as error:
+        raise ValueError(f"its {METADATA} holds more than tensor records ({error}); it is not loaded, since loading "
+                         "it could run code") from None
+
+
+def verify_state(state_dir: Path) -> "str | None":
+    """Why the state in `state_dir` cannot be trusted, or None when its files match their checksums."""
     state_dir = Path(state_dir)
     if not (state_dir / CHECKSUMS).is_file():
-        return None if (state_dir / PROGRESS).is_file() else f"{PROGRESS} and {CHECKSUMS} are missing"
+        return f"{CHECKSUMS} is missing"
     try:
         expected = read_json(state_dir / CHECKSUMS)
         expected = {str(name): str(digest) for name, digest in expected.items()}
@@ -108,42 +148,40 @@ def verify_state(state_dir: Path) -> Optional[str]:
     return None
 
 
-def load_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        ema: "dict[str, torch.Tensor]") -> dict:
-    """Load tensors in place into model, optimizer and EMA (collective); return the progress dict.
-    Does not verify checksums (see `load_newest_intact_state`)."""
-    tensors, param_groups = _tensors(model, optimizer, ema)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
-        dcp.load(tensors, checkpoint_id=str(state_dir))
-    set_state_dict(model, optimizer, model_state_dict=tensors["model"],
-                   optim_state_dict={"state": tensors["optimizer"], "param_groups": param_groups})
-    return read_json(Path(state_dir) / PROGRESS)
+def load_training_state(state_dir: Path, state: Stateful) -> None:
+    """Load the state in `state_dir` into `state` in place (collective). Checks the index, not the
+    checksums (see `load_newest_intact_state`)."""
+    check_index(state_dir)
+    with _quiet():
+        dcp.load({KEY: state}, checkpoint_id=str(state_dir))
 
 
-def load_newest_intact_state(run_dir: Path, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                             ema: "dict[str, torch.Tensor]") -> "tuple[Path, dict, list[str]]":
-    """Load the newest state of the run that verifies and loads (collective).
+def load_newest_intact_state(run_dir: Path, world: World, state: Stateful) -> "tuple[Path, list[str]]":
+    """Load the newest state of the run that verifies and loads into `state` (collective).
 
-    Returns (its directory, its progress dict, one line per newer state refused: which, why, and
-    the name it was set aside under). FileNotFoundError when the run has no state; ValueError
-    naming every refusal when none is intact.
+    Returns (its directory, one line per newer state refused: which, why, and the name it was set
+    aside under). FileNotFoundError when the run has no state; ValueError naming every refusal when
+    none is intact, or for a state of an earlier version (left as it is).
     """
     refused = []
-    for state in reversed(state_dirs(run_dir)):
-        problem = verify_state(state)
+    for candidate in reversed(state_dirs(run_dir)):
+        if (candidate / EARLIER_FORMAT).is_file():
+            raise ValueError(f"{candidate} was written by an earlier version of ambient-fast, whose random streams "
+                             "differ: resume it with that version, or start again (--overwrite)")
+        problem = verify_state(candidate)
         if problem is None:
             try:
-                return state, load_training_state(state, model, optimizer, ema), refused
+                load_training_state(candidate, state)
+                return candidate, refused
             except (CheckpointException, OSError, ValueError, KeyError, RuntimeError) as error:
                 cause = _cause(error)
                 problem = f"it cannot be loaded ({type(cause).__name__}: {cause})"
-        aside = state.with_name(f"{state.name}.damaged-{uuid.uuid4().hex[:8]}")
+        aside = candidate.with_name(f"{candidate.name}.damaged-{uuid.uuid4().hex[:8]}")
         world.barrier()  # every rank has read it before it moves
         if world.is_main:
-            state.rename(aside)
+            candidate.rename(aside)
         world.barrier()
-        refused.append(f"refused {state.name}: {problem}; kept as {aside.name}")
+        refused.append(f"refused {candidate.name}: {problem}; kept as {aside.name}")
     if not refused:
         raise FileNotFoundError(f"no training state in {run_dir}")
     raise ValueError(f"no intact training state in {run_dir}: " + "; ".join(refused)

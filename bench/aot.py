@@ -13,8 +13,10 @@ compiler's message. Exit status 1 if any specialisation fails.
 Which settings are run. A specialisation depends on dtypes, layouts, shapes and constexpr flags:
 - the gated-activation kernels see the precision (bf16 or fp32), the gate (sigmoid or double
   sigmoid; `none` launches nothing) and the layout and shapes of every convolution;
-- the ambient-input kernel sees the preconditioning (mask channels scaled or not), whether B is
-  shared over the channels (recorded by the data set) and the layout;
+- the ambient-input kernel sees the kind of further corruption (dust coins per value or per pixel,
+  an erased box, a kept box: the data set's mask operator) and the layout, whatever the model: a
+  training step of each setting runs a dust set (per value, or one coin per pixel), and the
+  ambient input of every operator runs on its own (`ambient_input_workloads`);
 - the loss kernels see the image shape;
 - the sampler kernel sees the state dtype, the clipping, the solver stage and the layout.
 The two pairs of training flags act on different kernels, so the four combinations of each pair
@@ -47,7 +49,7 @@ from rich.console import Console  # noqa: E402
 import _harness as harness  # noqa: E402
 
 TARGETS = ("sm_80", "sm_90")
-SETTINGS = [  # (precision, gate) for the gated kernels, side by side with (preconditioning, shared B) for ambient input
+SETTINGS = [  # (precision, gate) for the gated kernels, side by side with (preconditioning, shared B) for the rest
     dict(precision="bf16", gate="sigmoid", mask_aware=True, shared_channels=True),
     dict(precision="bf16", gate="double_sigmoid", mask_aware=False, shared_channels=False),
     dict(precision="fp32", gate="sigmoid", mask_aware=False, shared_channels=False),
@@ -77,7 +79,8 @@ def random_set(folder: Path, resolution: int, shared_channels: bool, count: int 
 
 def training_workloads(work: Path, mode: str) -> Iterator[Tuple[str, Callable[[], None]]]:
     """One training step per (resolution, layout, setting), then the samplers on the model it trained."""
-    from ambient_fast.train import Trainer, TrainConfig
+    from ambient_fast.config import TrainConfig
+    from ambient_fast.trainer import Trainer
 
     for resolution, channels_last, setting in itertools.product(RESOLUTIONS[mode], (True, False), SETTINGS):
         setting = dict(setting)
@@ -131,6 +134,28 @@ def published_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]]]:
             yield f"sample published {resolution}x{resolution} {'channels_last' if channels_last else 'NCHW'}", run
 
 
+def ambient_input_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]]]:
+    """The ambient input of a training step for every further corruption (the operators of
+    corruption.FURTHER_FOR_DATA, dust per value and per pixel) in both layouts, at each resolution."""
+    from ambient_fast.corruption import make_operator
+    from ambient_fast.inputs import AmbientInputs
+    from ambient_fast.loss import EDMAmbientLoss
+    from kernels import stored_batch
+
+    operators = {"dust": dict(p=0.5, delta=0.1), "dust shared": dict(p=0.5, delta=0.1, shared_channels=True),
+                 "box": dict(p=0.25, delta=0.25), "fixed_box": dict(p=0.25, delta=0.1),
+                 "keep_patch": dict(p=0.5, delta=0.25)}
+    for resolution, channels_last in itertools.product(RESOLUTIONS[mode], (True, False)):
+        def run(resolution=resolution, channels_last=channels_last):
+            raw = stored_batch(2, 3, resolution, resolution, torch.device("cpu"))
+            for name, params in operators.items():
+                operator = make_operator(name.split()[0], **params)
+                AmbientInputs(operator, EDMAmbientLoss().sigma_from_words, seed=0, shape=(3, resolution, resolution),
+                              channels_last=channels_last)(raw)
+
+        yield f"ambient input {resolution}x{resolution} {'channels_last' if channels_last else 'NCHW'}, every operator", run
+
+
 def benchmark_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]]]:
     """The fused calls of `bench/kernels.py` at the size `bench/gpu_check.sh` runs."""
     import kernels as kernel_bench
@@ -152,7 +177,8 @@ def record(mode: str, console: Console):
     from ambient_fast.kernels import aot
 
     with tempfile.TemporaryDirectory(prefix="ambient-fast-aot-") as work, aot.record_launches(TARGETS) as recorder:
-        workloads = [*training_workloads(Path(work), mode), *published_workloads(mode), *benchmark_workloads(mode)]
+        workloads = [*training_workloads(Path(work), mode), *published_workloads(mode), *ambient_input_workloads(mode),
+                     *benchmark_workloads(mode)]
         for index, (label, run) in enumerate(workloads, 1):
             start = time.perf_counter()
             recorder.label = label

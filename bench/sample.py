@@ -41,7 +41,7 @@ import _harness as harness  # noqa: E402
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.nn import build_reference_model  # noqa: E402
 from ambient_fast.sample import ambient_sample, edm_sigma_steps, seeded_inputs  # noqa: E402
-from ambient_fast.train import ARCHS, SIZES  # noqa: E402
+from ambient_fast.config import ARCHS, PRESETS, preset_for  # noqa: E402
 
 RESOLUTIONS = (32, 64)
 DEFAULT_BATCH = 256
@@ -60,7 +60,7 @@ def published_model(resolution: int, size: dict, device: torch.device) -> torch.
     weights redrawn from N(0, 1 / fan_in) with a fixed seed, in eval mode on `device`."""
     model_type, arch = ARCHS["ddpmpp"]
     config = dict(img_resolution=resolution, img_channels=6, model_type=model_type, gated=True, dropout=0.0,
-                  **arch, **{**SIZES[resolution], **size})
+                  **arch, **{**PRESETS[preset_for(resolution)], **size})
     net = build_reference_model(config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

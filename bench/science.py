@@ -50,7 +50,8 @@ from ambient_fast.images import grid, save_png, to_uint8  # noqa: E402
 from ambient_fast.metrics import frechet_distance, nearest_neighbour_similarity, pixel_features, psnr  # noqa: E402
 from ambient_fast.restore import restore  # noqa: E402
 from ambient_fast.sample import ambient_sample, sampling_sigmas, seeded_inputs  # noqa: E402
-from ambient_fast.train import Trainer, TrainConfig  # noqa: E402
+from ambient_fast.config import TrainConfig  # noqa: E402
+from ambient_fast.trainer import Trainer  # noqa: E402
 
 RESOLUTION = 16
 DATA_SEED = 0

@@ -9,7 +9,8 @@ times the full training step (batch, loss, backward, clipping, Adam, EMA) of
       time as the reference's Dataset does, and the batch then copied to the device (the rest is our
       trainer as it is: its Adam is fused on CUDA);
   (b) fast path: our trainer's defaults: bf16 autocast, torch.compile per U-Net block, channels_last,
-      the fused Triton kernels (CUDA), B drawn on the device;
+      the fused Triton kernels (CUDA), the stored bytes moved to the device and turned into the
+      network input there in one pass;
   (c) the authors' code, with --reference-repo PATH (a checkout of giannisdaras/ambient-diffusion):
       its `training.networks.EDMPrecond` and `training.loss.AmbientLoss`, imported from that
       checkout, in the step of its training loop (fp32, TF32 off, the network compiled on CUDA as
@@ -46,9 +47,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import _harness as harness  # noqa: E402
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.data.format import CorruptedDataset, write_dataset  # noqa: E402
-from ambient_fast.data.loader import Batch, Loader  # noqa: E402
+from ambient_fast.data.loader import Loader  # noqa: E402
+from ambient_fast.inputs import TrainingBatch, training_batch  # noqa: E402
 from ambient_fast.nn import build_model  # noqa: E402
-from ambient_fast.train import ARCHS, SIZES, Trainer, TrainConfig  # noqa: E402
+from ambient_fast.config import ARCHS, PRESETS, TrainConfig, preset_for  # noqa: E402
+from ambient_fast.trainer import Trainer  # noqa: E402
 
 CONFIGS = {32: "CIFAR-10 config: DDPM++ 32x32, channel_mult [2,2,2]",
            64: "64x64 config: DDPM++, channel_mult [1,2,2,2]"}
@@ -84,6 +87,15 @@ def corrupted_set(folder: Path, resolution: int, count: int) -> CorruptedDataset
     return CorruptedDataset(write_dataset(folder / f"data-{resolution}", observed, masks, corruption, source="bench"))
 
 
+class HostMasks(NamedTuple):
+    """A batch as the reference's Dataset hands it over: float images and masks, on the device."""
+
+    y: torch.Tensor
+    A: torch.Tensor
+    A_hat: torch.Tensor
+    labels: torch.Tensor
+
+
 class HostMaskLoader(Loader):
     """The reference's data path: each image's mask unpacked and its further corruption drawn on the
     host with numpy, one image at a time (the reference's Dataset.__getitem__ makes its masks so),
@@ -91,15 +103,17 @@ class HostMaskLoader(Loader):
 
     kind = "host (per-image numpy masks)"
 
-    def _load(self, epoch: int, batch: int) -> Batch:
+    def __init__(self, dataset: CorruptedDataset, batch_size: int, device: torch.device):
+        super().__init__(dataset, batch_size=batch_size, rank=0, world_size=1, seed=0, xflip=False, device=device)
+
+    def _load(self, epoch: int, batch: int) -> HostMasks:
         indices = self.indices(epoch, batch)
         observed, packed, _ = self.dataset.get_raw(indices)
         C, H, W = self.dataset.shape
         ys, As, A_hats = [], [], []
         for u, bits, index in zip(observed, packed, indices):
             A = np.unpackbits(bits, bitorder="little")[: C * H * W].reshape(C, H, W).astype(np.float32)
-            keep = np.random.default_rng([self.seed, epoch, int(index)]).random(
-                (1 if self.shared_channels else C, H, W)) < 1 - self.delta
+            keep = np.random.default_rng([self.seed, epoch, int(index)]).random((1, H, W)) < 1 - DELTA
             ys.append((u.astype(np.float32) / 127.5 - 1) * A)
             As.append(A)
             A_hats.append(A * keep)
@@ -108,12 +122,22 @@ class HostMaskLoader(Loader):
             return torch.from_numpy(np.stack(arrays)).to(self.device)
 
         labels = torch.zeros((len(indices), 0), device=self.device)
-        return Batch(to_device(ys), to_device(As), to_device(A_hats), labels)
+        return HostMasks(to_device(ys), to_device(As), to_device(A_hats), labels)
 
 
 def host_loader(dataset: CorruptedDataset, batch: int, device: torch.device) -> HostMaskLoader:
-    return HostMaskLoader(dataset, batch_size=batch, rank=0, world_size=1, seed=0, delta=DELTA, shared_channels=True,
-                          xflip=False, device=device, further_corruption=True)
+    return HostMaskLoader(dataset, batch, device)
+
+
+def host_inputs(sample_sigma) -> Callable[[HostMasks], TrainingBatch]:
+    """The reference's loss input: sigma and the noise drawn on the device with torch's generator
+    (sigma through the loss's distribution, from random words), the network input made from them."""
+    def inputs(batch: HostMasks) -> TrainingBatch:
+        n = len(batch.y)
+        words = [torch.randint(0, 2 ** 32, (n,), device=batch.y.device, dtype=torch.int64) for _ in range(2)]
+        return training_batch(batch.y, batch.A, batch.A_hat, sample_sigma(words), torch.randn_like(batch.y),
+                              batch.labels)
+    return inputs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +183,7 @@ class Setup(NamedTuple):
     batch: int
     steps: int
     warmup: int
-    size: dict  # model-size overrides of SIZES[resolution] (--quick); empty: the published configuration
+    size: dict  # model-size overrides of the resolution's preset (--quick); empty: the published configuration
     device: torch.device
 
 
@@ -172,6 +196,7 @@ def our_trainer(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> 
     trainer = Trainer(cfg)
     if not fast:
         trainer.loader = host_loader(data, setup.batch, setup.device)
+        trainer.inputs = host_inputs(trainer.loss_fn.sigma_from_words)
     return trainer
 
 
@@ -221,7 +246,7 @@ class ReferenceStep:
 
     def __init__(self, networks, loss_module, resolution: int, size: dict, device: torch.device):
         model_type, arch = ARCHS["ddpmpp"]
-        sizes = {**SIZES[resolution], **size}
+        sizes = {**PRESETS[preset_for(resolution)], **size}
         torch.manual_seed(0)
         net = networks.EDMPrecond(img_resolution=resolution, img_channels=6, label_dim=0, use_fp16=False,
                                   model_type=model_type, gated=True, dropout=0.0, **arch, **sizes)
@@ -232,7 +257,7 @@ class ReferenceStep:
         self.loss_fn = loss_module.AmbientLoss()
         self.optimizer = torch.optim.Adam(self.params, lr=LR, betas=(0.9, 0.999), eps=1e-8)
 
-    def __call__(self, batch: Batch) -> None:
+    def __call__(self, batch: HostMasks) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         _, val_loss, _ = self.loss_fn(net=self.net, images=batch.y, corruption_matrix=batch.A,
                                       hat_corruption_matrix=batch.A_hat, labels=batch.labels)

@@ -12,7 +12,7 @@ sampler_step. Not fused yet: GroupNorm + SiLU (waits for GPU profiling).
 import torch
 
 from ._utils import fused_device, interpreting, kernels_enabled, triton_available
-from .ambient_input import AmbientInput, ambient_input, ambient_input_reference, unpack_mask
+from .ambient_input import LEVELS, AmbientInput, ambient_input, ambient_input_reference, levels, mirror, network_input, unpack_mask
 from .gated_activation import gated_activation, gated_activation_packed, gated_activation_reference
 from .masked_loss import masked_loss, masked_loss_reference
 from .sampler_step import SamplerStep, sampler_step, sampler_step_reference
@@ -22,7 +22,8 @@ FUSED_OPS = ("gated_activation", "masked_loss", "ambient_input", "sampler_step")
 __all__ = [
     "gated_activation", "gated_activation_packed", "gated_activation_reference",
     "masked_loss", "masked_loss_reference",
-    "ambient_input", "ambient_input_reference", "AmbientInput", "unpack_mask",
+    "ambient_input", "ambient_input_reference", "AmbientInput", "unpack_mask", "mirror", "network_input",
+    "LEVELS", "levels",
     "sampler_step", "sampler_step_reference", "SamplerStep",
     "kernels_enabled", "fused_device", "active_path", "FUSED_OPS",
 ]

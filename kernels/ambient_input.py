@@ -1,98 +1,127 @@
-"""Ambient network input: from an observed image y and its mask A to the denoiser's input, in one pass.
+"""Ambient network input: from a batch as the data set stores it to what the network and the loss take,
+in one pass.
 
-For each image the further corruption B ~ Bernoulli(1 - delta) (per channel, or one draw per
-pixel shared by its channels) and the noise n ~ N(0, 1) are drawn, and
+Per image n (C, H, W values, flattened index j = c*H*W + h*W + w):
 
+    A     = the stored mask bits, mirrored left-right where flip[n] (with the image)
+    y     = A * level(u): u the stored uint8 value (level(u) = (2u - 255) / 255, `LEVELS`), or a
+            stored float value on the [-1, 1] scale, mirrored likewise
+    B     = the further corruption of `FurtherDraw` (ambient_fast.corruption: per-value coins, or
+            one box per image), evaluated value by value
     A_hat = B * A
-    net_input = cat([c_in * A_hat * (y + sigma * n), c_in_mask * A_hat])      (N, 2C, H, W)
+    net_input = cat([A_hat * (y + noise_std[n] * noise), A_hat])             (N, 2C, H, W)
 
-with per-sample sigma and c_in; c_in_mask is 1 (mask-aware preconditioning, whose mask channels
-enter the network unscaled) or c_in (`scale_mask=True`, the reference's preconditioning, which
-scales the whole input). A_hat, A and A * y are written too, as float32, for the loss.
+all four outputs float32 (the network casts what its layers read under autocast).
 
-Storage read: y as uint8 (value v means v / 127.5 - 1) or float in [-1, 1]; A bit-packed
-(`numpy.packbits(A.reshape(N, -1), axis=1, bitorder="little")`: element j of an image's
-flattened C*H*W is bit j % 8 of byte j // 8) or as 0/1 values.
-
-Random numbers (fused kernel): Philox, counter-based. Element (n, c, h, w) of a call uses the
-counter `offset + n*C*H*W + c*H*W + h*W + w`: two of its four outputs make the noise (Box-Muller),
-the third B's uniform draw; with shared channels every channel takes channel 0's draw. The same
-(seed, offset) reproduces a batch exactly; the next batch passes `offset + N*C*H*W`, so that
-`offset = images_seen * C*H*W` makes every image's draws depend on its position in the run only,
-and a resumed run continues the same stream.
+Random numbers: value j of image n uses the Philox counter `offset + n*C*H*W + j` of the stream
+`key` (ambient_fast.seeds: its words 0 and 1 make the noise by Box-Muller, word 2 the value's coin;
+with shared channels every channel takes channel 0's coin). The fused kernel and the reference draw
+the same words and turn them into numbers the same way, so they agree bitwise in float32 (the
+kernel under Triton's interpreter; compiled, up to the GPU's last bits in the logarithm and cosine).
+`offset = position * C*H*W`, with `position` the first image's index in the run, makes every
+image's draws a function of its position only.
 """
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 
-from ._utils import cdiv, empty_planes, is_channels_last, kernel, next_power_of_2, planes, tl, use_fused
+from ambient_fast.corruption import FurtherDraw, FurtherKind, keep_mask
+from ambient_fast.seeds import bits24, box_muller, philox
+
+from ._utils import cdiv, empty_planes, kernel, next_power_of_2, planes, tl, use_fused
+
+# The value of each stored uint8 level on the [-1, 1] scale, correctly rounded to float32: one table
+# for every path (a division by 127.5 and a multiplication by its reciprocal differ in 111 of the
+# 256 levels, and CUDA compiles the one into the other).
+LEVELS = ((2 * torch.arange(256, dtype=torch.float64) - 255) / 255).to(torch.float32)
+_LEVELS_ON = {}
+
+
+def levels(device) -> torch.Tensor:
+    """LEVELS on `device` (one copy per device)."""
+    device = torch.device(device)
+    table = _LEVELS_ON.get(device)
+    if table is None:
+        table = _LEVELS_ON[device] = LEVELS.to(device)
+    return table
+
 
 # ----------------------------------------------------------------------------------------------
 # Kernel
 
 
-@kernel(do_not_specialize=["seed", "offset"])
+@kernel(do_not_specialize=["key", "offset", "threshold"])
 def _ambient_input_kernel(
-    y_ptr,      # (N, C, H, W) observed image, uint8 or float, strides (y_sn, y_sc, y_sp)
-    a_ptr,      # PACKED: (N, ceil(C*H*W / 8)) uint8, row stride a_sn; else (N, C, H, W) 0/1, strides (a_sn, a_sc, a_sp)
-    sigma_ptr,  # (N,) float32 noise level
-    cin_ptr,    # (N,) float32 input scale c_in
-    net_ptr,    # (N, 2C, H, W) out: network input, strides (x_sn, x_sc, x_sp)
-    ahat_ptr,   # (N, C, H, W) float32 out: A_hat = B * A, strides (o_sn, o_sc, o_sp) (all four outputs)
-    aout_ptr,   # (N, C, H, W) float32 out: A
-    yout_ptr,   # (N, C, H, W) float32 out: A * y
-    b_ptr,      # (N, C, H, W) float32 out: B; only if WRITE_DRAWS
-    noise_ptr,  # (N, C, H, W) float32 out: n; only if WRITE_DRAWS
-    seed, offset, delta,
-    C, HW,
-    y_sn, y_sc, y_sp, a_sn, a_sc, a_sp, x_sn, x_sc, x_sp, o_sn, o_sc, o_sp,
-    Y_UINT8: tl.constexpr, PACKED: tl.constexpr, SHARED: tl.constexpr, SCALE_MASK: tl.constexpr,
-    WRITE_DRAWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    obs_ptr,     # (N, C, H, W) stored values, contiguous: uint8 levels (Y_UINT8) or float on [-1, 1]
+    bits_ptr,    # (N, ceil(C*H*W / 8)) uint8 packed mask, row stride bits_sn: value j is bit j % 8 of byte j // 8
+    flip_ptr,    # (N,) uint8: 1 = mirror left-right
+    levels_ptr,  # (256,) float32 value of each uint8 level (Y_UINT8 only)
+    std_ptr,     # (N,) float32 standard deviation of the noise added to y
+    box_ptr,     # (N, 4) int64 top, left, height, width of B's box (box kinds only)
+    net_ptr,     # (N, 2C, H, W) float32 out: network input, strides (x_sn, x_sc, x_sp)
+    ahat_ptr,    # (N, C, H, W) float32 out: A_hat, strides (o_sn, o_sc, o_sp) (all three image outputs)
+    aout_ptr,    # (N, C, H, W) float32 out: A
+    yout_ptr,    # (N, C, H, W) float32 out: A * y
+    key, offset, threshold,
+    C, W, HW, bits_sn,
+    x_sn, x_sc, x_sp, o_sn, o_sc, o_sp,
+    Y_UINT8: tl.constexpr, B_KIND: tl.constexpr, SHARED: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """With j = c*HW + p the element's index in its image and (u1, u2, u3, _) = Philox(seed, offset + n*C*HW + j):
-        noise = sqrt(-2 ln u1) cos(2 pi u2),  B = [u3' >= delta]  (u3' = u3 of channel 0 if SHARED)
-        A_hat = B A;  x = c_in A_hat (A y + sigma noise);  m = (c_in if SCALE_MASK else 1) A_hat."""
+    """With (r0, r1, r2, _) = Philox(key, offset + n*C*HW + j), s the mirrored source of j:
+        noise = sqrt(-2 ln u(r1 + 1)) cos(2 pi u(r0))   (float64, rounded), u(r) = (r >> 8) 2^-24
+        B = (r2 >> 8) >= threshold (channel 0's r2 if SHARED) | outside the box | inside the box
+        A = bit s;  y = A level(u_s);  A_hat = B A;  x = A_hat (y + std noise);  m = A_hat."""
     n = tl.program_id(2).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
     p = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
     inside = (c < C) & (p < HW)
-    j = c * HW + p  # index in the image's flattened C*H*W
+    h = p // W
+    w = p % W
+    flip = tl.load(flip_ptr + n) != 0
+    source = tl.where(flip, h * W + (W - 1 - w), p)  # (1, BLOCK_HW)
+    j_source = c * HW + source
 
-    y = tl.load(y_ptr + n * y_sn + c * y_sc + p * y_sp, mask=inside, other=0).to(tl.float32)
+    stored = tl.load(obs_ptr + n * C * HW + j_source, mask=inside, other=0)
     if Y_UINT8:
-        y = y / 127.5 - 1.0
-    if PACKED:
-        byte = tl.load(a_ptr + n * a_sn + j // 8, mask=inside, other=0).to(tl.int32)
-        a = ((byte >> (j % 8)) & 1).to(tl.float32)
+        y = tl.load(levels_ptr + stored.to(tl.int32), mask=inside, other=0.0)
     else:
-        a = (tl.load(a_ptr + n * a_sn + c * a_sc + p * a_sp, mask=inside, other=0) != 0).to(tl.float32)
+        y = stored.to(tl.float32)
+    byte = tl.load(bits_ptr + n * bits_sn + j_source // 8, mask=inside, other=0).to(tl.int32)
+    a = ((byte >> (j_source % 8)) & 1).to(tl.float32)
 
     base = offset.to(tl.int64) + n * C * HW
-    u1, u2, u3, _ = tl.rand4x(seed, base + j)
-    noise = tl.sqrt(-2.0 * tl.log(tl.maximum(u1, 1.0e-7))) * tl.cos(6.283185307179586 * u2)
-    if SHARED:
-        _, _, u3, _ = tl.rand4x(seed, base + p)  # channel 0's counter, (1, BLOCK_HW)
-    keep = (u3 >= delta).to(tl.float32)
-    if SHARED:
-        keep = tl.broadcast_to(keep, (BLOCK_C, BLOCK_HW))
+    r0, r1, r2, _ = tl.randint4x(key, base + c * HW + p)
+    angle = ((r0 >> 8).to(tl.float32) * 5.9604644775390625e-08).to(tl.float64)  # u in [0, 1): times 2^-24
+    radius = (((r1 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08).to(tl.float64)  # u in (0, 1]
+    # 6.2831854820251465: 2 pi as a float32 (ambient_fast.seeds.TWO_PI)
+    noise = (tl.sqrt(-2.0 * tl.log(radius)) * tl.cos(6.2831854820251465 * angle)).to(tl.float32)
+    if B_KIND == 0:  # coins
+        if SHARED:
+            _, _, r2, _ = tl.randint4x(key, base + p)  # channel 0's counter, (1, BLOCK_HW)
+        keep = ((r2 >> 8).to(tl.int32) >= threshold).to(tl.float32)
+        if SHARED:
+            keep = tl.broadcast_to(keep, (BLOCK_C, BLOCK_HW))
+    else:
+        top = tl.load(box_ptr + n * 4)
+        left = tl.load(box_ptr + n * 4 + 1)
+        in_box = (h >= top) & (h < top + tl.load(box_ptr + n * 4 + 2)) & \
+                 (w >= left) & (w < left + tl.load(box_ptr + n * 4 + 3))
+        if B_KIND == 1:  # erase the box
+            in_box = in_box == 0
+        keep = tl.broadcast_to(in_box.to(tl.float32), (BLOCK_C, BLOCK_HW))
 
-    sigma = tl.load(sigma_ptr + n)
-    c_in = tl.load(cin_ptr + n)
     a_hat = keep * a
     y = a * y
-    x = c_in * a_hat * (y + sigma * noise)
-    m = c_in * a_hat if SCALE_MASK else a_hat
+    x = a_hat * (y + tl.load(std_ptr + n) * noise)
 
     net = net_ptr + n * x_sn + c * x_sc + p * x_sp
-    tl.store(net, x.to(net_ptr.dtype.element_ty), mask=inside)
-    tl.store(net + C * x_sc, m.to(net_ptr.dtype.element_ty), mask=inside)
+    tl.store(net, x, mask=inside)
+    tl.store(net + C * x_sc, a_hat, mask=inside)
     out = n * o_sn + c * o_sc + p * o_sp
     tl.store(ahat_ptr + out, a_hat, mask=inside)
     tl.store(aout_ptr + out, a, mask=inside)
     tl.store(yout_ptr + out, y, mask=inside)
-    if WRITE_DRAWS:
-        tl.store(b_ptr + out, keep, mask=inside)
-        tl.store(noise_ptr + out, noise, mask=inside)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,45 +133,36 @@ _ELEMENTS_PER_THREAD = 4
 
 
 class AmbientInput(NamedTuple):
-    """What `ambient_input` writes. All float32 except net_input (its `dtype`)."""
+    """What `ambient_input` writes, laid out as asked; float32."""
 
-    net_input: torch.Tensor         # (N, 2C, H, W) cat([c_in * A_hat * (y + sigma n), c_in_mask * A_hat])
-    A_hat: torch.Tensor             # (N, C, H, W) B * A
-    A: torch.Tensor                 # (N, C, H, W) the observation mask, unpacked
-    y: torch.Tensor                 # (N, C, H, W) A * y in [-1, 1]
-    B: Optional[torch.Tensor] = None      # (N, C, H, W) the drawn B, with return_draws only
-    noise: Optional[torch.Tensor] = None  # (N, C, H, W) the drawn n, with return_draws only
+    net_input: torch.Tensor  # (N, 2C, H, W) cat([A_hat * (y + noise_std * noise), A_hat])
+    A_hat: torch.Tensor      # (N, C, H, W) B * A
+    A: torch.Tensor          # (N, C, H, W) the observation mask, unpacked (and mirrored)
+    y: torch.Tensor          # (N, C, H, W) A * y on [-1, 1]
 
 
-def ambient_input_launch(y: torch.Tensor, A: torch.Tensor, sigma: torch.Tensor, c_in: torch.Tensor, delta: float,
-                         seed: int, offset: int, shared_channels: bool, scale_mask: bool, dtype: torch.dtype,
-                         return_draws: bool) -> AmbientInput:
-    """Launch the kernel on checked arguments (see `ambient_input`); outputs follow y's layout."""
-    N, C, H, W = y.shape
-    channels_last = is_channels_last(y)
-    y, y_s = planes(y, channels_last)
-    packed = A.ndim == 2
-    if packed:
-        A = A.contiguous()
-        a_s = (A.stride(0), 0, 0)
-    else:
-        A, a_s = planes(A.view(torch.uint8) if A.dtype == torch.bool else A, channels_last)
-    net_input = empty_planes((N, 2 * C, H, W), dtype, y.device, channels_last)
-    outs = [empty_planes((N, C, H, W), torch.float32, y.device, channels_last) for _ in range(5 if return_draws else 3)]
-    draws = outs[3:] if return_draws else [outs[0], outs[0]]
-    # Tiles of 1024 elements over 8 warps: 4 elements a thread. Each element draws four Philox
-    # numbers and a Box-Muller pair, so registers grow with elements per thread (ptxas, sm_90: 16 a
-    # thread take 153 registers, 8 take 80, 4 take 48), and this bandwidth-bound kernel needs the
-    # occupancy that few registers allow.
+def ambient_input_launch(observed: torch.Tensor, mask_bits: torch.Tensor, flips: torch.Tensor,
+                         noise_std: torch.Tensor, further: FurtherDraw, key: int, offset: int,
+                         channels_last: bool) -> AmbientInput:
+    """Launch the kernel on checked arguments (see `ambient_input`)."""
+    N, C, H, W = observed.shape
+    device = observed.device
+    net_input = empty_planes((N, 2 * C, H, W), torch.float32, device, channels_last)
+    outs = [empty_planes((N, C, H, W), torch.float32, device, channels_last) for _ in range(3)]
+    boxes = further.boxes.contiguous() if further.boxes is not None else noise_std  # unread without a box
+    # Tiles of 1024 values over 8 warps: 4 a thread. Each value draws Philox words and a Box-Muller
+    # normal in float64, so registers grow with the values a thread holds, and this bandwidth-bound
+    # kernel needs the occupancy that few registers allow.
     block_c = min(next_power_of_2(C), 16)
     block_hw = min(next_power_of_2(H * W), max(_TILE_ELEMENTS // block_c, 1))
     warps = max(1, min(8, block_c * block_hw // (32 * _ELEMENTS_PER_THREAD)))
     grid = (cdiv(H * W, block_hw), cdiv(C, block_c), N)
     _ambient_input_kernel[grid](
-        y, A, sigma, c_in, net_input, *outs[:3], *draws, seed, offset, float(delta), C, H * W,
-        *y_s, *a_s, *planes(net_input, channels_last)[1], *planes(outs[0], channels_last)[1],
-        Y_UINT8=y.dtype == torch.uint8, PACKED=packed, SHARED=shared_channels, SCALE_MASK=scale_mask,
-        WRITE_DRAWS=return_draws, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
+        observed, mask_bits, flips, levels(device), noise_std, boxes, net_input, *outs,
+        key, offset, further.threshold, C, W, H * W, mask_bits.stride(0),
+        *planes(net_input, channels_last)[1], *planes(outs[0], channels_last)[1],
+        Y_UINT8=observed.dtype == torch.uint8, B_KIND=int(further.kind), SHARED=further.shared_channels,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
     return AmbientInput(net_input, *outs)
 
 
@@ -158,93 +178,85 @@ def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
     return bits.reshape(N, -1)[:, :size].reshape(shape).to(torch.float32)
 
 
-def ambient_input_reference(y: torch.Tensor, A: torch.Tensor, sigma: torch.Tensor, c_in: Optional[torch.Tensor] = None,
-                            *, delta: float, shared_channels: bool = False, scale_mask: bool = False,
-                            dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None,
-                            B: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-                            return_draws: bool = False) -> AmbientInput:
-    """Plain PyTorch ambient input. Arguments as in `ambient_input`, except the random source:
-    B and noise ((N, C, H, W), or (N, 1, H, W) for a shared B) are used when given, else drawn
-    from `generator` with torch's RNG."""
-    N, C, H, W = y.shape
-    y = y.to(torch.float32) / 127.5 - 1 if y.dtype == torch.uint8 else y.to(torch.float32)
-    A = unpack_mask(A, y.shape) if A.ndim == 2 else (A != 0).to(torch.float32)
-    if B is None:
-        b_shape = (N, 1, H, W) if shared_channels else (N, C, H, W)
-        B = (torch.rand(b_shape, device=y.device, generator=generator) >= delta).to(torch.float32)
-    B = B.to(torch.float32).expand(N, C, H, W)
-    if noise is None:
-        noise = torch.randn(y.shape, device=y.device, generator=generator)
-    noise = noise.to(torch.float32)
-    sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-    c_in = torch.ones_like(sigma) if c_in is None else c_in.to(torch.float32).reshape(-1, 1, 1, 1)
-    A_hat = B * A
-    y = A * y
-    x = c_in * A_hat * (y + sigma * noise)
-    m = c_in * A_hat if scale_mask else A_hat
-    extra = (B.contiguous(), noise) if return_draws else ()
-    return AmbientInput(torch.cat([x, m], dim=1).to(dtype), A_hat, A, y, *extra)
+def mirror(t: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """t (N, ...) with image n mirrored left-right (its last axis reversed) where flips[n] != 0."""
+    return torch.where((flips != 0).reshape(-1, *[1] * (t.ndim - 1)), t.flip(-1), t)
 
 
-def ambient_input(y: torch.Tensor, A: torch.Tensor, sigma: Union[torch.Tensor, float],
-                  c_in: Optional[Union[torch.Tensor, float]] = None, *, delta: float, seed: int, offset: int = 0,
-                  shared_channels: bool = False, scale_mask: bool = False, dtype: torch.dtype = torch.float32,
-                  return_draws: bool = False) -> AmbientInput:
-    """Draw the further corruption and the noise and write the ambient network input (forward only).
+def network_input(y: torch.Tensor, A_hat: torch.Tensor, noise_std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """cat([A_hat * (y + noise_std * noise), A_hat]) of float32 (N, C, H, W) y, A_hat and noise and
+    (N,) noise_std: what the network sees of an image, with the kernel's order of operations."""
+    x = A_hat * (y + noise_std.reshape(-1, 1, 1, 1) * noise)
+    return torch.cat([x, A_hat], dim=1)
+
+
+def ambient_input_reference(observed: torch.Tensor, mask_bits: torch.Tensor, flips: torch.Tensor,
+                            noise_std: torch.Tensor, further: FurtherDraw, key: int, offset: int,
+                            channels_last: bool = False) -> AmbientInput:
+    """Plain PyTorch ambient input; arguments and result as in `ambient_input`, bitwise the kernel's."""
+    N, C, H, W = shape = tuple(observed.shape)
+    device = observed.device
+    y = levels(device)[observed.long()] if observed.dtype == torch.uint8 else observed.to(torch.float32)
+    A = mirror(unpack_mask(mask_bits, shape), flips)
+    y = A * mirror(y, flips)
+    counters = offset + torch.arange(N * C * H * W, dtype=torch.int64, device=device).reshape(shape)
+    r0, r1, r2, _ = philox(key, counters)
+    noise = box_muller(r1, r0)
+    coins = None
+    if further.kind == FurtherKind.COIN:
+        coins = bits24(r2[:, :1] if further.shared_channels else r2)  # channel 0's counter is the pixel's
+    A_hat = keep_mask(further, shape, coins).to(torch.float32) * A
+    net_input = network_input(y, A_hat, noise_std.to(torch.float32), noise)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return AmbientInput(*(t.contiguous(memory_format=layout) for t in (net_input, A_hat, A, y)))
+
+
+def ambient_input(observed: torch.Tensor, mask_bits: torch.Tensor, flips: torch.Tensor, noise_std: torch.Tensor,
+                  further: FurtherDraw, *, key: int, offset: int, channels_last: bool = False) -> AmbientInput:
+    """Unpack, mirror, scale, further-corrupt and noise a stored batch into the ambient network input
+    (forward only).
 
     Args:
-        y: (N, C, H, W) observed images `A * x`: uint8 (v -> v / 127.5 - 1) or float in [-1, 1].
-            Values outside A are ignored.
-        A: observation masks: (N, ceil(C*H*W / 8)) uint8 bit-packed in little bit order, or
-            (N, C, H, W) 0/1 (float, bool or uint8).
-        sigma: (N,) noise levels, or one for all.
-        c_in: (N,) input scales, or one for all; None means 1.
-        delta: probability that B hides an observed pixel, in [0, 1).
-        seed, offset: random stream and its position; this call uses counters
-            offset .. offset + N*C*H*W - 1 (see the module docstring).
-        shared_channels: one B draw per pixel for all its channels.
-        scale_mask: scale the mask channels by c_in too (the reference's preconditioning);
-            False leaves them unscaled (mask-aware models).
-        dtype: dtype of net_input.
-        return_draws: also return the drawn B and noise (for tests and debugging).
+        observed: (N, C, H, W) contiguous stored values `A x`: uint8 levels, or float on [-1, 1].
+        mask_bits: (N, ceil(C*H*W / 8)) uint8, A bit-packed in little bit order (as stored).
+        flips: (N,) uint8 or bool, 1 mirrors image and mask left-right.
+        noise_std: (N,) standard deviation of the noise added to each image (its sigma).
+        further: B for the batch (`ambient_fast.corruption.MaskOperator.further_draw`).
+        key, offset: the value stream and the counter of the batch's first value (module docstring).
+        channels_last: lay the outputs out channels_last.
     Returns:
-        AmbientInput(net_input (N, 2C, H, W), A_hat, A, y = A * y, B, noise), laid out like y.
-        Off the fused path the draws come from torch's RNG seeded by (seed, offset): reproducible,
-        but a different stream from the kernel's.
+        AmbientInput(net_input (N, 2C, H, W), A_hat, A, y = A * y).
 
     Example:
-        >>> y = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-        >>> A = torch.full((2, 24), 255, dtype=torch.uint8)  # all 3*8*8 = 192 bits set
-        >>> ambient_input(y, A, torch.ones(2), delta=0.1, seed=0).net_input.shape
+        >>> from ambient_fast.corruption import FurtherDraw, FurtherKind
+        >>> observed = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+        >>> bits = torch.full((2, 24), 255, dtype=torch.uint8)  # all 3*8*8 = 192 values observed
+        >>> coins = FurtherDraw(FurtherKind.COIN, threshold=1 << 21)  # B erases 1 in 8
+        >>> flips = torch.zeros(2, dtype=torch.uint8)
+        >>> ambient_input(observed, bits, flips, torch.ones(2), coins, key=7, offset=0).net_input.shape
         torch.Size([2, 6, 8, 8])
     """
-    if y.ndim != 4:
-        raise ValueError(f"y must be (N, C, H, W), got shape {tuple(y.shape)}")
-    N, C, H, W = y.shape
-    if A.ndim == 2:
-        if A.dtype != torch.uint8 or A.shape != (N, cdiv(C * H * W, 8)):
-            raise ValueError(f"a packed mask must be uint8 of shape ({N}, {cdiv(C * H * W, 8)}), got {A.dtype} "
-                             f"{tuple(A.shape)}")
-    elif A.shape != y.shape:
-        raise ValueError(f"A must be packed (N, ceil(C*H*W/8)) or of y's shape {tuple(y.shape)}, got {tuple(A.shape)}")
-    if not 0 <= delta < 1:
-        raise ValueError(f"delta must be in [0, 1), got {delta}")
-    if not (y.dtype == torch.uint8 or y.is_floating_point()):
-        raise ValueError(f"y must be uint8 or floating point, got {y.dtype}")
-    sigma = _per_sample(sigma, N, y.device, "sigma")
-    c_in = _per_sample(1.0 if c_in is None else c_in, N, y.device, "c_in")
-    if use_fused(y, A, sigma, c_in) and y.numel():
-        return ambient_input_launch(y, A, sigma, c_in, delta, int(seed), int(offset), shared_channels, scale_mask,
-                                    dtype, return_draws)
-    generator = torch.Generator(device=y.device).manual_seed((int(seed) * 0x9E3779B1 + int(offset)) % 2 ** 63)
-    return ambient_input_reference(y, A, sigma, c_in, delta=delta, shared_channels=shared_channels,
-                                   scale_mask=scale_mask, dtype=dtype, generator=generator, return_draws=return_draws)
-
-
-def _per_sample(value, N: int, device, name: str) -> torch.Tensor:
-    value = torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1)
-    if value.numel() == 1:
-        value = value.expand(N)
-    if value.numel() != N:
-        raise ValueError(f"{name} must hold one value or one per sample ({N}), got {value.numel()}")
-    return value.contiguous()
+    if observed.ndim != 4 or not observed.is_contiguous():
+        raise ValueError(f"observed must be a contiguous (N, C, H, W) tensor, got shape {tuple(observed.shape)}")
+    N, C, H, W = observed.shape
+    if not (observed.dtype == torch.uint8 or observed.is_floating_point()):
+        raise ValueError(f"observed must be uint8 levels or floating point, got {observed.dtype}")
+    if mask_bits.dtype != torch.uint8 or tuple(mask_bits.shape) != (N, cdiv(C * H * W, 8)) or mask_bits.stride(1) != 1:
+        raise ValueError(f"mask_bits must be uint8 of shape ({N}, {cdiv(C * H * W, 8)}) with contiguous rows, got "
+                         f"{mask_bits.dtype} {tuple(mask_bits.shape)}")
+    if tuple(flips.shape) != (N,) or tuple(noise_std.shape) != (N,):
+        raise ValueError(f"flips and noise_std must hold one value per image ({N}), got {tuple(flips.shape)} and "
+                         f"{tuple(noise_std.shape)}")
+    if further.kind != FurtherKind.COIN and (further.boxes is None or tuple(further.boxes.shape) != (N, 4)):
+        raise ValueError(f"a box draw needs (N, 4) boxes for {N} images")
+    if not (offset >= 0 and 0 <= key < 2 ** 64):
+        raise ValueError(f"key must lie in [0, 2^64) and offset be >= 0, got key {key}, offset {offset}")
+    flips = flips.to(torch.uint8).contiguous()
+    noise_std = noise_std.to(torch.float32).contiguous()
+    boxes = further.boxes.to(device=observed.device, dtype=torch.int64) if further.boxes is not None else None
+    further = FurtherDraw(further.kind, further.threshold, further.shared_channels, boxes)
+    if use_fused(observed, mask_bits, flips, noise_std) and observed.numel():
+        return ambient_input_launch(observed, mask_bits, flips, noise_std, further, int(key), int(offset),
+                                    channels_last)
+    return ambient_input_reference(observed, mask_bits, flips, noise_std, further, int(key), int(offset),
+                                   channels_last)

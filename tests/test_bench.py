@@ -106,7 +106,7 @@ def test_flops_match_the_published_count(train):
     """REFERENCE.md section 4: CIFAR-10 config, gated, 253 GFLOP forward + backward per image."""
     model_type, arch = train.ARCHS["ddpmpp"]
     config = dict(precond="EDMPrecond", img_resolution=32, img_channels=6, model_type=model_type, **arch,
-                  **train.SIZES[32])
+                  **train.PRESETS["cifar10"])
     assert train.flops_per_image(config, 32) == pytest.approx(253.3e9, rel=1e-3)
 
 

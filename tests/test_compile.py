@@ -8,10 +8,11 @@ CIFAR-10 configuration."""
 import pytest
 import torch
 
+from ambient_fast.inputs import TrainingBatch, training_batch
 from ambient_fast.loss import EDMAmbientLoss
 from ambient_fast.nn import EDMPrecond
 from ambient_fast.parallel import compile_each
-from ambient_fast.train import ARCHS, SIZES
+from ambient_fast.config import ARCHS, PRESETS, preset_for
 
 from conftest import load_bench
 
@@ -21,21 +22,21 @@ compile_check = load_bench("compile_check")
 def published_structure(resolution: int) -> EDMPrecond:
     """The CIFAR-10 (32x32) or 64x64 DDPM++ configuration, every block as published, 16 channels wide."""
     model_type, arch = ARCHS["ddpmpp"]
-    size = {**SIZES[resolution], "model_channels": 16}
+    size = {**PRESETS[preset_for(resolution)], "model_channels": 16}
     return EDMPrecond(img_resolution=resolution, img_channels=6, model_type=model_type, **arch, **size).train()
 
 
-def batch(resolution: int):
-    """(y, A, A_hat) of two random images."""
-    A = (torch.rand(2, 3, resolution, resolution) < 0.6).float()
-    y = (torch.rand(2, 3, resolution, resolution) * 2 - 1) * A
-    return y, A, A * (torch.rand(2, 3, resolution, resolution) < 0.9)
+def batch(resolution: int) -> TrainingBatch:
+    """A training batch of two random images, sigma from EDM's distribution."""
+    shape = (2, 3, resolution, resolution)
+    A = (torch.rand(shape) < 0.6).float()
+    sigma = (torch.randn(2) * 1.2 - 1.2).exp()
+    return training_batch((torch.rand(shape) * 2 - 1) * A, A, A * (torch.rand(shape) < 0.9), sigma, torch.randn(shape))
 
 
-def one_loss(net: torch.nn.Module, y, A, A_hat) -> torch.Tensor:
-    """The loss as the trainer calls it (sigma and noise from the global generator, which the trainer
-    seeds per step)."""
-    return EDMAmbientLoss()(net, y, A, A_hat).loss.sum()
+def one_loss(net: torch.nn.Module, data: TrainingBatch) -> torch.Tensor:
+    """The loss as the trainer calls it."""
+    return EDMAmbientLoss()(net, data).sum()
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -52,7 +53,7 @@ def test_every_block_of_the_published_structures_runs_compiled(resolution):
             data = batch(resolution)
             for _ in range(2):
                 counter.reset_calls()
-                one_loss(net, *data).backward()
+                one_loss(net, data).backward()
                 assert counter.calls == len(blocks), f"{len(blocks) - counter.calls} of {len(blocks)} blocks ran eagerly"
         assert not messages, messages
         assert 8 < counter.graphs <= len(blocks)  # more kinds of block than the default limit allows
@@ -70,7 +71,7 @@ def test_no_graph_break_in_the_blocks_or_the_loss():
 
     hooks = [block.register_forward_hook(remember) for block in net.blocks()]
     data = batch(32)
-    one_loss(net, *data)
+    one_loss(net, data)
     for hook in hooks:
         hook.remove()
     torch._dynamo.reset()
@@ -78,7 +79,7 @@ def test_no_graph_break_in_the_blocks_or_the_loss():
         for module, args in seen.values():
             explained = torch._dynamo.explain(module)(*args)
             assert explained.graph_break_count == 0, explained.break_reasons
-        explained = torch._dynamo.explain(lambda: one_loss(net, *data))()
+        explained = torch._dynamo.explain(lambda: one_loss(net, data))()
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     finally:
         torch._dynamo.reset()

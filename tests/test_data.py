@@ -1,6 +1,7 @@
 """Corrupted data sets: the format (round trip, atomic writes, verification), the prepare command
 (folders, zips, user masks, every bad input), the synthetic set, and the torch and DALI loaders
-(semantics, statistics, sharding, exact resumption, independence from erased pixels)."""
+(the stored bytes, positions and flips, sharding, exact resumption, agreement, independence from
+erased pixels)."""
 import json
 import subprocess
 import sys
@@ -12,7 +13,11 @@ import torch
 from PIL import Image
 
 from ambient_fast.data.format import CorruptedDataset, DataError, DatasetWriter, write_dataset
-from ambient_fast.data.loader import dali_available, make_loader
+from ambient_fast.corruption import make_operator
+from ambient_fast.data.loader import RawBatch, dali_available, make_loader
+from ambient_fast.inputs import AmbientInputs
+from ambient_fast.loss import EDMAmbientLoss
+from ambient_fast.seeds import Stream, philox, stream_key
 from ambient_fast.data.prepare import main as prepare
 from ambient_fast.data.synthetic import (clean_images, dataset_name, palette, palette_fraction,
                                          synthetic_dataset)
@@ -359,58 +364,55 @@ def dust_set(tmp_path_factory):
     return CorruptedDataset(path)
 
 
-def check_batch(batch, dataset, batch_size):
-    C, R = dataset.channels, dataset.resolution
-    assert [tuple(t.shape) for t in batch] == [(batch_size, C, R, R)] * 3 + [(batch_size, dataset.label_dim)]
-    assert all(t.dtype == torch.float32 for t in batch)
-    y, A, A_hat, labels = batch
-    assert set(A.unique().tolist()) <= {0.0, 1.0} and set(A_hat.unique().tolist()) <= {0.0, 1.0}
-    assert (A_hat <= A).all() and (y[A == 0] == 0).all()
-    assert y.min() >= -1 and y.max() <= 1
-    assert (labels.sum(1) == 1).all()
-
-
 def loaders(dataset, **kwargs):
     kinds = ["torch"] + (["dali"] if dali_available() else [])
     return {kind: make_loader(dataset, kind=kind, **kwargs) for kind in kinds}
 
 
-def test_loader_batches(dust_set):
-    for kind, loader in loaders(dust_set, batch_size=16, xflip=True, delta=0.3).items():
+def assert_same_batches(a, b):
+    for name in RawBatch._fields:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (torch.equal(x, y) if torch.is_tensor(x) else x == y), name
+
+
+def test_loader_delivers_the_stored_bytes(dust_set):
+    """A batch is the stored rows of its indices, as they are (uint8 values, packed bits, int64
+    labels), with the flip flags of its positions and the position of its first image."""
+    observed, packed, labels = dust_set.get_raw(np.arange(len(dust_set)))
+    for kind, loader in loaders(dust_set, batch_size=16, xflip=True, seed=4).items():
         assert loader.steps_per_epoch == 16 and kind in loader.describe()
-        batch = loader.next()
-        check_batch(batch, dust_set, 16)
-        indices = loader.indices(0, 0)
-        observed, masks, labels = dust_set.get(indices)
-        flips = torch.from_numpy(loader.flips(0, 0))[:, None, None, None]
-        expected_A = torch.from_numpy(masks).float()
-        expected_y = torch.from_numpy(observed).float() / 127.5 - 1
-        expected_y = torch.where(expected_A > 0, expected_y, 0)
-        torch.testing.assert_close(batch.A, torch.where(flips, expected_A.flip(-1), expected_A), rtol=0, atol=0)
-        torch.testing.assert_close(batch.y, torch.where(flips, expected_y.flip(-1), expected_y), rtol=0, atol=0)
-        torch.testing.assert_close(batch.labels, torch.from_numpy(labels))
-        full = (batch.A == 1).all(1, keepdim=True)  # the data set's default: one B coin per value
-        assert not (batch.A_hat * full == batch.A_hat[:, :1] * full).all(), kind
+        for step in range(20):  # into the second epoch
+            epoch, index = divmod(step, 16)
+            batch = loader.next()
+            rows = loader.indices(epoch, index)
+            assert batch.observed.dtype == torch.uint8 and batch.mask_bits.dtype == torch.uint8
+            assert torch.equal(batch.observed, torch.from_numpy(observed[rows]))
+            assert torch.equal(batch.mask_bits, torch.from_numpy(packed[rows]))
+            assert torch.equal(batch.labels, torch.from_numpy(labels[rows]))
+            assert batch.position == step * 16
+            positions = step * 16 + torch.arange(16)
+            assert torch.equal(batch.flips, (philox(stream_key(4, Stream.FLIP), positions)[0] >> 31).to(torch.uint8))
+        # 3x8x8 images: 192 bits, 24 bytes; a label of 8 bytes, a flag of 1
+        assert batch.nbytes() == 16 * (192 + 24 + 1 + 8), kind
+    assert 0 < make_loader(dust_set, batch_size=16, xflip=True, seed=4).next().flips.sum() < 16
+    assert not make_loader(dust_set, batch_size=16).next().flips.any()  # xflip off
 
 
-def test_survival_and_b_redrawn_each_epoch(dust_set):
-    for kind, loader in loaders(dust_set, batch_size=64, delta=0.3, shared_channels=True).items():
-        first = [loader.next() for _ in range(loader.steps_per_epoch)]
-        second = [loader.next() for _ in range(loader.steps_per_epoch)]
-        A = torch.cat([b.A for b in first])
-        A_hat = torch.cat([b.A_hat for b in first])
-        # masks p = 0.5 per value, B 1 - 0.3 per pixel: survival (1 - p)(1 - delta) = 0.35
-        assert abs(A_hat.mean().item() - 0.35) < 0.02, kind
-        assert abs(A_hat.sum().item() / A.sum().item() - 0.7) < 0.02, kind
-        full = (A == 1).all(1, keepdim=True)  # where every channel is observed, B shows unmasked
-        assert (A_hat * full == A_hat[:, :1] * full).all(), kind  # one coin per pixel, all channels
-        # Every image in both epochs: the same A, a fresh B.
-        order = [np.concatenate([loader.indices(epoch, b) for b in range(4)]).argsort() for epoch in (0, 1)]
-        A_again = torch.cat([b.A for b in second])[order[1]]
-        A_hat_again = torch.cat([b.A_hat for b in second])[order[1]]
-        assert torch.equal(A[order[0]], A_again), kind
-        changed = (A_hat[order[0]] != A_hat_again).flatten(1).any(1)
-        assert changed.float().mean() > 0.95, kind
+def test_b_is_redrawn_each_epoch_and_survives_as_drawn(dust_set):
+    """Through the ambient input: every image keeps its A in both epochs and gets a fresh B; a
+    shared B keeps (1 - p)(1 - delta) of the values, one coin per pixel."""
+    loader = make_loader(dust_set, batch_size=64, seed=1)
+    inputs = AmbientInputs(make_operator("dust", p=0.5, delta=0.3, shared_channels=True),
+                           EDMAmbientLoss().sigma_from_words, seed=1, shape=dust_set.shape)
+    epochs = [[inputs(loader.next()) for _ in range(loader.steps_per_epoch)] for _ in range(2)]
+    order = [np.concatenate([loader.indices(epoch, b) for b in range(4)]).argsort() for epoch in (0, 1)]
+    A, A_again = (torch.cat([b.A for b in epochs[e]])[order[e]] for e in (0, 1))
+    A_hat, A_hat_again = (torch.cat([b.A_hat for b in epochs[e]])[order[e]] for e in (0, 1))
+    assert torch.equal(A, A_again)
+    assert abs(A_hat.mean().item() - 0.35) < 0.02
+    full = (A == 1).all(1, keepdim=True)  # where every channel is observed, B shows unmasked
+    assert (A_hat * full == A_hat[:, :1] * full).all()
+    assert (A_hat != A_hat_again).flatten(1).any(1).float().mean() > 0.95
 
 
 def test_sharding_is_disjoint_and_complete(dust_set):
@@ -424,24 +426,23 @@ def test_sharding_is_disjoint_and_complete(dust_set):
         together = np.concatenate([ranks[0].indices(epoch, 4), ranks[1].indices(epoch, 4)])
         np.testing.assert_array_equal(together, single.indices(epoch, 4))  # same global batches
     assert not np.array_equal(ranks[0].indices(0, 0), ranks[0].indices(1, 0))
-    # Different ranks draw different B on the same step.
-    a, b = (loader.next() for loader in ranks)
-    assert not torch.equal(a.A_hat / a.A.clamp(min=1), b.A_hat / b.A.clamp(min=1))
+    # Positions: rank r's batch j starts at (2 j + r) * 10, so no two images of a step share one.
+    assert [ranks[r].position(0, 3) for r in (0, 1)] == [60, 70] and ranks[0].position(1, 0) == 240
 
 
-def test_torch_loader_resumes_bitwise(dust_set):
-    kwargs = dict(batch_size=48, seed=5, xflip=True, kind="torch")
-    loader = make_loader(dust_set, **kwargs)
-    for _ in range(4):  # into the middle of epoch 0 (5 steps per epoch)
-        loader.next()
-    state = json.loads(json.dumps(loader.state_dict()))
-    assert (state["epoch"], state["batch"]) == (0, 4)
-    straight = [loader.next() for _ in range(3)]  # crosses into epoch 1
-    resumed = make_loader(dust_set, **kwargs)
-    resumed.load_state_dict(state)
-    for a, b in zip(straight, [resumed.next() for _ in range(3)]):
-        for x, y in zip(a, b):
-            assert torch.equal(x, y)
+def test_loaders_resume_bitwise(dust_set):
+    for kind in loaders(dust_set, batch_size=48):
+        kwargs = dict(batch_size=48, seed=5, xflip=True, kind=kind)
+        loader = make_loader(dust_set, **kwargs)
+        for _ in range(4):  # into the middle of epoch 0 (5 steps per epoch)
+            loader.next()
+        state = json.loads(json.dumps(loader.state_dict()))
+        assert (state["epoch"], state["batch"]) == (0, 4)
+        straight = [loader.next() for _ in range(3)]  # crosses into epoch 1
+        resumed = make_loader(dust_set, **kwargs)
+        resumed.load_state_dict(state)
+        for a, b in zip(straight, [resumed.next() for _ in range(3)]):
+            assert_same_batches(a, b)
     with pytest.raises(ValueError, match="batch_size 48 \\(now 16\\)"):
         make_loader(dust_set, batch_size=16, seed=5).load_state_dict(state)
 
@@ -463,17 +464,12 @@ def test_erased_pixels_never_reach_a_batch(tmp_path):
     for kind in loaders(CorruptedDataset(tmp_path / "a"), batch_size=8):
         a, b = (make_loader(CorruptedDataset(tmp_path / name), batch_size=8, xflip=True, kind=kind) for name in "ab")
         for _ in range(5):
-            batch_a, batch_b = a.next(), b.next()
-            assert torch.equal(batch_a.y, batch_b.y) and torch.equal(batch_a.A, batch_b.A)
-            if kind == "torch":
-                assert torch.equal(batch_a.A_hat, batch_b.A_hat)
+            assert_same_batches(a.next(), b.next())
 
 
 def test_loader_bad_arguments(dust_set, monkeypatch):
     with pytest.raises(ValueError, match="fewer than one global batch"):
         make_loader(dust_set, batch_size=200, world_size=2)
-    with pytest.raises(ValueError, match="delta must lie in"):
-        make_loader(dust_set, batch_size=8, delta=1.0)
     with pytest.raises(ValueError, match="rank must lie in"):
         make_loader(dust_set, batch_size=8, rank=2, world_size=2)
     with pytest.raises(ValueError, match="loader kind"):
@@ -486,54 +482,13 @@ def test_loader_bad_arguments(dust_set, monkeypatch):
 
 
 @needs_dali
-def test_dali_cpu_pipeline_agrees_with_the_torch_loader(dust_set):
-    kwargs = dict(batch_size=32, seed=2, xflip=True, delta=0.2)
-    torch_loader, dali_loader = (make_loader(dust_set, kind=kind, **kwargs) for kind in ("torch", "dali"))
-    stats = {"torch": [], "dali": []}
-    for _ in range(2 * torch_loader.steps_per_epoch):
-        a, b = torch_loader.next(), dali_loader.next()
-        check_batch(b, dust_set, 32)
-        # Same images, flips, masks, values and labels; B from different generators.
-        for name in ("y", "A", "labels"):
-            assert torch.equal(getattr(a, name), getattr(b, name)), name
-        for kind, batch in (("torch", a), ("dali", b)):
-            observed = batch.A > 0
-            stats[kind].append((batch.A_hat.sum() / batch.A.sum(), batch.y[observed].mean()))
-    for kind in stats:
-        keep, mean_y = (torch.stack(column).mean().item() for column in zip(*stats[kind]))
-        assert abs(keep - 0.8) < 0.01, kind
-        stats[kind] = mean_y
-    assert stats["torch"] == pytest.approx(stats["dali"])
-    # xflip moves image and mask together: flipped samples equal the stored record mirrored.
-    flips = dali_loader.flips(0, 0)
-    assert flips.any() and not flips.all()
-
-
-@needs_dali
-def test_dali_loader_resumes_positions(dust_set):
-    kwargs = dict(batch_size=48, seed=5, xflip=True, kind="dali")
-    loader = make_loader(dust_set, **kwargs)
-    for _ in range(4):
-        loader.next()
-    state = loader.state_dict()
-    straight = [loader.next() for _ in range(3)]
-    resumed = make_loader(dust_set, **kwargs)
-    resumed.load_state_dict(state)
-    again = [resumed.next() for _ in range(3)]
-    for a, b in zip(straight, again):
-        assert torch.equal(a.y, b.y) and torch.equal(a.A, b.A) and torch.equal(a.labels, b.labels)
-        assert (b.A_hat <= b.A).all()
-    restarted = make_loader(dust_set, **kwargs)
-    restarted.load_state_dict(state)
-    assert torch.equal(restarted.next().A_hat, again[0].A_hat)  # same position, same pipeline seed
-
-
-def test_loader_leaves_b_to_the_consumer(dust_set):
-    """further_corruption=False: the same y, A and labels, and no A_hat (the trainer's fused path)."""
-    for kind, drawing in loaders(dust_set, batch_size=16, xflip=True, seed=3).items():
-        leaving = make_loader(dust_set, batch_size=16, xflip=True, seed=3, kind=kind, further_corruption=False)
-        a, b = drawing.next(), leaving.next()
-        assert a.A_hat is not None and b.A_hat is None, kind
-        for name in ("y", "A", "labels"):
-            assert torch.equal(getattr(a, name), getattr(b, name)), (kind, name)
-        assert "B left to the consumer" in leaving.describe()
+def test_dali_pipeline_agrees_with_the_torch_loader_bitwise(dust_set, tmp_path):
+    """DALI's asynchronous pipeline (CPU backend here) hands out the torch loader's batches, byte for
+    byte, for two epochs, with labels and without."""
+    unlabelled, _ = write_random(tmp_path / "unlabelled", n=64)
+    for dataset in (dust_set, CorruptedDataset(unlabelled)):
+        kwargs = dict(batch_size=16, seed=2, xflip=True)
+        torch_loader, dali_loader = (make_loader(dataset, kind=kind, **kwargs) for kind in ("torch", "dali"))
+        for _ in range(2 * torch_loader.steps_per_epoch):
+            assert_same_batches(torch_loader.next(), dali_loader.next())
+        assert (dali_loader.epoch, dali_loader.batch) == (2, 0)  # what it handed out, not what DALI prepared

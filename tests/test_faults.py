@@ -8,9 +8,11 @@ one, the full disk becomes a per-process file-size limit (RLIMIT_FSIZE: writes f
 and the read-only cases are skipped, saying why.
 """
 import functools
+import hashlib
 import io
 import json
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -34,7 +36,10 @@ from ambient_fast.evaluate import main as evaluate_main
 from ambient_fast.restore import main as restore_main
 from ambient_fast.sample import main as sample_main
 from ambient_fast.data.synthetic import synthetic_dataset
-from ambient_fast.train import SYNTHETIC_P, Trainer, TrainConfig, main as train_main
+from ambient_fast.config import TrainConfig
+from ambient_fast.reporting import StatsLog
+from ambient_fast.train import main as train_main
+from ambient_fast.trainer import SYNTHETIC_P, Trainer
 
 from test_checkpoint import RunsShell, reference_model, write_reference_run
 from test_data import DUST, random_set, write_pngs
@@ -253,6 +258,22 @@ def test_3_resume_falls_back_to_the_newest_intact_state(run_dir, capsys, straigh
     assert "from training-state-000000002 at step 2" in out
     assert_same_weights(final_weights(run_dir), straight_six)
     assert logged_steps(run_dir) == sorted(set(logged_steps(run_dir)))
+
+
+def test_3_a_hostile_state_index_is_refused_and_runs_nothing(run_dir, capsys, straight_six, tmp_path):
+    """DCP's .metadata is a pickle: a state whose index would run code is refused (even with its
+    checksums made to match) and resume falls back to the intact older state."""
+    state = run_dir / "training-state-000000004"
+    marker = tmp_path / "ran"
+    (state / ".metadata").write_bytes(pickle.dumps(RunsShell(marker)))
+    checksums = json.loads((state / "checksums.json").read_text())
+    checksums[".metadata"] = hashlib.sha256((state / ".metadata").read_bytes()).hexdigest()
+    (state / "checksums.json").write_text(json.dumps(checksums))
+    code, out, err = run(capsys, train_main, "--resume", run_dir, "--steps", "6")
+    assert code == 0, err
+    assert not marker.exists()
+    assert "refused training-state-000000004" in out and "could run code" in out
+    assert_same_weights(final_weights(run_dir), straight_six)
 
 
 def test_3_no_intact_state_is_a_clear_error(tmp_path, capsys):
@@ -561,12 +582,12 @@ def test_10_sigkill_then_resume_leaves_no_duplicates_or_temporaries(tmp_path, ca
 
 
 def test_10_stats_are_strict_json(tmp_path):
-    trainer = Trainer(TrainConfig(out=str(tmp_path / "run"), batch=4, model_channels=8, channel_mult=[1],
-                                  num_blocks=1, attn_resolutions=[]))
+    stats = StatsLog(tmp_path / "stats.jsonl", enabled=True)
     huge = torch.tensor(1e308, dtype=torch.float64)  # their mean overflows
-    trainer._report(tmp_path / "run" / "stats.jsonl", [huge, huge], float("inf"))
-    assert logged_steps(tmp_path / "run") == [0]
-    trainer.close()
+    stats.add(huge)
+    stats.add(huge)
+    stats.flush(**{"Progress/step": 0, "Timing/images_per_sec": float("inf")})
+    assert logged_steps(tmp_path) == [0]
 
 
 def test_10_json_errors_name_the_file(run_dir, tmp_path, capsys):

@@ -18,6 +18,7 @@ from ambient_fast.checkpoint import load_network  # noqa: E402
 from ambient_fast.data.synthetic import synthetic_dataset  # noqa: E402
 from ambient_fast.diffusers_unet import DiffusersDenoiser, load_denoiser  # noqa: E402
 from ambient_fast.finetune import FinetuneConfig, FinetuneTrainer, main  # noqa: E402
+from ambient_fast.inputs import training_batch  # noqa: E402
 from ambient_fast.loss import DiscreteVPAmbientLoss  # noqa: E402
 from ambient_fast.sample import ambient_sample  # noqa: E402
 
@@ -183,7 +184,7 @@ def test_pixels_outside_A_cannot_change_the_loss(weighting):
 
     def gradients(y, noise):
         net.zero_grad()
-        value = loss(net, y, A, A_hat, sigma=sigma, noise=noise).loss.sum()
+        value = loss(net, training_batch(y, A, A_hat, sigma, noise)).sum()
         value.backward()
         return value.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}
 

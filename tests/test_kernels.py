@@ -13,6 +13,7 @@ import os
 _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported (it may read it at import)
 
+import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -24,9 +25,12 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (pip inst
                                                "are not tested, their PyTorch references are")
 
 from ambient_fast import kernels  # noqa: E402
-from ambient_fast.kernels import (ambient_input, ambient_input_reference, gated_activation,  # noqa: E402
+from ambient_fast.corruption import FurtherDraw, FurtherKind, coin_threshold  # noqa: E402
+from ambient_fast.kernels import (AmbientInput, ambient_input, ambient_input_reference, gated_activation,  # noqa: E402
                                   gated_activation_packed, gated_activation_reference, masked_loss,
                                   masked_loss_reference, sampler_step, sampler_step_reference)
+from ambient_fast.kernels.ambient_input import ambient_input_launch  # noqa: E402
+from ambient_fast.seeds import philox  # noqa: E402
 
 # Restore the variable for the rest of the session; `_interpreter` sets it per test of this module.
 if _PREVIOUS_INTERPRET is None:
@@ -170,85 +174,134 @@ def test_masked_loss_without_grad_matches(poison):
 # Ambient input
 
 
-def observed(channels_last=False, uint8=True, packed=True, shape=SHAPE, survival=0.7):
+def stored_batch(shape=SHAPE, survival=0.7, uint8=True, seed=0):
+    """(observed, mask_bits, flips, A as bool) of a random stored batch: observed 0 outside A, every
+    other image mirrored."""
+    generator = torch.Generator().manual_seed(seed)
     N, C, H, W = shape
-    A = torch.rand(shape) < survival
-    y = torch.randint(0, 256, shape, dtype=torch.uint8) if uint8 else torch.rand(shape) * 2 - 1
-    A_arg = torch.from_numpy(np.packbits(A.numpy().reshape(N, -1), axis=1, bitorder="little")) if packed \
-        else layout(A.float(), channels_last)
-    return layout(y, channels_last), A_arg, A.float()
+    A = torch.rand(shape, generator=generator) < survival
+    values = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator) if uint8 else \
+        (torch.rand(shape, generator=generator) * 2 - 1)
+    observed = values * A.to(values.dtype)
+    bits = torch.from_numpy(np.packbits(A.numpy().reshape(N, -1), axis=1, bitorder="little"))
+    flips = (torch.arange(N) % 2).to(torch.uint8)
+    return observed.contiguous(), bits, flips, A
 
 
-@pytest.mark.parametrize("uint8, packed, shared, scale_mask, channels_last", [
-    pytest.param(True, True, False, False, False, id="uint8-packed"),
-    pytest.param(True, True, True, True, False, id="uint8-packed-shared-scaled"),
-    pytest.param(False, False, False, True, True, id="float-float-channels_last-scaled"),
-    pytest.param(False, True, True, False, True, id="float-packed-shared-channels_last"),
-])
-def test_ambient_input_matches_reference_given_the_draws(uint8, packed, shared, scale_mask, channels_last, poison):
-    N = SHAPE[0]
-    y, A, A_float = observed(channels_last, uint8, packed)
-    sigma, c_in = torch.rand(N) * 3 + 0.1, torch.rand(N) + 0.5
-    out = ambient_input(y, A, sigma, c_in, delta=0.3, seed=1234, offset=77, shared_channels=shared,
-                        scale_mask=scale_mask, return_draws=True)
-    assert set(out.B.unique().tolist()) <= {0.0, 1.0}
-    if shared:
-        assert torch.equal(out.B, out.B[:, :1].expand_as(out.B))
-    expected = ambient_input_reference(y, A_float, sigma, c_in, delta=0.3, scale_mask=scale_mask, B=out.B,
-                                       noise=out.noise)
-    for name in ("net_input", "A_hat", "A", "y"):
-        close(getattr(out, name), getattr(expected, name), torch.float32)
-    assert out.net_input.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+def draws(kind, shape=SHAPE, seed=1):
+    """A FurtherDraw of each kind for a batch of `shape`: coins per value or per pixel, boxes of random
+    corners and sides (some cut by the border, some empty)."""
+    N, C, H, W = shape
+    generator = torch.Generator().manual_seed(seed)
+    if kind in ("coins", "shared_coins"):
+        return FurtherDraw(FurtherKind.COIN, threshold=coin_threshold(0.3), shared_channels=kind == "shared_coins")
+    boxes = torch.stack([torch.randint(0, H, (N,), generator=generator), torch.randint(0, W, (N,), generator=generator),
+                         torch.randint(0, H, (N,), generator=generator), torch.randint(0, W, (N,), generator=generator)], 1)
+    return FurtherDraw(FurtherKind.ERASE_BOX if kind == "erase_box" else FurtherKind.KEEP_BOX, boxes=boxes)
 
 
-def test_ambient_input_without_noise_or_further_corruption(poison):
-    """delta = 0 and sigma = 0: the whole output is deterministic."""
-    y, A, A_float = observed()
-    c_in = torch.rand(SHAPE[0]) + 0.5
-    out = ambient_input(y, A, 0.0, c_in, delta=0.0, seed=3)
-    expected = ambient_input_reference(y, A_float, torch.zeros(SHAPE[0]), c_in, delta=0.0,
-                                       noise=torch.randn(SHAPE))
-    for name in ("net_input", "A_hat", "A", "y"):
-        close(getattr(out, name), getattr(expected, name), torch.float32)
+B_KINDS = ["coins", "shared_coins", "erase_box", "keep_box"]
 
 
-def test_ambient_input_random_stream_is_reproducible_and_resumable():
-    y, A, _ = observed()
+@pytest.mark.parametrize("kind", B_KINDS)
+@pytest.mark.parametrize("channels_last", LAYOUTS)
+@pytest.mark.parametrize("uint8", [pytest.param(True, id="uint8"), pytest.param(False, id="float")])
+@pytest.mark.parametrize("shape", [pytest.param(SHAPE, id="3x5x7x9"), pytest.param((2, 1, 4, 16), id="2x1x4x16")])
+def test_ambient_input_equals_the_reference_bitwise(shape, uint8, channels_last, kind, poison):
+    """The kernel (interpreted) and its reference draw the same Philox words and compute every output
+    with the same float32 operations: equal bit for bit, in either layout."""
+    observed, bits, flips, _ = stored_batch(shape, uint8=uint8)
+    std = torch.rand(shape[0]) * 3 + 0.1
+    args = (observed, bits, flips, std, draws(kind, shape), 12345678901, 77 * math.prod(shape[1:]), channels_last)
+    fused, reference = ambient_input_launch(*args), ambient_input_reference(*args)
+    for name in AmbientInput._fields:
+        assert torch.equal(getattr(fused, name), getattr(reference, name)), name
+    assert fused.net_input.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("kind", B_KINDS)
+def test_ambient_input_against_an_independent_computation(kind, poison):
+    """Without noise the outputs are deterministic: computed here with numpy from the stored bytes
+    (unpack, mirror, (2u - 255) / 255 in float64, B from the draw's definition)."""
+    shape = N, C, H, W = SHAPE
+    observed, bits, flips, _ = stored_batch(shape)
+    further = draws(kind)
+    out = ambient_input(observed, bits, flips, torch.zeros(N), further, key=3, offset=0)
+    A = np.unpackbits(bits.numpy(), axis=1, count=C * H * W, bitorder="little").reshape(shape).astype(np.float32)
+    y = ((2 * observed.numpy().astype(np.float64) - 255) / 255).astype(np.float32)
+    mirrored = flips.numpy().astype(bool)
+    A[mirrored], y[mirrored] = A[mirrored][..., ::-1], y[mirrored][..., ::-1]
+    y = A * y
+    if kind.endswith("coins"):
+        counters = np.arange(N * C * H * W).reshape(shape)
+        words = philox(3, torch.from_numpy(counters))[2].numpy() >> 8
+        keep = (words[:, :1] if kind == "shared_coins" else words) >= coin_threshold(0.3)
+        keep = np.broadcast_to(keep, shape)
+    else:
+        rows, cols = np.arange(H)[None, :, None], np.arange(W)[None, None, :]
+        top, left, height, width = (further.boxes[:, i].numpy()[:, None, None] for i in range(4))
+        inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+        keep = np.broadcast_to((inside if kind == "keep_box" else ~inside)[:, None], shape)
+    A_hat = A * keep
+    for got, want in ((out.A, A), (out.y, y), (out.A_hat, A_hat), (out.net_input, np.concatenate([A_hat * y, A_hat], 1))):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_every_stored_level_maps_to_one_value_on_every_path(poison):
+    """All 256 uint8 levels: the kernel and the reference give (2u - 255) / 255 rounded once to float32."""
+    levels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    bits = torch.full((1, 32), 255, dtype=torch.uint8)
+    args = (levels, bits, torch.zeros(1, dtype=torch.uint8), torch.zeros(1), FurtherDraw(FurtherKind.COIN), 0, 0, False)
+    exact = torch.tensor([np.float32((2 * u - 255) / 255) for u in range(256)]).reshape(1, 1, 16, 16)
+    for out in (ambient_input_launch(*args), ambient_input_reference(*args)):
+        assert torch.equal(out.y, exact)
+    assert torch.equal(kernels.LEVELS, exact.flatten())
+
+
+def test_ambient_input_random_stream_is_a_function_of_position():
+    """Same key and offset: the same draws. Another key or offset: others. A batch split in two at
+    offsets that continue the counters equals the whole batch, past 2^32 too."""
+    observed, bits, flips, _ = stored_batch()
     N, C, H, W = SHAPE
-    kw = dict(delta=0.4, return_draws=True)
-    first = ambient_input(y, A, 1.0, seed=5, offset=1000, **kw)
-    again = ambient_input(y, A, 1.0, seed=5, offset=1000, **kw)
-    assert torch.equal(first.net_input, again.net_input) and torch.equal(first.B, again.B)
-    for seed, offset in ((6, 1000), (5, 1001)):
-        other = ambient_input(y, A, 1.0, seed=seed, offset=offset, **kw)
-        assert not torch.equal(first.noise, other.noise) and not torch.equal(first.B, other.B)
-    # Batch [0, 2) then [2, 3), each at offset + index * C*H*W, equals the whole batch at once.
-    head = ambient_input(y[:2], A[:2], 1.0, seed=5, offset=1000, **kw)
-    tail = ambient_input(y[2:], A[2:], 1.0, seed=5, offset=1000 + 2 * C * H * W, **kw)
-    assert torch.equal(torch.cat([head.noise, tail.noise]), first.noise)
-    assert torch.equal(torch.cat([head.B, tail.B]), first.B)
-    # Offsets past 2^32 (a long run) still give fresh numbers.
-    far = ambient_input(y, A, 1.0, seed=5, offset=1000 + 2 ** 32, **kw)
-    assert not torch.equal(far.noise, first.noise)
+    std, further = torch.ones(N), draws("coins")
+
+    def run(key, offset, rows=slice(None)):
+        return ambient_input(observed[rows], bits[rows], flips[rows], std[rows], further, key=key, offset=offset)
+
+    first = run(5, 1000)
+    assert torch.equal(first.net_input, run(5, 1000).net_input)
+    for key, offset in ((6, 1000), (5, 1001)):
+        assert not torch.equal(first.net_input, run(key, offset).net_input)
+    whole = run(5, 2 ** 32 - C * H * W)
+    head, tail = run(5, 2 ** 32 - C * H * W, slice(0, 1)), run(5, 2 ** 32, slice(1, None))
+    assert torch.equal(torch.cat([head.net_input, tail.net_input]), whole.net_input)
+    assert torch.equal(torch.cat([head.A_hat, tail.A_hat]), whole.A_hat)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_channel", "shared"])
 def test_ambient_input_statistics(shared):
-    shape = (4, 3, 32, 32)
-    y, A, _ = observed(shape=shape, survival=1.0)
+    """Everything observed and y = 0 (level 127.5 is not stored; use the noise channel directly):
+    the noise is standard normal and uncorrelated with its neighbours and with B; B keeps 1 - delta."""
+    shape = N, C, H, W = (4, 3, 32, 32)
+    observed = torch.full(shape, 0, dtype=torch.float32)
+    bits = torch.full((N, C * H * W // 8), 255, dtype=torch.uint8)
     delta = 0.3
-    out = ambient_input(y, A, 1.0, delta=delta, seed=11, offset=123, shared_channels=shared, return_draws=True)
-    keep = out.B[:, :1] if shared else out.B
+    further = FurtherDraw(FurtherKind.COIN, coin_threshold(delta), shared)
+    out = ambient_input(observed, bits, torch.zeros(N, dtype=torch.uint8), torch.ones(N), further, key=11, offset=123)
+    keep = out.A_hat[:, :1] if shared else out.A_hat
+    if shared:
+        assert torch.equal(out.A_hat, keep.expand_as(out.A_hat))
     n = keep.numel()
     assert abs(keep.mean().item() - (1 - delta)) < 5 * (delta * (1 - delta) / n) ** 0.5
-    noise = out.noise.double()
+    noise = out.net_input[:, :C][out.A_hat > 0].double()  # x = A_hat * noise
     m = noise.numel()
     assert abs(noise.mean().item()) < 5 / m ** 0.5
     assert abs(noise.var().item() - 1) < 5 * (2 / m) ** 0.5
-    assert abs(((noise > 0).double().mean().item()) - 0.5) < 5 * (0.25 / m) ** 0.5
-    # Neighbouring counters must not be correlated (noise from u1, u2; B from u3 of one draw).
-    assert abs(torch.corrcoef(torch.stack([noise.flatten()[:-1], noise.flatten()[1:]]))[0, 1].item()) < 5 / m ** 0.5
-    assert abs(torch.corrcoef(torch.stack([noise.flatten(), out.B.double().flatten()]))[0, 1].item()) < 5 / m ** 0.5
+    # Normal, not merely unit variance: the fourth moment is 3 and the tails are Gaussian's.
+    assert abs((noise ** 4).mean().item() - 3) < 5 * (96 / m) ** 0.5
+    assert abs((noise.abs() > 2).double().mean().item() - 0.0455) < 5 * (0.0455 / m) ** 0.5
+    flat = out.net_input[:, :C].double().flatten()
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 5 / flat.numel() ** 0.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,8 +389,12 @@ def test_interpreter_works_when_triton_was_imported_first():
             "a, g, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(3)\n"
             "out = kernels.gated_activation(a, g, b, True)\n"
             "torch.testing.assert_close(out, kernels.gated_activation_reference(a, g, b, True))\n"
-            "y = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)\n"
-            "assert kernels.ambient_input(y, torch.ones(2, 3, 4, 4), 1.0, delta=0.5, seed=1).A_hat.isfinite().all()\n")
+            "from ambient_fast.corruption import FurtherDraw, FurtherKind\n"
+            "from ambient_fast.kernels.ambient_input import ambient_input_launch\n"
+            "args = (torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8), torch.full((2, 6), 255, dtype=torch.uint8),\n"
+            "        torch.zeros(2, dtype=torch.uint8), torch.ones(2), FurtherDraw(FurtherKind.COIN, 1 << 23), 1, 0, False)\n"
+            "fused, reference = ambient_input_launch(*args), kernels.ambient_input_reference(*args)\n"
+            "assert all(torch.equal(a, b) for a, b in zip(fused, reference))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -378,15 +435,23 @@ def test_gpu_gated_activation_and_loss(dtype, channels_last):
 @needs_cuda
 def test_gpu_ambient_input_and_sampler():
     shape = (64, 3, 64, 64)
-    y, A, A_float = (t.cuda() for t in observed(shape=shape))
-    sigma = torch.rand(64, device="cuda") + 0.1
-    out = ambient_input(y, A, sigma, delta=0.2, seed=1, offset=2 ** 33, return_draws=True)
-    expected = ambient_input_reference(y, A_float, sigma, delta=0.2, B=out.B, noise=out.noise)
-    close(out.net_input, expected.net_input, torch.float32)
-    assert abs(out.B[A_float.bool()].mean().item() - 0.8) < 0.01
+    observed, bits, flips, A = stored_batch(shape)
+    std = torch.rand(64) + 0.1
+    for kind in B_KINDS:
+        further = draws(kind, shape)
+        cuda_further = FurtherDraw(further.kind, further.threshold, further.shared_channels,
+                                   None if further.boxes is None else further.boxes.cuda())
+        out = ambient_input(observed.cuda(), bits.cuda(), flips.cuda(), std.cuda(), cuda_further, key=1,
+                            offset=2 ** 33)
+        expected = ambient_input_reference(observed, bits, flips, std, further, 1, 2 ** 33)
+        for name in ("A", "y", "A_hat"):  # no transcendental function: bitwise
+            assert torch.equal(getattr(out, name).cpu(), getattr(expected, name)), (kind, name)
+        # The noise's float64 logarithm and cosine may differ in CUDA's last bits, before rounding.
+        close(out.net_input.cpu(), expected.net_input, torch.float32)
+    A_float = A.double().cuda()
 
     x = torch.randn(shape, device="cuda", dtype=torch.float64)
-    D, mask = torch.randn(64, 6, 64, 64, device="cuda")[:, :3], A_float.double()
+    D, mask = torch.randn(64, 6, 64, 64, device="cuda")[:, :3], A_float
     g1 = sampler_step(x, D, mask, 3.0, -0.5, stage="heun_predict").g1
     step = sampler_step(x, D, mask, 2.5, -0.5, stage="heun_correct", g1=g1)
     ref_g1 = sampler_step_reference(x, D, mask, torch.tensor(3.0), torch.tensor(-0.5), stage="heun_predict").g1

@@ -1,12 +1,17 @@
-"""The ambient loss: what it grades, what it never reads, its noise-level distributions."""
+"""The ambient loss: what it grades, what it never reads, its noise-level distributions, and the
+ambient input that feeds it (ambient_fast.inputs)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from ambient_fast.kernels import ambient_input
-from ambient_fast.loss import EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
+from ambient_fast.corruption import make_operator
+from ambient_fast.data.loader import RawBatch
+from ambient_fast.inputs import AmbientInputs, training_batch
+from ambient_fast.loss import DiscreteVPAmbientLoss, EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
 from ambient_fast.nn import EDMPrecond, VPPrecond
+from ambient_fast.seeds import philox
 
 from conftest import TINY_ARCHITECTURES
 
@@ -14,7 +19,7 @@ N, C, R = 4, 3, 8
 
 
 def batch(p: float = 0.5, delta: float = 0.3):
-    """Observed images y = A * x with A ~ Bernoulli(1 - p) and A_hat = A * Bernoulli(1 - delta)."""
+    """Clean x, observed y = A * x, A ~ Bernoulli(1 - p), A_hat = A * Bernoulli(1 - delta)."""
     x = torch.rand(N, C, R, R) * 2 - 1
     A = (torch.rand(N, C, R, R) >= p).float()
     A_hat = A * (torch.rand(N, C, R, R) >= delta).float()
@@ -39,86 +44,108 @@ def tiny_model(precond=EDMPrecond, **options):
     return precond(img_resolution=R, img_channels=2 * C, model_type=model_type, **kwargs, **options)
 
 
+def pinned(y, A, A_hat, sigma=None):
+    """A TrainingBatch with given sigma (default four levels across the range) and fresh noise."""
+    sigma = torch.tensor([0.01, 0.3, 2.0, 40.0]) if sigma is None else sigma
+    return training_batch(y, A, A_hat, sigma, torch.randn(N, C, R, R))
+
+
+def words(n: int, seed: int = 0):
+    return philox(seed, torch.arange(n))[:2]
+
+
 @pytest.mark.parametrize("loss_fn", [EDMAmbientLoss(), VPAmbientLoss(), EDMAmbientLoss(norm=1)])
 def test_loss_ignores_pixels_outside_A(loss_fn):
     x, y, A, A_hat = batch()
     garbage = y + (1 - A) * torch.randn_like(y) * 5
-    model = tiny_model()
-    sigma, noise = torch.rand(N) + 0.1, torch.randn(N, C, R, R)
-    a = loss_fn(model, y, A, A_hat, sigma=sigma, noise=noise)
-    b = loss_fn(model, garbage, A, A_hat, sigma=sigma, noise=noise)
-    assert torch.equal(a.loss, b.loss) and torch.equal(a.train, b.train)
+    model, noise, sigma = tiny_model(), torch.randn(N, C, R, R), torch.rand(N) + 0.1
+    a = loss_fn(model, training_batch(y, A, A_hat, sigma, noise))
+    b = loss_fn(model, training_batch(garbage, A, A_hat, sigma, noise))
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("norm", [1, 2])
 def test_gradient_is_zero_outside_A(norm):
     x, y, A, A_hat = batch()
     net = OutputNet()
-    y = y.clone().requires_grad_(True)
-    terms = EDMAmbientLoss(norm=norm)(net, y, A, A_hat)
-    terms.loss.sum().backward()
+    EDMAmbientLoss(norm=norm)(net, pinned(y, A, A_hat)).sum().backward()
     grad_D = net.D.grad[:, :C]
     assert torch.all(grad_D[A == 0] == 0), "the objective graded a pixel outside A"
     assert (grad_D[A == 1] != 0).float().mean() > 0.99
     assert torch.all(net.D.grad[:, C:] == 0)  # mask channels of the output are never graded
-    assert torch.all(y.grad[A == 0] == 0)
 
 
-def test_pinned_sigma_and_noise_give_the_defined_objective():
+def test_the_objective_is_the_defined_one():
     x, y, A, A_hat = batch()
     net = OutputNet()
     sigma, noise = torch.tensor([0.01, 0.3, 2.0, 40.0]), torch.randn(N, C, R, R)
-    terms = EDMAmbientLoss()(net, y, A, A_hat, sigma=sigma, noise=noise, clean=x)
+    loss = EDMAmbientLoss()(net, training_batch(y, A, A_hat, sigma, noise))
     s = sigma.reshape(-1, 1, 1, 1)
     seen_input, seen_sigma = net.calls[0]
     assert torch.equal(seen_input, torch.cat([A_hat * (y + s * noise), A_hat], dim=1))
     assert torch.equal(seen_sigma, sigma)
     D = net(seen_input, sigma)[:, :C].detach()
     weight = (s ** 2 + 0.25) / (s * 0.5) ** 2
-    torch.testing.assert_close(terms.val, (weight * (A * (D - y)) ** 2).sum((1, 2, 3)))
-    torch.testing.assert_close(terms.train, (weight * (A_hat * (D - y)) ** 2).sum((1, 2, 3)))
-    torch.testing.assert_close(terms.test, (weight * (D - x) ** 2).sum((1, 2, 3)))
-    assert torch.all(terms.train <= terms.val + 1e-6)
-    l1 = EDMAmbientLoss(norm=1)(net, y, A, A_hat, sigma=sigma, noise=noise)
-    torch.testing.assert_close(l1.loss, (weight * A * (D - y).abs()).sum((1, 2, 3)))
-    assert EDMAmbientLoss()(net, y, A, A_hat).test is None  # no clean images, no test term
+    torch.testing.assert_close(loss, (weight * (A * (D - y)) ** 2).sum((1, 2, 3)))
+    l1 = EDMAmbientLoss(norm=1)(net, training_batch(y, A, A_hat, sigma, noise))
+    torch.testing.assert_close(l1, (weight * A * (D - y).abs()).sum((1, 2, 3)))
 
 
 def test_edm_sigma_distribution():
-    sigma, weight = EDMAmbientLoss().sample_sigma(20000, "cpu", torch.Generator().manual_seed(1))
-    log_sigma = sigma.log().flatten()
-    tolerance = 5 * 1.2 / math.sqrt(20000)
-    assert abs(log_sigma.mean().item() + 1.2) < tolerance
+    loss = EDMAmbientLoss()
+    sigma = loss.sigma_from_words(words(20000, 1))
+    log_sigma = sigma.log()
+    assert abs(log_sigma.mean().item() + 1.2) < 5 * 1.2 / math.sqrt(20000)
     assert abs(log_sigma.std().item() - 1.2) < 0.05
-    torch.testing.assert_close(weight, (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2)
+    # Log-normal: a quarter of the mass below exp(P_mean - 0.6745 P_std).
+    assert abs((sigma < math.exp(-1.2 - 0.6745 * 1.2)).float().mean().item() - 0.25) < 0.015
+    torch.testing.assert_close(loss.weight(sigma), (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2)
 
 
 def test_vp_sigma_distribution():
     loss = VPAmbientLoss()
-    sigma, weight = loss.sample_sigma(20000, "cpu", torch.Generator().manual_seed(2))
+    sigma = loss.sigma_from_words(words(20000, 2))
     lo = math.sqrt(math.exp(0.5 * 19.9 * 1e-10 + 0.1 * 1e-5) - 1)
     hi = math.sqrt(math.exp(0.5 * 19.9 + 0.1) - 1)
     assert sigma.min() >= lo * 0.999 and sigma.max() <= hi * 1.001
-    torch.testing.assert_close(weight, 1 / sigma ** 2)
+    torch.testing.assert_close(loss.weight(sigma), 1 / sigma ** 2)
     # t = 1 + u (eps - 1) is uniform: the median of sigma is sigma(t = 0.5).
     median = math.sqrt(math.exp(0.5 * 19.9 * 0.25 + 0.05) - 1)
     assert abs(sigma.median().item() / median - 1) < 0.05
 
 
-def test_drawn_sigma_and_noise_are_reproducible():
-    x, y, A, A_hat = batch()
-    model = tiny_model()
-    a = EDMAmbientLoss()(model, y, A, A_hat, generator=torch.Generator().manual_seed(3))
-    b = EDMAmbientLoss()(model, y, A, A_hat, generator=torch.Generator().manual_seed(3))
-    c = EDMAmbientLoss()(model, y, A, A_hat, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(a.loss, b.loss) and not torch.equal(a.loss, c.loss)
+def test_discrete_sigmas_are_uniform_over_the_timesteps():
+    levels = torch.linspace(0.01, 80, 10)
+    sigma = DiscreteVPAmbientLoss(levels).sigma_from_words(words(20000, 3))
+    counts = torch.stack([(sigma == level).sum() for level in levels]).double()
+    assert counts.sum() == 20000 and ((counts - 2000).abs() < 5 * math.sqrt(2000)).all()
 
 
-def test_end_to_end_gradients_are_finite():
+def test_end_to_end_gradients_match_a_numerical_derivative():
+    """The network's gradient through the loss agrees with a central difference along a random
+    direction (a float64 network), so the loss's own gradient is the loss's."""
     x, y, A, A_hat = batch()
-    model = tiny_model()
-    EDMAmbientLoss()(model, y, A, A_hat).loss.mean().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model = tiny_model().double()
+    b = training_batch(y, A, A_hat, torch.rand(N) + 0.5, torch.randn(N, C, R, R))
+    b = b._replace(**{name: getattr(b, name).double() for name in ("net_input", "y", "A", "A_hat", "sigma")})
+    loss_fn = EDMAmbientLoss()
+    loss_fn(model, b).sum().backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    direction = [torch.randn_like(p) for p in params]
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+    eps = 1e-5  # the loss sums in float32: smaller steps drown in its rounding
+
+    def at(scale):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(scale * d)
+            value = loss_fn(model, b).sum().item()
+            for p, d in zip(params, direction):
+                p.sub_(scale * d)
+        return value
+
+    numeric = (at(eps) - at(-eps)) / (2 * eps)
+    assert numeric == pytest.approx(analytic, rel=1e-3)
 
 
 def test_bad_arguments():
@@ -126,48 +153,82 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="norm"):
         EDMAmbientLoss(norm=3)
     with pytest.raises(ValueError, match="shape"):
-        EDMAmbientLoss()(OutputNet(), y, A[:, :1], A_hat)
-
-
-@pytest.mark.parametrize("interpret", [pytest.param("0", id="reference"), pytest.param("1", id="triton-interpreter")])
-@pytest.mark.parametrize("shared", [False, True])
-def test_b_drawn_in_the_loss_equals_the_same_draws_given(interpret, shared, monkeypatch):
-    """A_hat=None: the loss draws B and the noise in one ambient_input pass (fused on GPU, here the
-    Triton interpreter or the reference); the objective is the one for those draws passed in."""
-    if interpret == "1":
-        pytest.importorskip("triton", reason="Triton is not installed: the fused path is not tested")
-    monkeypatch.setenv("TRITON_INTERPRET", interpret)
-    monkeypatch.delenv("AMBIENT_FAST_KERNELS", raising=False)
-    x, y, A, _ = batch()
-    model, loss_fn = tiny_model(), EDMAmbientLoss()
-    sigma = torch.rand(N) * 3 + 0.05
-    drawn = ambient_input(y, A, sigma, delta=0.3, seed=11, shared_channels=shared, return_draws=True)
-    inside = loss_fn(model, y, A, None, sigma=sigma, delta=0.3, seed=11, shared_channels=shared)
-    given = loss_fn(model, y, A, A * drawn.B, sigma=sigma, noise=drawn.noise)
-    torch.testing.assert_close(inside.loss, given.loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(inside.train, given.train, rtol=1e-5, atol=1e-5)
-    other = loss_fn(model, y, A, None, sigma=sigma, delta=0.3, seed=12, shared_channels=shared)
-    assert not torch.equal(inside.train, other.train)  # another seed, other draws
-    with pytest.raises(ValueError, match="pass delta and seed"):
-        loss_fn(model, y, A, None, sigma=sigma, delta=0.3)
+        training_batch(y, A[:, :1], A_hat, torch.ones(N), torch.randn_like(y))
 
 
 def test_unit_hidden_weight_grades_hidden_pixels_by_one_over_c_out_squared():
     x, y, A, A_hat = batch()
-    sigma, noise = torch.rand(N) * 3 + 0.05, torch.randn(N, C, R, R)
+    b = pinned(y, A, A_hat, torch.rand(N) * 3 + 0.05)
     net = tiny_model(mask_aware=True)
     plain, unit = EDMAmbientLoss(), EDMAmbientLoss(hidden_weight=unit_hidden_weight(net))
-    a = plain(net, y, A, A_hat, sigma=sigma, noise=noise)
-    b = unit(net, y, A, A_hat, sigma=sigma, noise=noise)
-    D = net(torch.cat([A_hat * (y + sigma.view(-1, 1, 1, 1) * noise), A_hat], 1), sigma)[:, :C]
+    a, u = plain(net, b), unit(net, b)
+    D = net(b.net_input, b.sigma)[:, :C]
     hidden = ((A - A_hat) * (D - y).square()).flatten(1).sum(1) / net.sigma_data ** 2
-    visible = (plain.weight(sigma.view(-1, 1, 1, 1)) * A_hat * (D - y).square()).flatten(1).sum(1)
-    torch.testing.assert_close(b.loss, visible + hidden, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b.train, a.train)
-    assert (b.loss < a.loss).all()  # lambda(sigma) > 1 / sigma_data^2 at every sigma
+    visible = (plain.weight(b.sigma.view(-1, 1, 1, 1)) * A_hat * (D - y).square()).flatten(1).sum(1)
+    torch.testing.assert_close(u, visible + hidden, rtol=1e-5, atol=1e-5)
+    assert (u < a).all()  # lambda(sigma) > 1 / sigma_data^2 at every sigma
     # The reference's preconditioning: c_out(sigma)^-2 is lambda(sigma) itself, for EDM and VP.
     for precond, loss_cls in ((EDMPrecond, EDMAmbientLoss), (VPPrecond, VPAmbientLoss)):
         reference = tiny_model(precond, mask_aware=False)
-        same = [loss_cls(hidden_weight=w)(reference, y, A, A_hat, sigma=sigma, noise=noise).loss
-                for w in (None, unit_hidden_weight(reference))]
+        same = [loss_cls(hidden_weight=w)(reference, b) for w in (None, unit_hidden_weight(reference))]
         torch.testing.assert_close(same[0], same[1], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ambient input of a step (ambient_fast.inputs)
+
+
+def raw(observed, A, position=0, flips=None, labels=None):
+    bits = torch.from_numpy(np.packbits(A.numpy().astype(bool).reshape(len(A), -1), axis=1, bitorder="little"))
+    flips = torch.zeros(len(A), dtype=torch.uint8) if flips is None else flips
+    return RawBatch(observed, bits, flips, labels, position)
+
+
+@pytest.mark.parametrize("interpret", [pytest.param("0", id="reference"), pytest.param("1", id="triton-interpreter")])
+def test_ambient_inputs_of_a_raw_batch(interpret, monkeypatch):
+    """Sigma from the loss's distribution at each image's position, B of the data set's operator, the
+    network input of those draws; the same on the kernel path and the reference path."""
+    if interpret == "1":
+        pytest.importorskip("triton", reason="Triton is not installed: the fused path is not tested")
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.delenv("AMBIENT_FAST_KERNELS", raising=False)
+    A = (torch.rand(N, C, R, R) < 0.6)
+    observed = torch.randint(0, 256, (N, C, R, R), dtype=torch.uint8) * A
+    loss = EDMAmbientLoss()
+    inputs = AmbientInputs(make_operator("dust", p=0.4, delta=0.3), loss.sigma_from_words, seed=5, shape=(C, R, R),
+                           label_dim=3)
+    out = inputs(raw(observed, A, position=40, labels=torch.tensor([0, 2, 1, 2])))
+    torch.testing.assert_close(out.sigma, loss.sigma_from_words(philox(inputs.image_key, 40 + torch.arange(N))[:2]))
+    assert torch.equal(out.labels, torch.eye(3)[[0, 2, 1, 2]])
+    assert torch.equal(out.A, A.float()) and (out.A_hat <= out.A).all()
+    keep = (out.A_hat.sum() / out.A.sum()).item()
+    assert 0.55 < keep < 0.85  # 1 - delta = 0.7 over ~460 values
+    # The same position gives the same draws, another position others.
+    again, later = inputs(raw(observed, A, position=40)), inputs(raw(observed, A, position=44))
+    assert torch.equal(again.net_input, out.net_input) and not torch.equal(later.net_input, out.net_input)
+    # Batches 0..1 and 2..3 at their positions are the whole batch.
+    halves = [inputs(raw(observed[i:i + 2], A[i:i + 2], position=40 + i)) for i in (0, 2)]
+    assert torch.equal(torch.cat([h.net_input for h in halves]), out.net_input)
+
+
+def test_box_data_sets_get_a_second_box():
+    """fixed_box masks train with a second square of the same side that does not overlap the first,
+    box masks with a second box anywhere: A_hat is A with one more square erased."""
+    H = 16
+    for name, params in (("fixed_box", dict(p=0.25, delta=0.1)), ("box", dict(p=0.25, delta=0.25))):
+        operator = make_operator(name, **params)
+        _, A = operator.corrupt(torch.zeros(64, C, H, H), torch.Generator().manual_seed(1))
+        observed = (torch.randint(0, 256, A.shape, dtype=torch.uint8) * A.to(torch.uint8))
+        inputs = AmbientInputs(operator, EDMAmbientLoss().sigma_from_words, seed=0, shape=(C, H, H))
+        flips = (torch.arange(64) % 2).to(torch.uint8)
+        out = inputs(raw(observed, A, flips=flips))
+        extra = (out.A - out.A_hat)[:, 0]  # erased by B only
+        side = 4  # int(0.25 * 16) and ceil(0.25 * 16)
+        assert torch.equal(out.A_hat[:, :1].expand_as(out.A_hat), out.A_hat)  # one box for every channel
+        for n in range(64):
+            rows, cols = extra[n].nonzero(as_tuple=True)
+            assert len(rows) > 0
+            assert rows.max() - rows.min() < side and cols.max() - cols.min() < side  # within one square
+            if name == "fixed_box":
+                # A whole square of 16 pixels, disjoint from A's own square.
+                assert len(rows) == side * side and (out.A[n, 0][rows, cols] == 1).all()

@@ -8,7 +8,8 @@ import torch
 from ambient_fast.images import load_png, save_png
 from ambient_fast.restore import main as restore_main, psnr, restore
 from ambient_fast.sample import main as sample_main
-from ambient_fast.train import SYNTHETIC_P, main as train_main
+from ambient_fast.train import main as train_main
+from ambient_fast.trainer import SYNTHETIC_P
 
 TINY = ["--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn", "", "--sample-count", "4"]
 

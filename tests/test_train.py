@@ -13,7 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ambient_fast.train import Trainer, TrainConfig, main
+from ambient_fast.config import TrainConfig
+from ambient_fast.data.loader import make_loader
+from ambient_fast.train import main
+from ambient_fast.trainer import Trainer
 from ambient_fast.training_state import state_dirs
 
 from conftest import torchrun
@@ -60,19 +63,18 @@ def test_resume_is_exact_in_one_process(tmp_path):
     assert_same_weights(final_weights(straight), final_weights(resumed))
 
 
-def test_fused_path_draws_b_in_the_kernel_and_resumes_exactly(tmp_path, monkeypatch):
-    """Where the fused kernels run (here: Triton's interpreter) the loader leaves B to the
-    ambient-input kernel, seeded by the run's position, so resuming stays exact."""
+def test_kernel_path_resumes_exactly_and_draws_what_the_reference_draws(tmp_path, monkeypatch):
+    """Where the fused kernels run (here: Triton's interpreter) a run resumes bitwise, and the ambient
+    input the kernel writes from a batch is bit for bit the reference's."""
     pytest.importorskip("triton", reason="Triton is not installed: the fused training path is not tested")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("AMBIENT_FAST_KERNELS", raising=False)
     tiny = dict(batch=2, steps=2, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[],
-                hidden_weight="unit")
+                hidden_weight="unit", xflip=True)
     straight = Trainer(TrainConfig(out=str(tmp_path / "straight"), **tiny))
-    assert straight.b_in_kernel and not straight.loader.further_corruption
-    assert "B left to the consumer" in straight.summary() and "ambient_input" in straight.summary()
-    losses = [straight.train_step() for _ in range(2)]
-    assert all(torch.isfinite(loss) for loss in losses)
+    assert "Triton interpreter" in straight.summary() and "ambient_input" in straight.summary()
+    for _ in range(2):
+        straight.train_step()
     first = Trainer(TrainConfig(out=str(tmp_path / "resumed"), **tiny))
     first.train_step()
     first.snapshot()
@@ -81,6 +83,11 @@ def test_fused_path_draws_b_in_the_kernel_and_resumes_exactly(tmp_path, monkeypa
     resumed.train_step()
     for name, value in straight.params.items():
         assert torch.equal(value, resumed.params[name]), name
+    raw = make_loader(straight.dataset, batch_size=2, xflip=True).next()
+    fused = straight.inputs(raw)
+    monkeypatch.setenv("AMBIENT_FAST_KERNELS", "0")
+    for name, value in zip(fused._fields, straight.inputs(raw)):
+        assert torch.equal(getattr(fused, name), value), name
 
 
 def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
@@ -133,8 +140,7 @@ def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path):
     original = trainer.loss_fn.__class__.__call__
 
     def poisoned(self, *args, **kwargs):
-        terms = original(self, *args, **kwargs)
-        return terms._replace(val=terms.val * float("nan"))
+        return original(self, *args, **kwargs) * float("nan")
 
     trainer.loss_fn.__class__.__call__ = poisoned
     try:
@@ -181,3 +187,37 @@ def test_training_does_not_depend_on_pixels_outside_A(tmp_path):
         assert main(["--data", str(tmp_path / f"data-{name}"), "--out", str(tmp_path / f"run-{name}"), *FAST,
                      "--steps", "3"]) == 0
     assert_same_weights(final_weights(tmp_path / "run-a"), final_weights(tmp_path / "run-b"))
+
+
+@pytest.mark.parametrize("kind,p", [("box", 0.25), ("fixed_box", 0.25)])
+def test_box_data_sets_train_with_a_second_box(tmp_path, kind, p):
+    """The trainer's further corruption is the data set's own operator: on box and fixed_box sets,
+    A_hat is A with one more square erased (dust sets: a coin per value); a --further that breaks
+    Theorem 4.1's condition is refused."""
+    from ambient_fast.corruption import OPERATORS
+    from ambient_fast.data.prepare import main as prepare
+    from ambient_fast.images import save_png
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for index, image in enumerate(np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)):
+        save_png(image, source / f"{index:03d}.png")
+    data = tmp_path / "data"
+    assert prepare(["--source", str(source), "--dest", str(data), "--corruption", kind, "--p", str(p)]) == 0
+    trainer = Trainer(TrainConfig(data=str(data), out=str(tmp_path / "run"), batch=8, model_channels=8,
+                                  channel_mult=[1], num_blocks=1, attn_resolutions=[], delta=0.25))
+    try:
+        assert type(trainer.inputs.operator) is OPERATORS[kind] and f"B of {OPERATORS[kind].__name__}" in trainer.summary()
+        batch = trainer.inputs(trainer.loader.next())
+        assert torch.equal(batch.A_hat[:, :1].expand_as(batch.A_hat), batch.A_hat)  # one box for every channel
+        extra = (batch.A - batch.A_hat)[:, 0]  # erased by B: a 4x4 square (box: cut by the border or by A's)
+        for n in range(8):
+            rows, cols = extra[n].nonzero(as_tuple=True)
+            assert len(rows) == 16 if kind == "fixed_box" else len(rows) <= 16
+            if len(rows):
+                assert rows.max() - rows.min() < 4 and cols.max() - cols.min() < 4
+        assert extra.sum() > 0
+        trainer.train_step()
+    finally:
+        trainer.close()
+    assert main(["--data", str(data), "--out", str(tmp_path / "dust-B"), "--further", "dust", *FAST]) == 1

@@ -1,30 +1,21 @@
-"""The NVIDIA DALI loader: the batch is unpacked, flipped, converted and further corrupted inside a
-DALI pipeline, on the GPU of a CUDA device (on DALI's CPU backend otherwise).
+"""The NVIDIA DALI loader: the stored bytes of each batch, moved to the GPU of a CUDA device (kept on
+DALI's CPU backend otherwise) by an asynchronous pipeline that prepares the next batches while the
+current one trains.
 
-The loader's Python side picks the images and flip flags of each batch exactly as the torch
-loader does (ambient_fast.data.loader) and feeds the raw stored bytes, in that order, through
-`external_source`: observed uint8 (C, R, R), packed mask bytes, flip flag, label. In the pipeline:
-
-    mask  = the little-endian bits of the packed bytes, cut to C*R*R values, reshaped (C, R, R)
-    flip  = fn.flip of image and mask with the same per-sample flag
-    A     = float(mask);  y = float(u * mask) / 127.5 - A
-    A_hat = A * fn.random.coin_flip(1 - delta), shape (1 or C, R, R), broadcast over channels
-            (not drawn with further_corruption=False: the consumer draws B)
-    labels = fn.one_hot(label)
-
-B comes from DALI's generator, seeded from (seed, rank, position) whenever the pipeline is built
-(at construction and at `load_state_dict`): a restored position gives the same images, flips,
-y, A and labels as before, bitwise, and a fresh B of the same distribution.
+The pipeline's source is a callback that, from the position the pipeline was built at, returns
+batch after batch exactly as the torch loader (ambient_fast.data.loader) reads them: the stored
+uint8 values (C, R, R), the packed mask bytes, the flip flags and the labels. DALI calls it ahead
+of time (`prefetch_queue_depth` batches), so the loader counts the batches it has handed out, not
+the ones DALI prepared: a saved position is the next batch the trainer gets, and `load_state_dict`
+builds the pipeline again from there. The batches are the torch loader's, byte for byte.
 """
 from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
-from ambient_fast.data.format import packed_size
-from ambient_fast.data.loader import Batch, Loader
+from ambient_fast.data.loader import Loader, RawBatch
 
 try:
     import nvidia.dali.fn as fn
@@ -37,8 +28,7 @@ except ImportError as error:
 
 __all__ = ["DaliLoader"]
 
-_BIT_VALUES = np.array([[1 << k for k in range(8)]], np.uint8)  # (1, 8): bit k of a byte is value 8 j + k
-_SEED_STREAM = 3
+PREFETCH = 2  # batches DALI prepares ahead of the one being trained on
 
 
 class DaliLoader(Loader):
@@ -55,55 +45,33 @@ class DaliLoader(Loader):
         self._pipe = self._build()
 
     def _build(self) -> Pipeline:
-        """A synchronous pipeline (fed one batch, run once per `next`) seeded from the position."""
+        """An asynchronous pipeline whose source starts at the current position."""
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
-        seed = int(np.random.SeedSequence([self.seed, self.rank, self.epoch, self.batch, _SEED_STREAM])
-                   .generate_state(1, np.uint32)[0] >> 1)
-        C, H, W = self.dataset.shape
-        count, nbytes = C * H * W, packed_size(self.dataset.shape)
-        where = "gpu" if gpu else "cpu"
+        cursor = [self.epoch, self.batch]
+        labelled = bool(self.dataset.label_dim)
+
+        def source():
+            epoch, batch = cursor
+            observed, packed, labels = self.dataset.get_raw(self.indices(epoch, batch))
+            cursor[1] += 1
+            if cursor[1] == self.steps_per_epoch:
+                cursor[0], cursor[1] = epoch + 1, 0
+            return (observed, packed, self.flips(epoch, batch)) + ((labels,) if labelled else ())
+
+        # The seed is unused: nothing in the pipeline draws.
         pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, min(4, os.cpu_count() or 1)),
-                        device_id=device_id, seed=seed, prefetch_queue_depth=1, exec_async=False,
-                        exec_pipelined=False)
+                        device_id=device_id, seed=0, prefetch_queue_depth=PREFETCH, exec_async=True,
+                        exec_pipelined=True)
         with pipe:
-            observed = fn.external_source(name="observed", dtype=types.UINT8, layout="CHW")
-            packed = fn.external_source(name="packed", dtype=types.UINT8)
-            if gpu:
-                observed, packed = observed.gpu(), packed.gpu()
-            bits = fn.reshape(packed, shape=[nbytes, 1]) & types.Constant(_BIT_VALUES, device=where)  # (nbytes, 8)
-            flat = fn.reshape(bits != 0, shape=[8 * nbytes])[:count]
-            mask = fn.reshape(fn.cast(flat, dtype=types.UINT8), shape=[C, H, W], layout="CHW")
-            if self.xflip:
-                flip = fn.external_source(name="flip", dtype=types.INT32)  # argument inputs stay on the CPU
-                observed, mask = fn.flip(observed, horizontal=flip), fn.flip(mask, horizontal=flip)
-            A = fn.cast(mask, dtype=types.FLOAT)
-            y = fn.cast(observed * mask, dtype=types.FLOAT) / 127.5 - A
-            outputs = [y, A]
-            if self.further_corruption:
-                coins = fn.random.coin_flip(probability=1 - self.delta, shape=[1 if self.shared_channels else C, H, W],
-                                            dtype=types.UINT8, device=where)
-                outputs.append(A * coins)
-            if self.dataset.label_dim:
-                label = fn.external_source(name="label", dtype=types.INT64)
-                outputs.append(fn.one_hot(label.gpu() if gpu else label, num_classes=self.dataset.label_dim,
-                                          dtype=types.FLOAT))
-            pipe.set_outputs(*outputs)
+            outputs = fn.external_source(source=source, num_outputs=4 if labelled else 3, batch=True,
+                                         dtype=[types.UINT8, types.UINT8, types.UINT8, types.INT64][:4 if labelled else 3])
+            pipe.set_outputs(*(output.gpu() for output in outputs) if gpu else outputs)
         pipe.build()
         return pipe
 
-    def _load(self, epoch: int, batch: int) -> Batch:
-        observed, packed, labels = self.dataset.get_raw(self.indices(epoch, batch))
-        self._pipe.feed_input("observed", observed, layout="CHW")
-        self._pipe.feed_input("packed", packed)
-        if self.xflip:
-            self._pipe.feed_input("flip", self.flips(epoch, batch).astype(np.int32))
-        if labels is not None:
-            self._pipe.feed_input("label", labels)
-        # Copies: DALI reuses its output buffers on the next run.
+    def _load(self, epoch: int, batch: int) -> RawBatch:
+        # Copies: DALI reuses its output buffers on later runs.
         tensors = [to_torch_tensor(output.as_tensor(), copy=True).to(self.device) for output in self._pipe.run()]
-        if not self.further_corruption:
-            tensors.insert(2, None)
-        if labels is None:
-            tensors.append(torch.zeros((self.batch_size, 0), device=self.device))
-        return Batch(*tensors)
+        labels = tensors[3] if len(tensors) > 3 else None
+        return RawBatch(*tensors[:3], labels, self.position(epoch, batch))
