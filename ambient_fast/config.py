@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple
 
-from ambient_fast.corruption import FURTHER_FOR_DATA
+from ambient_fast.corruption import FURTHER_KINDS
+from ambient_fast.data.loader import LOADER_KINDS
 from ambient_fast.files import read_json
+from ambient_fast.nn.layers import GATES
+from ambient_fast.parallel import PARALLEL_KINDS
 
 __all__ = ["TrainConfig", "ARCHS", "PRESETS", "preset_for", "option", "build_parser", "config_from_args"]
 
@@ -81,7 +84,7 @@ class TrainConfig:
     mask_aware: bool = option(True, "mask-aware preconditioning (hidden pixels: c_skip 0, c_out sigma_data)",
                               negative="--reference-precond", **_ARCHITECTURE)
     gate: str = option("sigmoid", "gate of the gated convolutions (double_sigmoid: the published checkpoints')",
-                       choices=("sigmoid", "double_sigmoid", "none"), **_ARCHITECTURE)
+                       choices=GATES, **_ARCHITECTURE)
     preset: Optional[str] = option(None, "model size: " + ", ".join(PRESETS) + "; default by resolution (16: tiny, "
                                    "32: cifar10, 64: celeba64); --channels etc. override it", choices=tuple(PRESETS),
                                    **_ARCHITECTURE)
@@ -101,7 +104,7 @@ class TrainConfig:
     delta: float = option(0.1, "further-corruption level (dust: probability that B hides an observed value; "
                                "box kinds: the second box's relative side)", check=((lambda v: 0 <= v < 1), "in [0, 1)"))
     further: Optional[str] = option(None, "further corruption B; default: the paper's for the data set's masks (dust "
-                                          "and imported masks also allow box)", choices=tuple(sorted(FURTHER_FOR_DATA)))
+                                          "and imported masks also allow box)", choices=FURTHER_KINDS)
     hidden_weight: str = option("lambda", "loss weight on pixels B hid: lambda(sigma) as the reference, or unit "
                                           "(1 / c_out^2)", choices=("lambda", "unit"))
     batch: int = option(16, "global batch size per step (the built-in run's; raise it for real data)",
@@ -118,7 +121,7 @@ class TrainConfig:
     seed: int = option(0, "global seed", check=_at_least(0))
     xflip: bool = option(False, "mirror image and mask together, at random")
     parallel: str = option("auto", "parallelism under torchrun; auto = fsdp there, none in one process",
-                           choices=("auto", "fsdp", "ddp", "none"))
+                           choices=("auto", *PARALLEL_KINDS))
     precision: str = option("auto", "arithmetic; auto = bf16 on CUDA", choices=("auto", "bf16", "fp32"))
     compile: Optional[bool] = option(None, "torch.compile the U-Net blocks; default on CUDA", resumable=True)
     tf32: bool = option(True, "TF32 matmuls and convolutions on CUDA (the reference: off)", resumable=True)
@@ -128,7 +131,7 @@ class TrainConfig:
     snapshot_every: int = option(500, "steps between snapshots (EMA network + training state)", check=_at_least(1),
                                  resumable=True)
     keep: int = option(2, "training states kept", check=_at_least(1), resumable=True)
-    loader: str = option("auto", "data loader; auto = DALI on CUDA when installed", choices=("auto", "dali", "torch"),
+    loader: str = option("auto", "data loader; auto = DALI on CUDA when installed", choices=LOADER_KINDS,
                          resumable=True)
     bad_steps: int = option(10, "consecutive non-finite steps before rolling back", check=_at_least(1))
     max_rollbacks: int = option(3, "roll-backs allowed before giving up", check=_at_least(0))
@@ -191,9 +194,10 @@ def build_parser(config_cls=TrainConfig, prog: str = "python -m ambient_fast.tra
             parser.add_argument(off_flag, dest=field.name, action="store_false",
                                 help=f"the opposite of {flag}" + (" (default)" if field.default is False else ""))
             continue
-        kwargs = dict(dest=field.name, help=meta["help"] + default)
+        kwargs = dict(dest=field.name, help=meta["help"] + default, metavar=flag[2:].upper().replace("-", "_"))
         if meta["choices"] is not None:
             kwargs["choices"] = meta["choices"]
+            kwargs["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
         kwargs["type"] = _parse_list if kind is list else kind
         parser.add_argument(flag, **kwargs)
     return parser

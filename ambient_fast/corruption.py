@@ -41,6 +41,8 @@ __all__ = [
     "keep_mask",
     "coin_threshold",
     "training_operator",
+    "FURTHER_FOR_DATA",
+    "FURTHER_KINDS",
     "DustOperator",
     "BoxOperator",
     "FixedBoxOperator",
@@ -629,6 +631,7 @@ def make_operator(name: str, **params: Any) -> CorruptionOperator:
 # fixed_box and keep_patch B are defined by the position of A's own box: their data sets only.
 FURTHER_FOR_DATA = {"dust": ("dust", "box"), "user": ("dust", "box"), "box": ("box",), "fixed_box": ("fixed_box",),
                     "keep_patch": ("keep_patch",)}
+FURTHER_KINDS = ("dust", "box", "fixed_box", "keep_patch")
 
 
 def training_operator(corruption: dict, delta: float, further: Optional[str] = None) -> MaskOperator:

@@ -10,6 +10,14 @@ from PIL import Image
 from ambient_fast.files import atomic_write
 
 
+def from_uint8(levels: torch.Tensor) -> torch.Tensor:
+    """uint8 levels (any shape) -> float32 on [-1, 1], (2u - 255) / 255 rounded once: the one table
+    the training input uses too (ambient_fast.kernels.LEVELS)."""
+    from ambient_fast.kernels import levels as table
+
+    return table(levels.device)[levels.long()]
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
     array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -68,8 +68,3 @@ def gradient_sync(model: torch.nn.Module, kind: str, enabled: bool):
     if kind == "fsdp":
         model.model.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The AmbientPrecond inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -19,7 +19,7 @@ import torch
 
 from ambient_fast.checkpoint import load_network
 from ambient_fast.files import check_writable_dir, write_json
-from ambient_fast.images import grid, save_png, to_uint8
+from ambient_fast.images import from_uint8, grid, save_png, to_uint8
 from ambient_fast.metrics import psnr
 
 
@@ -133,7 +133,7 @@ def _run(args, scratch: Path) -> int:
         indices = np.arange(start, min(start + args.batch, count))
         observed, mask, labels = dataset.get(indices)
         mask_t = torch.from_numpy(mask).float().to(device)
-        y = (torch.from_numpy(observed).float().to(device) / 127.5 - 1) * mask_t
+        y = from_uint8(torch.from_numpy(observed).to(device)) * mask_t
         label_t = torch.from_numpy(labels).to(device) if model.label_dim else None
         restored.append(to_uint8(restore(model, y, mask_t, args.sigma, label_t, generator, args.add_noise)))
         inputs.append(to_uint8(y))
@@ -149,8 +149,8 @@ def _run(args, scratch: Path) -> int:
         rows.append(clean_hwc[:shown])
         report.update(psnr_restored=float(psnr(restored, clean_hwc).mean()),
                       psnr_input=float(psnr(inputs, clean_hwc).mean()))
-        value, why = lpips_distance(torch.from_numpy(restored).permute(0, 3, 1, 2) / 127.5 - 1,
-                                    torch.from_numpy(clean_hwc).permute(0, 3, 1, 2) / 127.5 - 1)
+        value, why = lpips_distance(from_uint8(torch.from_numpy(restored).permute(0, 3, 1, 2)),
+                                    from_uint8(torch.from_numpy(np.ascontiguousarray(clean_hwc)).permute(0, 3, 1, 2)))
         report.update(lpips=value, lpips_note=why)
     columns = math.ceil(math.sqrt(shown))
     gap = np.full((4, 1, 3), 255, np.uint8)

@@ -44,13 +44,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ambient_fast.checkpoint import load_network  # noqa: E402
+from ambient_fast.config import TrainConfig  # noqa: E402
 from ambient_fast.data.synthetic import clean_images, clean_twin, palette_fraction, synthetic_dataset  # noqa: E402
 from ambient_fast.files import atomic_write, write_json, write_text  # noqa: E402
-from ambient_fast.images import grid, save_png, to_uint8  # noqa: E402
+from ambient_fast.images import from_uint8, grid, save_png, to_uint8  # noqa: E402
 from ambient_fast.metrics import frechet_distance, nearest_neighbour_similarity, pixel_features, psnr  # noqa: E402
 from ambient_fast.restore import restore  # noqa: E402
 from ambient_fast.sample import ambient_sample, sampling_sigmas, seeded_inputs  # noqa: E402
-from ambient_fast.config import TrainConfig  # noqa: E402
 from ambient_fast.trainer import Trainer  # noqa: E402
 
 RESOLUTION = 16
@@ -162,7 +162,7 @@ def restoration_psnr(network: Path, clean: np.ndarray, p: float, seed: int) -> f
     generator = torch.Generator().manual_seed(seed)
     n, c, h, w = clean.shape
     mask = (torch.rand((n, 1, h, w), generator=generator) >= p).float().expand(n, c, h, w)
-    observed = torch.from_numpy(clean).float() / 127.5 - 1
+    observed = from_uint8(torch.from_numpy(clean))
     restored = restore(model, observed * mask, mask, RESTORE_SIGMA)
     return float(psnr(nchw_uint8(restored), clean).mean())
 

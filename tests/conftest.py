@@ -56,6 +56,36 @@ TINY_ARCHITECTURES = {
 }
 
 
+def assert_gradient_matches_differences(loss_of, params, eps: float, rel: float) -> None:
+    """The gradient g that backward gives for `loss_of()` (a scalar of `params`) against central
+    differences of `loss_of` (steps of `eps`), to within `rel` of |g|, along two unit directions: g's
+    own (the derivative there is |g| only if g has the right size and direction) and a random one.
+    An independent check of every backward formula on the way. Call it with no gradients computed yet."""
+    params = [p for p in params if p.requires_grad]
+    loss_of().backward()
+    gradient = [p.grad.clone() for p in params]
+    size = torch.sqrt(sum(g.square().sum() for g in gradient)).item()
+    assert size > 0, "no gradient at all"
+
+    def unit(vectors):
+        norm = torch.sqrt(sum(v.square().sum() for v in vectors))
+        return [v / norm for v in vectors]
+
+    def shifted(direction, scale: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(scale * d)
+            value = loss_of().item()
+            for p, d in zip(params, direction):
+                p.sub_(scale * d)
+        return value
+
+    for direction in (unit(gradient), unit([torch.randn_like(p) for p in params])):
+        analytic = sum((g * d).sum() for g, d in zip(gradient, direction)).item()
+        numeric = (shifted(direction, eps) - shifted(direction, -eps)) / (2 * eps)
+        assert abs(numeric - analytic) <= rel * size, (numeric, analytic, size)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

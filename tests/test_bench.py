@@ -93,13 +93,15 @@ def test_training_variants_and_report(train, stand_in, tmp_path):
     setup = train.Setup(resolution=16, batch=2, steps=1, warmup=1, size=TINY, device=torch.device("cpu"))
     rows, flops = train.measure(setup, tmp_path / "work", reference)
     assert [row.variant for row in rows] == ["(a) reference settings", "(b) fast path", "(c) authors' code"]
-    assert all(row.images_per_s > 0 and row.step_s > 0 for row in rows), rows
+    for row in rows:  # images/s is the batch over the time of one step
+        assert row.images_per_s == pytest.approx(setup.batch / row.step_s, rel=1e-9), row
     assert "AMBIENT_FAST_KERNELS=0" in rows[0].settings and "per-image numpy masks" in rows[0].settings
     assert "AMBIENT_FAST_KERNELS" not in rows[1].settings and "FAILED" not in rows[2].settings
-    # FLOPs: the 16x16 tiny model is a few hundred MFLOP forward + backward per image.
-    assert 1e8 < flops < 1e10
     table = train.table_rows(rows, flops, peak=1e12)
     assert table[0][-1].startswith("1.00x (") and all(len(row) == len(train.HEADER) for row in table)
+    # The FLOP column is flops x images/s; the percentage is that over the peak.
+    assert float(table[1][3]) == pytest.approx(flops * rows[1].images_per_s / 1e12, rel=1e-3)
+    assert float(table[1][4].rstrip("%")) == pytest.approx(100 * flops * rows[1].images_per_s / 1e12, rel=1e-2)
 
 
 def test_flops_match_the_published_count(train):
@@ -108,6 +110,9 @@ def test_flops_match_the_published_count(train):
     config = dict(precond="EDMPrecond", img_resolution=32, img_channels=6, model_type=model_type, **arch,
                   **train.PRESETS["cifar10"])
     assert train.flops_per_image(config, 32) == pytest.approx(253.3e9, rel=1e-3)
+    # REFERENCE.md: un-gated is half (every convolution with a kernel is two).
+    ungated = train.flops_per_image({**config, "gate": "none"}, 32)
+    assert ungated == pytest.approx(253.3e9 / 2, rel=0.02)
 
 
 def test_host_loader_matches_the_stored_masks(train, tmp_path):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_fast.images import load_png, save_png
+from ambient_fast.checkpoint import load_network
+from ambient_fast.images import load_png, save_png, to_uint8
 from ambient_fast.restore import main as restore_main, psnr, restore
 from ambient_fast.sample import main as sample_main
 from ambient_fast.train import main as train_main
@@ -65,13 +66,21 @@ def test_restore_from_images_and_masks(trained, tmp_path):
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir(), masks.mkdir()
     rng = np.random.default_rng(0)
+    pictures = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    kept = rng.random((3, 16, 16, 1)) < 0.3
     for i in range(3):
-        save_png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), images / f"{i}.png")
-        save_png((rng.random((16, 16, 1)) < 0.3).astype(np.uint8) * 255, masks / f"{i}.png")
+        save_png(pictures[i], images / f"{i}.png")
+        save_png(kept[i].astype(np.uint8) * 255, masks / f"{i}.png")
     out = tmp_path / "out"
-    assert restore_main(["--net", str(run / "network-final.safetensors"), "--input", str(images), "--masks", str(masks),
-                         "--out", str(out)]) == 0
+    network = run / "network-final.safetensors"
+    assert restore_main(["--net", str(network), "--input", str(images), "--masks", str(masks), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("0*.png")) == ["000000.png", "000001.png", "000002.png"]
+    # Each file is the one-step restoration of its image under its mask, computed here directly.
+    mask = torch.from_numpy(np.repeat(kept, 3, axis=3)).permute(0, 3, 1, 2).float()
+    observed = torch.from_numpy(pictures).permute(0, 3, 1, 2).double() / 127.5 - 1
+    expected = to_uint8(restore(load_network(network).model, (observed * mask).float(), mask, 0.02))
+    for i in range(3):
+        np.testing.assert_array_equal(load_png(out / f"{i:06d}.png"), expected[i])
 
 
 def test_sample_from_a_trained_checkpoint(trained, tmp_path):

@@ -2,6 +2,7 @@
 samples, scores and writes its report, table and sample grids."""
 import json
 
+import numpy as np
 import pytest
 
 from conftest import load_bench
@@ -20,10 +21,26 @@ def test_quick_pipeline_writes_its_report(science, tmp_path):
     report = (results / "science-quick.md").read_text()
     assert "| 0.8 | ambient |" in report and "Floor:" in report
     rows = json.loads((results / "science-quick.json").read_text())["rows"]
-    assert rows[0]["frechet_distance"] > 0 and 0 <= rows[0]["palette_fraction"] <= 1
+    # The recorded distance, recomputed from the saved samples and held-out images with scipy's sqrtm.
+    (samples_file,) = (tmp_path / "work").rglob("science-samples-8-seed0.npy")
+    samples = np.load(samples_file)
+    held_out = science.held_out_images(tmp_path / "work" / "data", science.GRID_IMAGES)
+    assert rows[0]["frechet_distance"] == pytest.approx(scipy_frechet(samples, held_out), rel=1e-6)
+    palette = science.palette_fraction(samples)
+    assert rows[0]["palette_fraction"] == pytest.approx(palette) and 0 <= palette <= 1
     assert (results / "science-quick-samples.png").is_file()
     # A re-run reuses the trained model instead of training again.
     assert science.main(argv) == 0
+
+
+def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance of the pixel features (values on [-1, 1], flattened) of two uint8 image sets."""
+    linalg = pytest.importorskip("scipy.linalg", reason="scipy (part of [test]) recomputes the distance")
+    x, y = (images.reshape(len(images), -1).astype(np.float64) / 127.5 - 1 for images in (a, b))
+    mu, nu = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    root = linalg.sqrtm(s1 @ s2).real
+    return float(((mu - nu) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
 
 
 def test_bad_arguments(science):

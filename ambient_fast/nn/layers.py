@@ -238,14 +238,15 @@ class UNetBlock(torch.nn.Module):
         (head, channel, q/k/v), as EDM's reshape implies.
 
         On CUDA: `fused_attention`. Elsewhere: the reference's own arithmetic (logits and softmax in
-        fp32), which reproduces its outputs bit for bit on CPU.
+        fp32, or in float64 for a float64 network), which reproduces its outputs bit for bit on CPU.
         """
         n, c, h, w = shape
         if use_fused_attention(qkv):
             q, k, v = qkv.reshape(n, self.num_heads, c // self.num_heads, 3, h * w).unbind(3)
             return fused_attention(q, k, v).reshape(n, c, h, w)
         q, k, v = qkv.reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-        logits = torch.einsum("ncq,nck->nqk", q.float(), (k / np.sqrt(k.shape[1])).float())
+        exact = torch.promote_types(q.dtype, torch.float32)
+        logits = torch.einsum("ncq,nck->nqk", q.to(exact), (k / np.sqrt(k.shape[1])).to(exact))
         weights = logits.softmax(dim=2).to(q.dtype)
         return torch.einsum("nqk,nck->ncq", weights, v).reshape(n, c, h, w)
 
