@@ -47,9 +47,18 @@ class LoadedNetwork:
 
     @property
     def survival(self) -> Optional[float]:
-        """Probability that a pixel survives A_hat during training, (1 - p)(1 - delta), if known."""
+        """The sampling mask's default survival: the training survival (1 - p)(1 - delta) if known,
+        or the one the trainer recorded (1 when the model also trained on images A hides nothing of)."""
+        if "survival" in self.corruption:
+            return float(self.corruption["survival"])
         p, delta = self.corruption.get("p"), self.corruption.get("delta")
         return None if p is None or delta is None else (1 - p) * (1 - delta)
+
+    def sampling_sigmas(self) -> dict:
+        """`ambient_fast.sample.sampling_sigmas` of this model and the lowest level it trained at."""
+        from ambient_fast.sample import sampling_sigmas
+
+        return sampling_sigmas(self.model, sigma_floor=float(self.corruption.get("sigma_floor", 0.0)))
 
 
 # ----------------------------------------------------------------------------------------------

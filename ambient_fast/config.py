@@ -105,6 +105,8 @@ class TrainConfig:
                                "box kinds: the second box's relative side)", check=((lambda v: 0 <= v < 1), "in [0, 1)"))
     further: Optional[str] = option(None, "further corruption B; default: the paper's for the data set's masks (dust "
                                           "and imported masks also allow box)", choices=FURTHER_KINDS)
+    ignore_noise: bool = option(False, "train noisy images as if they were clean (their noise level ignored): the "
+                                       "naive baseline")
     hidden_weight: str = option("lambda", "loss weight on pixels B hid: lambda(sigma) as the reference, or unit "
                                           "(1 / c_out^2)", choices=("lambda", "unit"))
     batch: int = option(16, "global batch size per step (the built-in run's; raise it for real data)",

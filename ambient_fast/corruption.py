@@ -147,14 +147,25 @@ class FurtherKind(enum.IntEnum):
 class FurtherDraw:
     """B for a batch of N images, in the form it is evaluated value by value.
 
-    kind: a FurtherKind. threshold, shared_channels: COIN's. boxes: the box kinds' (N, 4) int64
-    (top, left, height, width) per image, cut by the image border.
+    kind: a FurtherKind. thresholds, shared_channels: COIN's, (N,) int64 one threshold per image.
+    boxes: the box kinds' (N, 4) int64 (top, left, height, width) per image, cut by the border.
     """
 
     kind: FurtherKind
-    threshold: int = 0
+    thresholds: Optional[Tensor] = None
     shared_channels: bool = False
     boxes: Optional[Tensor] = None
+
+    def restricted_to(self, masked: Tensor, shape: tuple[int, int, int, int]) -> "FurtherDraw":
+        """The same draw where `masked` (N,) is true, and B = 1 (nothing erased) elsewhere: images
+        whose A hides nothing (clean or only noisy) get no further corruption."""
+        N, _, H, W = shape
+        if self.kind == FurtherKind.COIN:
+            return FurtherDraw(self.kind, torch.where(masked, self.thresholds, 0), self.shared_channels)
+        everything = torch.tensor([0, 0, H, W], device=self.boxes.device)
+        nothing = torch.zeros(4, dtype=self.boxes.dtype, device=self.boxes.device)
+        fallback = everything if self.kind == FurtherKind.KEEP_BOX else nothing
+        return FurtherDraw(self.kind, boxes=torch.where(masked[:, None], self.boxes, fallback))
 
 
 def coin_threshold(delta: float) -> int:
@@ -171,7 +182,7 @@ def keep_mask(draw: FurtherDraw, shape: tuple[int, int, int, int], coins: Option
         if coins is None or tuple(coins.shape) != expected:
             raise ValueError(f"a coin draw needs words of shape {expected}, got "
                              f"{None if coins is None else tuple(coins.shape)}")
-        return coins >= draw.threshold
+        return coins >= draw.thresholds.reshape(-1, 1, 1, 1)
     top, left, height, width = draw.boxes.unbind(1)
     inside = _box(top, left, height, width, H, W)[:, None]
     return inside if draw.kind == FurtherKind.KEEP_BOX else ~inside
@@ -375,7 +386,8 @@ class DustOperator(MaskOperator):
         return _to_mask(self._coins(shape, 1 - self.p, device, generator), shape[1], dtype)
 
     def further_draw(self, kept, words, shape):
-        return FurtherDraw(FurtherKind.COIN, coin_threshold(self.delta), self.shared_channels)
+        thresholds = torch.full((shape[0],), coin_threshold(self.delta), dtype=torch.int64, device=words.device)
+        return FurtherDraw(FurtherKind.COIN, thresholds, self.shared_channels)
 
     def posterior_samples(self, A_hat: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact p(A | A_hat): pixels kept by A_hat were kept by A; an erased one was kept by A
@@ -637,11 +649,22 @@ FURTHER_KINDS = ("dust", "box", "fixed_box", "keep_patch")
 def training_operator(corruption: dict, delta: float, further: Optional[str] = None) -> MaskOperator:
     """The mask operator whose `further_draw` a data set trains with.
 
-    corruption: meta.json's record ({"kind", "p", "shared_channels", ...}); delta: the further
-    corruption's level; further: a FURTHER_FOR_DATA kind overriding the data set's own (None: its
-    own, dust for user masks). Raises ValueError for a combination that breaks Theorem 4.1's
-    condition or an unknown kind."""
+    corruption: meta.json's record ({"kind", "p", "shared_channels", ...}; kind "none" for clean or
+    only noisy images, "mix" with its "parts" for `prepare mix`); delta: the further corruption's
+    level; further: a FURTHER_FOR_DATA kind overriding the data set's own (None: its own, dust for
+    user masks). Images whose A hides nothing get no further corruption whatever the operator
+    (`FurtherDraw.restricted_to`). Raises ValueError for a combination that breaks Theorem 4.1's
+    condition, a mixture of kinds of masks, or an unknown kind."""
     kind = corruption.get("kind")
+    if kind == "mix":
+        masked = {part["kind"]: part for part in corruption.get("parts", []) if part.get("kind") != "none"}
+        if len(masked) > 1:
+            raise ValueError(f"a mixture of {' and '.join(sorted(masked))} masks has no one further corruption; "
+                             "mix sets of one kind of masks (and clean or noisy ones)")
+        corruption = next(iter(masked.values()), {"kind": "none"})
+        kind = corruption["kind"]
+    if kind == "none":  # A hides nothing in any image, so no image gets B: its level never matters
+        return DustOperator(0.0, 0.1)
     if kind not in FURTHER_FOR_DATA:
         raise ValueError(f"a data set of {kind!r} masks has no further corruption to train with (known kinds: "
                          f"{sorted(FURTHER_FOR_DATA)})")

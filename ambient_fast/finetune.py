@@ -88,7 +88,7 @@ class FinetuneTrainer(Trainer):
     def write_networks(self, final: bool) -> Path:
         """unet-ema-snapshot-NNNNNNNNN, or at the end unet-ema and unet (the trained weights)."""
         targets = {"unet-ema": True, "unet": False} if final else {f"unet-ema-snapshot-{self.step:09d}": True}
-        info = dict(corruption=self.dataset.corruption | {"delta": self.cfg.delta}, step=self.step,
+        info = dict(corruption=self.training_record(), step=self.step,
                     images_seen=self.images_seen, base_unet=str(self.cfg.unet), config=dataclasses.asdict(self.cfg))
         for name, ema in targets.items():
             state = {key[len(MODEL_PREFIX):]: value for key, value in self._full_state_dict(ema).items()}

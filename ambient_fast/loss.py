@@ -9,9 +9,11 @@ and a further-corrupted mask `A_hat = B A`, the network sees
 It cannot tell a pixel hidden by B (graded) from one hidden by A (never graded), so it must
 predict both: that is what makes the model learn E[x0 | A_hat x_t, A_hat].
 
-The batch comes from `ambient_fast.inputs` (a `TrainingBatch`: the network input, y, A, A_hat and
-sigma, every draw made there from the run's counter-based streams); the loss only grades. Its
-noise-level distribution is the loss's own, applied to the Philox words `sigma_from_words` gets.
+The batch comes from `ambient_fast.inputs` (a `TrainingBatch`: the network input, the target y, A,
+A_hat, sigma and a weight per image, every draw made there from the run's counter-based streams);
+the loss only grades. The noise-level distribution is the loss's own: `sigma_above` draws from it
+restricted to the levels above an image's bound (a noisy image trains only above its own noise
+level), by the inverse of its tail function, and says how much of the distribution lies there.
 
 Hidden-pixel weight. The reference weights every pixel of A by weight(sigma). On a pixel that B
 hid from the network a mask-aware model predicts D = sigma_data * F, so that weight grades F with
@@ -21,17 +23,15 @@ grades F on them with weight 1, as weight(sigma) does on the visible pixels.
 
 Losses are returned per sample (summed over pixels, not over the batch); the caller reduces.
 """
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
 from ambient_fast.inputs import TrainingBatch
 from ambient_fast.kernels import masked_loss
 from ambient_fast.nn.precond import vp_sigma
-from ambient_fast.seeds import BITS, bits24, box_muller, uniform
 
 WeightFn = Callable[[torch.Tensor], torch.Tensor]  # sigma (N, 1, 1, 1) -> weight (N, 1, 1, 1)
-Words = Tuple[torch.Tensor, torch.Tensor]  # two (N,) Philox words per image (ambient_fast.seeds)
 
 
 class AmbientLoss:
@@ -43,9 +43,21 @@ class AmbientLoss:
         self.norm = norm
         self.hidden_weight = hidden_weight  # None: weight(sigma) on every pixel of A, as the reference
 
-    def sigma_from_words(self, words: Words) -> torch.Tensor:
-        """(N,) float32 noise levels of the training distribution from two Philox words per image."""
+    def tail(self, sigma: torch.Tensor) -> torch.Tensor:
+        """P(a training noise level > sigma), float64, for float64 sigma >= 0."""
         raise NotImplementedError
+
+    def upper_quantile(self, q: torch.Tensor) -> torch.Tensor:
+        """The level whose tail is q (float64 in (0, 1]), float64: tail(upper_quantile(q)) = q."""
+        raise NotImplementedError
+
+    def sigma_above(self, bound: torch.Tensor, u: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        """(sigma float32 (N,), mass float64 (N,)): a level of the training distribution restricted to
+        levels above `bound` (N,) (0: no restriction), drawn by the inverse tail at the uniform u (N,)
+        in (0, 1), and the mass P(level > bound) of that restriction. Tails rather than distribution
+        functions keep the precision where the bound leaves little mass."""
+        mass = self.tail(bound.to(torch.float64))
+        return self.upper_quantile(mass * (1 - u.to(torch.float64))).to(torch.float32), mass
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -60,13 +72,14 @@ class AmbientLoss:
         """
         C = batch.y.shape[1]
         sigma = batch.sigma.reshape(-1, 1, 1, 1)
-        weight = self.weight(sigma)
+        scale = batch.weight.reshape(-1, 1, 1, 1)
+        weight = self.weight(sigma) * scale
         D = net(batch.net_input, batch.sigma, batch.labels, augment_labels)[:, :C]
         # masked_loss: one fused pass on GPU (loss and its gradient)
         if self.hidden_weight is None:
             return masked_loss(D, batch.y, batch.A, weight, self.norm)
         return (masked_loss(D, batch.y, batch.A_hat, weight, self.norm)
-                + masked_loss(D, batch.y, batch.A - batch.A_hat, self.hidden_weight(sigma), self.norm))
+                + masked_loss(D, batch.y, batch.A - batch.A_hat, self.hidden_weight(sigma) * scale, self.norm))
 
 
 class EDMAmbientLoss(AmbientLoss):
@@ -79,8 +92,11 @@ class EDMAmbientLoss(AmbientLoss):
         self.P_std = P_std
         self.sigma_data = sigma_data
 
-    def sigma_from_words(self, words):
-        return (box_muller(words[1], words[0]) * self.P_std + self.P_mean).exp()
+    def tail(self, sigma):
+        return torch.special.ndtr(-(sigma.log() - self.P_mean) / self.P_std)
+
+    def upper_quantile(self, q):
+        return (self.P_mean - self.P_std * torch.special.ndtri(q)).exp()
 
     def weight(self, sigma):
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
@@ -96,9 +112,13 @@ class VPAmbientLoss(AmbientLoss):
         self.beta_min = beta_min
         self.epsilon_t = epsilon_t
 
-    def sigma_from_words(self, words):
-        u = uniform(words[0])
-        return vp_sigma(1 + u * (self.epsilon_t - 1), self.beta_d, self.beta_min)
+    def tail(self, sigma):
+        # t(sigma), the inverse of sigma(t): 0.5 beta_d t^2 + beta_min t = ln(1 + sigma^2)
+        t = (torch.sqrt(self.beta_min ** 2 + 2 * self.beta_d * torch.log1p(sigma ** 2)) - self.beta_min) / self.beta_d
+        return ((1 - t.clamp(min=self.epsilon_t)) / (1 - self.epsilon_t)).clamp(0, 1)
+
+    def upper_quantile(self, q):
+        return vp_sigma(1 - q * (1 - self.epsilon_t), self.beta_d, self.beta_min)
 
     def weight(self, sigma):
         return 1 / sigma ** 2
@@ -125,11 +145,18 @@ class DiscreteVPAmbientLoss(AmbientLoss):
         if len(sigmas) < 1 or not (sigmas > 0).all():
             raise ValueError("the schedule's noise levels must be positive")
         self.sigmas = sigmas
+        self.sorted_sigmas = sigmas.double().sort().values
         self.weighting = weighting
 
-    def sigma_from_words(self, words):
-        index = (bits24(words[0]) * len(self.sigmas)) >> BITS  # uniform over the timesteps
-        return self.sigmas.to(words[0].device)[index]
+    def tail(self, sigma):
+        levels = self.sorted_sigmas.to(sigma.device)
+        return (len(levels) - torch.searchsorted(levels, sigma, right=True)).to(torch.float64) / len(levels)
+
+    def upper_quantile(self, q):
+        # The levels are equally likely: q's share of them counted from the top.
+        levels = self.sorted_sigmas.to(q.device)
+        rank = (q * len(levels)).floor().long().clamp(0, len(levels) - 1)
+        return levels[len(levels) - 1 - rank]
 
     def weight(self, sigma):
         return torch.ones_like(sigma) if self.weighting == "x0" else 1 / sigma ** 2

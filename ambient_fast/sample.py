@@ -204,11 +204,17 @@ def seeded_inputs(seeds, shape, num_masks: int, survival: float, shared_channels
     return torch.stack(latents).to(device), torch.stack(masks, dim=1).to(device)
 
 
-def sampling_sigmas(net, sigma_min: float = 0.002, sigma_max: float = 80.0) -> dict:
+def sampling_sigmas(net, sigma_floor: float = 0.0, sigma_min: float = 0.002, sigma_max: float = 80.0) -> dict:
     """EDM's sampling range clipped to the noise levels `net` covers (its `sigma_min` / `sigma_max`
-    where it has them: a discrete schedule of a diffusers model covers e.g. 0.01..157), as keyword
-    arguments of `ambient_sample`. Our own EDM and VP models cover EDM's default range, unchanged."""
-    return dict(sigma_min=max(sigma_min, getattr(net, "sigma_min", 0.0)),
+    where it has them: a discrete schedule of a diffusers model covers e.g. 0.01..157) and to the
+    lowest level it was trained at (`sigma_floor`, recorded by the trainer: a model trained only on
+    images with noise of level sigma_n never saw a level below it), as keyword arguments of
+    `ambient_sample`. Our own EDM and VP models cover EDM's default range, unchanged.
+
+    Below the floor, the documented choice: the sampler stops at the floor, and its last step
+    returns the denoiser's output there, E[x0 | x_floor], Tweedie's estimate of the clean image:
+    what the training data can support, rather than levels the model never learned."""
+    return dict(sigma_min=max(sigma_min, getattr(net, "sigma_min", 0.0), float(sigma_floor)),
                 sigma_max=min(sigma_max, getattr(net, "sigma_max", float("inf"))))
 
 
@@ -300,7 +306,7 @@ def main(argv=None) -> int:
             images = ambient_sample(model, latents, masks, num_steps=args.steps, solver=args.solver,
                                     guidance=args.guidance, class_labels=labels, S_churn=args.churn,
                                     dtype=torch.float32 if args.float32 else torch.float64, fast=fast,
-                                    **sampling_sigmas(model))
+                                    **loaded.sampling_sigmas())
             for seed, array in zip(batch_seeds, to_uint8(images)):
                 save_png(array, out / f"{seed:06d}.png")
             progress.advance(task, len(batch_seeds))
@@ -310,7 +316,7 @@ def main(argv=None) -> int:
         write_json(out / "sampling.json", dict(
             net=str(loaded.source), seeds=args.seeds, images=[f"{seed:06d}.png" for seed in seeds], steps=args.steps,
             solver=args.solver, survival=survival, masks=args.masks, guidance=args.guidance, churn=args.churn,
-            class_index=args.class_index, **sampling_sigmas(model)))
+            class_index=args.class_index, **loaded.sampling_sigmas()))
         print(f"wrote {len(seeds)} images and {out / 'grid.png'}")
     close_world()
     return 0

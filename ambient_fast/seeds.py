@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Stream", "derive_seed", "stream_key", "permutation", "philox", "BITS", "bits24", "uniform",
-           "open_uniform", "box_muller", "TWO_PI"]
+           "open_uniform", "centred_uniform", "box_muller", "TWO_PI"]
 
 
 class Stream(enum.IntEnum):
@@ -118,6 +118,12 @@ def uniform(word: Tensor) -> Tensor:
 def open_uniform(word: Tensor) -> Tensor:
     """float32 in (0, 1] on the grid k 2^-24, exactly (a logarithm's safe argument)."""
     return (bits24(word) + 1).to(torch.float32) * _SCALE
+
+
+def centred_uniform(word: Tensor) -> Tensor:
+    """float64 in (0, 1), (k + 1/2) 2^-24: the argument of an inverse distribution function, never
+    an end of the interval."""
+    return (bits24(word).to(torch.float64) + 0.5) * _SCALE
 
 
 def box_muller(radius_word: Tensor, angle_word: Tensor) -> Tensor:

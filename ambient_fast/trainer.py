@@ -66,9 +66,12 @@ class Trainer(Stateful):
             self.lr_factor = 1.0
             self._setup_data()
             self._setup_model()
+            noise = self.dataset.has_noise and not cfg.ignore_noise
+            self.sigma_bounds = self.dataset.sigma_bounds() if noise else self.dataset.records()["sigma_min"]
             self.inputs = AmbientInputs(training_operator(self.dataset.corruption, cfg.delta, cfg.further),
-                                        self.loss_fn.sigma_from_words, seed=cfg.seed, shape=self.dataset.shape,
-                                        label_dim=self.dataset.label_dim, channels_last=self.channels_last)
+                                        self.loss_fn, seed=cfg.seed, shape=self.dataset.shape,
+                                        label_dim=self.dataset.label_dim, channels_last=self.channels_last,
+                                        bounds=self.sigma_bounds, noise=noise)
             if resume:
                 self._resume()
             elif self.world.is_main:
@@ -174,6 +177,15 @@ class Trainer(Stateful):
                 f"{'mask-aware' if self.cfg.mask_aware else 'reference'} {self.cfg.precond} preconditioning, "
                 f"hidden-pixel weight {self.cfg.hidden_weight})")
 
+    def training_record(self) -> dict:
+        """What a saved network records of its training data: the data set's corruption, the delta
+        it trained with, the lowest noise level any image trained at (`sigma_floor`: the sampler
+        stops there) and, when some images had nothing hidden, the sampling survival 1."""
+        record = self.dataset.corruption | {"delta": self.cfg.delta, "sigma_floor": float(self.sigma_bounds.min())}
+        if (self.dataset.records()["masked"] == 0).any():
+            record["survival"] = 1.0
+        return record
+
     def write_networks(self, final: bool) -> Path:
         """Write the EMA network of this step (collective: every rank calls it; the main rank writes)
         and return its path: a snapshot, or the final network at the end of the run."""
@@ -186,8 +198,8 @@ class Trainer(Stateful):
 
             network = build_model(self.config_for_checkpoint)
             network.load_state_dict(ema_state, strict=True)
-            save_network(path, network.eval(), self.dataset.corruption | {"delta": self.cfg.delta},
-                         step=self.step, images_seen=self.images_seen, config=dataclasses.asdict(self.cfg))
+            save_network(path, network.eval(), self.training_record(), step=self.step, images_seen=self.images_seen,
+                         config=dataclasses.asdict(self.cfg))
         return path
 
     def write_samples(self, network_path: Path) -> Path:

@@ -150,7 +150,7 @@ def ambient_input_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]
             raw = stored_batch(2, 3, resolution, resolution, torch.device("cpu"))
             for name, params in operators.items():
                 operator = make_operator(name.split()[0], **params)
-                AmbientInputs(operator, EDMAmbientLoss().sigma_from_words, seed=0, shape=(3, resolution, resolution),
+                AmbientInputs(operator, EDMAmbientLoss(), seed=0, shape=(3, resolution, resolution),
                               channels_last=channels_last)(raw)
 
         yield f"ambient input {resolution}x{resolution} {'channels_last' if channels_last else 'NCHW'}, every operator", run

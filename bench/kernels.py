@@ -147,13 +147,14 @@ def stored_batch(N: int, C: int, H: int, W: int, device) -> RawBatch:
     observed = (torch.randint(0, 256, (N, C, H, W), device=device, dtype=torch.uint8) * A).to(torch.uint8)
     bits = torch.from_numpy(np.packbits(A.cpu().numpy().reshape(N, -1), axis=1, bitorder="little")).to(device)
     flips = (torch.arange(N, device=device) % 2).to(torch.uint8)
-    return RawBatch(observed, bits, flips, None, position=12345)
+    zeros = torch.zeros(N, device=device)
+    return RawBatch(observed, bits, flips, None, 12345, torch.ones(N, dtype=torch.uint8, device=device), zeros, zeros)
 
 
 def training_inputs(shape) -> AmbientInputs:
     """The trainer's ambient input for a dust data set of images of `shape` (its EDM loss's sigma)."""
     return AmbientInputs(make_operator("dust", p=0.2, delta=0.1, shared_channels=True),
-                         EDMAmbientLoss().sigma_from_words, seed=7, shape=shape)
+                         EDMAmbientLoss(), seed=7, shape=shape)
 
 
 def ambient_input_cases(numel: int, size_mb: float, device) -> List[Case]:
@@ -185,7 +186,7 @@ def bytes_per_image() -> "list[list[str]]":
     """Rows: what crosses to the device for one image, and what the ambient input reads, for the
     CIFAR-10 (32x32) and 64x64 configurations (RGB, with a label). Before: the loaders unpacked and
     converted on the device, and the ambient input read float32 y and A (8 bytes a value). Now:
-    the stored bytes themselves (a RawBatch, measured)."""
+    the stored bytes themselves with the image's record (a RawBatch, measured)."""
     rows = []
     for resolution in (32, 64):
         C = 3

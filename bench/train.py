@@ -129,14 +129,14 @@ def host_loader(dataset: CorruptedDataset, batch: int, device: torch.device) -> 
     return HostMaskLoader(dataset, batch, device)
 
 
-def host_inputs(sample_sigma) -> Callable[[HostMasks], TrainingBatch]:
+def host_inputs(loss) -> Callable[[HostMasks], TrainingBatch]:
     """The reference's loss input: sigma and the noise drawn on the device with torch's generator
-    (sigma through the loss's distribution, from random words), the network input made from them."""
+    (sigma from the loss's distribution), the network input made from them."""
     def inputs(batch: HostMasks) -> TrainingBatch:
         n = len(batch.y)
-        words = [torch.randint(0, 2 ** 32, (n,), device=batch.y.device, dtype=torch.int64) for _ in range(2)]
-        return training_batch(batch.y, batch.A, batch.A_hat, sample_sigma(words), torch.randn_like(batch.y),
-                              batch.labels)
+        u = torch.rand(n, device=batch.y.device, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        sigma, _ = loss.sigma_above(torch.zeros(n, device=batch.y.device), u)
+        return training_batch(batch.y, batch.A, batch.A_hat, sigma, torch.randn_like(batch.y), batch.labels)
     return inputs
 
 
@@ -196,7 +196,7 @@ def our_trainer(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> 
     trainer = Trainer(cfg)
     if not fast:
         trainer.loader = host_loader(data, setup.batch, setup.device)
-        trainer.inputs = host_inputs(trainer.loss_fn.sigma_from_words)
+        trainer.inputs = host_inputs(trainer.loss_fn)
     return trainer
 
 

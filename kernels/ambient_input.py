@@ -10,8 +10,15 @@ Per image n (C, H, W values, flattened index j = c*H*W + h*W + w):
             one box per image), evaluated value by value
     A_hat = B * A
     net_input = cat([A_hat * (y + noise_std[n] * noise), A_hat])             (N, 2C, H, W)
+    target = y - tweedie[n] * noise * A_hat
 
-all four outputs float32 (the network casts what its layers read under autocast).
+all four outputs float32 (the network casts what its layers read under autocast). `target` is what
+the loss grades the network against: y itself, or for an image with Gaussian noise of level
+sigma_n trained at sigma (x_t = y + sqrt(sigma^2 - sigma_n^2) noise), with tweedie =
+sigma_n^2 / sqrt(sigma^2 - sigma_n^2) on the pixels the network sees, y minus that multiple of the
+added noise: uncorrelated with x_t's total noise, so its expectation given x_t is E[x0 | x_t]
+(Tweedie's formula twice; ambient_fast.inputs). Elsewhere (pixels B hid) the noisy value itself,
+whose expectation given what the network sees is the clean one's.
 
 Random numbers: value j of image n uses the Philox counter `offset + n*C*H*W + j` of the stream
 `key` (ambient_fast.seeds: its words 0 and 1 make the noise by Box-Muller, word 2 the value's coin;
@@ -21,7 +28,7 @@ kernel under Triton's interpreter; compiled, up to the GPU's last bits in the lo
 `offset = position * C*H*W`, with `position` the first image's index in the run, makes every
 image's draws a function of its position only.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -50,28 +57,31 @@ def levels(device) -> torch.Tensor:
 # Kernel
 
 
-@kernel(do_not_specialize=["key", "offset", "threshold"])
+@kernel(do_not_specialize=["key", "offset"])
 def _ambient_input_kernel(
     obs_ptr,     # (N, C, H, W) stored values, contiguous: uint8 levels (Y_UINT8) or float on [-1, 1]
     bits_ptr,    # (N, ceil(C*H*W / 8)) uint8 packed mask, row stride bits_sn: value j is bit j % 8 of byte j // 8
     flip_ptr,    # (N,) uint8: 1 = mirror left-right
     levels_ptr,  # (256,) float32 value of each uint8 level (Y_UINT8 only)
     std_ptr,     # (N,) float32 standard deviation of the noise added to y
+    tw_ptr,      # (N,) float32 multiple of the noise taken off the target where seen (TWEEDIE only)
+    thr_ptr,     # (N,) int64 coin threshold of each image (coins only)
     box_ptr,     # (N, 4) int64 top, left, height, width of B's box (box kinds only)
     net_ptr,     # (N, 2C, H, W) float32 out: network input, strides (x_sn, x_sc, x_sp)
     ahat_ptr,    # (N, C, H, W) float32 out: A_hat, strides (o_sn, o_sc, o_sp) (all three image outputs)
     aout_ptr,    # (N, C, H, W) float32 out: A
-    yout_ptr,    # (N, C, H, W) float32 out: A * y
-    key, offset, threshold,
+    yout_ptr,    # (N, C, H, W) float32 out: the target, A * y (minus tweedie * noise where seen)
+    key, offset,
     C, W, HW, bits_sn,
     x_sn, x_sc, x_sp, o_sn, o_sc, o_sp,
-    Y_UINT8: tl.constexpr, B_KIND: tl.constexpr, SHARED: tl.constexpr,
+    Y_UINT8: tl.constexpr, B_KIND: tl.constexpr, SHARED: tl.constexpr, TWEEDIE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """With (r0, r1, r2, _) = Philox(key, offset + n*C*HW + j), s the mirrored source of j:
         noise = sqrt(-2 ln u(r1 + 1)) cos(2 pi u(r0))   (float64, rounded), u(r) = (r >> 8) 2^-24
-        B = (r2 >> 8) >= threshold (channel 0's r2 if SHARED) | outside the box | inside the box
-        A = bit s;  y = A level(u_s);  A_hat = B A;  x = A_hat (y + std noise);  m = A_hat."""
+        B = (r2 >> 8) >= threshold[n] (channel 0's r2 if SHARED) | outside the box | inside the box
+        A = bit s;  y = A level(u_s);  A_hat = B A;  x = A_hat (y + std noise);  m = A_hat;
+        target = y - (tweedie noise) A_hat (TWEEDIE), else y."""
     n = tl.program_id(2).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
     p = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
@@ -99,7 +109,7 @@ def _ambient_input_kernel(
     if B_KIND == 0:  # coins
         if SHARED:
             _, _, r2, _ = tl.randint4x(key, base + p)  # channel 0's counter, (1, BLOCK_HW)
-        keep = ((r2 >> 8).to(tl.int32) >= threshold).to(tl.float32)
+        keep = ((r2 >> 8).to(tl.int64) >= tl.load(thr_ptr + n)).to(tl.float32)
         if SHARED:
             keep = tl.broadcast_to(keep, (BLOCK_C, BLOCK_HW))
     else:
@@ -114,6 +124,9 @@ def _ambient_input_kernel(
     a_hat = keep * a
     y = a * y
     x = a_hat * (y + tl.load(std_ptr + n) * noise)
+    target = y
+    if TWEEDIE:
+        target = y - tl.load(tw_ptr + n) * noise * a_hat
 
     net = net_ptr + n * x_sn + c * x_sc + p * x_sp
     tl.store(net, x, mask=inside)
@@ -121,7 +134,7 @@ def _ambient_input_kernel(
     out = n * o_sn + c * o_sc + p * o_sp
     tl.store(ahat_ptr + out, a_hat, mask=inside)
     tl.store(aout_ptr + out, a, mask=inside)
-    tl.store(yout_ptr + out, y, mask=inside)
+    tl.store(yout_ptr + out, target, mask=inside)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,18 +151,20 @@ class AmbientInput(NamedTuple):
     net_input: torch.Tensor  # (N, 2C, H, W) cat([A_hat * (y + noise_std * noise), A_hat])
     A_hat: torch.Tensor      # (N, C, H, W) B * A
     A: torch.Tensor          # (N, C, H, W) the observation mask, unpacked (and mirrored)
-    y: torch.Tensor          # (N, C, H, W) A * y on [-1, 1]
+    y: torch.Tensor          # (N, C, H, W) the target: A * y on [-1, 1] (noisy images: Tweedie's, see above)
 
 
 def ambient_input_launch(observed: torch.Tensor, mask_bits: torch.Tensor, flips: torch.Tensor,
                          noise_std: torch.Tensor, further: FurtherDraw, key: int, offset: int,
-                         channels_last: bool) -> AmbientInput:
+                         channels_last: bool, tweedie: Optional[torch.Tensor] = None) -> AmbientInput:
     """Launch the kernel on checked arguments (see `ambient_input`)."""
     N, C, H, W = observed.shape
     device = observed.device
     net_input = empty_planes((N, 2 * C, H, W), torch.float32, device, channels_last)
     outs = [empty_planes((N, C, H, W), torch.float32, device, channels_last) for _ in range(3)]
-    boxes = further.boxes.contiguous() if further.boxes is not None else noise_std  # unread without a box
+    # Unread pointers (coins have no boxes, boxes no thresholds) take any tensor.
+    thresholds = further.thresholds if further.thresholds is not None else further.boxes
+    boxes = further.boxes if further.boxes is not None else further.thresholds
     # Tiles of 1024 values over 8 warps: 4 a thread. Each value draws Philox words and a Box-Muller
     # normal in float64, so registers grow with the values a thread holds, and this bandwidth-bound
     # kernel needs the occupancy that few registers allow.
@@ -158,11 +173,12 @@ def ambient_input_launch(observed: torch.Tensor, mask_bits: torch.Tensor, flips:
     warps = max(1, min(8, block_c * block_hw // (32 * _ELEMENTS_PER_THREAD)))
     grid = (cdiv(H * W, block_hw), cdiv(C, block_c), N)
     _ambient_input_kernel[grid](
-        observed, mask_bits, flips, levels(device), noise_std, boxes, net_input, *outs,
-        key, offset, further.threshold, C, W, H * W, mask_bits.stride(0),
+        observed, mask_bits, flips, levels(device), noise_std, noise_std if tweedie is None else tweedie, thresholds,
+        boxes, net_input, *outs,
+        key, offset, C, W, H * W, mask_bits.stride(0),
         *planes(net_input, channels_last)[1], *planes(outs[0], channels_last)[1],
         Y_UINT8=observed.dtype == torch.uint8, B_KIND=int(further.kind), SHARED=further.shared_channels,
-        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
+        TWEEDIE=tweedie is not None, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps)
     return AmbientInput(net_input, *outs)
 
 
@@ -192,7 +208,7 @@ def network_input(y: torch.Tensor, A_hat: torch.Tensor, noise_std: torch.Tensor,
 
 def ambient_input_reference(observed: torch.Tensor, mask_bits: torch.Tensor, flips: torch.Tensor,
                             noise_std: torch.Tensor, further: FurtherDraw, key: int, offset: int,
-                            channels_last: bool = False) -> AmbientInput:
+                            channels_last: bool = False, tweedie: Optional[torch.Tensor] = None) -> AmbientInput:
     """Plain PyTorch ambient input; arguments and result as in `ambient_input`, bitwise the kernel's."""
     N, C, H, W = shape = tuple(observed.shape)
     device = observed.device
@@ -207,12 +223,15 @@ def ambient_input_reference(observed: torch.Tensor, mask_bits: torch.Tensor, fli
         coins = bits24(r2[:, :1] if further.shared_channels else r2)  # channel 0's counter is the pixel's
     A_hat = keep_mask(further, shape, coins).to(torch.float32) * A
     net_input = network_input(y, A_hat, noise_std.to(torch.float32), noise)
+    if tweedie is not None:
+        y = y - tweedie.to(torch.float32).reshape(-1, 1, 1, 1) * noise * A_hat
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return AmbientInput(*(t.contiguous(memory_format=layout) for t in (net_input, A_hat, A, y)))
 
 
 def ambient_input(observed: torch.Tensor, mask_bits: torch.Tensor, flips: torch.Tensor, noise_std: torch.Tensor,
-                  further: FurtherDraw, *, key: int, offset: int, channels_last: bool = False) -> AmbientInput:
+                  further: FurtherDraw, *, key: int, offset: int, channels_last: bool = False,
+                  tweedie: Optional[torch.Tensor] = None) -> AmbientInput:
     """Unpack, mirror, scale, further-corrupt and noise a stored batch into the ambient network input
     (forward only).
 
@@ -224,14 +243,16 @@ def ambient_input(observed: torch.Tensor, mask_bits: torch.Tensor, flips: torch.
         further: B for the batch (`ambient_fast.corruption.MaskOperator.further_draw`).
         key, offset: the value stream and the counter of the batch's first value (module docstring).
         channels_last: lay the outputs out channels_last.
+        tweedie: (N,) multiple of the noise the target loses where seen (noisy images; module
+            docstring), or None (the target is A * y).
     Returns:
-        AmbientInput(net_input (N, 2C, H, W), A_hat, A, y = A * y).
+        AmbientInput(net_input (N, 2C, H, W), A_hat, A, y: the target).
 
     Example:
         >>> from ambient_fast.corruption import FurtherDraw, FurtherKind
         >>> observed = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
         >>> bits = torch.full((2, 24), 255, dtype=torch.uint8)  # all 3*8*8 = 192 values observed
-        >>> coins = FurtherDraw(FurtherKind.COIN, threshold=1 << 21)  # B erases 1 in 8
+        >>> coins = FurtherDraw(FurtherKind.COIN, torch.full((2,), 1 << 21))  # B erases 1 in 8
         >>> flips = torch.zeros(2, dtype=torch.uint8)
         >>> ambient_input(observed, bits, flips, torch.ones(2), coins, key=7, offset=0).net_input.shape
         torch.Size([2, 6, 8, 8])
@@ -244,19 +265,24 @@ def ambient_input(observed: torch.Tensor, mask_bits: torch.Tensor, flips: torch.
     if mask_bits.dtype != torch.uint8 or tuple(mask_bits.shape) != (N, cdiv(C * H * W, 8)) or mask_bits.stride(1) != 1:
         raise ValueError(f"mask_bits must be uint8 of shape ({N}, {cdiv(C * H * W, 8)}) with contiguous rows, got "
                          f"{mask_bits.dtype} {tuple(mask_bits.shape)}")
-    if tuple(flips.shape) != (N,) or tuple(noise_std.shape) != (N,):
-        raise ValueError(f"flips and noise_std must hold one value per image ({N}), got {tuple(flips.shape)} and "
-                         f"{tuple(noise_std.shape)}")
-    if further.kind != FurtherKind.COIN and (further.boxes is None or tuple(further.boxes.shape) != (N, 4)):
+    if any(tuple(t.shape) != (N,) for t in (flips, noise_std) + (() if tweedie is None else (tweedie,))):
+        raise ValueError(f"flips, noise_std and tweedie must hold one value per image ({N})")
+    coins = further.kind == FurtherKind.COIN
+    if coins and (further.thresholds is None or tuple(further.thresholds.shape) != (N,)):
+        raise ValueError(f"a coin draw needs one threshold per image ({N})")
+    if not coins and (further.boxes is None or tuple(further.boxes.shape) != (N, 4)):
         raise ValueError(f"a box draw needs (N, 4) boxes for {N} images")
     if not (offset >= 0 and 0 <= key < 2 ** 64):
         raise ValueError(f"key must lie in [0, 2^64) and offset be >= 0, got key {key}, offset {offset}")
     flips = flips.to(torch.uint8).contiguous()
     noise_std = noise_std.to(torch.float32).contiguous()
-    boxes = further.boxes.to(device=observed.device, dtype=torch.int64) if further.boxes is not None else None
-    further = FurtherDraw(further.kind, further.threshold, further.shared_channels, boxes)
+    tweedie = None if tweedie is None else tweedie.to(torch.float32).contiguous()
+    def on_device(t):
+        return None if t is None else t.to(device=observed.device, dtype=torch.int64).contiguous()
+
+    further = FurtherDraw(further.kind, on_device(further.thresholds), further.shared_channels, on_device(further.boxes))
     if use_fused(observed, mask_bits, flips, noise_std) and observed.numel():
         return ambient_input_launch(observed, mask_bits, flips, noise_std, further, int(key), int(offset),
-                                    channels_last)
+                                    channels_last, tweedie)
     return ambient_input_reference(observed, mask_bits, flips, noise_std, further, int(key), int(offset),
-                                   channels_last)
+                                   channels_last, tweedie)

@@ -392,8 +392,10 @@ def test_loader_delivers_the_stored_bytes(dust_set):
             assert batch.position == step * 16
             positions = step * 16 + torch.arange(16)
             assert torch.equal(batch.flips, (philox(stream_key(4, Stream.FLIP), positions)[0] >> 31).to(torch.uint8))
-        # 3x8x8 images: 192 bits, 24 bytes; a label of 8 bytes, a flag of 1
-        assert batch.nbytes() == 16 * (192 + 24 + 1 + 8), kind
+            # A set without records: every image masked, no noise, no sigma_min.
+            assert batch.masked.tolist() == [1] * 16 and not batch.sigma_n.any() and not batch.sigma_min.any()
+        # 3x8x8 images: 192 values, 24 bytes of bits; a label of 8 bytes, a flag of 1; a record of 9
+        assert batch.nbytes() == 16 * (192 + 24 + 1 + 8 + 9), kind
     assert 0 < make_loader(dust_set, batch_size=16, xflip=True, seed=4).next().flips.sum() < 16
     assert not make_loader(dust_set, batch_size=16).next().flips.any()  # xflip off
 
@@ -403,7 +405,7 @@ def test_b_is_redrawn_each_epoch_and_survives_as_drawn(dust_set):
     shared B keeps (1 - p)(1 - delta) of the values, one coin per pixel."""
     loader = make_loader(dust_set, batch_size=64, seed=1)
     inputs = AmbientInputs(make_operator("dust", p=0.5, delta=0.3, shared_channels=True),
-                           EDMAmbientLoss().sigma_from_words, seed=1, shape=dust_set.shape)
+                           EDMAmbientLoss(), seed=1, shape=dust_set.shape)
     epochs = [[inputs(loader.next()) for _ in range(loader.steps_per_epoch)] for _ in range(2)]
     order = [np.concatenate([loader.indices(epoch, b) for b in range(4)]).argsort() for epoch in (0, 1)]
     A, A_again = (torch.cat([b.A for b in epochs[e]])[order[e]] for e in (0, 1))

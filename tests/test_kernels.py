@@ -175,13 +175,14 @@ def test_masked_loss_without_grad_matches(poison):
 
 
 def stored_batch(shape=SHAPE, survival=0.7, uint8=True, seed=0):
-    """(observed, mask_bits, flips, A as bool) of a random stored batch: observed 0 outside A, every
-    other image mirrored."""
+    """(observed, mask_bits, flips, A as bool) of a random stored batch: observed 0 outside A (uint8
+    levels, or float16 values as a set with noise stores them, beyond [-1, 1] too), every other image
+    mirrored."""
     generator = torch.Generator().manual_seed(seed)
     N, C, H, W = shape
     A = torch.rand(shape, generator=generator) < survival
     values = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator) if uint8 else \
-        (torch.rand(shape, generator=generator) * 2 - 1)
+        (torch.randn(shape, generator=generator) * 0.8).to(torch.float16)
     observed = values * A.to(values.dtype)
     bits = torch.from_numpy(np.packbits(A.numpy().reshape(N, -1), axis=1, bitorder="little"))
     flips = (torch.arange(N) % 2).to(torch.uint8)
@@ -194,7 +195,9 @@ def draws(kind, shape=SHAPE, seed=1):
     N, C, H, W = shape
     generator = torch.Generator().manual_seed(seed)
     if kind in ("coins", "shared_coins"):
-        return FurtherDraw(FurtherKind.COIN, threshold=coin_threshold(0.3), shared_channels=kind == "shared_coins")
+        # One threshold per image: 0.3, or 0 (nothing erased) for an image whose A hides nothing.
+        thresholds = torch.tensor([coin_threshold(0.3), 0, coin_threshold(0.3)] * N)[:N]
+        return FurtherDraw(FurtherKind.COIN, thresholds, shared_channels=kind == "shared_coins")
     boxes = torch.stack([torch.randint(0, H, (N,), generator=generator), torch.randint(0, W, (N,), generator=generator),
                          torch.randint(0, H, (N,), generator=generator), torch.randint(0, W, (N,), generator=generator)], 1)
     return FurtherDraw(FurtherKind.ERASE_BOX if kind == "erase_box" else FurtherKind.KEEP_BOX, boxes=boxes)
@@ -205,14 +208,16 @@ B_KINDS = ["coins", "shared_coins", "erase_box", "keep_box"]
 
 @pytest.mark.parametrize("kind", B_KINDS)
 @pytest.mark.parametrize("channels_last", LAYOUTS)
-@pytest.mark.parametrize("uint8", [pytest.param(True, id="uint8"), pytest.param(False, id="float")])
+@pytest.mark.parametrize("uint8, tweedie", [pytest.param(True, False, id="uint8"),
+                                            pytest.param(False, True, id="float16-noisy")])
 @pytest.mark.parametrize("shape", [pytest.param(SHAPE, id="3x5x7x9"), pytest.param((2, 1, 4, 16), id="2x1x4x16")])
-def test_ambient_input_equals_the_reference_bitwise(shape, uint8, channels_last, kind, poison):
+def test_ambient_input_equals_the_reference_bitwise(shape, uint8, tweedie, channels_last, kind, poison):
     """The kernel (interpreted) and its reference draw the same Philox words and compute every output
-    with the same float32 operations: equal bit for bit, in either layout."""
+    with the same float32 operations: equal bit for bit, in either layout, with the Tweedie target."""
     observed, bits, flips, _ = stored_batch(shape, uint8=uint8)
     std = torch.rand(shape[0]) * 3 + 0.1
-    args = (observed, bits, flips, std, draws(kind, shape), 12345678901, 77 * math.prod(shape[1:]), channels_last)
+    args = (observed, bits, flips, std, draws(kind, shape), 12345678901, 77 * math.prod(shape[1:]), channels_last,
+            torch.rand(shape[0]) if tweedie else None)
     fused, reference = ambient_input_launch(*args), ambient_input_reference(*args)
     for name in AmbientInput._fields:
         assert torch.equal(getattr(fused, name), getattr(reference, name)), name
@@ -235,7 +240,7 @@ def test_ambient_input_against_an_independent_computation(kind, poison):
     if kind.endswith("coins"):
         counters = np.arange(N * C * H * W).reshape(shape)
         words = philox(3, torch.from_numpy(counters))[2].numpy() >> 8
-        keep = (words[:, :1] if kind == "shared_coins" else words) >= coin_threshold(0.3)
+        keep = (words[:, :1] if kind == "shared_coins" else words) >= further.thresholds.numpy()[:, None, None, None]
         keep = np.broadcast_to(keep, shape)
     else:
         rows, cols = np.arange(H)[None, :, None], np.arange(W)[None, None, :]
@@ -251,7 +256,8 @@ def test_every_stored_level_maps_to_one_value_on_every_path(poison):
     """All 256 uint8 levels: the kernel and the reference give (2u - 255) / 255 rounded once to float32."""
     levels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
     bits = torch.full((1, 32), 255, dtype=torch.uint8)
-    args = (levels, bits, torch.zeros(1, dtype=torch.uint8), torch.zeros(1), FurtherDraw(FurtherKind.COIN), 0, 0, False)
+    args = (levels, bits, torch.zeros(1, dtype=torch.uint8), torch.zeros(1),
+            FurtherDraw(FurtherKind.COIN, torch.zeros(1, dtype=torch.int64)), 0, 0, False)
     exact = torch.tensor([np.float32((2 * u - 255) / 255) for u in range(256)]).reshape(1, 1, 16, 16)
     for out in (ambient_input_launch(*args), ambient_input_reference(*args)):
         assert torch.equal(out.y, exact)
@@ -266,7 +272,8 @@ def test_ambient_input_random_stream_is_a_function_of_position():
     std, further = torch.ones(N), draws("coins")
 
     def run(key, offset, rows=slice(None)):
-        return ambient_input(observed[rows], bits[rows], flips[rows], std[rows], further, key=key, offset=offset)
+        part = FurtherDraw(further.kind, further.thresholds[rows], further.shared_channels)
+        return ambient_input(observed[rows], bits[rows], flips[rows], std[rows], part, key=key, offset=offset)
 
     first = run(5, 1000)
     assert torch.equal(first.net_input, run(5, 1000).net_input)
@@ -286,7 +293,7 @@ def test_ambient_input_statistics(shared):
     observed = torch.full(shape, 0, dtype=torch.float32)
     bits = torch.full((N, C * H * W // 8), 255, dtype=torch.uint8)
     delta = 0.3
-    further = FurtherDraw(FurtherKind.COIN, coin_threshold(delta), shared)
+    further = FurtherDraw(FurtherKind.COIN, torch.full((N,), coin_threshold(delta)), shared)
     out = ambient_input(observed, bits, torch.zeros(N, dtype=torch.uint8), torch.ones(N), further, key=11, offset=123)
     keep = out.A_hat[:, :1] if shared else out.A_hat
     if shared:
@@ -392,7 +399,8 @@ def test_interpreter_works_when_triton_was_imported_first():
             "from ambient_fast.corruption import FurtherDraw, FurtherKind\n"
             "from ambient_fast.kernels.ambient_input import ambient_input_launch\n"
             "args = (torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8), torch.full((2, 6), 255, dtype=torch.uint8),\n"
-            "        torch.zeros(2, dtype=torch.uint8), torch.ones(2), FurtherDraw(FurtherKind.COIN, 1 << 23), 1, 0, False)\n"
+            "        torch.zeros(2, dtype=torch.uint8), torch.ones(2), FurtherDraw(FurtherKind.COIN, torch.full((2,), 1 << 23)),\n"
+            "        1, 0, False)\n"
             "fused, reference = ambient_input_launch(*args), kernels.ambient_input_reference(*args)\n"
             "assert all(torch.equal(a, b) for a, b in zip(fused, reference))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -439,8 +447,8 @@ def test_gpu_ambient_input_and_sampler():
     std = torch.rand(64) + 0.1
     for kind in B_KINDS:
         further = draws(kind, shape)
-        cuda_further = FurtherDraw(further.kind, further.threshold, further.shared_channels,
-                                   None if further.boxes is None else further.boxes.cuda())
+        cuda_further = FurtherDraw(further.kind, None if further.thresholds is None else further.thresholds.cuda(),
+                                   further.shared_channels, None if further.boxes is None else further.boxes.cuda())
         out = ambient_input(observed.cuda(), bits.cuda(), flips.cuda(), std.cuda(), cuda_further, key=1,
                             offset=2 ** 33)
         expected = ambient_input_reference(observed, bits, flips, std, further, 1, 2 ** 33)

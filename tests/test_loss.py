@@ -11,7 +11,7 @@ from ambient_fast.data.loader import RawBatch
 from ambient_fast.inputs import AmbientInputs, training_batch
 from ambient_fast.loss import DiscreteVPAmbientLoss, EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
 from ambient_fast.nn import EDMPrecond, VPPrecond
-from ambient_fast.seeds import philox
+from ambient_fast.seeds import centred_uniform, philox
 
 from conftest import TINY_ARCHITECTURES, assert_gradient_matches_differences
 
@@ -50,8 +50,8 @@ def pinned(y, A, A_hat, sigma=None):
     return training_batch(y, A, A_hat, sigma, torch.randn(N, C, R, R))
 
 
-def words(n: int, seed: int = 0):
-    return philox(seed, torch.arange(n))[:2]
+def uniforms(n: int, seed: int = 0):
+    return centred_uniform(philox(seed, torch.arange(n))[0])
 
 
 @pytest.mark.parametrize("loss_fn", [EDMAmbientLoss(), VPAmbientLoss(), EDMAmbientLoss(norm=1)])
@@ -93,7 +93,8 @@ def test_the_objective_is_the_defined_one():
 
 def test_edm_sigma_distribution():
     loss = EDMAmbientLoss()
-    sigma = loss.sigma_from_words(words(20000, 1))
+    sigma, mass = loss.sigma_above(torch.zeros(20000), uniforms(20000, 1))
+    assert torch.equal(mass, torch.ones(20000, dtype=torch.float64))
     log_sigma = sigma.log()
     assert abs(log_sigma.mean().item() + 1.2) < 5 * 1.2 / math.sqrt(20000)
     assert abs(log_sigma.std().item() - 1.2) < 0.05
@@ -104,7 +105,7 @@ def test_edm_sigma_distribution():
 
 def test_vp_sigma_distribution():
     loss = VPAmbientLoss()
-    sigma = loss.sigma_from_words(words(20000, 2))
+    sigma, _ = loss.sigma_above(torch.zeros(20000), uniforms(20000, 2))
     lo = math.sqrt(math.exp(0.5 * 19.9 * 1e-10 + 0.1 * 1e-5) - 1)
     hi = math.sqrt(math.exp(0.5 * 19.9 + 0.1) - 1)
     assert sigma.min() >= lo * 0.999 and sigma.max() <= hi * 1.001
@@ -116,7 +117,7 @@ def test_vp_sigma_distribution():
 
 def test_discrete_sigmas_are_uniform_over_the_timesteps():
     levels = torch.linspace(0.01, 80, 10)
-    sigma = DiscreteVPAmbientLoss(levels).sigma_from_words(words(20000, 3))
+    sigma, _ = DiscreteVPAmbientLoss(levels).sigma_above(torch.zeros(20000), uniforms(20000, 3))
     counts = torch.stack([(sigma == level).sum() for level in levels]).double()
     assert counts.sum() == 20000 and ((counts - 2000).abs() < 5 * math.sqrt(2000)).all()
 
@@ -180,10 +181,11 @@ def test_ambient_inputs_of_a_raw_batch(interpret, monkeypatch):
     A = (torch.rand(N, C, R, R) < 0.6)
     observed = torch.randint(0, 256, (N, C, R, R), dtype=torch.uint8) * A
     loss = EDMAmbientLoss()
-    inputs = AmbientInputs(make_operator("dust", p=0.4, delta=0.3), loss.sigma_from_words, seed=5, shape=(C, R, R),
+    inputs = AmbientInputs(make_operator("dust", p=0.4, delta=0.3), loss, seed=5, shape=(C, R, R),
                            label_dim=3)
     out = inputs(raw(observed, A, position=40, labels=torch.tensor([0, 2, 1, 2])))
-    torch.testing.assert_close(out.sigma, loss.sigma_from_words(philox(inputs.image_key, 40 + torch.arange(N))[:2]))
+    expected, _ = loss.sigma_above(torch.zeros(N), centred_uniform(philox(inputs.image_key, 40 + torch.arange(N))[0]))
+    assert torch.equal(out.sigma, expected) and torch.equal(out.weight, torch.ones(N))
     assert torch.equal(out.labels, torch.eye(3)[[0, 2, 1, 2]])
     assert torch.equal(out.A, A.float()) and (out.A_hat <= out.A).all()
     keep = (out.A_hat.sum() / out.A.sum()).item()
@@ -204,7 +206,7 @@ def test_box_data_sets_get_a_second_box():
         operator = make_operator(name, **params)
         _, A = operator.corrupt(torch.zeros(64, C, H, H), torch.Generator().manual_seed(1))
         observed = (torch.randint(0, 256, A.shape, dtype=torch.uint8) * A.to(torch.uint8))
-        inputs = AmbientInputs(operator, EDMAmbientLoss().sigma_from_words, seed=0, shape=(C, H, H))
+        inputs = AmbientInputs(operator, EDMAmbientLoss(), seed=0, shape=(C, H, H))
         flips = (torch.arange(64) % 2).to(torch.uint8)
         out = inputs(raw(observed, A, flips=flips))
         extra = (out.A - out.A_hat)[:, 0]  # erased by B only

@@ -4,7 +4,7 @@ current one trains.
 
 The pipeline's source is a callback that, from the position the pipeline was built at, returns
 batch after batch exactly as the torch loader (ambient_fast.data.loader) reads them: the stored
-uint8 values (C, R, R), the packed mask bytes, the flip flags and the labels. DALI calls it ahead
+values (C, R, R), the packed mask bytes, the flip flags, the labels and the images' records. DALI calls it ahead
 of time (`prefetch_queue_depth` batches), so the loader counts the batches it has handed out, not
 the ones DALI prepared: a saved position is the next batch the trainer gets, and `load_state_dict`
 builds the pipeline again from there. The batches are the torch loader's, byte for byte.
@@ -49,29 +49,27 @@ class DaliLoader(Loader):
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
         cursor = [self.epoch, self.batch]
-        labelled = bool(self.dataset.label_dim)
+        dtypes = [types.FLOAT16 if self.dataset.has_noise else types.UINT8, types.UINT8, types.UINT8]
+        dtypes += ([types.INT64] if self.dataset.label_dim else []) + [types.UINT8, types.FLOAT, types.FLOAT]
 
         def source():
             epoch, batch = cursor
-            observed, packed, labels = self.dataset.get_raw(self.indices(epoch, batch))
             cursor[1] += 1
             if cursor[1] == self.steps_per_epoch:
                 cursor[0], cursor[1] = epoch + 1, 0
-            return (observed, packed, self.flips(epoch, batch)) + ((labels,) if labelled else ())
+            return self.host_arrays(epoch, batch)
 
         # The seed is unused: nothing in the pipeline draws.
         pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, min(4, os.cpu_count() or 1)),
                         device_id=device_id, seed=0, prefetch_queue_depth=PREFETCH, exec_async=True,
                         exec_pipelined=True)
         with pipe:
-            outputs = fn.external_source(source=source, num_outputs=4 if labelled else 3, batch=True,
-                                         dtype=[types.UINT8, types.UINT8, types.UINT8, types.INT64][:4 if labelled else 3])
+            outputs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes)
             pipe.set_outputs(*(output.gpu() for output in outputs) if gpu else outputs)
         pipe.build()
         return pipe
 
     def _load(self, epoch: int, batch: int) -> RawBatch:
         # Copies: DALI reuses its output buffers on later runs.
-        tensors = [to_torch_tensor(output.as_tensor(), copy=True).to(self.device) for output in self._pipe.run()]
-        labels = tensors[3] if len(tensors) > 3 else None
-        return RawBatch(*tensors[:3], labels, self.position(epoch, batch))
+        tensors = [to_torch_tensor(output.as_tensor(), copy=True) for output in self._pipe.run()]
+        return self.batch_on_device(tensors, epoch, batch)

@@ -8,10 +8,22 @@ A data set is a directory holding
                                          numpy.packbits(..., bitorder="little"): bit k of byte j
                                          is element 8 j + k (channels stored even when shared)
     labels.npy     int64 (N,)            class indices (only when the set has labels)
+    values.npy     float16 (N, C, R, R)  every image's values on the [-1, 1] scale, only in a set
+                                         with noisy images: A * (x + sigma_n n), never clipped, so
+                                         the noise stays Gaussian (observed.npy then holds them
+                                         rounded and clipped to uint8, for looking at)
+    records.npy    (N,) of (masked u1, sigma_n f4, sigma_min f4)
+                                         each image's corruption record: whether A hides anything,
+                                         the level of its additive Gaussian noise (0: none), the
+                                         noise level below which it must not train (0: none);
+                                         absent in sets of one kind of image (then every image is
+                                         masked, unless the corruption kind is "none")
     meta.json      format version, shape, count, label_dim, the corruption that drew A
                    ({"kind", "p", "delta", "shared_channels", ...}), the fraction of observed
-                   values, sha256 of each array file, source description, creation time, and
-                   the sha256 of all of that (`content_sha256`: an edited p or delta shows)
+                   values, the records' summary (counts of clean, masked, noisy and masked noisy
+                   images, the noise levels), sha256 of each array file, source description,
+                   creation time, and the sha256 of all of that (`content_sha256`: an edited p or
+                   delta shows)
 
 Arrays are plain .npy files, memory-mapped when read: no decoding at training time. A set is
 written front to back (no memory map: a full disk is an error, not a SIGBUS) into a hidden
@@ -31,18 +43,21 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
 from ambient_fast.files import dumps_json, fsync_path, sha256_file, write_error
 
-__all__ = ["FORMAT", "VERSION", "DataError", "DatasetMeta", "DatasetWriter", "CorruptedDataset",
-           "write_dataset", "corruption_record", "packed_size", "unpack_masks"]
+__all__ = ["FORMAT", "VERSION", "RECORD", "DataError", "DatasetMeta", "DatasetWriter", "CorruptedDataset",
+           "write_dataset", "corruption_record", "packed_size", "unpack_masks", "records_summary", "Stored"]
 
 FORMAT = "ambient-fast-data"
-VERSION = 1
+VERSION = 2  # 2 added values.npy and records.npy; sets of version 1 (without them) read unchanged
+READABLE = (1, 2)
 OBSERVED, MASKS, LABELS, META = "observed.npy", "masks.npy", "labels.npy", "meta.json"
+VALUES, RECORDS = "values.npy", "records.npy"
+RECORD = np.dtype([("masked", "u1"), ("sigma_n", "<f4"), ("sigma_min", "<f4")])
 CONTENT_DIGEST = "content_sha256"  # meta.json's checksum of its own other fields
 _CHECK_ROWS = 4096  # images per chunk when a whole array is scanned (bounded memory)
 _SPARE_BYTES = 1 << 20  # beyond the arrays: meta.json, directory entries, file-system blocks
@@ -67,6 +82,30 @@ def corruption_record(operator) -> dict[str, Any]:
     return record
 
 
+_COUNTS = ("clean", "masked", "noisy", "masked_noisy", "with_sigma_min")
+
+
+def records_summary(records: np.ndarray) -> dict:
+    """meta.json's summary of per-image records (a RECORD array): how many images are clean,
+    masked, noisy and masked and noisy, how many carry a sigma_min, and the range of the noise
+    levels ([lowest, highest] of the noisy images, None without any)."""
+    masked, noisy = records["masked"] != 0, records["sigma_n"] > 0
+    levels = records["sigma_n"][noisy]
+    return {"clean": int(np.sum(~masked & ~noisy)), "masked": int(np.sum(masked & ~noisy)),
+            "noisy": int(np.sum(~masked & noisy)), "masked_noisy": int(np.sum(masked & noisy)),
+            "with_sigma_min": int(np.sum(records["sigma_min"] > 0)),
+            "sigma_n_range": [float(levels.min()), float(levels.max())] if len(levels) else None}
+
+
+def _add_summaries(total: Optional[dict], part: dict) -> dict:
+    """The records summary of two disjoint sets of images, from theirs."""
+    if total is None:
+        return part
+    ranges = [r for r in (total["sigma_n_range"], part["sigma_n_range"]) if r is not None]
+    return {**{key: total[key] + part[key] for key in _COUNTS},
+            "sigma_n_range": [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None}
+
+
 def content_digest(meta_json: dict) -> str:
     """sha256 of meta.json's fields other than the digest itself (canonical JSON)."""
     content = {key: value for key, value in meta_json.items() if key != CONTENT_DIGEST}
@@ -80,6 +119,8 @@ class DatasetMeta:
     shape: (C, R, R) of one image. label_dim: number of classes, 0 without labels.
     corruption: {"kind", "p", "delta", "shared_channels", ...}; delta is the training default.
     files: sha256 hex digest of each array file, by file name.
+    values: whether values.npy holds the images' values (a set with noisy images).
+    records: the summary of records.npy (`records_summary`), None without per-image records.
     """
 
     count: int
@@ -91,6 +132,8 @@ class DatasetMeta:
     source: str
     created: str
     version: int = VERSION
+    values: bool = False
+    records: Optional[dict] = None
 
     def __post_init__(self):
         C, H, W = self.shape
@@ -107,28 +150,32 @@ class DatasetMeta:
 
     @property
     def array_files(self) -> list[str]:
-        return [OBSERVED, MASKS] + ([LABELS] if self.label_dim else [])
+        return ([OBSERVED, MASKS] + ([LABELS] if self.label_dim else []) + ([VALUES] if self.values else [])
+                + ([RECORDS] if self.records is not None else []))
 
     def to_json(self) -> dict:
+        extra = {} if self.version < 2 else {"values": self.values, "records": self.records}
         return {"format": FORMAT, "version": self.version, "count": self.count, "shape": list(self.shape),
                 "label_dim": self.label_dim, "corruption": self.corruption,
                 "observed_fraction": self.observed_fraction, "files": {k: {"sha256": v} for k, v in self.files.items()},
-                "source": self.source, "created": self.created}
+                "source": self.source, "created": self.created, **extra}
 
     @classmethod
     def from_json(cls, data: dict, where: Path) -> "DatasetMeta":
         if data.get("format") != FORMAT:
             raise DataError(f"{where} is not an ambient-fast data set (format {data.get('format')!r}, "
                             f"expected {FORMAT!r})")
-        if data.get("version") != VERSION:
+        if data.get("version") not in READABLE:
             raise DataError(f"{where}: data-set format version {data.get('version')!r} is not supported "
-                            f"(this ambient-fast reads version {VERSION}); prepare the set again")
+                            f"(this ambient-fast reads versions {', '.join(map(str, READABLE))}); prepare the set again")
         try:
+            records = data.get("records")
             return cls(count=int(data["count"]), shape=tuple(int(v) for v in data["shape"]),
                        label_dim=int(data["label_dim"]), corruption=dict(data["corruption"]),
                        observed_fraction=float(data["observed_fraction"]),
                        files={k: str(v["sha256"]) for k, v in data["files"].items()},
-                       source=str(data["source"]), created=str(data["created"]), version=int(data["version"]))
+                       source=str(data["source"]), created=str(data["created"]), version=int(data["version"]),
+                       values=bool(data.get("values", False)), records=None if records is None else dict(records))
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"{where}: malformed meta.json ({type(error).__name__}: {error}); "
                             "prepare the set again") from None
@@ -154,7 +201,7 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
         if not _is_dataset(dest):
             raise DataError(f"destination in use: {dest} holds files that are not an ambient-fast data set; "
                             "refusing to overwrite it (choose another destination)")
-        others = sorted(set(os.listdir(dest)) - {OBSERVED, MASKS, LABELS, META})
+        others = sorted(set(os.listdir(dest)) - {OBSERVED, MASKS, LABELS, VALUES, RECORDS, META})
         if others:
             raise DataError(f"destination in use: {dest} is a data set but also holds other files "
                             f"({', '.join(others[:4])}); refusing to overwrite them: move them out or choose "
@@ -207,10 +254,11 @@ class DatasetWriter:
     """
 
     def __init__(self, dest: Union[str, Path], *, count: int, shape: tuple[int, int, int], label_dim: int = 0,
-                 overwrite: bool = False):
+                 overwrite: bool = False, values: bool = False, records: bool = False):
+        """values: the set stores float16 values (it has noisy images); records: per-image records."""
         self.dest = Path(dest)
         self.count, self.shape, self.label_dim = int(count), tuple(int(v) for v in shape), int(label_dim)
-        self.overwrite = overwrite
+        self.overwrite, self.values, self.records = overwrite, bool(values), bool(records)
         if self.count < 1:
             raise DataError("a data set needs at least one image")
         C, H, W = self.shape
@@ -232,6 +280,10 @@ class DatasetWriter:
             self._arrays[MASKS] = _ArrayFile(self.tmp / MASKS, np.uint8, (self.count, packed_size(self.shape)))
             if self.label_dim:
                 self._arrays[LABELS] = _ArrayFile(self.tmp / LABELS, np.int64, (self.count,))
+            if self.values:
+                self._arrays[VALUES] = _ArrayFile(self.tmp / VALUES, np.float16, (self.count, *self.shape))
+            if self.records:
+                self._arrays[RECORDS] = _ArrayFile(self.tmp / RECORDS, RECORD, (self.count,))
         except BaseException as error:
             self.abort()  # leave nothing behind
             if isinstance(error, OSError):
@@ -239,10 +291,12 @@ class DatasetWriter:
             raise
         self.filled = 0
         self._observed_values = 0
+        self._summary: Optional[dict] = None
 
     def _check_free_space(self) -> None:
-        needed = self.count * (math.prod(self.shape) + packed_size(self.shape) + (8 if self.label_dim else 0))
-        needed += _SPARE_BYTES
+        per_image = (math.prod(self.shape) * (1 + 2 * self.values) + packed_size(self.shape)
+                     + (8 if self.label_dim else 0) + (RECORD.itemsize if self.records else 0))
+        needed = self.count * per_image + _SPARE_BYTES
         free = shutil.disk_usage(self.dest.parent).free
         if free < needed:
             raise DataError(f"not enough free space for {self.dest}: the data set needs {needed / 2 ** 20:.1f} MiB "
@@ -255,9 +309,12 @@ class DatasetWriter:
     def __exit__(self, *exc) -> None:
         self.abort()
 
-    def append(self, observed: np.ndarray, masks: np.ndarray, labels: Optional[np.ndarray] = None) -> None:
+    def append(self, observed: np.ndarray, masks: np.ndarray, labels: Optional[np.ndarray] = None,
+               values: Optional[np.ndarray] = None, records: Optional[np.ndarray] = None) -> None:
         """Add the next images: observed uint8 (B, C, R, R), masks bool (B, C, R, R), labels int (B,)
-        (required iff label_dim > 0). Observed must be 0 wherever the mask is 0."""
+        (required iff label_dim > 0), values float16 (B, C, R, R) (iff the writer stores values),
+        records RECORD (B,) (iff it stores records). Observed and values must be 0 wherever the
+        mask is 0; an image recorded as not masked has a full mask; a noisy one needs values."""
         B = len(observed)
         if observed.dtype != np.uint8 or observed.shape[1:] != self.shape:
             raise DataError(f"observed must be uint8 of shape (B, {', '.join(map(str, self.shape))}), "
@@ -279,13 +336,36 @@ class DatasetWriter:
                 raise DataError(f"labels must be integers of shape ({B},), got {labels.dtype} {labels.shape}")
             if B and (labels.min() < 0 or labels.max() >= self.label_dim):
                 raise DataError(f"labels must lie in [0, {self.label_dim}), got {labels.min()}..{labels.max()}")
+        if (values is not None) != self.values or (records is not None) != self.records:
+            raise DataError("values and records must be given with every chunk iff the writer stores them")
+        if values is not None:
+            if values.dtype != np.float16 or values.shape != observed.shape:
+                raise DataError(f"values must be float16 of shape {observed.shape}, got {values.dtype} {values.shape}")
+            if not np.isfinite(values).all() or np.count_nonzero(values[~masks]):
+                raise DataError("values must be finite and 0 wherever the mask is 0")
+        if records is not None:
+            if records.dtype != RECORD or records.shape != (B,):
+                raise DataError(f"records must be a ({B},) array of {RECORD}, got {records.dtype} {records.shape}")
+            levels = np.stack([records["sigma_n"], records["sigma_min"]])
+            if not (np.isfinite(levels).all() and (levels >= 0).all()):
+                raise DataError("sigma_n and sigma_min must be finite and >= 0")
+            if (~masks[records["masked"] == 0]).any():
+                raise DataError("an image recorded as not masked must have a full mask")
+            if values is None and (records["sigma_n"] > 0).any():
+                raise DataError("noisy images (sigma_n > 0) need their values (values.npy)")
         try:
             self._arrays[OBSERVED].append(observed)
             self._arrays[MASKS].append(np.packbits(masks.reshape(B, -1), axis=1, bitorder="little"))
             if labels is not None:
                 self._arrays[LABELS].append(labels)
+            if values is not None:
+                self._arrays[VALUES].append(values)
+            if records is not None:
+                self._arrays[RECORDS].append(records)
         except OSError as error:
             raise write_error(self.dest, error) from error
+        if records is not None and B:
+            self._summary = _add_summaries(self._summary, records_summary(records))
         self._observed_values += int(np.count_nonzero(masks))
         self.filled += B
 
@@ -299,7 +379,8 @@ class DatasetWriter:
             meta = DatasetMeta(
                 count=self.count, shape=self.shape, label_dim=self.label_dim, corruption=dict(corruption),
                 observed_fraction=self._observed_values / (self.count * math.prod(self.shape)), files=files,
-                source=source, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                source=source, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), values=self.values,
+                records=self._summary if self.records else None)
             content = meta.to_json()
             (self.tmp / META).write_text(dumps_json({**content, CONTENT_DIGEST: content_digest(content)}, indent=1))
             for name in [*files, META, "."]:
@@ -333,7 +414,8 @@ class DatasetWriter:
 
 
 def write_dataset(dest: Union[str, Path], observed: np.ndarray, masks: np.ndarray, corruption: dict,
-                  labels: Optional[np.ndarray] = None, source: str = "", overwrite: bool = False) -> Path:
+                  labels: Optional[np.ndarray] = None, source: str = "", overwrite: bool = False,
+                  values: Optional[np.ndarray] = None, records: Optional[np.ndarray] = None) -> Path:
     """Write a data set in one call.
 
     Args:
@@ -344,11 +426,13 @@ def write_dataset(dest: Union[str, Path], observed: np.ndarray, masks: np.ndarra
         corruption: {"kind", "p", "delta", "shared_channels", ...} (see `corruption_record`).
         labels: int (N,) class indices or None; label_dim = max + 1.
         source: where the images came from, for the record.
+        values: float16 (N, C, R, R) on [-1, 1] for a set with noisy images, else None.
+        records: RECORD (N,) per-image records, or None (every image of the set's one kind).
     """
     label_dim = 0 if labels is None or not len(labels) else int(np.max(labels)) + 1
-    with DatasetWriter(dest, count=len(observed), shape=observed.shape[1:], label_dim=label_dim,
-                       overwrite=overwrite) as writer:
-        writer.append(observed, masks, labels)
+    with DatasetWriter(dest, count=len(observed), shape=observed.shape[1:], label_dim=label_dim, overwrite=overwrite,
+                       values=values is not None, records=records is not None) as writer:
+        writer.append(observed, masks, labels, values, records)
         return writer.commit(corruption, source)
 
 
@@ -377,10 +461,12 @@ class CorruptedDataset:
         self._arrays = {}
         expected = {OBSERVED: (np.uint8, (self.meta.count, *self.meta.shape)),
                     MASKS: (np.uint8, (self.meta.count, packed_size(self.meta.shape))),
-                    LABELS: (np.int64, (self.meta.count,))}
+                    LABELS: (np.int64, (self.meta.count,)),
+                    VALUES: (np.float16, (self.meta.count, *self.meta.shape)),
+                    RECORDS: (RECORD, (self.meta.count,))}
         for name in self.meta.array_files:
             try:
-                array = np.load(self.path / name, mmap_mode="r")
+                array = np.load(self.path / name, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as error:
                 raise DataError(f"{self.path / name} cannot be read ({error}); the data set is damaged") from None
             dtype, shape = expected[name]
@@ -427,6 +513,35 @@ class CorruptedDataset:
             raise IndexError(f"indices must lie in [0, {len(self)}), got {indices.min()}..{indices.max()}")
         return indices
 
+    @property
+    def has_noise(self) -> bool:
+        """Whether the set holds noisy images (and so float16 values)."""
+        return self.meta.values
+
+    def records(self, indices=None) -> np.ndarray:
+        """The RECORD of each image (all when `indices` is None). Sets without records.npy: every
+        image masked (unless the corruption kind is "none"), no noise, no sigma_min."""
+        array = self._arrays.get(RECORDS)
+        if array is not None:
+            return np.asarray(array if indices is None else array[self._check_indices(indices)])
+        count = len(self) if indices is None else len(self._check_indices(indices))
+        records = np.zeros(count, RECORD)
+        records["masked"] = self.corruption.get("kind") != "none"
+        return records
+
+    def sigma_bounds(self) -> np.ndarray:
+        """float32 (N,): each image's lowest usable noise level, max(sigma_n, sigma_min)."""
+        records = self.records()
+        return np.maximum(records["sigma_n"], records["sigma_min"]).astype(np.float32)
+
+    def get_stored(self, indices) -> "Stored":
+        """What a loader moves to the device for these images (see `Stored`)."""
+        indices = self._check_indices(indices)
+        values = self._arrays.get(VALUES, self._arrays[OBSERVED])
+        labels = self._arrays.get(LABELS)
+        return Stored(np.asarray(values[indices]), np.asarray(self._arrays[MASKS][indices]),
+                      None if labels is None else np.asarray(labels[indices]), self.records(indices))
+
     def get_raw(self, indices) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """(observed uint8 (B, C, R, R), packed masks uint8 (B, packed_size), labels int64 (B,) or None)."""
         indices = self._check_indices(indices)
@@ -444,9 +559,11 @@ class CorruptedDataset:
 
     def verify(self) -> list[str]:
         """Check meta.json against its own checksum, each array file against its checksum, then
-        recompute what meta.json claims from the arrays (the observed fraction; the counts are
-        checked on opening), that observed is 0 outside the mask and that labels lie in range.
-        Raises DataError naming every problem found; returns notes on what could not be checked."""
+        recompute what meta.json claims from the arrays (the observed fraction, the records'
+        summary; the counts are checked on opening), that observed (and values) are 0 outside the
+        mask, that values are finite, that an image recorded as unmasked has a full mask and that
+        labels lie in range. Raises DataError naming every problem found; returns notes on what
+        could not be checked."""
         notes, problems = [], []
         digest = self._meta_json.get(CONTENT_DIGEST)
         if digest is None:
@@ -466,6 +583,16 @@ class CorruptedDataset:
                 if np.count_nonzero(observed[~masks]):
                     problems.append(f"{OBSERVED}: non-zero values where the mask is 0 (images {start}..)")
                     break
+                if self.has_noise:
+                    values = np.asarray(self._arrays[VALUES][rows])
+                    if not np.isfinite(values).all() or np.count_nonzero(values[~masks]):
+                        problems.append(f"{VALUES}: non-finite values, or non-zero ones where the mask is 0 "
+                                        f"(images {start}..)")
+                        break
+                unmasked = self.records(rows)["masked"] == 0
+                if (~masks[unmasked]).any():
+                    problems.append(f"{RECORDS}: images recorded as not masked have erased values (images {start}..)")
+                    break
             fraction = observed_values / (len(self) * math.prod(self.shape))
             if not problems and not math.isclose(fraction, self.meta.observed_fraction, rel_tol=1e-9, abs_tol=1e-12):
                 problems.append(f"{META}: observed fraction {self.meta.observed_fraction} but the masks observe "
@@ -473,10 +600,30 @@ class CorruptedDataset:
             labels = self._arrays.get(LABELS)
             if labels is not None and (labels.min() < 0 or labels.max() >= self.label_dim):
                 problems.append(f"{LABELS}: labels outside [0, {self.label_dim})")
+            if self.meta.records is not None:
+                records = self.records()
+                levels = np.stack([records["sigma_n"], records["sigma_min"]])
+                if not (np.isfinite(levels).all() and (levels >= 0).all()):
+                    problems.append(f"{RECORDS}: noise levels that are negative or not finite")
+                elif records_summary(records) != self.meta.records:
+                    problems.append(f"{META}: records {self.meta.records} but {RECORDS} holds {records_summary(records)}")
+                if not self.has_noise and (records["sigma_n"] > 0).any():
+                    problems.append(f"{RECORDS}: noisy images without {VALUES}")
         if problems:
             raise DataError(f"{self.path} failed verification: " + "; ".join(problems)
                             + ". Prepare the data set again.")
         return notes
+
+
+class Stored(NamedTuple):
+    """The stored rows of some images, as a loader moves them: values (uint8 levels, or float16 on
+    [-1, 1] in a set with noise) (B, C, R, R), packed masks uint8 (B, packed_size), labels int64 (B,)
+    or None, records RECORD (B,)."""
+
+    values: np.ndarray
+    packed: np.ndarray
+    labels: Optional[np.ndarray]
+    records: np.ndarray
 
 
 def unpack_masks(packed: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Training batches as the data set stores them, on the device: loaders only load.
 
 Both loaders (plain PyTorch here, NVIDIA DALI in `dali_loader`) deliver the same `RawBatch`, byte
-for byte: the stored uint8 values `A x`, the packed mask bits, one flip flag per image and the
-labels, with the batch's position in the run. Everything that turns them into the network's input
+for byte: the stored values `A x` (uint8, or float16 in a set with noisy images), the packed mask
+bits, one flip flag per image, the labels and each image's corruption record, with the batch's
+position in the run. Everything that turns them into the network's input
 (unpacking, mirroring, scaling, the further corruption B, the noise) happens in one place after
 them, `ambient_fast.inputs` (a fused kernel on CUDA).
 
@@ -39,9 +40,12 @@ LOADER_KINDS = ("auto", "dali", "torch")
 class RawBatch(NamedTuple):
     """One batch on the loader's device, as stored.
 
-    observed: uint8 (B, C, R, R) `A x`; mask_bits: uint8 (B, ceil(C*R*R / 8)) A packed in little
-    bit order; flips: uint8 (B,), 1 = mirror image and mask left-right; labels: int64 (B,) class
-    indices, or None for a set without labels; position: the first image's position in the run.
+    observed: (B, C, R, R) `A x`, uint8 levels, or float16 on [-1, 1] in a set with noisy images;
+    mask_bits: uint8 (B, ceil(C*R*R / 8)) A packed in little bit order; flips: uint8 (B,), 1 =
+    mirror image and mask left-right; labels: int64 (B,) class indices, or None for a set without
+    labels; position: the first image's position in the run; masked: uint8 (B,), 1 where A hides
+    something (the image gets a further corruption); sigma_n: float32 (B,) its noise level (0:
+    none); sigma_min: float32 (B,) the level below which it must not train (0: none).
     """
 
     observed: Tensor
@@ -49,11 +53,13 @@ class RawBatch(NamedTuple):
     flips: Tensor
     labels: Optional[Tensor]
     position: int
+    masked: Optional[Tensor] = None
+    sigma_n: Optional[Tensor] = None
+    sigma_min: Optional[Tensor] = None
 
     def nbytes(self) -> int:
         """Bytes this batch moved to the device."""
-        return sum(t.numel() * t.element_size() for t in (self.observed, self.mask_bits, self.flips, self.labels)
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for t in self if torch.is_tensor(t))
 
 
 def dali_available() -> bool:
@@ -154,6 +160,27 @@ class Loader(ABC):
             raise ValueError(f"loader state out of range: epoch {epoch}, batch {batch} of {self.steps_per_epoch}")
         self.epoch, self.batch = epoch, batch
 
+    # -- the bytes of a batch
+
+    def host_arrays(self, epoch: int, batch: int) -> "list[np.ndarray]":
+        """The arrays of a batch as both loaders move them, in RawBatch's order (labels left out when
+        the set has none): values, mask bits, flips, [labels], masked, sigma_n, sigma_min."""
+        stored = self.dataset.get_stored(self.indices(epoch, batch))
+        records = stored.records
+        arrays = [stored.values, stored.packed, self.flips(epoch, batch)]
+        arrays += [] if stored.labels is None else [stored.labels]
+        arrays += [records["masked"], records["sigma_n"], records["sigma_min"]]
+        return [np.ascontiguousarray(a) for a in arrays]
+
+    def batch_on_device(self, tensors: "list[Tensor]", epoch: int, batch: int) -> RawBatch:
+        """The RawBatch of `host_arrays`' tensors on the loader's device (moved pinned and without
+        waiting on CUDA, unless they are there already)."""
+        if self.device.type == "cuda" and not tensors[0].is_cuda:
+            tensors = [t.pin_memory() for t in tensors]
+        tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+        labels = tensors[3] if len(tensors) == 7 else None
+        return RawBatch(*tensors[:3], labels, self.position(epoch, batch), *tensors[-3:])
+
     def describe(self) -> str:
         """One line: kind, sizes, device."""
         return (f"{self.kind} loader: {len(self.dataset)} images, batch {self.batch_size} on rank {self.rank} of "
@@ -168,14 +195,7 @@ class TorchLoader(Loader):
     kind = "torch"
 
     def _load(self, epoch: int, batch: int) -> RawBatch:
-        observed, packed, labels = self.dataset.get_raw(self.indices(epoch, batch))
-        host = [torch.from_numpy(np.ascontiguousarray(a)) for a in (observed, packed, self.flips(epoch, batch))]
-        if labels is not None:
-            host.append(torch.from_numpy(labels))
-        if self.device.type == "cuda":
-            host = [t.pin_memory() for t in host]
-        moved = [t.to(self.device, non_blocking=True) for t in host]
-        return RawBatch(*moved[:3], moved[3] if labels is not None else None, self.position(epoch, batch))
+        return self.batch_on_device([torch.from_numpy(a) for a in self.host_arrays(epoch, batch)], epoch, batch)
 
 
 def make_loader(dataset: Union[CorruptedDataset, str], *, batch_size: int, rank: int = 0, world_size: int = 1,
