@@ -1,4 +1,4 @@
-"""The paper's central claims at laptop scale: `python bench/science.py [--quick] [--memorization]`.
+"""The paper's central claims at laptop scale: `python bench/science.py [--quick] [--memorization | --noisy]`.
 
 On the built-in synthetic distribution (ambient_fast.data.synthetic: one coloured rectangle on a
 black or gradient background, 16x16; its clean distribution is known exactly) the same model is
@@ -23,6 +23,12 @@ clean model 1), scored against held-out clean images by
 --memorization trains on 64 images only (--memorization-images), clean and at p 0.8, for long
 enough that the clean model copies its training images, and compares the nearest-neighbour
 similarity of samples to the training set (the paper's Figure 6), at the end and at every snapshot.
+
+--noisy trains the same model, with the same steps and seeds, on mixtures of clean, noisy (additive
+Gaussian noise of level 0.2) and masked images (ambient_fast.inputs: noisy images only above their
+noise level, with Tweedie targets): 100% clean; 10% clean only; 10% clean + 90% noisy, ambiently and
+naively (the noise ignored); 100% noisy; 10% clean + 90% masked (p 0.8). Its report goes to
+science-noisy.md (science-noisy-quick.md with --quick).
 
 Every trained model stays in --work (default runs/science) and a re-run reuses it, so an
 interrupted run loses at most the model it was training. The results go to --results (default
@@ -116,17 +122,25 @@ def cached(path: Path, compute):
 
 
 def train(work: Path, data_root: Path, variant: Variant, p: float, settings: Settings) -> Path:
-    """Train (or reuse) one model; returns its final EMA network."""
+    """Train (or reuse) one model of the grid; returns its final EMA network."""
     run = run_dir(work, variant, p, settings)
+    if (run / FINAL_NETWORK).is_file():
+        return train_run(run, None, settings)
+    data = synthetic_dataset(data_root, resolution=RESOLUTION, n=settings.n, p=training_p(variant, p), delta=variant.delta,
+                             seed=DATA_SEED)
+    return train_run(run, data, settings, delta=variant.delta, mask_aware=variant.mask_aware,
+                     hidden_weight=variant.hidden_weight)
+
+
+def train_run(run: Path, data: "Path | None", settings: Settings, **options) -> Path:
+    """Train (or reuse, or resume) the model of `run` on `data` with the config `options`; returns its
+    final EMA network."""
     final = run / FINAL_NETWORK
     if final.is_file():
         print(f"reusing {final}", flush=True)
         return final
-    data = synthetic_dataset(data_root, resolution=RESOLUTION, n=settings.n, p=training_p(variant, p), delta=variant.delta,
-                             seed=DATA_SEED)
     cfg = TrainConfig(data=str(data), out=str(run), steps=settings.steps, batch=settings.batch, seed=settings.seed,
-                      delta=variant.delta, mask_aware=variant.mask_aware, hidden_weight=variant.hidden_weight,
-                      snapshot_every=max(settings.steps // 4, 1), sample_count=16)
+                      snapshot_every=max(settings.steps // 4, 1), sample_count=16, **options)
     resume = (run / "config.json").is_file()
     trainer = Trainer(cfg, resume=resume)
     try:
@@ -225,6 +239,120 @@ def run_grid(args, settings: Settings, ps, variants) -> "tuple[list[dict], dict[
             grids[f"p={row['p']:g} {name}"] = samples[:64]
             print(json.dumps(row), flush=True)
     return rows, grids
+
+
+# ----------------------------------------------------------------------------------------------
+# Noisy images and mixtures (--noisy): Daras et al. 2024-2025 at laptop scale
+
+
+NOISE_LEVEL = 0.2    # sigma_n of the noisy images, on the [-1, 1] scale (the published CIFAR-10 experiment's)
+CLEAN_SHARE = 0.1    # the clean images of the mixtures
+MIX_P = 0.8          # erasure of the masked images of the clean + masked mixture
+MIXTURE_ROWS = {     # row -> (set: (clean share, noisy share, masked share, images), trainer options)
+    "100% clean": ((1.0, 0.0, 0.0, GRID_IMAGES), {}),
+    "10% clean only": ((1.0, 0.0, 0.0, int(CLEAN_SHARE * GRID_IMAGES)), {}),
+    "10% clean + 90% noisy, ambient": ((CLEAN_SHARE, 1 - CLEAN_SHARE, 0.0, GRID_IMAGES), {}),
+    "10% clean + 90% noisy, naive": ((CLEAN_SHARE, 1 - CLEAN_SHARE, 0.0, GRID_IMAGES), dict(ignore_noise=True)),
+    "100% noisy, ambient": ((0.0, 1.0, 0.0, GRID_IMAGES), {}),
+    "10% clean + 90% masked (p 0.8), ambient": ((CLEAN_SHARE, 0.0, 1 - CLEAN_SHARE, GRID_IMAGES), {}),
+}
+
+
+def mixture_set(data_root: Path, clean: float, noisy: float, masked: float, n: int) -> Path:
+    """Prepare (once) a set of the first n synthetic training images: the first `clean` share as they
+    are, then a `noisy` share with Gaussian noise of NOISE_LEVEL, then a `masked` share with shared
+    dust masks of MIX_P (delta 0.1), each image with its record (the format's version 2)."""
+    from ambient_fast.corruption import make_operator
+    from ambient_fast.data.format import RECORD, CorruptedDataset, DataError, DatasetWriter
+    from ambient_fast.data.prepare import level_values, noisy_values
+
+    path = data_root / f"mixture-n{n}-clean{clean:g}-noisy{noisy:g}-sigma{NOISE_LEVEL:g}-masked{masked:g}-p{MIX_P:g}"
+    try:
+        return CorruptedDataset(path).path
+    except DataError:
+        pass
+    images = clean_images(n, RESOLUTION, DATA_SEED)
+    counts = np.round(np.array([clean, noisy, masked]) * n).astype(int)
+    counts[0] = n - counts[1:].sum()
+    kinds = np.repeat([0, 1, 2], counts)
+    masks = np.ones(images.shape, bool)
+    if counts[2]:
+        _, A = make_operator("dust", p=MIX_P, delta=0.1, shared_channels=True).corrupt(
+            torch.zeros((counts[2], *images.shape[1:])), torch.Generator().manual_seed(DATA_SEED))
+        masks[kinds == 2] = A.numpy() != 0
+    records = np.zeros(n, RECORD)
+    records["masked"] = kinds == 2
+    records["sigma_n"] = np.where(kinds == 1, NOISE_LEVEL, 0.0)
+    observed, values = images * masks, None
+    if counts[1]:
+        values = level_values(observed, masks)
+        noisy_rows, noisy_observed = noisy_values(images[kinds == 1], masks[kinds == 1], NOISE_LEVEL,
+                                                  torch.Generator().manual_seed(DATA_SEED + 1))
+        values[kinds == 1], observed[kinds == 1] = noisy_rows, noisy_observed
+    corruption = {"kind": "mix", "delta": 0.1, "parts": [
+        {"kind": "none", "count": int(counts[0])}, {"kind": "none", "sigma_n": NOISE_LEVEL, "count": int(counts[1])},
+        {"kind": "dust", "p": MIX_P, "delta": 0.1, "shared_channels": True, "count": int(counts[2])}]}
+    with DatasetWriter(path, count=n, shape=images.shape[1:], values=values is not None, records=True) as writer:
+        writer.append(observed, masks, None, values, records)
+        return writer.commit(corruption, f"synthetic mixture ({counts[0]} clean, {counts[1]} noisy at sigma "
+                                         f"{NOISE_LEVEL:g}, {counts[2]} masked at p {MIX_P:g}; seed {DATA_SEED})")
+
+
+def run_mixtures(args, settings: Settings) -> "tuple[list[dict], dict[str, np.ndarray]]":
+    """Train, sample and score every row of MIXTURE_ROWS (same model, steps and seeds)."""
+    data_root = args.work / "data"
+    held_out = held_out_images(data_root, GRID_IMAGES)
+    rows, grids = [], {}
+    for name, ((clean, noisy, masked, n), options) in MIXTURE_ROWS.items():
+        data = mixture_set(data_root, clean, noisy, masked, n)
+        slug = name.replace("%", "pc").replace(" ", "-").replace(",", "").replace("(", "").replace(")", "").replace("+", "and")
+        run = args.work / f"mixture-{slug}-steps{settings.steps}-batch{settings.batch}-seed{settings.seed}"
+        network = train_run(run, data, settings, **options)
+        samples = cached_samples(network, settings)
+        row = dict(model=name, images=n, **cached(run / f"science-score-{settings.samples}.json",
+                                                   lambda: score(samples, held_out)),
+                   training_seconds=training_seconds(run))
+        rows.append(row)
+        grids[name] = samples[:64]
+        print(json.dumps(row), flush=True)
+    return rows, grids
+
+
+def mixture_report(args, settings: Settings, rows, grids, elapsed: float) -> Path:
+    stem = "science-noisy" + ("-quick" if args.quick else "")
+    args.results.mkdir(parents=True, exist_ok=True)
+    clean = held_out_images(args.work / "data", GRID_IMAGES)
+    floor = score(clean[:settings.samples], clean[settings.samples: 2 * settings.samples])
+    published = {"100% clean": 1.99, "10% clean + 90% noisy, ambient": 2.81, "10% clean only": 17.30,
+                 "100% noisy, ambient": 11.93}
+    lines = [f"# Noisy images and mixtures at laptop scale ({'quick' if args.quick else 'full'})", "",
+             f"- Date: {datetime.date.today()}. Device: CPU ({platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads), torch {torch.__version__}. Wall time of this invocation "
+             f"{elapsed / 60:.1f} min (models, samples and scores found in --work are reused).",
+             "- Command: `" + " ".join(["python bench/science.py", *sys.argv[1:]]) + "`",
+             f"- Data: the built-in synthetic set's first {GRID_IMAGES} training images, {RESOLUTION}x{RESOLUTION}: "
+             f"clean, with Gaussian noise of level {NOISE_LEVEL:g} on the [-1, 1] scale (stored unclipped), or "
+             f"masked (shared dust, p {MIX_P:g}, delta 0.1), as each row says; '10% clean only' is the mixtures' "
+             f"{int(CLEAN_SHARE * GRID_IMAGES)} clean images alone. Scored against 4,096 held-out clean images.",
+             f"- Training: DDPM++ (the default 16x16 size), {settings.steps} steps of batch {settings.batch}, seed "
+             f"{settings.seed}, for every row; {settings.samples} samples per model, 18 Heun steps, unmasked "
+             "(every model saw images A hides nothing of); the 100% noisy model's sampler stops at sigma "
+             f"{NOISE_LEVEL:g}, the lowest level it trained at. Naive: the noisy images trained as if clean.", "",
+             "| model | images | Fréchet distance (pixels) | palette fraction | published FID (CIFAR-10, sigma_n 0.2) | "
+             "training |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        seconds = row.get("training_seconds")
+        lines.append(f"| {row['model']} | {row['images']} | {row['frechet_distance']:.2f} | {row['palette_fraction']:.3f} | "
+                     f"{published.get(row['model'], '-')} | {'?' if seconds is None else f'{seconds / 60:.1f} min'} |")
+    lines += ["", f"Floor: {settings.samples} held-out clean images against other held-out clean images score Fréchet "
+              f"distance {floor['frechet_distance']:.2f}, palette fraction {floor['palette_fraction']:.3f}.", "",
+              f"![samples]({stem}-samples.png)", "", "Samples, left to right: " + ", ".join(grids), ""]
+    side_by_side(grids, args.results / f"{stem}-samples.png")
+    path = args.results / f"{stem}.md"
+    write_text(path, "\n".join(lines))
+    write_text(args.results / f"{stem}.json", json.dumps(dict(rows=rows, settings=settings._asdict(),
+                                                              floor=floor), indent=1))
+    return path
 
 
 def run_memorization(args, settings: Settings) -> "tuple[dict, dict]":
@@ -342,6 +470,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="p 0.8, ambient against naive (about 15 min on 2 cores)")
     parser.add_argument("--memorization", action="store_true", help="only the memorization experiment")
+    parser.add_argument("--noisy", action="store_true", help="only the noisy-image and mixture experiment (with "
+                        "--quick: 600 steps and 128 samples a model, about 12 min on 2 cores)")
     parser.add_argument("--no-memorization", action="store_true", help="the grid without the memorization experiment")
     parser.add_argument("--p", type=lambda t: [float(v) for v in t.split(",")], help="corruption levels (default 0.6,0.8,0.9)")
     parser.add_argument("--variants", type=lambda t: t.split(","), help=f"of {', '.join(VARIANTS)} (default all)")
@@ -365,6 +495,12 @@ def main(argv=None) -> int:
         parser.error(f"--variants among {list(VARIANTS)} and --p in (0, 1); got {variants}, {ps}")
     settings = Settings(args.steps, args.batch, args.samples, args.seed)
     start = time.time()
+    if args.noisy:
+        if args.quick:
+            settings = settings._replace(steps=min(args.steps, 600), samples=min(args.samples, 128))
+        rows, grids = run_mixtures(args, settings)
+        print(f"wrote {mixture_report(args, settings, rows, grids, time.time() - start)}")
+        return 0
     rows, grids = ([], {}) if args.memorization else run_grid(args, settings, ps, variants)
     memorization, memorization_by_step, memo_settings = {}, {}, None
     if args.memorization or not (args.quick or args.no_memorization):

@@ -65,3 +65,19 @@ def test_memorization_reports_every_snapshot(science, tmp_path):
         assert all(-1 <= s <= 1 for values in by_step.values() for s in values)
     report = (results / "science-memorization.md").read_text()
     assert "| 3 |" in report and (results / "science-memorization-memorization.png").is_file()
+
+
+def test_noisy_pipeline_writes_its_report(science, tmp_path):
+    """--noisy at a toy size: every row trains, samples and scores; the mixtures hold what they say."""
+    results = tmp_path / "results"
+    argv = ["--noisy", "--quick", "--steps", "2", "--samples", "8", "--work", str(tmp_path / "work"),
+            "--results", str(results)]
+    assert science.main(argv) == 0
+    saved = json.loads((results / "science-noisy-quick.json").read_text())
+    assert [row["model"] for row in saved["rows"]] == list(science.MIXTURE_ROWS)
+    report = (results / "science-noisy-quick.md").read_text()
+    assert "| 100% noisy, ambient | 4096 |" in report and (results / "science-noisy-quick-samples.png").is_file()
+    from ambient_fast.data.format import CorruptedDataset
+
+    mixture = CorruptedDataset(science.mixture_set(tmp_path / "work" / "data", 0.1, 0.9, 0.0, 4096), verify=True)
+    assert {k: mixture.meta.records[k] for k in ("clean", "noisy", "masked")} == {"clean": 410, "noisy": 3686, "masked": 0}

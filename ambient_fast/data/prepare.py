@@ -130,6 +130,14 @@ def _records(masks: np.ndarray, sigma_n: float, sigma_min: Optional[np.ndarray])
     return records
 
 
+def level_values(observed: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """float16 values (0 outside A) of stored uint8 levels, through the training input's table
+    (kernels.LEVELS): a set that mixes them with noisy images holds the values the levels train as."""
+    from ambient_fast.kernels import LEVELS
+
+    return LEVELS.numpy().astype(np.float16)[observed] * masks
+
+
 def noisy_values(images: np.ndarray, masks: np.ndarray, sigma_n: float,
                  generator: torch.Generator) -> "tuple[np.ndarray, np.ndarray]":
     """(values float16, observed uint8) of uint8 images with Gaussian noise of level sigma_n added on
@@ -276,9 +284,6 @@ def mix_datasets(parts: "list[tuple[Path, Optional[int]]]", dest, *, overwrite: 
             raise DataError(f"{dataset.path}: COUNT must lie in [1, {len(dataset)}], got {count}")
     counts = [len(dataset) if count is None else count for dataset, count in sets]
     noise = any(dataset.has_noise for dataset, _ in sets)
-    from ambient_fast.kernels import LEVELS
-
-    levels = LEVELS.numpy().astype(np.float16)
     with DatasetWriter(dest, count=sum(counts), shape=first.shape, label_dim=first.label_dim, overwrite=overwrite,
                        values=noise, records=True) as writer:
         for (dataset, _), count in zip(sets, counts):
@@ -288,9 +293,8 @@ def mix_datasets(parts: "list[tuple[Path, Optional[int]]]", dest, *, overwrite: 
                 stored = dataset.get_stored(rows)
                 values = None
                 if noise:
-                    values = stored.values if dataset.has_noise else levels[stored.values] * masks
-                writer.append(observed, masks, stored.labels, values.astype(np.float16) if noise else None,
-                              stored.records)
+                    values = stored.values if dataset.has_noise else level_values(stored.values, masks)
+                writer.append(observed, masks, stored.labels, values, stored.records)
         record = {"kind": "mix", "delta": first.corruption.get("delta", 0.1),
                   "parts": [{"path": str(dataset.path.resolve()), "count": count, **dataset.corruption}
                             for (dataset, _), count in zip(sets, counts)]}
