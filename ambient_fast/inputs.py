@@ -118,11 +118,14 @@ class AmbientInputs:
         bound = torch.maximum(sigma_n, sigma_min)
         sigma, mass = self.loss.sigma_above(bound, u)
         # Strictly above the bound in float32 too: sigma^2 - sigma_n^2 stays positive.
-        sigma = torch.maximum(sigma, torch.nextafter(bound.to(torch.float32), torch.tensor(float("inf"))))
+        bound32 = bound.to(torch.float32)
+        sigma = torch.maximum(sigma, torch.nextafter(bound32, torch.full_like(bound32, float("inf"))))
         if self.bounds is None:
             weight = torch.ones_like(sigma)
         else:
-            share = torch.searchsorted(self.bounds.to(u.device), sigma.to(torch.float64)) / len(self.bounds)
+            if self.bounds.device != u.device:  # moved once, not every step
+                self.bounds = self.bounds.to(u.device)
+            share = torch.searchsorted(self.bounds, sigma.to(torch.float64)) / len(self.bounds)
             weight = (mass / share).to(torch.float32)
         if not self.noise:
             return sigma, weight, sigma, None

@@ -36,7 +36,6 @@ from ambient_fast.evaluate import main as evaluate_main
 from ambient_fast.restore import main as restore_main
 from ambient_fast.sample import main as sample_main
 from ambient_fast.data.synthetic import synthetic_dataset
-from ambient_fast.config import TrainConfig
 from ambient_fast.reporting import StatsLog
 from ambient_fast.train import main as train_main
 from ambient_fast.trainer import SYNTHETIC_P, Trainer
