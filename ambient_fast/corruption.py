@@ -657,7 +657,8 @@ def training_operator(corruption: dict, delta: float, further: Optional[str] = N
     condition, a mixture of kinds of masks, or an unknown kind."""
     kind = corruption.get("kind")
     if kind == "mix":
-        masked = {part["kind"]: part for part in corruption.get("parts", []) if part.get("kind") != "none"}
+        masked = {part["kind"]: part for part in corruption.get("parts", [])
+                  if part.get("kind") != "none" and part.get("count", 1) > 0}
         if len(masked) > 1:
             raise ValueError(f"a mixture of {' and '.join(sorted(masked))} masks has no one further corruption; "
                              "mix sets of one kind of masks (and clean or noisy ones)")

@@ -289,9 +289,9 @@ def mixture_set(data_root: Path, clean: float, noisy: float, masked: float, n: i
         noisy_rows, noisy_observed = noisy_values(images[kinds == 1], masks[kinds == 1], NOISE_LEVEL,
                                                   torch.Generator().manual_seed(DATA_SEED + 1))
         values[kinds == 1], observed[kinds == 1] = noisy_rows, noisy_observed
-    corruption = {"kind": "mix", "delta": 0.1, "parts": [
-        {"kind": "none", "count": int(counts[0])}, {"kind": "none", "sigma_n": NOISE_LEVEL, "count": int(counts[1])},
-        {"kind": "dust", "p": MIX_P, "delta": 0.1, "shared_channels": True, "count": int(counts[2])}]}
+    parts = [{"kind": "none", "count": int(counts[0])}, {"kind": "none", "sigma_n": NOISE_LEVEL, "count": int(counts[1])},
+             {"kind": "dust", "p": MIX_P, "delta": 0.1, "shared_channels": True, "count": int(counts[2])}]
+    corruption = {"kind": "mix", "delta": 0.1, "parts": [part for part in parts if part["count"]]}
     with DatasetWriter(path, count=n, shape=images.shape[1:], values=values is not None, records=True) as writer:
         writer.append(observed, masks, None, values, records)
         return writer.commit(corruption, f"synthetic mixture ({counts[0]} clean, {counts[1]} noisy at sigma "
