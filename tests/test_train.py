@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from ambient_fast.config import TrainConfig
-from ambient_fast.data.loader import make_loader
+from ambient_fast.data.loader import dali_available, make_loader
 from ambient_fast.train import main
 from ambient_fast.trainer import Trainer
 from ambient_fast.training_state import state_dirs
@@ -61,6 +61,19 @@ def test_resume_is_exact_in_one_process(tmp_path):
     assert main(["--out", str(resumed), *FAST, "--steps", "3"]) == 0
     assert main(["--resume", str(resumed), "--steps", "6"]) == 0
     assert_same_weights(final_weights(straight), final_weights(resumed))
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia.dali is not importable (pip install -e \".[dali]\")")
+def test_resume_is_exact_with_the_dali_loader(tmp_path):
+    """DALI's CPU pipeline: a resumed run ends as a straight one, and as one with the torch loader."""
+    straight, resumed, torch_run = tmp_path / "straight", tmp_path / "resumed", tmp_path / "torch"
+    dali = [*FAST, "--loader", "dali", "--xflip"]
+    assert main(["--out", str(straight), *dali, "--steps", "6"]) == 0
+    assert main(["--out", str(resumed), *dali, "--steps", "3"]) == 0
+    assert main(["--resume", str(resumed), "--steps", "6"]) == 0
+    assert main(["--out", str(torch_run), *FAST, "--loader", "torch", "--xflip", "--steps", "6"]) == 0
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+    assert_same_weights(final_weights(straight), final_weights(torch_run))
 
 
 def test_kernel_path_resumes_exactly_and_draws_what_the_reference_draws(tmp_path, monkeypatch):
