@@ -328,6 +328,15 @@ def run_mixtures(args, settings: Settings) -> "tuple[list[dict], dict[str, np.nd
     return rows, grids
 
 
+def report_header(title: str, elapsed: float) -> "list[str]":
+    """A report's title and its date, device, software, wall time and command lines."""
+    return [f"# {title}", "",
+            f"- Date: {datetime.date.today()}. Device: CPU ({platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads), torch {torch.__version__}. Wall time of this invocation "
+            f"{elapsed / 60:.1f} min (models, samples and scores found in --work are reused, not redone).",
+            "- Command: `" + " ".join(["python bench/science.py", *sys.argv[1:]]) + "`"]
+
+
 def mixture_report(args, settings: Settings, rows, grids, elapsed: float) -> Path:
     stem = "science-noisy" + ("-quick" if args.quick else "")
     args.results.mkdir(parents=True, exist_ok=True)
@@ -336,11 +345,7 @@ def mixture_report(args, settings: Settings, rows, grids, elapsed: float) -> Pat
     floor = score(fresh, held_out_images(args.work / "data", GRID_IMAGES))
     published = {"100% clean": 1.99, "10% clean + 90% noisy, ambient": 2.81, "10% clean only": 17.30,
                  "100% noisy, ambient": 11.93}
-    lines = [f"# Noisy images and mixtures at laptop scale ({'quick' if args.quick else 'full'})", "",
-             f"- Date: {datetime.date.today()}. Device: CPU ({platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads), torch {torch.__version__}. Wall time of this invocation "
-             f"{elapsed / 60:.1f} min (models, samples and scores found in --work are reused).",
-             "- Command: `" + " ".join(["python bench/science.py", *sys.argv[1:]]) + "`",
+    lines = [*report_header(f"Noisy images and mixtures at laptop scale ({'quick' if args.quick else 'full'})", elapsed),
              f"- Data: the built-in synthetic set's first {GRID_IMAGES} training images, {RESOLUTION}x{RESOLUTION}: "
              f"clean, with Gaussian noise of level {NOISE_LEVEL:g} on the [-1, 1] scale (stored unclipped), or "
              f"masked (shared dust, p {MIX_P:g}, delta 0.1), as each row says (a mixture's clean images first); "
@@ -425,11 +430,7 @@ def side_by_side(grids: dict, path: Path) -> None:
 def report(args, settings, rows, grids, memorization, memorization_by_step, memo_settings, elapsed: float) -> Path:
     stem = "science-quick" if args.quick else "science-memorization" if args.memorization else "science"
     args.results.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Ambient diffusion at laptop scale ({'quick' if args.quick else 'grid'})", "",
-             f"- Date: {datetime.date.today()}. Device: CPU ({platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads), torch {torch.__version__}. Wall time of this invocation "
-             f"{elapsed / 60:.1f} min (models, samples and scores found in --work are reused, not redone).",
-             "- Command: `" + " ".join(["python bench/science.py", *sys.argv[1:]]) + "`",
+    lines = [*report_header(f"Ambient diffusion at laptop scale ({'quick' if args.quick else 'grid'})", elapsed),
              f"- Data: built-in synthetic set, {RESOLUTION}x{RESOLUTION}, {settings.n} training images, dust "
              "corruption shared over channels; scored against 4,096 held-out clean images.",
              f"- Training: DDPM++ (the default 16x16 size), {settings.steps} steps of batch {settings.batch}, "
