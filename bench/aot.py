@@ -14,9 +14,11 @@ Which settings are run. A specialisation depends on dtypes, layouts, shapes and 
 - the gated-activation kernels see the precision (bf16 or fp32), the gate (sigmoid or double
   sigmoid; `none` launches nothing) and the layout and shapes of every convolution;
 - the ambient-input kernel sees the kind of further corruption (dust coins per value or per pixel,
-  an erased box, a kept box: the data set's mask operator) and the layout, whatever the model: a
-  training step of each setting runs a dust set (per value, or one coin per pixel), and the
-  ambient input of every operator runs on its own (`ambient_input_workloads`);
+  an erased box, a kept box: the data set's mask operator), the stored values (uint8 levels, or
+  float16 in a set with noisy images, whose Tweedie targets are a flag of their own) and the
+  layout, whatever the model: a training step of each setting runs a dust set (per value, or one
+  coin per pixel), and the ambient input of every operator on each kind of values runs on its own
+  (`ambient_input_workloads`);
 - the loss kernels see the image shape;
 - the sampler kernel sees the state dtype, the clipping, the solver stage and the layout.
 The two pairs of training flags act on different kernels, so the four combinations of each pair
@@ -136,8 +138,11 @@ def published_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]]]:
 
 def ambient_input_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]]]:
     """The ambient input of a training step for every further corruption (the operators of
-    corruption.FURTHER_FOR_DATA, dust per value and per pixel) in both layouts, at each resolution."""
+    corruption.FURTHER_FOR_DATA, dust per value and per pixel), on each kind of stored values
+    (uint8 levels; float16 values of a set with noisy images, with Tweedie targets and naive), in
+    both layouts, at each resolution."""
     from ambient_fast.corruption import make_operator
+    from ambient_fast.images import from_uint8
     from ambient_fast.inputs import AmbientInputs
     from ambient_fast.loss import EDMAmbientLoss
     from kernels import stored_batch
@@ -147,13 +152,17 @@ def ambient_input_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]
                  "keep_patch": dict(p=0.5, delta=0.25)}
     for resolution, channels_last in itertools.product(RESOLUTIONS[mode], (True, False)):
         def run(resolution=resolution, channels_last=channels_last):
-            raw = stored_batch(2, 3, resolution, resolution, torch.device("cpu"))
+            levels = stored_batch(2, 3, resolution, resolution, torch.device("cpu"))
+            noisy = levels._replace(observed=from_uint8(levels.observed).to(torch.float16),
+                                    sigma_n=torch.full((2,), 0.2))
             for name, params in operators.items():
                 operator = make_operator(name.split()[0], **params)
-                AmbientInputs(operator, EDMAmbientLoss(), seed=0, shape=(3, resolution, resolution),
-                              channels_last=channels_last)(raw)
+                for raw, noise in ((levels, False), (noisy, True), (noisy, False)):
+                    AmbientInputs(operator, EDMAmbientLoss(), seed=0, shape=(3, resolution, resolution),
+                                  channels_last=channels_last, noise=noise)(raw)
 
-        yield f"ambient input {resolution}x{resolution} {'channels_last' if channels_last else 'NCHW'}, every operator", run
+        yield (f"ambient input {resolution}x{resolution} {'channels_last' if channels_last else 'NCHW'}, every operator, "
+               "uint8 and noisy float16 values"), run
 
 
 def benchmark_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]]]:

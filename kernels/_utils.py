@@ -16,7 +16,7 @@ import contextlib
 import os
 import sys
 import types
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -112,45 +112,81 @@ class LazyKernel:
             return launch
 
         def interpret(*args, **kwargs):
-            with _interpretable_language():
+            with _language_restored(), language_for(interpreted=True):
                 return launch(*args, **kwargs)
 
         return interpret
 
 
-_INTERPRETED = {}  # id(JITFunction of triton.language) -> (it, its InterpretedFunction)
+_LANGUAGE_TWINS = {}  # id(a jitted function of triton.language) -> {interpreted?: its form for that mode}
+_MISSING = object()
+
+
+def _language_modules() -> Iterator[types.ModuleType]:
+    """triton.language and its submodules, as imported so far."""
+    for name, module in list(sys.modules.items()):
+        if module is not None and (name == "triton.language" or name.startswith("triton.language.")):
+            yield module
 
 
 @contextlib.contextmanager
-def _interpretable_language():
-    """Make triton.language's own jitted functions (tl.sum, tl.sigmoid, tl.rand4x, ...) callable
-    from an interpreted kernel for the duration of a launch.
+def language_for(interpreted: bool):
+    """Make triton.language's own jitted functions (tl.sum, tl.sigmoid, tl.randint4x, ...) usable
+    by kernels interpreted (`interpreted=True`) or compiled for a GPU, for the duration of the block.
 
-    Triton builds them for the mode in force when it is first imported; when that happened without
-    TRITON_INTERPRET (torch._inductor imports Triton, for one), the interpreter cannot call them.
-    Here they are swapped for interpreted twins and put back afterwards. CPU interpreter only."""
+    Triton builds them for the mode in force when it is first imported: imported without
+    TRITON_INTERPRET (torch._inductor imports Triton, for one), the interpreter cannot call them;
+    imported with it (the kernel tests), Triton's compiler cannot (bench/aot.py in the same
+    process). Here they are swapped for their twins of the other mode and put back afterwards."""
     try:
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
     except ImportError:  # another Triton layout: leave it alone
         yield
         return
+    wanted, other = (InterpretedFunction, JITFunction) if interpreted else (JITFunction, InterpretedFunction)
     swapped = []
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == "triton.language" or name.startswith("triton.language.")):
-            continue
+    for module in _language_modules():
         for attr, value in list(vars(module).items()):
-            if isinstance(value, JITFunction):
-                entry = _INTERPRETED.get(id(value))
-                if entry is None:
-                    entry = _INTERPRETED[id(value)] = (value, InterpretedFunction(value.fn))
+            if isinstance(value, other) and not isinstance(value, wanted):
+                twins = _LANGUAGE_TWINS.setdefault(id(value), {None: value})  # keeps value alive: ids stay unique
+                if interpreted not in twins:
+                    twins[interpreted] = wanted(value.fn)
                 swapped.append((module, attr, value))
-                setattr(module, attr, entry[1])
+                setattr(module, attr, twins[interpreted])
     try:
         yield
     finally:
         for module, attr, value in swapped:
             setattr(module, attr, value)
+
+
+def _language_namespaces() -> Iterator[object]:
+    """triton.language's modules and the classes they define: what Triton's interpreter patches."""
+    for module in _language_modules():
+        yield module
+        for value in list(vars(module).values()):
+            if isinstance(value, type) and value.__module__.startswith("triton.language"):
+                yield value
+
+
+@contextlib.contextmanager
+def _language_restored():
+    """Put back whatever Triton's interpreter changes in triton.language during the block. A jitted
+    helper called from an interpreted kernel (tl.sigmoid, tl.randint4x, ...) patches the builtins of
+    its module for the interpreter and never unpatches them (Triton 3.6 and 3.9), after which Triton's
+    compiler fails in this process ("'value' object has no attribute 'dtype'"). Only values it
+    replaced are put back: what it added stays (it adds names to a helper's module once, for the
+    rewritten helper it caches)."""
+    saved = [(namespace, dict(vars(namespace))) for namespace in set(_language_namespaces())]
+    try:
+        yield
+    finally:
+        for namespace, before in saved:
+            now = vars(namespace)
+            for attr, value in before.items():
+                if now.get(attr, _MISSING) is not value:
+                    setattr(namespace, attr, value)
 
 
 def kernel(fn=None, **options):

@@ -121,6 +121,11 @@ def _ambient_input_kernel(
             in_box = in_box == 0
         keep = tl.broadcast_to(in_box.to(tl.float32), (BLOCK_C, BLOCK_HW))
 
+    # A is stored before its first use: Triton 3.6 otherwise reuses the layout conversion made for
+    # this store at the earlier uses (float values, NCHW outputs) and fails ("operand #0 does not
+    # dominate this use"); bench/aot.py compiles that case.
+    out = n * o_sn + c * o_sc + p * o_sp
+    tl.store(aout_ptr + out, a, mask=inside)
     a_hat = keep * a
     y = a * y
     x = a_hat * (y + tl.load(std_ptr + n) * noise)
@@ -131,9 +136,7 @@ def _ambient_input_kernel(
     net = net_ptr + n * x_sn + c * x_sc + p * x_sp
     tl.store(net, x, mask=inside)
     tl.store(net + C * x_sc, a_hat, mask=inside)
-    out = n * o_sn + c * o_sc + p * o_sp
     tl.store(ahat_ptr + out, a_hat, mask=inside)
-    tl.store(aout_ptr + out, a, mask=inside)
     tl.store(yout_ptr + out, target, mask=inside)
 
 

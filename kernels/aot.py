@@ -146,7 +146,7 @@ def compile_one(spec: Specialization) -> CompileResult:
     log = io.StringIO()
     start = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(log):  # ptxas's -v report, printed by Triton on request
+        with contextlib.redirect_stdout(log), _utils.language_for(interpreted=False):  # ptxas's -v report, printed by Triton on request
             compiled = triton.compile(ASTSource(spec.jit, spec.signature, spec.constexprs, spec.attrs),
                                       target=target, options=spec.options.__dict__)
     except Exception as error:  # the compiler's own message is the result

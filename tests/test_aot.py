@@ -4,6 +4,9 @@ sm_80 and sm_90 with Triton's compiler and bundled ptxas, on this CPU-only machi
 
 The CI subset is `bench/aot.py --quick` (narrow models at 16x16 and 32x32); the full set is
 `python bench/aot.py` (recorded in bench/results/aot-triton-*.md)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -35,6 +38,42 @@ def test_the_check_catches_what_the_interpreter_misses(monkeypatch):
         _clamp_with_a_named_enum[(1,)](x, out, BLOCK=16)
     (result,) = aot.compile_all(recorder.specializations(), workers=1)
     assert not result.ok and "PROPAGATE_NAN" in result.error
+
+
+_INTERPRET_THEN_COMPILE = """
+import os
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported, as the kernel tests do
+import torch
+from ambient_fast.kernels import aot
+from ambient_fast.kernels._utils import kernel, tl
+
+@kernel
+def shifted_sigmoid(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    shift = tl.program_id(0).to(tl.int64)
+    tl.store(out_ptr + offsets, tl.sigmoid(tl.load(x_ptr + offsets)) + shift)
+
+x = torch.randn(16)
+out = torch.empty(16)
+shifted_sigmoid[(1,)](x, out, BLOCK=16)
+assert torch.allclose(out, torch.sigmoid(x))
+del os.environ["TRITON_INTERPRET"]
+with aot.record_launches(("sm_90",)) as recorder:
+    shifted_sigmoid[(1,)](x, out, BLOCK=16)
+(result,) = aot.compile_all(recorder.specializations(), workers=1)
+assert result.ok, result.error
+"""
+
+
+def test_compiles_in_a_process_that_interpreted_a_jitted_helper(tmp_path):
+    """Triton imported under TRITON_INTERPRET=1, an interpreted kernel calling one of
+    triton.language's jitted helpers (which patches builtins and, in Triton 3.9, leaves them
+    patched), then the compile check in the same process: it still compiles (the kernel tests run
+    before this module when pytest is given them first)."""
+    script = tmp_path / "interpret_then_compile.py"  # a file: Triton reads a kernel's source
+    script.write_text(_INTERPRET_THEN_COMPILE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_recording_derives_triton_specialisations_and_launches_nothing():
