@@ -146,7 +146,9 @@ def compile_one(spec: Specialization) -> CompileResult:
     log = io.StringIO()
     start = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(log), _utils.language_for(interpreted=False):  # ptxas's -v report, printed by Triton on request
+        # stdout: ptxas's -v report, printed by Triton on request; triton.language's helpers as the
+        # compiler needs them, however Triton was imported
+        with contextlib.redirect_stdout(log), _utils.language_for(interpreted=False):
             compiled = triton.compile(ASTSource(spec.jit, spec.signature, spec.constexprs, spec.attrs),
                                       target=target, options=spec.options.__dict__)
     except Exception as error:  # the compiler's own message is the result
