@@ -13,7 +13,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["ambient_fast", "ambient_fast.nn", "ambient_fast.data", "ambient_fast.kernels"],
+    packages=["ambient_fast", "ambient_fast.networks", "ambient_fast.data", "ambient_fast.objective",
+              "ambient_fast.training", "ambient_fast.sampling", "ambient_fast.evaluation", "ambient_fast.files",
+              "ambient_fast.kernels"],
     package_dir={"ambient_fast.kernels": "kernels"},
     # torch is pinned in .ci/run and the README (installed first, CPU build); any range here
     # would let pip pull a multi-GB CUDA build on a machine that has none installed yet.

@@ -3,8 +3,8 @@ snapshot into our safetensors format once (safely: nothing in the pickle is exec
 import argparse
 import sys
 
-from ambient_fast.checkpoint import load_network, save_network
-from ambient_fast.files import check_writable_file
+from ambient_fast.files.checkpoints import load_network, save_network
+from ambient_fast.files.atomic import check_writable_file
 
 
 def main(argv=None) -> int:

@@ -25,10 +25,10 @@ import torch
 
 from ambient_fast.data.format import META, CorruptedDataset
 from ambient_fast.data.synthetic import clean_twin, is_synthetic
-from ambient_fast.files import check_writable_file, read_json, write_json
-from ambient_fast.images import load_png
-from ambient_fast.inception import WEIGHTS_FILE
-from ambient_fast.metrics import (InceptionFeatures, cosine_nearest_neighbour, frechet_distance,
+from ambient_fast.files.atomic import check_writable_file, read_json, write_json
+from ambient_fast.files.images import load_png
+from ambient_fast.evaluation.inception import WEIGHTS_FILE
+from ambient_fast.evaluation.metrics import (InceptionFeatures, cosine_nearest_neighbour, frechet_distance,
                                   nearest_neighbour_similarity, pixel_features)
 
 SAMPLE_GRID = "grid.png"  # the overview `python -m ambient_fast.sample` writes beside the samples

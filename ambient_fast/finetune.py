@@ -4,7 +4,7 @@ fine-tuned on corrupted images memorises them far less than when fine-tuned on c
 
 DIR is a diffusers `UNet2DModel` or `UNet2DConditionModel` written by `save_pretrained`, its scheduler
 config beside it (it decides the noise schedule and the prediction type); a conditional model takes
-`--prompt-embeddings FILE` (see ambient_fast.diffusers_unet: one embedding for every image, or one per
+`--prompt-embeddings FILE` (see ambient_fast.networks.diffusers: one embedding for every image, or one per
 class of the data set's labels). The UNet trains through the same trainer as our own networks
 (ambient_fast.train: data sets, B redrawn every step, EMA, bf16, compile, FSDP2 / DDP under torchrun,
 snapshots, exact `--resume`), wrapped as an EDM denoiser, with sigma drawn uniformly over its
@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Optional
 
 from ambient_fast import train
-from ambient_fast.checkpoint import check_finite
-from ambient_fast.config import TrainConfig, build_parser, option
-from ambient_fast.trainer import Trainer
-from ambient_fast.diffusers_unet import DiffusersDenoiser, load_denoiser, save_denoiser
-from ambient_fast.loss import DiscreteVPAmbientLoss
+from ambient_fast.files.checkpoints import check_finite
+from ambient_fast.training.config import TrainConfig, build_parser, option
+from ambient_fast.training.trainer import Trainer
+from ambient_fast.networks.diffusers import DiffusersDenoiser, load_denoiser, save_denoiser
+from ambient_fast.objective.loss import DiscreteVPAmbientLoss
 
 MODEL_PREFIX = "model."  # the UNet's parameters inside the denoiser
 

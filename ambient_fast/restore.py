@@ -17,10 +17,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ambient_fast.checkpoint import load_network
-from ambient_fast.files import check_writable_dir, write_json
-from ambient_fast.images import from_uint8, grid, save_png, to_uint8
-from ambient_fast.metrics import psnr
+from ambient_fast.files.checkpoints import load_network
+from ambient_fast.files.atomic import check_writable_dir, write_json
+from ambient_fast.files.images import from_uint8, grid, save_png, to_uint8
+from ambient_fast.evaluation.metrics import psnr
 
 
 def restore(model, observed: torch.Tensor, mask: torch.Tensor, sigma: float, labels=None,

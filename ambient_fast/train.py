@@ -4,15 +4,15 @@ With no arguments: a complete small run on the built-in synthetic data set (a fe
 laptop CPU) that leaves a checkpoint, a grid of samples beside a grid of the corrupted training
 inputs, and `stats.jsonl`. With `--data DIR` (a set made by `python -m ambient_fast.prepare`): the
 real thing, unchanged under `torchrun --nproc_per_node=N` (FSDP2 by default, DDP on request; gloo
-on CPU). `--resume DIR` continues a run exactly. The options: ambient_fast.config; the trainer:
-ambient_fast.trainer.
+on CPU). `--resume DIR` continues a run exactly. The options: ambient_fast.training.config; the trainer:
+ambient_fast.training.trainer.
 """
 import sys
 from typing import Optional
 
-from ambient_fast.config import TrainConfig, build_parser, config_from_args
-from ambient_fast.distributed import close_world
-from ambient_fast.trainer import Trainer, TrainingDiverged
+from ambient_fast.training.config import TrainConfig, build_parser, config_from_args
+from ambient_fast.training.distributed import close_world
+from ambient_fast.training.trainer import Trainer, TrainingDiverged
 
 
 def main(argv=None, parser=None, config_cls=TrainConfig, trainer_cls=Trainer) -> int:

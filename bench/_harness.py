@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ambient_fast.files import write_text
+from ambient_fast.files.atomic import write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU_CAVEAT = ("No CUDA GPU: these are CPU figures, for correctness and regressions only. They say nothing about "

@@ -81,8 +81,8 @@ def random_set(folder: Path, resolution: int, shared_channels: bool, count: int 
 
 def training_workloads(work: Path, mode: str) -> Iterator[Tuple[str, Callable[[], None]]]:
     """One training step per (resolution, layout, setting), then the samplers on the model it trained."""
-    from ambient_fast.config import TrainConfig
-    from ambient_fast.trainer import Trainer
+    from ambient_fast.training.config import TrainConfig
+    from ambient_fast.training.trainer import Trainer
 
     for resolution, channels_last, setting in itertools.product(RESOLUTIONS[mode], (True, False), SETTINGS):
         setting = dict(setting)
@@ -110,7 +110,7 @@ def training_workloads(work: Path, mode: str) -> Iterator[Tuple[str, Callable[[]
 def sample_paths(net: torch.nn.Module, resolution: int) -> None:
     """Every path of `ambient_sample`: exact (float64, the default, and float32, `--float32`), without
     clipping, and fast."""
-    from ambient_fast.sample import ambient_sample, seeded_inputs
+    from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs
 
     latents, masks = seeded_inputs([0], (3, resolution, resolution), 1, 0.5, False, "cpu")
     with torch.no_grad():
@@ -141,10 +141,10 @@ def ambient_input_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]
     corruption.FURTHER_FOR_DATA, dust per value and per pixel), on each kind of stored values
     (uint8 levels; float16 values of a set with noisy images, with Tweedie targets and naive), in
     both layouts, at each resolution."""
-    from ambient_fast.corruption import make_operator
-    from ambient_fast.images import from_uint8
-    from ambient_fast.inputs import AmbientInputs
-    from ambient_fast.loss import EDMAmbientLoss
+    from ambient_fast.objective.corruption import make_operator
+    from ambient_fast.files.images import from_uint8
+    from ambient_fast.objective.inputs import AmbientInputs
+    from ambient_fast.objective.loss import EDMAmbientLoss
     from kernels import stored_batch
 
     operators = {"dust": dict(p=0.5, delta=0.1), "dust shared": dict(p=0.5, delta=0.1, shared_channels=True),

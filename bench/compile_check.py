@@ -85,9 +85,9 @@ def dynamo_limit_messages():
 def check(resolution: int, size: dict, work: Path, steps: int = STEPS) -> dict:
     """Train `steps` steps compiled and one eager on the same data; return the figures."""
     from aot import random_set
-    from ambient_fast.parallel import compile_each
-    from ambient_fast.config import TrainConfig
-    from ambient_fast.trainer import Trainer
+    from ambient_fast.training.parallel import compile_each
+    from ambient_fast.training.config import TrainConfig
+    from ambient_fast.training.trainer import Trainer
 
     torch._dynamo.reset()
     data = random_set(work / f"data-{resolution}", resolution, True, count=8)

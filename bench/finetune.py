@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/science.py
 import science  # noqa: E402
 from _harness import cpu_threads  # noqa: E402
 from ambient_fast.data.synthetic import clean_images, synthetic_dataset  # noqa: E402
-from ambient_fast.diffusers_unet import require_diffusers  # noqa: E402
+from ambient_fast.networks.diffusers import require_diffusers  # noqa: E402
 from ambient_fast.finetune import FinetuneConfig, FinetuneTrainer  # noqa: E402
-from ambient_fast.metrics import nearest_neighbour_similarity  # noqa: E402
+from ambient_fast.evaluation.metrics import nearest_neighbour_similarity  # noqa: E402
 
 RESOLUTION = science.RESOLUTION
 FOUNDATION_IMAGES = 4096

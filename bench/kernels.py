@@ -34,10 +34,10 @@ import _harness as harness  # noqa: E402
 
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.kernels._utils import triton_available  # noqa: E402
-from ambient_fast.corruption import make_operator  # noqa: E402
+from ambient_fast.objective.corruption import make_operator  # noqa: E402
 from ambient_fast.data.loader import RawBatch  # noqa: E402
-from ambient_fast.inputs import AmbientInputs  # noqa: E402
-from ambient_fast.loss import EDMAmbientLoss  # noqa: E402
+from ambient_fast.objective.inputs import AmbientInputs  # noqa: E402
+from ambient_fast.objective.loss import EDMAmbientLoss  # noqa: E402
 from ambient_fast.kernels.gated_activation import gated_backward, gated_forward  # noqa: E402
 from ambient_fast.kernels.sampler_step import sampler_step_launch  # noqa: E402
 
@@ -158,7 +158,7 @@ def training_inputs(shape) -> AmbientInputs:
 
 
 def ambient_input_cases(numel: int, size_mb: float, device) -> List[Case]:
-    """Exactly the call a training step makes (ambient_fast.inputs.AmbientInputs on a loader's
+    """Exactly the call a training step makes (ambient_fast.objective.inputs.AmbientInputs on a loader's
     batch): the kernel path, its PyTorch reference (the same draws) and torch.compile of that."""
     C, H, W = 3, 64, 64
     N = max(1, numel // (C * H * W))

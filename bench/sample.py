@@ -10,9 +10,9 @@ the last layers near zero, which would make every sampler return almost the same
       when the guidance scale is 0 and the energy is 0), fp32 network, eager, no fused kernels, at
       most 64 images per call (the reference's default batch; its autograd graph of a batch of 256
       at 64x64 would not fit in 80 GB);
-  exact: ambient_fast.sample.ambient_sample(fast=False): float64 state, no autograd, the fused
+  exact: ambient_fast.sampling.samplers.ambient_sample(fast=False): float64 state, no autograd, the fused
       sampler step where it runs (CUDA);
-  fast: ambient_fast.sample.ambient_sample(fast=True), the default on GPUs: bf16 network replayed
+  fast: ambient_fast.sampling.samplers.ambient_sample(fast=True), the default on GPUs: bf16 network replayed
       from a CUDA graph (on GPUs), float32 state, fused step.
 
 Reported: images/s (one timed call after a 2-step warm-up call), the speed-up over reference-style
@@ -39,9 +39,9 @@ from rich.console import Console  # noqa: E402
 
 import _harness as harness  # noqa: E402
 from ambient_fast import kernels  # noqa: E402
-from ambient_fast.nn import build_reference_model  # noqa: E402
-from ambient_fast.sample import ambient_sample, edm_sigma_steps, seeded_inputs  # noqa: E402
-from ambient_fast.config import ARCHS, PRESETS, preset_for  # noqa: E402
+from ambient_fast.networks import build_reference_model  # noqa: E402
+from ambient_fast.sampling.samplers import ambient_sample, edm_sigma_steps, seeded_inputs  # noqa: E402
+from ambient_fast.training.config import ARCHS, PRESETS, preset_for  # noqa: E402
 
 RESOLUTIONS = (32, 64)
 DEFAULT_BATCH = 256

@@ -25,7 +25,7 @@ enough that the clean model copies its training images, and compares the nearest
 similarity of samples to the training set (the paper's Figure 6), at the end and at every snapshot.
 
 --noisy trains the same model, with the same steps and seeds, on mixtures of clean, noisy (additive
-Gaussian noise of level 0.2) and masked images (ambient_fast.inputs: noisy images only above their
+Gaussian noise of level 0.2) and masked images (ambient_fast.objective.inputs: noisy images only above their
 noise level, with Tweedie targets): 100% clean; 10% clean only; 10% clean + 90% noisy, ambiently and
 naively (the noise ignored); 100% noisy; 10% clean + 90% masked (p 0.8). Its report goes to
 science-noisy.md (science-noisy-quick.md with --quick).
@@ -49,15 +49,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ambient_fast.checkpoint import load_network  # noqa: E402
-from ambient_fast.config import TrainConfig  # noqa: E402
+from ambient_fast.files.checkpoints import load_network  # noqa: E402
+from ambient_fast.training.config import TrainConfig  # noqa: E402
 from ambient_fast.data.synthetic import clean_images, clean_twin, palette_fraction, synthetic_dataset  # noqa: E402
-from ambient_fast.files import atomic_write, write_json, write_text  # noqa: E402
-from ambient_fast.images import from_uint8, grid, save_png, to_uint8  # noqa: E402
-from ambient_fast.metrics import frechet_distance, nearest_neighbour_similarity, pixel_features, psnr  # noqa: E402
+from ambient_fast.files.atomic import atomic_write, write_json, write_text  # noqa: E402
+from ambient_fast.files.images import from_uint8, grid, save_png, to_uint8  # noqa: E402
+from ambient_fast.evaluation.metrics import frechet_distance, nearest_neighbour_similarity, pixel_features, psnr  # noqa: E402
 from ambient_fast.restore import restore  # noqa: E402
-from ambient_fast.sample import ambient_sample, seeded_inputs  # noqa: E402
-from ambient_fast.trainer import Trainer  # noqa: E402
+from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs  # noqa: E402
+from ambient_fast.training.trainer import Trainer  # noqa: E402
 
 RESOLUTION = 16
 DATA_SEED = 0
@@ -265,7 +265,7 @@ def mixture_set(data_root: Path, clean: float, noisy: float, masked: float, n: i
     """Prepare (once) a set of the first n synthetic training images: the first `clean` share as they
     are, then a `noisy` share with Gaussian noise of NOISE_LEVEL, then a `masked` share with shared
     dust masks of MIX_P (delta 0.1), each image with its record (the format's version 2)."""
-    from ambient_fast.corruption import make_operator
+    from ambient_fast.objective.corruption import make_operator
     from ambient_fast.data.format import RECORD, CorruptedDataset, DataError, DatasetWriter
     from ambient_fast.data.prepare import level_values, noisy_values
 

@@ -48,10 +48,10 @@ import _harness as harness  # noqa: E402
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.data.format import CorruptedDataset, write_dataset  # noqa: E402
 from ambient_fast.data.loader import Loader  # noqa: E402
-from ambient_fast.inputs import TrainingBatch, training_batch  # noqa: E402
-from ambient_fast.nn import build_model  # noqa: E402
-from ambient_fast.config import ARCHS, PRESETS, TrainConfig, preset_for  # noqa: E402
-from ambient_fast.trainer import Trainer  # noqa: E402
+from ambient_fast.objective.inputs import TrainingBatch, training_batch  # noqa: E402
+from ambient_fast.networks import build_model  # noqa: E402
+from ambient_fast.training.config import ARCHS, PRESETS, TrainConfig, preset_for  # noqa: E402
+from ambient_fast.training.trainer import Trainer  # noqa: E402
 
 CONFIGS = {32: "CIFAR-10 config: DDPM++ 32x32, channel_mult [2,2,2]",
            64: "64x64 config: DDPM++, channel_mult [1,2,2,2]"}

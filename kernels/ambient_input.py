@@ -6,7 +6,7 @@ Per image n (C, H, W values, flattened index j = c*H*W + h*W + w):
     A     = the stored mask bits, mirrored left-right where flip[n] (with the image)
     y     = A * level(u): u the stored uint8 value (level(u) = (2u - 255) / 255, `LEVELS`), or a
             stored float value on the [-1, 1] scale, mirrored likewise
-    B     = the further corruption of `FurtherDraw` (ambient_fast.corruption: per-value coins, or
+    B     = the further corruption of `FurtherDraw` (ambient_fast.objective.corruption: per-value coins, or
             one box per image), evaluated value by value
     A_hat = B * A
     net_input = cat([A_hat * (y + noise_std[n] * noise), A_hat])             (N, 2C, H, W)
@@ -17,11 +17,11 @@ the loss grades the network against: y itself, or for an image with Gaussian noi
 sigma_n trained at sigma (x_t = y + sqrt(sigma^2 - sigma_n^2) noise), with tweedie =
 sigma_n^2 / sqrt(sigma^2 - sigma_n^2) on the pixels the network sees, y minus that multiple of the
 added noise: uncorrelated with x_t's total noise, so its expectation given x_t is E[x0 | x_t]
-(Tweedie's formula twice; ambient_fast.inputs). Elsewhere (pixels B hid) the noisy value itself,
+(Tweedie's formula twice; ambient_fast.objective.inputs). Elsewhere (pixels B hid) the noisy value itself,
 whose expectation given what the network sees is the clean one's.
 
 Random numbers: value j of image n uses the Philox counter `offset + n*C*H*W + j` of the stream
-`key` (ambient_fast.seeds: its words 0 and 1 make the noise by Box-Muller, word 2 the value's coin;
+`key` (ambient_fast.objective.seeds: its words 0 and 1 make the noise by Box-Muller, word 2 the value's coin;
 with shared channels every channel takes channel 0's coin). The fused kernel and the reference draw
 the same words and turn them into numbers the same way, so they agree bitwise in float32 (the
 kernel under Triton's interpreter; compiled, up to the GPU's last bits in the logarithm and cosine).
@@ -32,8 +32,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ambient_fast.corruption import FurtherDraw, FurtherKind, keep_mask
-from ambient_fast.seeds import bits24, box_muller, philox
+from ambient_fast.objective.corruption import FurtherDraw, FurtherKind, keep_mask
+from ambient_fast.objective.seeds import bits24, box_muller, philox
 
 from ._utils import cdiv, empty_planes, kernel, next_power_of_2, planes, tl, use_fused
 
@@ -104,7 +104,7 @@ def _ambient_input_kernel(
     r0, r1, r2, _ = tl.randint4x(key, base + c * HW + p)
     angle = ((r0 >> 8).to(tl.float32) * 5.9604644775390625e-08).to(tl.float64)  # u in [0, 1): times 2^-24
     radius = (((r1 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08).to(tl.float64)  # u in (0, 1]
-    # 6.2831854820251465: 2 pi as a float32 (ambient_fast.seeds.TWO_PI)
+    # 6.2831854820251465: 2 pi as a float32 (ambient_fast.objective.seeds.TWO_PI)
     noise = (tl.sqrt(-2.0 * tl.log(radius)) * tl.cos(6.2831854820251465 * angle)).to(tl.float32)
     if B_KIND == 0:  # coins
         if SHARED:
@@ -243,7 +243,7 @@ def ambient_input(observed: torch.Tensor, mask_bits: torch.Tensor, flips: torch.
         mask_bits: (N, ceil(C*H*W / 8)) uint8, A bit-packed in little bit order (as stored).
         flips: (N,) uint8 or bool, 1 mirrors image and mask left-right.
         noise_std: (N,) standard deviation of the noise added to each image (its sigma).
-        further: B for the batch (`ambient_fast.corruption.MaskOperator.further_draw`).
+        further: B for the batch (`ambient_fast.objective.corruption.MaskOperator.further_draw`).
         key, offset: the value stream and the counter of the batch's first value (module docstring).
         channels_last: lay the outputs out channels_last.
         tweedie: (N,) multiple of the noise the target loses where seen (noisy images; module
@@ -252,7 +252,7 @@ def ambient_input(observed: torch.Tensor, mask_bits: torch.Tensor, flips: torch.
         AmbientInput(net_input (N, 2C, H, W), A_hat, A, y: the target).
 
     Example:
-        >>> from ambient_fast.corruption import FurtherDraw, FurtherKind
+        >>> from ambient_fast.objective.corruption import FurtherDraw, FurtherKind
         >>> observed = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
         >>> bits = torch.full((2, 24), 255, dtype=torch.uint8)  # all 3*8*8 = 192 values observed
         >>> coins = FurtherDraw(FurtherKind.COIN, torch.full((2,), 1 << 21))  # B erases 1 in 8

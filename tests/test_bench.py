@@ -46,7 +46,7 @@ STAND_IN = {
     "dnnlib/__init__.py": "",
     "training/networks.py": '''
 import torch
-from ambient_fast.nn import build_reference_model
+from ambient_fast.networks import build_reference_model
 
 class EDMPrecond(torch.nn.Module):
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0,

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_fast.checkpoint import UnsafePickleError, import_reference, load_network, save_network
-from ambient_fast.nn import EDMPrecond, build_reference_model
+from ambient_fast.files.checkpoints import UnsafePickleError, import_reference, load_network, save_network
+from ambient_fast.networks import EDMPrecond, build_reference_model
 
 from test_nn import ambient_input, randomize_
 
@@ -208,7 +208,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     save_network(path, model)
     before = path.read_bytes()
 
-    import ambient_fast.files as files
+    import ambient_fast.files.atomic as files
 
     def crash(*args, **kwargs):  # killed after writing the temporary file, before renaming it
         raise KeyboardInterrupt

@@ -8,11 +8,11 @@ CIFAR-10 configuration."""
 import pytest
 import torch
 
-from ambient_fast.inputs import TrainingBatch, training_batch
-from ambient_fast.loss import EDMAmbientLoss
-from ambient_fast.nn import EDMPrecond
-from ambient_fast.parallel import compile_each
-from ambient_fast.config import ARCHS, PRESETS, preset_for
+from ambient_fast.objective.inputs import TrainingBatch, training_batch
+from ambient_fast.objective.loss import EDMAmbientLoss
+from ambient_fast.networks import EDMPrecond
+from ambient_fast.training.parallel import compile_each
+from ambient_fast.training.config import ARCHS, PRESETS, preset_for
 
 from conftest import load_bench
 

@@ -1,11 +1,11 @@
-"""Tests for ambient_fast.corruption: operators A, further corruption A_hat, Theorem 4.1 check."""
+"""Tests for ambient_fast.objective.corruption: operators A, further corruption A_hat, Theorem 4.1 check."""
 import math
 import warnings
 
 import pytest
 import torch
 
-from ambient_fast.corruption import (
+from ambient_fast.objective.corruption import (
     CorruptionOperator,
     DustOperator,
     GaussianCSOperator,

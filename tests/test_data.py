@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from ambient_fast.data.format import CorruptedDataset, DataError, DatasetWriter, write_dataset
-from ambient_fast.corruption import make_operator
+from ambient_fast.objective.corruption import make_operator
 from ambient_fast.data.loader import RawBatch, dali_available, make_loader
-from ambient_fast.inputs import AmbientInputs
-from ambient_fast.loss import EDMAmbientLoss
-from ambient_fast.seeds import Stream, philox, stream_key
+from ambient_fast.objective.inputs import AmbientInputs
+from ambient_fast.objective.loss import EDMAmbientLoss
+from ambient_fast.objective.seeds import Stream, philox, stream_key
 from ambient_fast.data.prepare import main as prepare
 from ambient_fast.data.synthetic import (clean_images, dataset_name, palette, palette_fraction,
                                          synthetic_dataset)

@@ -28,7 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ambient_fast.checkpoint import UnsafePickleError, import_reference, load_network, save_network
+from ambient_fast.files.checkpoints import UnsafePickleError, import_reference, load_network, save_network
 from ambient_fast.convert import main as convert_main
 from ambient_fast.data.format import CorruptedDataset, write_dataset
 from ambient_fast.data.prepare import main as prepare_main
@@ -36,9 +36,9 @@ from ambient_fast.evaluate import main as evaluate_main
 from ambient_fast.restore import main as restore_main
 from ambient_fast.sample import main as sample_main
 from ambient_fast.data.synthetic import synthetic_dataset
-from ambient_fast.reporting import StatsLog
+from ambient_fast.training.reporting import StatsLog
 from ambient_fast.train import main as train_main
-from ambient_fast.trainer import SYNTHETIC_P, Trainer
+from ambient_fast.training.trainer import SYNTHETIC_P, Trainer
 
 from test_checkpoint import RunsShell, reference_model, write_reference_run
 from test_data import DUST, random_set, write_pngs
@@ -490,7 +490,7 @@ def test_9_10_read_only_outputs_are_clear_errors_naming_the_file(tmp_path, netwo
     script = tmp_path / "script.py"
     script.write_text(f"""
 import contextlib, io, json, os, sys
-from ambient_fast.checkpoint import load_network, save_network
+from ambient_fast.files.checkpoints import load_network, save_network
 from ambient_fast import convert, evaluate, sample, train
 disk, net = os.environ["DISK"], {str(network)!r}
 results = {{}}

@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 
 diffusers = pytest.importorskip("diffusers", reason="the [diffusers] extra is not installed (it is part of [test])")
 
-from ambient_fast.checkpoint import load_network  # noqa: E402
+from ambient_fast.files.checkpoints import load_network  # noqa: E402
 from ambient_fast.data.synthetic import synthetic_dataset  # noqa: E402
-from ambient_fast.diffusers_unet import DiffusersDenoiser, load_denoiser  # noqa: E402
+from ambient_fast.networks.diffusers import DiffusersDenoiser, load_denoiser  # noqa: E402
 from ambient_fast.finetune import FinetuneConfig, FinetuneTrainer, main  # noqa: E402
-from ambient_fast.inputs import training_batch  # noqa: E402
-from ambient_fast.loss import DiscreteVPAmbientLoss  # noqa: E402
-from ambient_fast.sample import ambient_sample  # noqa: E402
+from ambient_fast.objective.inputs import training_batch  # noqa: E402
+from ambient_fast.objective.loss import DiscreteVPAmbientLoss  # noqa: E402
+from ambient_fast.sampling.samplers import ambient_sample  # noqa: E402
 
 from conftest import torchrun  # noqa: E402
 
@@ -312,8 +312,8 @@ def test_missing_diffusers_names_the_extra(models, tmp_path, monkeypatch, capsys
 
 def test_core_modules_import_without_diffusers():
     code = ("import sys; sys.modules['diffusers'] = None\n"
-            "import ambient_fast.train, ambient_fast.sample, ambient_fast.restore, ambient_fast.checkpoint, "
-            "ambient_fast.finetune, ambient_fast.diffusers_unet\n"
+            "import ambient_fast.train, ambient_fast.sample, ambient_fast.restore, ambient_fast.files.checkpoints, "
+            "ambient_fast.finetune, ambient_fast.networks.diffusers\n"
             "assert sys.modules['diffusers'] is None")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -9,11 +9,11 @@ import torch
 
 from ambient_fast.data.format import write_dataset
 from ambient_fast.data.loader import dali_available, make_loader
-from ambient_fast.inputs import training_batch
-from ambient_fast.loss import EDMAmbientLoss
-from ambient_fast.nn import EDMPrecond
-from ambient_fast.config import TrainConfig
-from ambient_fast.trainer import Trainer
+from ambient_fast.objective.inputs import training_batch
+from ambient_fast.objective.loss import EDMAmbientLoss
+from ambient_fast.networks import EDMPrecond
+from ambient_fast.training.config import TrainConfig
+from ambient_fast.training.trainer import Trainer
 
 from conftest import TINY_ARCHITECTURES
 

@@ -25,12 +25,12 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (pip inst
                                                "are not tested, their PyTorch references are")
 
 from ambient_fast import kernels  # noqa: E402
-from ambient_fast.corruption import FurtherDraw, FurtherKind, coin_threshold  # noqa: E402
+from ambient_fast.objective.corruption import FurtherDraw, FurtherKind, coin_threshold  # noqa: E402
 from ambient_fast.kernels import (AmbientInput, ambient_input, ambient_input_reference, gated_activation,  # noqa: E402
                                   gated_activation_packed, gated_activation_reference, masked_loss,
                                   masked_loss_reference, sampler_step, sampler_step_reference)
 from ambient_fast.kernels.ambient_input import ambient_input_launch  # noqa: E402
-from ambient_fast.seeds import philox  # noqa: E402
+from ambient_fast.objective.seeds import philox  # noqa: E402
 
 # Restore the variable for the rest of the session; `_interpreter` sets it per test of this module.
 if _PREVIOUS_INTERPRET is None:
@@ -121,7 +121,7 @@ def test_gated_activation_fp16_without_bias(dtype, poison):
 
 
 def test_gated_conv_layer_matches_the_reference_path(monkeypatch):
-    from ambient_fast.nn.layers import Conv2d
+    from ambient_fast.networks.layers import Conv2d
 
     layer = Conv2d(4, 5, 3, gate="double_sigmoid", init_bias=1.0)
     x = torch.randn(2, 4, 7, 9)
@@ -396,7 +396,7 @@ def test_interpreter_works_when_triton_was_imported_first():
             "a, g, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(3)\n"
             "out = kernels.gated_activation(a, g, b, True)\n"
             "torch.testing.assert_close(out, kernels.gated_activation_reference(a, g, b, True))\n"
-            "from ambient_fast.corruption import FurtherDraw, FurtherKind\n"
+            "from ambient_fast.objective.corruption import FurtherDraw, FurtherKind\n"
             "from ambient_fast.kernels.ambient_input import ambient_input_launch\n"
             "args = (torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8), torch.full((2, 6), 255, dtype=torch.uint8),\n"
             "        torch.zeros(2, dtype=torch.uint8), torch.ones(2), FurtherDraw(FurtherKind.COIN, torch.full((2,), 1 << 23)),\n"
@@ -471,8 +471,8 @@ def test_gpu_ambient_input_and_sampler():
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_ambient_sample_fused_matches_unfused(monkeypatch):
-    from ambient_fast.nn import EDMPrecond
-    from ambient_fast.sample import ambient_sample
+    from ambient_fast.networks import EDMPrecond
+    from ambient_fast.sampling.samplers import ambient_sample
 
     from conftest import TINY_ARCHITECTURES
 

@@ -1,17 +1,17 @@
 """The ambient loss: what it grades, what it never reads, its noise-level distributions, and the
-ambient input that feeds it (ambient_fast.inputs)."""
+ambient input that feeds it (ambient_fast.objective.inputs)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from ambient_fast.corruption import make_operator
+from ambient_fast.objective.corruption import make_operator
 from ambient_fast.data.loader import RawBatch
-from ambient_fast.inputs import AmbientInputs, training_batch
-from ambient_fast.loss import DiscreteVPAmbientLoss, EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
-from ambient_fast.nn import EDMPrecond, VPPrecond
-from ambient_fast.seeds import centred_uniform, philox
+from ambient_fast.objective.inputs import AmbientInputs, training_batch
+from ambient_fast.objective.loss import DiscreteVPAmbientLoss, EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
+from ambient_fast.networks import EDMPrecond, VPPrecond
+from ambient_fast.objective.seeds import centred_uniform, philox
 
 from conftest import TINY_ARCHITECTURES, assert_gradient_matches_differences
 
@@ -161,7 +161,7 @@ def test_unit_hidden_weight_grades_hidden_pixels_by_one_over_c_out_squared():
 
 
 # ----------------------------------------------------------------------------------------------
-# The ambient input of a step (ambient_fast.inputs)
+# The ambient input of a step (ambient_fast.objective.inputs)
 
 
 def raw(observed, A, position=0, flips=None, labels=None):

@@ -11,16 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ambient_fast.checkpoint import save_network
-from ambient_fast.corruption import make_operator
+from ambient_fast.files.checkpoints import save_network
+from ambient_fast.objective.corruption import make_operator
 from ambient_fast.data.format import corruption_record, write_dataset
 from ambient_fast.data.synthetic import clean_twin, synthetic_dataset
 from ambient_fast.evaluate import main as evaluate_main
-from ambient_fast.images import grid, load_png, save_png
-from ambient_fast.inception import WEIGHTS_FILE, ConvBN, FIDInceptionV3
-from ambient_fast.metrics import (InceptionFeatures, cosine_nearest_neighbour, frechet_distance,
+from ambient_fast.files.images import grid, load_png, save_png
+from ambient_fast.evaluation.inception import WEIGHTS_FILE, ConvBN, FIDInceptionV3
+from ambient_fast.evaluation.metrics import (InceptionFeatures, cosine_nearest_neighbour, frechet_distance,
                                   nearest_neighbour_similarity, pixel_features, psnr)
-from ambient_fast.nn import EDMPrecond
+from ambient_fast.networks import EDMPrecond
 from ambient_fast.sample import main as sample_main
 
 from conftest import TINY_ARCHITECTURES

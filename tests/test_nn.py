@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ambient_fast.nn import EDMPrecond, VPPrecond, build_reference_model, from_reference
-from ambient_fast.nn.layers import Conv2d
+from ambient_fast.networks import EDMPrecond, VPPrecond, build_reference_model, from_reference
+from ambient_fast.networks.layers import Conv2d
 
 from conftest import TINY_ARCHITECTURES, assert_gradient_matches_differences, load_fixture
 
@@ -226,7 +226,7 @@ def test_fused_attention_matches_the_reference_and_takes_a_fused_kernel(monkeypa
     """The CUDA branch of a block's attention, run on the CPU: it equals the reference arithmetic,
     and SDPA receives 4-D (N, heads, L, c) tensors with a contiguous last dimension, for which it
     picks a fused kernel (3-D or transposed inputs select the math path, choice 0)."""
-    from ambient_fast.nn import layers
+    from ambient_fast.networks import layers
 
     block = layers.UNetBlock(channels, channels, emb_channels=16, attention=True, num_heads=heads).eval()
     randomize_(block)

@@ -1,5 +1,5 @@
 """Beyond the paper: noisy images, per-image corruption records and mixtures of clean and corrupted
-sets (ambient_fast.inputs' objective, prepare --noise / --sigma-min / mix, the loss's restricted
+sets (ambient_fast.objective.inputs' objective, prepare --noise / --sigma-min / mix, the loss's restricted
 noise-level distributions, the sampler's floor), each against an independent computation."""
 import json
 import math
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_fast.corruption import FurtherDraw, FurtherKind, make_operator, training_operator
+from ambient_fast.objective.corruption import FurtherDraw, FurtherKind, make_operator, training_operator
 from ambient_fast.data.format import CorruptedDataset, DataError, content_digest
 from ambient_fast.data.loader import RawBatch, make_loader
 from ambient_fast.data.prepare import main as prepare
-from ambient_fast.images import save_png
-from ambient_fast.inputs import FULL_WEIGHT_FROM, AmbientInputs
+from ambient_fast.files.images import save_png
+from ambient_fast.objective.inputs import FULL_WEIGHT_FROM, AmbientInputs
 from ambient_fast.kernels import ambient_input
-from ambient_fast.loss import DiscreteVPAmbientLoss, EDMAmbientLoss, VPAmbientLoss
+from ambient_fast.objective.loss import DiscreteVPAmbientLoss, EDMAmbientLoss, VPAmbientLoss
 from ambient_fast.train import main as train_main
 
 TINY = ["--channels", "8", "--channel-mult", "1", "--blocks", "1", "--attn", "", "--sample-count", "4"]
@@ -195,7 +195,7 @@ def test_mixture_records_survive_mix_verify_and_resume(tmp_path, source, monkeyp
 
     a, b = (load_file(str(run / "network-final.safetensors")) for run in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    from ambient_fast.checkpoint import load_network
+    from ambient_fast.files.checkpoints import load_network
 
     loaded = load_network(straight / "network-final.safetensors")
     assert loaded.corruption["sigma_floor"] == 0.0 and loaded.survival == 1.0  # clean images were in it
@@ -215,7 +215,7 @@ def test_a_noisy_only_model_samples_down_to_its_noise_level(tmp_path, source, mo
     monkeypatch.chdir(tmp_path)
     run_prepare("--source", source, "--dest", "noisy", "--corruption", "none", "--noise", "0.2")
     assert train_main(["--data", "noisy", "--out", "run", "--batch", "8", "--steps", "2", *TINY]) == 0
-    from ambient_fast.checkpoint import load_network
+    from ambient_fast.files.checkpoints import load_network
     from ambient_fast.sample import main as sample_main
 
     loaded = load_network(tmp_path / "run" / "network-final.safetensors")
@@ -231,7 +231,7 @@ def test_naive_training_ignores_the_noise_level(tmp_path, source, monkeypatch):
     run_prepare("--source", source, "--dest", "noisy", "--corruption", "none", "--noise", "0.2")
     assert train_main(["--data", "noisy", "--out", "naive", "--batch", "8", "--steps", "1", "--ignore-noise",
                        *TINY]) == 0
-    from ambient_fast.checkpoint import load_network
+    from ambient_fast.files.checkpoints import load_network
 
     assert load_network(tmp_path / "naive" / "network-final.safetensors").corruption["sigma_floor"] == 0.0
 

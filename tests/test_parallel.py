@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-from ambient_fast.distributed import World
-from ambient_fast.nn import VPPrecond
-from ambient_fast.parallel import parallelize
+from ambient_fast.training.distributed import World
+from ambient_fast.networks import VPPrecond
+from ambient_fast.training.parallel import parallelize
 
 from conftest import TINY_ARCHITECTURES, free_port
 
 SCRIPT = textwrap.dedent("""
     import sys, torch
-    from ambient_fast.distributed import close_world, init_world
-    from ambient_fast.parallel import parallelize
+    from ambient_fast.training.distributed import close_world, init_world
+    from ambient_fast.training.parallel import parallelize
     sys.path.insert(0, {tests!r})
     from test_parallel import model_and_input
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_fast.checkpoint import load_network
-from ambient_fast.images import load_png, save_png, to_uint8
+from ambient_fast.files.checkpoints import load_network
+from ambient_fast.files.images import load_png, save_png, to_uint8
 from ambient_fast.restore import main as restore_main, psnr, restore
 from ambient_fast.sample import main as sample_main
 from ambient_fast.train import main as train_main
-from ambient_fast.trainer import SYNTHETIC_P
+from ambient_fast.training.trainer import SYNTHETIC_P
 
 TINY = ["--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn", "", "--sample-count", "4"]
 

@@ -7,10 +7,11 @@ import sys
 import pytest
 import torch
 
-from ambient_fast.checkpoint import save_network
-from ambient_fast.images import load_png
-from ambient_fast.nn import EDMPrecond, from_reference
-from ambient_fast.sample import ambient_sample, edm_sigma_steps, parse_seeds, seeded_inputs
+from ambient_fast.files.checkpoints import save_network
+from ambient_fast.files.images import load_png
+from ambient_fast.networks import EDMPrecond, from_reference
+from ambient_fast.sample import parse_seeds
+from ambient_fast.sampling.samplers import ambient_sample, edm_sigma_steps, seeded_inputs
 
 from conftest import TINY_ARCHITECTURES, load_fixture, torchrun
 from test_nn import randomize_
@@ -183,7 +184,7 @@ def test_fast_path_builds_its_denoiser_once_per_shape(monkeypatch):
     fresh copy of the network."""
     import copy
 
-    from ambient_fast import graphs
+    from ambient_fast.sampling import graphs
 
     made = []
     original = graphs.StaticDenoiser.__init__

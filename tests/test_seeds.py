@@ -1,4 +1,4 @@
-"""The run's random streams (ambient_fast.seeds): the PyTorch Philox is Triton's, bit for bit; the
+"""The run's random streams (ambient_fast.objective.seeds): the PyTorch Philox is Triton's, bit for bit; the
 words become uniforms and normals without rounding questions; streams are pure functions of position."""
 import math
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_fast.seeds import (TWO_PI, Stream, box_muller, derive_seed, open_uniform, permutation, philox, stream_key,
+from ambient_fast.objective.seeds import (TWO_PI, Stream, box_muller, derive_seed, open_uniform, permutation, philox, stream_key,
                                 uniform)
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: the Philox words are not compared with its own")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ambient_fast.config import TrainConfig
+from ambient_fast.training.config import TrainConfig
 from ambient_fast.data.loader import dali_available, make_loader
 from ambient_fast.train import main
-from ambient_fast.trainer import Trainer
-from ambient_fast.training_state import state_dirs
+from ambient_fast.training.trainer import Trainer
+from ambient_fast.training.state import state_dirs
 
 from conftest import torchrun
 
@@ -193,7 +193,7 @@ def test_bad_input_errors(argv, message, capsys, tmp_path):
 def test_training_does_not_depend_on_pixels_outside_A(tmp_path):
     """The same images prepared with different values in the erased pixels train identically."""
     from ambient_fast.data.prepare import main as prepare
-    from ambient_fast.images import save_png
+    from ambient_fast.files.images import save_png
 
     rng = np.random.default_rng(0)
     masks = rng.random((24, 16, 16)) < 0.4
@@ -217,9 +217,9 @@ def test_box_data_sets_train_with_a_second_box(tmp_path, kind, p):
     """The trainer's further corruption is the data set's own operator: on box and fixed_box sets,
     A_hat is A with one more square erased (dust sets: a coin per value); a --further that breaks
     Theorem 4.1's condition is refused."""
-    from ambient_fast.corruption import OPERATORS
+    from ambient_fast.objective.corruption import OPERATORS
     from ambient_fast.data.prepare import main as prepare
-    from ambient_fast.images import save_png
+    from ambient_fast.files.images import save_png
 
     source = tmp_path / "src"
     source.mkdir()

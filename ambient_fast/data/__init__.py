@@ -5,6 +5,7 @@
 - `sources`: image folders and EDM-style zips, user masks (what `prepare` reads).
 - `prepare`: `python -m ambient_fast.prepare` (corrupt, import, verify).
 - `synthetic`: the built-in procedural data set whose clean distribution is known exactly.
-- `loader`: `make_loader`, batches of (y, A, A_hat, labels) with B redrawn every time; plain
-  PyTorch, or NVIDIA DALI through `dali_loader`.
+- `loader`: `make_loader`, batches as stored (`RawBatch`: the observed values, the packed mask bits,
+  flips, labels, each image's position and record), on the device; plain PyTorch, or NVIDIA DALI
+  through `dali_loader`. The further corruption B and the noise are drawn by the objective.
 """

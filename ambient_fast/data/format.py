@@ -47,7 +47,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
-from ambient_fast.files import dumps_json, fsync_path, sha256_file, write_error
+from ambient_fast.files.atomic import dumps_json, fsync_path, sha256_file, write_error
 
 __all__ = ["FORMAT", "VERSION", "RECORD", "DataError", "DatasetMeta", "DatasetWriter", "CorruptedDataset",
            "write_dataset", "corruption_record", "packed_size", "unpack_masks", "records_summary", "Stored"]
@@ -73,7 +73,7 @@ def packed_size(shape: tuple[int, int, int]) -> int:
 
 
 def corruption_record(operator) -> dict[str, Any]:
-    """meta.json's `corruption` entry for a mask operator of ambient_fast.corruption:
+    """meta.json's `corruption` entry for a mask operator of ambient_fast.objective.corruption:
     {"kind": name, **its parameters, "shared_channels": bool}. Only dust can draw a mask per
     channel; the box-shaped masks are the same for every channel."""
     description = dict(operator.describe())

@@ -5,7 +5,7 @@ for byte: the stored values `A x` (uint8, or float16 in a set with noisy images)
 bits, one flip flag per image, the labels and each image's corruption record, with the batch's
 position in the run. Everything that turns them into the network's input
 (unpacking, mirroring, scaling, the further corruption B, the noise) happens in one place after
-them, `ambient_fast.inputs` (a fused kernel on CUDA).
+them, `ambient_fast.objective.inputs` (a fused kernel on CUDA).
 
 - Order. Epoch e uses one permutation of the N images (`seeds.permutation(seed, e)`): the same on
   every rank. Global batch j is the slice [j G, (j + 1) G) of it, G = batch_size * world_size, and
@@ -14,7 +14,7 @@ them, `ambient_fast.inputs` (a fused kernel on CUDA).
   endless.
 - Position. The i-th image of rank r's batch j of epoch e has position
   ((e * steps_per_epoch + j) * world_size + r) * batch_size + i: its index in the run's stream of
-  images, from which every random draw about it derives (`ambient_fast.seeds`).
+  images, from which every random draw about it derives (`ambient_fast.objective.seeds`).
 - Flips (with xflip): the top bit of the FLIP stream's first Philox word at the image's position.
 - Resumption: `state_dict` / `load_state_dict` save and restore the position (epoch, batch within
   it); the batches that follow are the same, bitwise, for both loaders.
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ambient_fast.data.format import CorruptedDataset
-from ambient_fast.seeds import Stream, permutation, philox, stream_key
+from ambient_fast.objective.seeds import Stream, permutation, philox, stream_key
 
 __all__ = ["RawBatch", "Loader", "TorchLoader", "make_loader", "dali_available", "LOADER_KINDS"]
 

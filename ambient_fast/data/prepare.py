@@ -35,9 +35,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ambient_fast.corruption import OPERATORS, MaskOperator, make_operator
+from ambient_fast.objective.corruption import OPERATORS, MaskOperator, make_operator
 from ambient_fast.data.format import RECORD, CorruptedDataset, DataError, DatasetWriter, corruption_record
-from ambient_fast.seeds import derive_seed
+from ambient_fast.objective.seeds import derive_seed
 from ambient_fast.data.sources import ImageSource, mask_array, mask_folder, mask_rows, read_mask
 
 __all__ = ["MASK_KINDS", "prepare_corrupted", "import_masked", "mix_datasets", "summary", "main"]
@@ -106,7 +106,7 @@ def sigma_min_values(spec, names: list[str]) -> Optional[np.ndarray]:
                 raise DataError(f"--sigma-min {path} holds {len(values)} values for {len(names)} images") from None
             values = values[: len(names)]
         elif path.suffix == ".json":
-            from ambient_fast.files import read_json
+            from ambient_fast.files.atomic import read_json
 
             mapping = read_json(path)
             unknown = sorted(set(mapping) - set(names))

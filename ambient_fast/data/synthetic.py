@@ -20,8 +20,8 @@ from typing import Union
 import numpy as np
 import torch
 
-from ambient_fast.files import atomic_write
-from ambient_fast.corruption import make_operator
+from ambient_fast.files.atomic import atomic_write
+from ambient_fast.objective.corruption import make_operator
 from ambient_fast.data.format import CorruptedDataset, DataError, corruption_record, write_dataset
 
 __all__ = ["palette", "gradient", "RESOLUTIONS", "clean_images", "palette_fraction", "synthetic_dataset",

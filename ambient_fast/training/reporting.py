@@ -7,7 +7,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from ambient_fast.files import dumps_json
+from ambient_fast.files.atomic import dumps_json
 
 __all__ = ["progress_bar", "StatsLog", "gpu_info", "sample_grids"]
 
@@ -68,9 +68,9 @@ def sample_grids(network_path: Path, dataset, out: Path, count: int, device: tor
     """Sample `count` images from the network saved at `network_path` (the fixed-mask sampler at its
     training survival) and write samples.png, inputs.png (the first corrupted training images) and
     overview.png (inputs | samples) to `out`; returns overview.png's path."""
-    from ambient_fast.checkpoint import load_network
-    from ambient_fast.images import grid, save_png, to_uint8
-    from ambient_fast.sample import ambient_sample, seeded_inputs
+    from ambient_fast.files.checkpoints import load_network
+    from ambient_fast.files.images import grid, save_png, to_uint8
+    from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs
 
     loaded = load_network(network_path)
     model = loaded.model.to(device, memory_format=memory_format)

@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from ambient_fast.files import TEMPORARY, check_writable_dir, claim_output_dir, remove_temporaries, write_text
+from ambient_fast.files.atomic import TEMPORARY, check_writable_dir, claim_output_dir, remove_temporaries, write_text
 
 LOCK, STATS = ".lock", "stats.jsonl"
 # Everything a run writes (training states set aside as damaged included).

@@ -1,12 +1,12 @@
 """The ambient input of a training step, in one place: from a batch as stored (`RawBatch`, what the
 loaders deliver) to what the network and the loss take (`TrainingBatch`).
 
-For each image, from its position in the run (ambient_fast.seeds):
+For each image, from its position in the run (ambient_fast.objective.seeds):
 - its own Philox words (IMAGE stream) give its noise level sigma and the words of its further
   corruption. sigma comes from the loss's distribution restricted to the levels the image may
   train at: above its noise level sigma_n (a noisy image) and its sigma_min (an image marked as
   degraded in a way we do not model); every level for the others;
-- the data set's mask operator (`ambient_fast.corruption.training_operator`: the paper's B for its
+- the data set's mask operator (`ambient_fast.objective.corruption.training_operator`: the paper's B for its
   kind of masks, or an allowed `--further` override) turns those words into B: a coin per value,
   or one box per image (placed relative to A's own box for fixed_box and keep_patch); images whose
   A hides nothing (clean, or only noisy) get none;
@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ambient_fast import kernels
-from ambient_fast.corruption import MaskOperator
+from ambient_fast.objective.corruption import MaskOperator
 from ambient_fast.data.loader import RawBatch
-from ambient_fast.seeds import Stream, bits24, centred_uniform, philox, stream_key
+from ambient_fast.objective.seeds import Stream, bits24, centred_uniform, philox, stream_key
 
 __all__ = ["TrainingBatch", "AmbientInputs", "training_batch", "FULL_WEIGHT_FROM"]
 

@@ -1,9 +1,9 @@
 """The trainer: data, model, optimiser and EMA built from a TrainConfig; the loop; snapshots and exact
 resumption. Stateful: its one state dict (model, optimizer, EMA, counters, loader position) goes
-through torch.distributed.checkpoint (ambient_fast.training_state).
+through torch.distributed.checkpoint (ambient_fast.training.state).
 
 A step takes `accumulation` micro-batches from the loader (stored bytes, `RawBatch`), turns each into
-the network input in one pass (ambient_fast.inputs: B, sigma and the noise drawn from the run's
+the network input in one pass (ambient_fast.objective.inputs: B, sigma and the noise drawn from the run's
 counter-based streams at each image's position), grades it with the ambient loss, and applies one
 optimiser step unless the gradient is not finite. Every random draw is a function of the run's
 position, so `--resume` continues bit for bit on the same hardware.
@@ -20,19 +20,20 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from ambient_fast import kernels, reporting
-from ambient_fast.checkpoint import check_finite, save_network
-from ambient_fast.config import ARCHS, TrainConfig
-from ambient_fast.corruption import training_operator
-from ambient_fast.distributed import init_world
-from ambient_fast.files import write_json
-from ambient_fast.inputs import AmbientInputs
-from ambient_fast.loss import AmbientLoss, EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
-from ambient_fast.nn import EDMPrecond, VPPrecond
-from ambient_fast.parallel import gradient_sync, parallelize
-from ambient_fast.run_dir import RunDirectory
-from ambient_fast.seeds import Stream, stream_key
-from ambient_fast.training_state import load_newest_intact_state, save_training_state
+from ambient_fast import kernels
+from ambient_fast.training import reporting
+from ambient_fast.files.checkpoints import check_finite, save_network
+from ambient_fast.training.config import ARCHS, TrainConfig
+from ambient_fast.objective.corruption import training_operator
+from ambient_fast.training.distributed import init_world
+from ambient_fast.files.atomic import write_json
+from ambient_fast.objective.inputs import AmbientInputs
+from ambient_fast.objective.loss import AmbientLoss, EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
+from ambient_fast.networks import EDMPrecond, VPPrecond
+from ambient_fast.training.parallel import gradient_sync, parallelize
+from ambient_fast.training.run_dir import RunDirectory
+from ambient_fast.objective.seeds import Stream, stream_key
+from ambient_fast.training.state import load_newest_intact_state, save_training_state
 
 # Erasure probability of the built-in synthetic set: high enough that most of every training image is
 # missing, low enough that the default run learns the shapes within its few CPU minutes.
@@ -141,7 +142,7 @@ class Trainer(Stateful):
         self.ema = {name: p.detach().clone() for name, p in self.params.items()}
         self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                           fused=device.type == "cuda")
-        # bf16 by autocast under every kind of parallelism (ambient_fast.parallel: one numerical policy)
+        # bf16 by autocast under every kind of parallelism (ambient_fast.training.parallel: one numerical policy)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def summary(self) -> str:
@@ -194,7 +195,7 @@ class Trainer(Stateful):
         path = self.run_dir / name
         check_finite(ema_state, path)  # on every rank (each holds the full EMA): all stop together
         if self.world.is_main:
-            from ambient_fast.nn import build_model
+            from ambient_fast.networks import build_model
 
             network = build_model(self.config_for_checkpoint)
             network.load_state_dict(ema_state, strict=True)

@@ -13,7 +13,7 @@ Further corruption of a mask operator, in one place: `further_draw` turns an ima
 (24-bit integers) into a `FurtherDraw`, a per-value coin threshold or one box per image, and
 `keep_mask` evaluates it per value. `further_corrupt` feeds them words from a torch.Generator; the
 trainer's ambient input (`ambient_fast.kernels.ambient_input`, its fused kernel and its reference)
-feeds them Philox words of the run's counter-based streams (`ambient_fast.seeds`), and the fused
+feeds them Philox words of the run's counter-based streams (`ambient_fast.objective.seeds`), and the fused
 kernel repeats `keep_mask`'s arithmetic value by value.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ambient_fast.seeds import BITS
+from ambient_fast.objective.seeds import BITS
 
 __all__ = [
     "CorruptionOperator",

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ambient_fast.files import atomic_write
+from ambient_fast.files.atomic import atomic_write
 
 
 def from_uint8(levels: torch.Tensor) -> torch.Tensor:

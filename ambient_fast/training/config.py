@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple
 
-from ambient_fast.corruption import FURTHER_KINDS
+from ambient_fast.objective.corruption import FURTHER_KINDS
 from ambient_fast.data.loader import LOADER_KINDS
-from ambient_fast.files import read_json
-from ambient_fast.nn.layers import GATES
-from ambient_fast.parallel import PARALLEL_KINDS
+from ambient_fast.files.atomic import read_json
+from ambient_fast.networks.layers import GATES
+from ambient_fast.training.parallel import PARALLEL_KINDS
 
 __all__ = ["TrainConfig", "ARCHS", "PRESETS", "preset_for", "option", "build_parser", "config_from_args"]
 

@@ -9,7 +9,7 @@ and a further-corrupted mask `A_hat = B A`, the network sees
 It cannot tell a pixel hidden by B (graded) from one hidden by A (never graded), so it must
 predict both: that is what makes the model learn E[x0 | A_hat x_t, A_hat].
 
-The batch comes from `ambient_fast.inputs` (a `TrainingBatch`: the network input, the target y, A,
+The batch comes from `ambient_fast.objective.inputs` (a `TrainingBatch`: the network input, the target y, A,
 A_hat, sigma and a weight per image, every draw made there from the run's counter-based streams);
 the loss only grades. The noise-level distribution is the loss's own: `sigma_above` draws from it
 restricted to the levels above an image's bound (a noisy image trains only above its own noise
@@ -27,9 +27,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ambient_fast.inputs import TrainingBatch
+from ambient_fast.objective.inputs import TrainingBatch
 from ambient_fast.kernels import masked_loss
-from ambient_fast.nn.precond import vp_sigma
+from ambient_fast.networks.precond import vp_sigma
 
 WeightFn = Callable[[torch.Tensor], torch.Tensor]  # sigma (N, 1, 1, 1) -> weight (N, 1, 1, 1)
 
@@ -67,7 +67,7 @@ class AmbientLoss:
 
         Args:
             net: preconditioned ambient denoiser, `net(x (N, 2C, H, W), sigma (N,), labels, augment_labels)`.
-            batch: from `ambient_fast.inputs` (`AmbientInputs`, or `training_batch` for given tensors).
+            batch: from `ambient_fast.objective.inputs` (`AmbientInputs`, or `training_batch` for given tensors).
             augment_labels: passed to `net`.
         """
         C = batch.y.shape[1]

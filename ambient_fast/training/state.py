@@ -6,7 +6,7 @@ A state directory is written under a hidden temporary name, given `checksums.jso
 each of its files, written last) and renamed into place once every rank has finished; the last
 `keep` are kept. Loading verifies the checksums and falls back to the newest state that is intact,
 setting damaged ones aside (renamed, never deleted). RNG states need no saving: every random draw
-derives from the run's position (ambient_fast.seeds).
+derives from the run's position (ambient_fast.objective.seeds).
 
 DCP keeps its index (`.metadata`) as a pickle and would load it with `pickle.load`, and any
 non-tensor entry through `torch.load(weights_only=False)`: before loading, the index is read with an
@@ -27,8 +27,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from ambient_fast.distributed import World
-from ambient_fast.files import dumps_json, fsync_path, read_json, sha256_file, write_error
+from ambient_fast.training.distributed import World
+from ambient_fast.files.atomic import dumps_json, fsync_path, read_json, sha256_file, write_error
 
 PREFIX = "training-state-"
 STATE_NAME = re.compile(rf"^{PREFIX}\d{{9}}$")

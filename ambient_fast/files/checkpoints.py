@@ -28,9 +28,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from ambient_fast.diffusers_unet import is_diffusers_model
-from ambient_fast.files import read_json, write_bytes
-from ambient_fast.nn import AmbientPrecond, build_model, from_reference
+from ambient_fast.networks.diffusers import is_diffusers_model
+from ambient_fast.files.atomic import read_json, write_bytes
+from ambient_fast.networks import AmbientPrecond, build_model, from_reference
 
 FORMAT = "ambient-fast/1"
 COMPILE_PREFIX = "_orig_mod."
@@ -55,8 +55,8 @@ class LoadedNetwork:
         return None if p is None or delta is None else (1 - p) * (1 - delta)
 
     def sampling_sigmas(self) -> dict:
-        """`ambient_fast.sample.sampling_sigmas` of this model and the lowest level it trained at."""
-        from ambient_fast.sample import sampling_sigmas
+        """`ambient_fast.sampling.samplers.sampling_sigmas` of this model and the lowest level it trained at."""
+        from ambient_fast.sampling.samplers import sampling_sigmas
 
         return sampling_sigmas(self.model, sigma_floor=float(self.corruption.get("sigma_floor", 0.0)))
 
@@ -126,10 +126,10 @@ def _load_safetensors(path: Path) -> LoadedNetwork:
 def load_network(path: Union[str, Path], training_options: Optional[Union[str, Path]] = None) -> LoadedNetwork:
     """Load one of our `.safetensors` checkpoints, a reference `.pkl` snapshot (or a reference run
     directory, whose newest snapshot is taken) or a diffusers UNet directory (extra `[diffusers]`;
-    `ambient_fast.diffusers_unet`), through one call path, in eval mode."""
+    `ambient_fast.networks.diffusers`), through one call path, in eval mode."""
     path = Path(path)
     if path.is_dir() and is_diffusers_model(path):
-        from ambient_fast.diffusers_unet import load_denoiser, read_info
+        from ambient_fast.networks.diffusers import load_denoiser, read_info
 
         info = read_info(path)
         return LoadedNetwork(load_denoiser(path), info.get("corruption", {}), str(path), info)

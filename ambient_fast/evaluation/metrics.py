@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ambient_fast.inception import FEATURES, RESOLUTION, load_inception_weights
+from ambient_fast.evaluation.inception import FEATURES, RESOLUTION, load_inception_weights
 
 __all__ = ["frechet_distance", "pixel_features", "InceptionFeatures", "nearest_neighbour_similarity",
            "cosine_nearest_neighbour", "psnr"]
@@ -86,7 +86,7 @@ class InceptionFeatures:
 
     Args:
         weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a .safetensors copy
-            (ambient_fast.inception.load_inception_weights); never downloaded.
+            (ambient_fast.evaluation.inception.load_inception_weights); never downloaded.
         device: where the network runs.
         batch_size: images per forward pass.
     """

@@ -1,0 +1,1 @@
+"""Evaluation: sample-quality and memorisation metrics, and FID's Inception-v3."""
