@@ -17,6 +17,7 @@ them: a data set stores masks only.
 """
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -66,6 +67,14 @@ class Measurement(ABC):
     def batch(self) -> int:
         """Images with their own operator (1: the same operator for every image)."""
         return 1
+
+    def to(self, device, dtype: torch.dtype) -> Measurement:
+        """A copy whose tensors (mask, matrix, flags, kernel) live on `device` in `dtype`."""
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(moved, name, value.to(device, dtype))
+        return moved
 
     def as_matrix(self, image_shape: tuple[int, int, int], dtype: torch.dtype = torch.float64,
                   device=None) -> Tensor:
