@@ -9,7 +9,7 @@ from ambient_fast.sampling.measurements import Blur, CompressedSensing, Inpainti
 from ambient_fast.sampling.posterior import DPS, AmbientMask, InverseProblem, TweedieMoments, posterior_sample
 from ambient_fast.sampling.samplers import Churn, PerSeedGenerators
 
-from test_sample import small_model
+from test_sample import host_reads, small_model
 
 SHAPE = (1, 2, 2)  # (C, H, W) of the toy: n = 4 values
 N = math.prod(SHAPE)
@@ -302,21 +302,10 @@ def test_fast_path_agrees_with_the_exact_path(name, max_error, mean_error):
 def test_posterior_sampling_never_waits_for_device_values(name):
     """No tensor value is read on the host (conjugate gradients run a fixed number of iterations, the
     high-noise switch is a device-side choice)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class HostReads(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                HostReads.count += 1
-            return func(*args, **(kwargs or {}))
-
     _, latents, masks, problem = seeded_problem([0, 1], name)
     model = small_model()
-    with HostReads():
-        posterior_sample(model, latents, problem, method=METHODS[name], mask=masks, num_steps=3, fast=name == "ambient")
-    assert HostReads.count == 0
+    assert host_reads(lambda: posterior_sample(model, latents, problem, method=METHODS[name], mask=masks, num_steps=3,
+                                               fast=name == "ambient")) == 0
 
 
 def test_posterior_errors():
@@ -330,3 +319,26 @@ def test_posterior_errors():
         posterior_sample(model, latents, InverseProblem(problem.measurement, problem.y, -1.0))
     with pytest.raises(ValueError, match="solver"):
         posterior_sample(model, latents, problem, solver="rk4")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph, bf16 autocast and pinned churn noise need a CUDA GPU")
+def test_posterior_fast_path_on_cuda():
+    """On a GPU: AmbientMask replays its CUDA graph, the gradient methods run under bf16 autocast, each
+    within the CPU test's tolerance of the exact path; churn noise, drawn per seed and copied from
+    pinned memory, keeps an image independent of its batch (to TF32 convolutions' tolerance)."""
+    model = small_model().cuda()
+
+    def sample(seeds, name, **options):
+        generators, latents, masks, problem = seeded_problem(seeds, name)
+        problem = InverseProblem(problem.measurement.to("cuda", torch.float32), problem.y.cuda(), problem.noise_level)
+        churn = Churn(20.0, randn_like=generators.randn_like) if options.pop("churn", False) else Churn()
+        return posterior_sample(model, latents.cuda(), problem, method=METHODS[name], mask=masks.cuda(), num_steps=4,
+                                churn=churn, **options)
+
+    for name, max_error, mean_error in (("ambient", 0.01, 0.001), ("tweedie", 0.5, 0.01), ("dps", 0.5, 0.01)):
+        difference = (sample([0, 1, 2], name, fast=True).double() - sample([0, 1, 2], name)).abs()
+        assert difference.max() < max_error and difference.mean() < mean_error, (name, difference.max())
+    together, alone = sample([0, 1, 2], "ambient", churn=True), sample([1], "ambient", churn=True)
+    assert (together[1] - alone[0]).abs().max() < 1e-2
+    assert (together[1] - sample([1], "ambient")[0]).abs().max() > 1e-2
