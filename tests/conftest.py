@@ -29,12 +29,18 @@ def _threads():
     assert after == before, f"the test left torch's thread count at {after} (it was {before})"
 
 
-def load_fixture(name: str):
-    """(config, weights, cases) of a golden reference fixture; skips the test when absent."""
+def fixture_folder(name: str) -> Path:
+    """The folder of a golden reference fixture; skips the test when absent."""
     folder = FIXTURES / name
     if not folder.is_dir():
         pytest.skip(f"reference fixtures not found at {folder} (they live in ../shared/fixtures beside the "
                     "project root; set AMBIENT_FAST_FIXTURES to point elsewhere)")
+    return folder
+
+
+def load_fixture(name: str):
+    """(config, weights, cases) of a golden reference fixture; skips the test when absent."""
+    folder = fixture_folder(name)
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text())

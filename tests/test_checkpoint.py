@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_fast.files.checkpoints import UnsafePickleError, import_reference, load_network, save_network
+from ambient_fast.files.checkpoints import load_network, save_network
+from ambient_fast.files.reference import UnsafePickleError, import_reference
 from ambient_fast.networks import EDMPrecond, build_reference_model
 
 from test_nn import ambient_input, randomize_
