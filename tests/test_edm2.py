@@ -1,6 +1,7 @@
 """EDM2's network, preconditioning, sampler and snapshot import: against NVlabs/edm2's own outputs
 (../shared/fixtures/edm2_tiny), against direct computations, and against hostile snapshots."""
 import builtins
+import copy
 import json
 import pickle
 import sys
@@ -19,7 +20,7 @@ from ambient_fast.networks import EDM2Precond, build_model, edm2_from_reference
 from ambient_fast.networks.edm2 import Block, MPConv, mp_cat, mp_sum, normalize, resample
 from ambient_fast.sampling.edm2 import edm2_sample
 
-from conftest import assert_gradient_matches_differences, fixture_folder
+from conftest import assert_gradient_matches_differences, fixture_folder, installed_modules
 from test_checkpoint import Persistent, as_persistent_tree, fake_persistence
 
 TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16,
@@ -105,6 +106,14 @@ def test_fixture_training_forward_normalises_the_weights_in_place():
     with torch.no_grad():
         assert max_error(model.eval()(io["x"], io["sigma"]), io["D_eval_after_train_forward"]) < 1e-5
 
+    # The same with the normalisation as a step of its own (what a compiled trainer does).
+    stepwise = edm2_from_reference(config, weights).train()
+    stepwise.normalize_in_forward(False)
+    stepwise.normalize_weights_()
+    D_stepwise, _ = stepwise(io["x"], io["sigma"], return_logvar=True)
+    assert torch.equal(D_stepwise, D)
+    assert all(torch.equal(value, state[key]) for key, value in stepwise.state_dict().items())
+
 
 def test_fixture_sampler():
     """EDM2's sampler (our Heun loop through `edm2_sample`) on the fixture's latents: the images in
@@ -155,22 +164,19 @@ def tripwires():
             return real(source, *args, **kwargs)
         return call
 
+    with fake_dnnlib(type("EasyDict", (dict,), {"__new__": forbidden})), fake_persistence(), \
+            pytest.MonkeyPatch.context() as patch:
+        for name in ("exec", "eval", "compile"):
+            patch.setattr(builtins, name, guarded(getattr(builtins, name)))
+        yield
+
+
+def fake_dnnlib(easydict: type):
+    """`dnnlib.util.EasyDict` importable as `easydict` (a dict subclass), as the reference's pickles name it."""
+    easydict.__module__ = "dnnlib.util"
     dnnlib, util = types.ModuleType("dnnlib"), types.ModuleType("dnnlib.util")
-    util.EasyDict = type("EasyDict", (dict,), {"__new__": forbidden})
-    dnnlib.util = util
-    saved = {name: sys.modules.get(name) for name in ("dnnlib", "dnnlib.util")}
-    sys.modules.update({"dnnlib": dnnlib, "dnnlib.util": util})
-    try:
-        with fake_persistence(), pytest.MonkeyPatch.context() as patch:
-            for name in ("exec", "eval", "compile"):
-                patch.setattr(builtins, name, guarded(getattr(builtins, name)))
-            yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = value
+    util.EasyDict, dnnlib.util = easydict, util
+    return installed_modules({"dnnlib": dnnlib, "dnnlib.util": util})
 
 
 def test_snapshot_imports_without_running_anything(tmp_path):
@@ -229,24 +235,12 @@ def write_edm2_snapshot(path, model: EDM2Precond, encoder_state: dict):
                             use_fp16=True, **TINY)
     tree.meta["state"].update(_init_args=(), _init_kwargs=reference_kwargs)
     easydict = type("EasyDict", (dict,), {})
-    easydict.__module__ = "dnnlib.util"
-    dnnlib, util = types.ModuleType("dnnlib"), types.ModuleType("dnnlib.util")
-    util.EasyDict, dnnlib.util = easydict, util
-    saved = {name: sys.modules.get(name) for name in ("dnnlib", "dnnlib.util")}
-    sys.modules.update({"dnnlib": dnnlib, "dnnlib.util": util})
-    try:
-        with fake_persistence():
-            payload = easydict(encoder=Persistent("StabilityVAEEncoder", encoder_state),
-                               dataset_kwargs=easydict(path="latents.zip"),
-                               loss_fn=Persistent("EDM2Loss", dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5)),
-                               ema=tree)
-            path.write_bytes(pickle.dumps(payload, protocol=4))
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = value
+    with fake_dnnlib(easydict), fake_persistence():
+        payload = easydict(encoder=Persistent("StabilityVAEEncoder", encoder_state),
+                           dataset_kwargs=easydict(path="latents.zip"),
+                           loss_fn=Persistent("EDM2Loss", dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5)),
+                           ema=tree)
+        path.write_bytes(pickle.dumps(payload, protocol=4))
     return path
 
 
@@ -379,6 +373,42 @@ def test_fused_attention_matches_the_reference_arithmetic(monkeypatch):
         fused = block(x, emb)
     assert block.num_heads == 2
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+
+
+def training_step(model: EDM2Precond, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """EDM2's loss shape (a per-level log-variance) on the image half, backward; returns D."""
+    D, logvar = model(x, sigma, return_logvar=True)
+    logvar = logvar.flatten()
+    ((D[:, :3] - x[:, :3]).square().mean(dim=(1, 2, 3)) / logvar.exp() + logvar).sum().backward()
+    return D.detach()
+
+
+def test_forced_normalisation_as_a_step_and_whole_compiled_blocks():
+    """normalize_weights_() before each step, with the in-place overwrite off in the forward, trains
+    bit for bit as the reference's forward does (outputs, gradients, stored weights), and leaves every
+    block one graph; the reference's way breaks the graph at each overwrite (Inductor would drop the
+    overwrite from a graph: see MPConv)."""
+    reference = tiny(dropout=0.0).train()
+    stepwise = copy.deepcopy(reference)
+    stepwise.normalize_in_forward(False)
+    x, sigma = ambient_input(2), torch.tensor([0.05, 3.0])
+    for _ in range(2):
+        stepwise.normalize_weights_()
+        assert torch.equal(training_step(stepwise, x, sigma), training_step(reference, x, sigma))
+        for (name, a), b in zip(stepwise.named_parameters(), reference.parameters()):
+            assert torch.equal(a, b) and torch.equal(a.grad, b.grad), name
+            a.grad = b.grad = None
+
+    block = stepwise.unet.dec["4x4_in0"]  # attention, decoder flavour
+    inputs = (torch.randn(2, 32, 4, 4), torch.randn(2, 32))
+    torch._dynamo.reset()
+    try:
+        assert torch._dynamo.explain(block)(*inputs).graph_break_count == 0
+        torch._dynamo.reset()
+        block.conv_res0.normalize_in_forward = True
+        assert torch._dynamo.explain(block)(*inputs).graph_break_count > 0
+    finally:
+        torch._dynamo.reset()
 
 
 def test_gradient_matches_central_differences():

@@ -32,7 +32,7 @@ def normalize(x: torch.Tensor, dim: Union[int, Sequence[int], None] = None, eps:
     in float32 at least. Over a weight's input dimensions this is the weight normalisation; over the
     channels of an activation (`dim=1`), the pixel norm. eps is added to the RMS, not to its square."""
     dims = list(range(1, x.ndim)) if dim is None else [dim] if isinstance(dim, int) else list(dim)
-    count = math.prod(x.shape[d] for d in dims)
+    count = math.prod([x.shape[d] for d in dims])  # a list: a generator here would break torch.compile's graph
     norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=_compute_dtype(x.dtype))
     # eps + norm / sqrt(count) as one operation, rounded as the reference rounds it: forced weight
     # normalisation then writes the reference's weights bit for bit.
@@ -83,31 +83,48 @@ class MPFourier(torch.nn.Module):
         return (y.cos() * math.sqrt(2)).to(x.dtype)
 
 
+@torch.compiler.disable  # see MPConv: Inductor drops this overwrite from a compiled graph
+@torch.no_grad()
+def _overwrite_normalized(weight: torch.nn.Parameter, w: torch.Tensor) -> None:
+    weight.copy_(normalize(w))
+
+
 class MPConv(torch.nn.Module):
     """Magnitude-preserving convolution (4-D weight) or fully connected layer (`kernel=()`), no bias:
     the weight normalised per output channel, times `gain / sqrt(fan_in)`.
 
-    In training mode each call first overwrites the stored weight by its normalised value (forced
-    weight normalisation, as the reference does it: in place, without gradient) and then normalises
-    again for the computation. With float32 parameters the reference's float32 view of the weight is
-    the parameter itself, so the computation sees normalize(normalize(w)), which differs from
-    normalize(w) by the eps in the RMS; with half-precision parameters the view is a copy taken before
-    the overwrite. Both behaviours are kept, so training outputs match the reference's in either.
+    Forced weight normalisation. In training mode each call first overwrites the stored weight by its
+    normalised value (in place, without gradient, as the reference does it) and then normalises again
+    for the computation. With float32 parameters the reference's float32 view of the weight is the
+    parameter itself, so the computation sees normalize(normalize(w)), which differs from normalize(w)
+    by the eps in the RMS; with half-precision parameters the view is a copy taken before the overwrite.
+    Both behaviours are kept, so training outputs match the reference's in either.
+
+    torch.compile: Inductor (torch 2.13) silently drops that in-place overwrite of a parameter from a
+    compiled graph, and the gradient it then computes is wrong, so the overwrite runs outside the graph
+    (a graph break). A trainer that wants whole graphs sets `normalize_in_forward = False` and calls
+    `normalize_weight_()` before each training forward instead, which computes the same, bit for bit
+    with float32 parameters.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int] = ()):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.normalize_in_forward = True
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+
+    @torch.no_grad()
+    def normalize_weight_(self) -> None:
+        """Forced weight normalisation as a step of its own: weight <- normalize(weight), in place."""
+        self.weight.copy_(normalize(self.weight.to(_compute_dtype(self.weight.dtype))))
 
     def forward(self, x: torch.Tensor, gain: Union[float, torch.Tensor] = 1) -> torch.Tensor:
         """x (N, in_channels, H, W) or (N, in_channels) -> (N, out_channels, ...). A 0-dim tensor `gain`
         divides by sqrt(fan_in) in its own dtype (float16 for a float16 snapshot), as the reference."""
         w = self.weight.to(_compute_dtype(self.weight.dtype))  # the parameter itself when float32 (see above)
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))
+        if self.training and self.normalize_in_forward:
+            _overwrite_normalized(self.weight, w)
         w = normalize(w) * (gain / math.sqrt(w[0].numel()))
         w = w.to(x.dtype)
         if w.ndim == 2:

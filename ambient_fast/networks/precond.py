@@ -258,6 +258,20 @@ class EDM2Precond(torch.nn.Module):
         """The units torch.compile and FSDP treat one by one: the U-Net's blocks."""
         return [module for module in self.unet.modules() if isinstance(module, Block)]
 
+    def normalize_weights_(self) -> None:
+        """Forced weight normalisation of every MPConv as a step of its own, for a trainer that calls it
+        before each training forward and turns it off inside the forward (`normalize_in_forward(False)`):
+        whole compiled graphs, the same arithmetic (see MPConv)."""
+        for module in self.modules():
+            if isinstance(module, MPConv):
+                module.normalize_weight_()
+
+    def normalize_in_forward(self, enabled: bool) -> None:
+        """Whether each training-mode forward normalises the weights in place first (the reference's way)."""
+        for module in self.modules():
+            if isinstance(module, MPConv):
+                module.normalize_in_forward = enabled
+
     @property
     def config(self) -> dict:
         """Everything needed to rebuild this model with `build_model` (JSON-serialisable; every U-Net

@@ -40,7 +40,8 @@ def edm2_sample(net: torch.nn.Module, noise: torch.Tensor, class_labels: Optiona
         noise: (N, C, H, W) standard normal latents, one per image (per seed).
         class_labels: (N, label_dim) or None.
         num_steps, sigma_min, sigma_max, rho: EDM's noise-level discretisation; dtype: the state's dtype.
-        options: further keywords of `ambient_sample` (S_churn and its companions, solver, fast).
+        options: further keywords of `ambient_sample` (S_churn and its companions, solver, fast; with
+            fast=True each call captures its CUDA graph anew, the wrapper around `net` being new).
     Returns:
         (N, C, H, W) samples in `dtype`.
     """
