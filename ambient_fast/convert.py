@@ -1,5 +1,6 @@
 """`python -m ambient_fast.convert RUN_DIR_OR_PKL OUT.safetensors`: convert a published reference
-snapshot into our safetensors format once (safely: nothing in the pickle is executed)."""
+snapshot (an Ambient Diffusion run's, or NVlabs/edm2's) into our safetensors format once (safely:
+nothing in the pickle is executed)."""
 import argparse
 import sys
 
@@ -9,7 +10,7 @@ from ambient_fast.files.atomic import check_writable_file
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ambient_fast.convert", description=__doc__)
-    parser.add_argument("source", help="reference run directory (newest snapshot) or network-snapshot-*.pkl")
+    parser.add_argument("source", help="reference run directory (newest snapshot), network-snapshot-*.pkl, or an EDM2 .pkl")
     parser.add_argument("out", help="output .safetensors path")
     parser.add_argument("--training-options", help="training_options.json, if not beside the snapshot")
     args = parser.parse_args(argv)
@@ -23,9 +24,11 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     model = loaded.model
-    params = sum(p.numel() for p in model.parameters())
-    print(f"converted {loaded.source} -> {args.out} ({model.model_type}, {params / 1e6:.2f} M parameters, "
-          f"gate {model.gate}, corruption {loaded.corruption})")
+    if hasattr(model, "describe"):  # EDM2
+        network = model.describe()
+    else:
+        network = f"{model.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, gate {model.gate}"
+    print(f"converted {loaded.source} -> {args.out} ({network}, corruption {loaded.corruption})")
     return 0
 
 
