@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs
+from ambient_fast.sampling.samplers import PerSeedGenerators, ambient_sample, sampling_sigmas
 
 SAMPLE_OUTPUT = re.compile(r"^(\d+\.png|grid\.png|sampling\.json)$")  # what the command writes to --out
 
@@ -117,14 +117,16 @@ def main(argv=None) -> int:
             # The fast path pads every batch to --batch: one static shape, so the same kernels run
             # whatever batch an image lands in (padding images are dropped).
             padded = list(batch_seeds) + [0] * ((args.batch - len(batch_seeds)) if fast else 0)
-            latents, masks = seeded_inputs(padded, shape, args.masks, survival, shared, device)
+            generators = PerSeedGenerators(padded)  # latents, masks and churn noise: one stream per seed
+            latents, masks = generators.sampling_inputs(shape, args.masks, survival, shared, device)
             if model.label_dim:
                 labels = torch.nn.functional.one_hot(torch.full((len(padded),), args.class_index),
                                                      model.label_dim).float().to(device)
             images = ambient_sample(model, latents, masks, num_steps=args.steps, solver=args.solver,
                                     guidance=args.guidance, class_labels=labels, S_churn=args.churn,
+                                    randn_like=generators.randn_like,
                                     dtype=torch.float32 if args.float32 else torch.float64, fast=fast,
-                                    **loaded.sampling_sigmas())
+                                    **sampling_sigmas(loaded))
             for seed, array in zip(batch_seeds, to_uint8(images)):
                 save_png(array, out / f"{seed:06d}.png")
             progress.advance(task, len(batch_seeds))
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
         write_json(out / "sampling.json", dict(
             net=str(loaded.source), seeds=args.seeds, images=[f"{seed:06d}.png" for seed in seeds], steps=args.steps,
             solver=args.solver, survival=survival, masks=args.masks, guidance=args.guidance, churn=args.churn,
-            class_index=args.class_index, **loaded.sampling_sigmas()))
+            class_index=args.class_index, **sampling_sigmas(loaded)))
         print(f"wrote {len(seeds)} images and {out / 'grid.png'}")
     close_world()
     return 0

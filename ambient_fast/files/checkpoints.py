@@ -43,11 +43,11 @@ class LoadedNetwork:
         p, delta = self.corruption.get("p"), self.corruption.get("delta")
         return None if p is None or delta is None else (1 - p) * (1 - delta)
 
-    def sampling_sigmas(self) -> dict:
-        """`ambient_fast.sampling.samplers.sampling_sigmas` of this model and the lowest level it trained at."""
-        from ambient_fast.sampling.samplers import sampling_sigmas
-
-        return sampling_sigmas(self.model, sigma_floor=float(self.corruption.get("sigma_floor", 0.0)))
+    @property
+    def sigma_floor(self) -> float:
+        """The lowest noise level the model trained at (0 unless it trained only on noisy images);
+        the samplers stop there (`ambient_fast.sampling.samplers.sampling_sigmas`)."""
+        return float(self.corruption.get("sigma_floor", 0.0))
 
 
 # ----------------------------------------------------------------------------------------------
