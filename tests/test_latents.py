@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_fast.data.format import RECORD, CorruptedDataset, DataError, DatasetWriter
+from ambient_fast.data.format import CorruptedDataset, DataError, DatasetWriter
 from ambient_fast.data.latents import (EDM2_SD_VAE_SCALING, LatentCodec, LatentScaling, refuse_masks,
                                        write_latent_dataset)
 
