@@ -226,6 +226,7 @@ def write_report(path: Path, title: str, sections: Sequence[str]) -> Path:
 
 def environment_section(device: torch.device, command: str) -> str:
     """The report's first lines: device, date, versions, command."""
-    lines = [f"- Device: {device_name(device)}" + ("" if device.type == "cuda" else f". {CPU_CAVEAT}"),
+    lines = [f"- Device: {device_name(device)}"
+             + ("" if device.type == "cuda" else f", {torch.get_num_threads()} torch thread(s). {CPU_CAVEAT}"),
              f"- Date: {today()}", f"- Software: {versions()}", f"- Command: `{command}`"]
     return "\n".join(lines)
