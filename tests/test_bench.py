@@ -134,6 +134,17 @@ def test_training_variants_and_report(train, stand_in, tmp_path):
     assert inspection.profile.busy_us == pytest.approx(sum(us for _, _, us in inspection.profile.rows))
 
 
+def test_compile_lines(train):
+    """A compiled variant's compile time is its first step less its median step; a recompile while
+    timing is called out (the windows then include compilation)."""
+    rows = [train.Row("(b) fast path", "", train.Timing(128, 48.5, [0.2, 0.25, 0.3], 14, 0), "n/a"),
+            train.Row("(x) recompiled", "", train.Timing(128, 10.0, [1.0, 2.0, 3.0], 2, 1), "n/a")]
+    lines = train.compile_lines(rows)
+    assert lines[0] == ("- (b) fast path: compile time ~ 48.2 s (first step 48.5 s, later steps 0.25 s); "
+                        "14 graphs compiled in the warm-up, 0 while timing")
+    assert lines[1].startswith("- (x) recompiled: compile time ~ 8 s") and "RECOMPILED" in lines[1]
+
+
 def test_batch_scaling_report(train, tmp_path):
     """--configs none --scaling: (b) alone at each batch, in a report of its own, ratios over the first."""
     assert train.main(["--tiny", "--configs", "none", "--scaling", "2,3", "--results", str(tmp_path)]) == 0
