@@ -3,7 +3,8 @@
 # 10 minutes there, and all GPU work of a piece of work has 15 minutes, machine starts included):
 # the per-step limits of each part sum to at most 300 s.
 #
-#   bash bench/gpu_check.sh --part 1|2 [--fixtures DIR] [--wheels DIR] [--reference-repo PATH] OUT_DIR
+#   bash bench/gpu_check.sh --part 1|2 [--wheels DIR] [--fixtures DIR] [--reference-repo PATH] OUT_DIR
+#       (--fixtures and --reference-repo: part 1, whose tests and training benchmark use them)
 #   bash bench/gpu_check.sh --cpu-rehearsal [--part 1|2] OUT_DIR   # every step at tiny sizes on the CPU
 #   bash bench/gpu_check.sh --part 1|2 --dry-run [--cpu-rehearsal]   # list the steps and limits only
 #
