@@ -14,6 +14,18 @@ import torch
 FIXTURES = Path(os.environ.get("AMBIENT_FAST_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_fixes():
+    """The fixes Triton's interpreter needs beside its compiler in one process (the kernel tests
+    interpret, the AOT check compiles), for the whole session: ambient_fast.kernels.interpreter.
+    Imported at the first test, after collection, so that the kernel tests' module still imports
+    Triton under TRITON_INTERPRET=1 as it means to."""
+    from ambient_fast.kernels import interpreter
+
+    with interpreter.fixes():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
