@@ -7,6 +7,7 @@ import re
 import torch
 
 from ambient_fast.sampling.samplers import PerSeedGenerators, ambient_sample, sampling_sigmas
+from ambient_fast.training.settings import SamplingSettings, defaults_target, resolve_sampling
 
 SAMPLE_OUTPUT = re.compile(r"^(\d+\.png|grid\.png|sampling\.json)$")  # what the command writes to --out
 
@@ -32,8 +33,10 @@ def parse_seeds(text: str) -> "list[int]":
     return seeds
 
 
-
-
+def sampling_settings(args, device: torch.device) -> SamplingSettings:
+    """The command's device-dependent choices (memory format, sampler path), from its options."""
+    return resolve_sampling(device, exact=args.exact, guidance=args.guidance, churn=args.churn,
+                            target=defaults_target(device))
 
 
 def main(argv=None) -> int:
@@ -78,10 +81,10 @@ def main(argv=None) -> int:
         if args.batch < 1 or args.steps < 1 or args.masks < 1:
             raise ValueError("--batch, --steps and --masks must be at least 1")
         world, device = init_world(args.device)
+        settings = sampling_settings(args, device)
         loaded = load_network(args.net, args.training_options)
         # channels_last on GPUs: cuDNN's fast layout for bf16 convolutions (the fused kernels read either)
-        model = loaded.model.to(device, memory_format=torch.channels_last if device.type == "cuda"
-                                else torch.contiguous_format)
+        model = loaded.model.to(device, memory_format=settings.memory_format)
         survival = args.survival if args.survival is not None else loaded.survival
         if survival is None:
             raise ValueError("the checkpoint does not record its training corruption; pass --survival")
@@ -105,11 +108,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     mine = seeds[world.rank::world.size]
     shared = bool(loaded.corruption.get("shared_channels", False))
-    fast = device.type == "cuda" and not args.exact and args.guidance == 0 and args.churn == 0
+    fast = settings.fast
     if world.is_main:
         print(f"sampling {len(seeds)} images from {loaded.source} on {device} ({world.size} process(es)): "
               f"{args.steps} {args.solver} steps, survival {survival:.3f}, {args.masks} mask(s), guidance {args.guidance}, "
-              f"{'fast path (bf16, CUDA graph)' if fast else 'exact path'}")
+              f"{'fast' if fast else 'exact'} path ({settings.describe()})")
     with Progress(disable=not world.is_main) as progress:
         task = progress.add_task("sampling", total=len(mine))
         for start in range(0, len(mine), args.batch):

@@ -1,8 +1,8 @@
 """Fine-tuning diffusers UNets with the ambient objective: the VP <-> EDM wrapper against diffusers'
 own DDIM step, hidden pixels, conditioning, the loss's blindness outside A, the trainer's outputs
-reloaded by diffusers, exact resume (one process and FSDP2 under torchrun), the sampling and
-restoration CLIs, bad input and the optional extra. Tiny random models of both UNet classes, built
-here; nothing is downloaded."""
+reloaded by diffusers, exact resume (one process; FSDP2 under torchrun in CUDA's configuration in
+tests/test_cuda_config.py), the sampling and restoration CLIs, bad input and the optional extra.
+Tiny random models of both UNet classes, built here; nothing is downloaded."""
 import copy
 import json
 import subprocess
@@ -22,7 +22,6 @@ from ambient_fast.objective.inputs import training_batch  # noqa: E402
 from ambient_fast.objective.loss import DiscreteVPAmbientLoss  # noqa: E402
 from ambient_fast.sampling.samplers import ambient_sample  # noqa: E402
 
-from conftest import torchrun  # noqa: E402
 
 EMBEDDING_DIM, TOKENS = 24, 5
 FAST = ["--steps", "4", "--batch", "4", "--snapshot-every", "2", "--sample-count", "2"]
@@ -239,18 +238,6 @@ def test_resume_is_exact(models, tmp_path):
         a = load_file(str(straight / folder / "diffusion_pytorch_model.safetensors"))
         b = load_file(str(resumed / folder / "diffusion_pytorch_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
-
-
-def test_fsdp_under_torchrun_resumes_exactly(models, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = ["--parallel", "fsdp", "--loss-weight", "snr"]
-    out = torchrun("ambient_fast.finetune", *finetune_args(models, "unet2d", straight), *args)
-    assert "2 rank(s)" in out and "parallel fsdp" in out
-    torchrun("ambient_fast.finetune", *finetune_args(models, "unet2d", resumed), *args, "--steps", "2")
-    torchrun("ambient_fast.finetune", "--resume", str(resumed), "--steps", "4")
-    a = load_file(str(straight / "unet-ema" / "diffusion_pytorch_model.safetensors"))
-    b = load_file(str(resumed / "unet-ema" / "diffusion_pytorch_model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sample_and_restore_clis_take_a_diffusers_directory(models, tmp_path):

@@ -1,5 +1,6 @@
-"""The trainer: the default run end to end (shortened), exact resumption (one process and two ranks
-under torchrun with gloo, FSDP2 and DDP), SIGTERM, roll-back on divergence, bad input."""
+"""The trainer: the default run end to end (shortened), exact resumption (one process; two ranks
+under torchrun with FSDP2 and DDP in tests/test_cuda_config.py, in CUDA's configuration), SIGTERM,
+roll-back on divergence, bad input."""
 import json
 import math
 import os
@@ -18,8 +19,6 @@ from ambient_fast.data.loader import dali_available, make_loader
 from ambient_fast.train import main
 from ambient_fast.training.trainer import Trainer
 from ambient_fast.training.state import state_dirs
-
-from conftest import torchrun
 
 FAST = ["--steps", "4", "--batch", "8", "--snapshot-every", "2", "--sample-count", "4", "--channels", "16",
         "--channel-mult", "1,2", "--blocks", "1", "--attn", ""]
@@ -139,16 +138,6 @@ def test_sigterm_writes_state_and_resume_finishes_exactly(tmp_path):
                              text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(final_weights(straight), final_weights(stopped))
-
-
-@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
-def test_torchrun_two_ranks_resume_exactly(tmp_path, parallel):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    out = torchrun("ambient_fast.train", "--out", str(straight), *FAST, "--parallel", parallel)
-    assert "2 rank(s)" in out and f"parallel {parallel}" in out
-    torchrun("ambient_fast.train", "--out", str(resumed), *FAST, "--parallel", parallel, "--steps", "2")
-    torchrun("ambient_fast.train", "--resume", str(resumed), "--steps", "4")
-    assert_same_weights(final_weights(straight), final_weights(resumed))
 
 
 def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path):

@@ -1,5 +1,5 @@
-"""Parallelism applied to a built model, in a fixed order: torch.compile per U-Net block, then
-FSDP2 per block and the U-Net root; or DDP; or nothing.
+"""Parallelism applied to a built model, in a fixed order: the activations' memory format, then
+torch.compile per U-Net block, then FSDP2 per block and the U-Net root; or DDP; or nothing.
 
 One numerical policy for every kind: fp32 parameters, bf16 computation by autocast (the trainer's),
 gradients reduced in fp32. FSDP2 therefore gathers fp32 parameters and casts nothing itself: with a
@@ -7,6 +7,22 @@ bf16 `param_dtype` it would cast every floating-point input of the U-Net to bf16
 included (VP's reach 999, where bf16 steps by 4), while autocast keeps the noise embedding's
 arithmetic in fp32 and casts only what its convolutions and matrix products read. A sharded run
 computes what a single process computes.
+
+One memory-format policy for every kind: the parameters stay contiguous and only the activations
+are channels_last. FSDP2 shards and all-gathers each parameter as one contiguous block and refuses
+any other layout at `fully_shard` ("FSDP does not support non-contiguous parameters yet"), so
+converting the weights (`model.to(memory_format=torch.channels_last)`) cannot run under it; nor can
+they be converted after sharding, as what FSDP2 gathers for each forward is contiguous again. The
+layout reaches cuDNN anyway: ATen runs a convolution channels_last (NHWC kernels, the weight
+converted on the fly) when its input *or* its weight is channels_last
+(`cudnn_conv_suggest_memory_format`), and writes its output so. Only some activations arrive in
+another layout: ATen's CUDA group norm writes NCHW whatever it reads, and most convolutions of a
+U-Net block read a group norm's output (through SiLU). So every convolution's input is made
+channels_last on the way in (a forward pre-hook), which is the copy ATen itself makes when the
+weight is channels_last: the same kernels as with converted weights, plus a weight-sized conversion
+per call. Under torch.compile, Inductor chooses the convolutions' layouts itself (its layout
+optimisation). Whether cuDNN's NHWC kernels run, and what the conversions cost, is for the GPU
+benchmark to measure (bench/train.py's profile).
 """
 import contextlib
 
@@ -15,19 +31,23 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from ambient_fast.networks.layers import Conv2d
 from ambient_fast.training.distributed import World
 
 PARALLEL_KINDS = ("fsdp", "ddp", "none")
 
 
 def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.device,
-                compile_blocks: bool) -> torch.nn.Module:
-    """Apply compile and FSDP2 / DDP to `model` in place; return the module to call. `model` is an
-    AmbientPrecond or a DiffusersDenoiser: its network is `model.model`, and `model.blocks()` are
-    the units compiled and sharded one by one."""
+                compile_blocks: bool, channels_last: bool = False) -> torch.nn.Module:
+    """Apply the activations' layout, compile and FSDP2 / DDP to `model` in place; return the
+    module to call. `model` is an AmbientPrecond or a DiffusersDenoiser: its network is
+    `model.model`, and `model.blocks()` are the units compiled and sharded one by one. Its
+    parameters must be contiguous (see the module docstring)."""
     if kind not in PARALLEL_KINDS:
         raise ValueError(f"--parallel must be one of {PARALLEL_KINDS}, got {kind!r}")
     unet, blocks = model.model, model.blocks()
+    if channels_last:
+        channels_last_activations(unet)
     if compile_blocks:
         compile_each(blocks)
     if kind == "fsdp":
@@ -40,6 +60,24 @@ def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.d
     if kind == "ddp":
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return model
+
+
+CONVOLUTIONS = (Conv2d, torch.nn.Conv2d, torch.nn.ConvTranspose2d)  # ours, and those of diffusers' UNets
+
+
+def channels_last_activations(network: torch.nn.Module) -> int:
+    """Make every convolution of `network` read its input channels_last (a forward pre-hook; the
+    weights keep their layout); returns how many convolutions it hooked."""
+    convolutions = [module for module in network.modules() if isinstance(module, CONVOLUTIONS)]
+    for convolution in convolutions:
+        convolution.register_forward_pre_hook(_input_channels_last)
+    return len(convolutions)
+
+
+def _input_channels_last(module: torch.nn.Module, args: tuple):
+    if args and args[0].ndim == 4:
+        return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
 
 
 def compile_each(blocks: "list[torch.nn.Module]", backend="inductor") -> None:

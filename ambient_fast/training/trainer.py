@@ -32,6 +32,7 @@ from ambient_fast.objective.loss import AmbientLoss, EDMAmbientLoss, VPAmbientLo
 from ambient_fast.networks import EDMPrecond, VPPrecond
 from ambient_fast.training.parallel import gradient_sync, parallelize
 from ambient_fast.training.run_dir import RunDirectory
+from ambient_fast.training.settings import defaults_target, resolve_training
 from ambient_fast.objective.seeds import Stream, stream_key
 from ambient_fast.training.state import load_newest_intact_state, save_training_state
 
@@ -57,8 +58,10 @@ class Trainer(Stateful):
         unless `overwrite`. The main rank locks the run directory until `close()`."""
         self.cfg = cfg
         self.world, self.device = init_world(cfg.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        self.target = defaults_target(self.device)
+        self.settings = resolve_training(cfg, self.device, self.world.size, self.target)
+        if self.target == "cuda":
+            self.settings.set_backend_flags()
         self.run_dir = Path(cfg.out)
         self.run = RunDirectory(self.run_dir, resume=resume, overwrite=overwrite) if self.world.is_main else None
         try:
@@ -71,7 +74,7 @@ class Trainer(Stateful):
             self.sigma_bounds = self.dataset.sigma_bounds() if noise else self.dataset.records()["sigma_min"]
             self.inputs = AmbientInputs(training_operator(self.dataset.corruption, cfg.delta, cfg.further),
                                         self.loss_fn, seed=cfg.seed, shape=self.dataset.shape,
-                                        label_dim=self.dataset.label_dim, channels_last=self.channels_last,
+                                        label_dim=self.dataset.label_dim, channels_last=self.settings.channels_last,
                                         bounds=self.sigma_bounds, noise=noise)
             if resume:
                 self._resume()
@@ -119,42 +122,41 @@ class Trainer(Stateful):
             raise ValueError(f"--batch-gpu {micro} does not divide the per-rank batch {per_rank}")
         self.per_rank, self.micro, self.accumulation = per_rank, micro, per_rank // micro
         self.loader = make_loader(self.dataset, batch_size=micro, rank=world.rank, world_size=world.size,
-                                  seed=cfg.seed, xflip=cfg.xflip, device=self.device, kind=cfg.loader)
+                                  seed=cfg.seed, xflip=cfg.xflip, device=self.device, kind=self.settings.loader)
 
     def _setup_model(self):
-        cfg, device = self.cfg, self.device
+        cfg, device, settings = self.cfg, self.device, self.settings
         torch.manual_seed(stream_key(cfg.seed, Stream.INIT))  # the same initial weights on every rank
         try:
             self.net, self.loss_fn = self.build_model()
         except (ValueError, RuntimeError, KeyError, IndexError) as error:
             raise ValueError(f"the model options do not make a network for {self.dataset.resolution}x"
                              f"{self.dataset.resolution} images: {type(error).__name__}: {error}") from None
-        self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.net = self.net.to(device, memory_format=self.memory_format).train()
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-        self.parallel = cfg.parallel if cfg.parallel != "auto" else ("fsdp" if self.world.size > 1 else "none")
-        if self.parallel != "none" and self.world.size == 1:
-            self.parallel = "none"
-        self.compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
-        self.model = parallelize(self.net, self.parallel, self.world, device, self.compiled)
+        # Contiguous parameters under every kind of parallelism; channels_last is the activations'
+        # (ambient_fast.training.parallel: FSDP2 refuses channels_last parameters).
+        self.net = self.net.to(device).train()
+        self.model = parallelize(self.net, settings.parallel, self.world, device, settings.compile,
+                                 channels_last=settings.channels_last)
         self.params = {name: p for name, p in self.net.named_parameters()}
         self.ema = {name: p.detach().clone() for name, p in self.params.items()}
         self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                          fused=device.type == "cuda")
+                                          fused=settings.fused_optimizer)
         # bf16 by autocast under every kind of parallelism (ambient_fast.training.parallel: one numerical policy)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+
+    # What the step and the benchmarks read of the settings.
+    parallel = property(lambda self: self.settings.parallel)
+    bf16 = property(lambda self: self.settings.bf16)
+    compiled = property(lambda self: self.settings.compile)
 
     def summary(self) -> str:
-        tf32 = "on" if self.cfg.tf32 and self.device.type == "cuda" else "off"
+        defaults = f" (defaults as on {self.target})" if self.target != self.device.type else ""
         return (f"{self.describe_model()} | "
                 f"data {self.dataset.path} ({len(self.dataset)} images {self.dataset.resolution}x{self.dataset.resolution}, "
                 f"corruption {self.dataset.corruption}, delta {self.cfg.delta}) | {self.world.size} rank(s) on "
-                f"{self.device}, parallel {self.parallel}, {'bf16' if self.bf16 else 'fp32'}, "
-                f"compile {'on' if self.compiled else 'off'}, {'channels_last' if self.channels_last else 'NCHW'}, "
-                f"TF32 {tf32}, {self.loader.describe()} | {self.inputs.describe()} | "
-                f"batch {self.cfg.batch} = {self.world.size} x {self.accumulation} x {self.micro} | "
-                f"kernels: {kernels.active_path(self.device)}")
+                f"{self.device}: {self.settings.describe()}{defaults} | {self.loader.describe()} | "
+                f"{self.inputs.describe()} | batch {self.cfg.batch} = {self.world.size} x {self.accumulation} x "
+                f"{self.micro} | kernels: {kernels.active_path(self.device)}")
 
     # -- the model family: what ambient_fast.finetune's FinetuneTrainer overrides -----------------
 
@@ -206,7 +208,7 @@ class Trainer(Stateful):
     def write_samples(self, network_path: Path) -> Path:
         """The final sample grids (main rank); returns overview.png's path."""
         return reporting.sample_grids(network_path, self.dataset, self.run_dir, self.cfg.sample_count, self.device,
-                                      self.memory_format)
+                                      self.settings.memory_format)
 
     # -- the loop --------------------------------------------------------------------------------
 
