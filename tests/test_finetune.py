@@ -17,7 +17,9 @@ diffusers = pytest.importorskip("diffusers", reason="the [diffusers] extra is no
 from ambient_fast.files.checkpoints import load_network  # noqa: E402
 from ambient_fast.data.synthetic import synthetic_dataset  # noqa: E402
 from ambient_fast.networks.diffusers import DiffusersDenoiser, load_denoiser  # noqa: E402
-from ambient_fast.finetune import FinetuneConfig, FinetuneTrainer, main  # noqa: E402
+from ambient_fast.finetune import main  # noqa: E402
+from ambient_fast.training.config import FinetuneConfig  # noqa: E402
+from ambient_fast.training.finetuning import FinetuneTrainer  # noqa: E402
 from ambient_fast.objective.inputs import training_batch  # noqa: E402
 from ambient_fast.objective.loss import DiscreteVPAmbientLoss  # noqa: E402
 from ambient_fast.sampling.samplers import ambient_sample  # noqa: E402
@@ -313,7 +315,7 @@ def test_missing_diffusers_names_the_extra(models, tmp_path, monkeypatch, capsys
 def test_core_modules_import_without_diffusers():
     code = ("import sys; sys.modules['diffusers'] = None\n"
             "import ambient_fast.train, ambient_fast.sample, ambient_fast.restore, ambient_fast.files.checkpoints, "
-            "ambient_fast.finetune, ambient_fast.networks.diffusers\n"
+            "ambient_fast.finetune, ambient_fast.training.finetuning, ambient_fast.networks.diffusers\n"
             "assert sys.modules['diffusers'] is None")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
