@@ -258,7 +258,7 @@ def test_fsdp_under_torchrun_resumes_exactly(models, tmp_path):
 def test_sample_and_restore_clis_take_a_diffusers_directory(models, tmp_path):
     run = tmp_path / "run"
     assert main(finetune_args(models, "IF", run)) == 0
-    for name, extra in (("fixed", []), ("guided", ["--masks", "2", "--guidance", "0.1"])):
+    for name, extra in (("fixed", []), ("guided", ["--guidance-masks", "2", "--guidance", "0.1"])):
         out = tmp_path / name
         command = [sys.executable, "-m", "ambient_fast.sample", "--net", str(run / "unet-ema"), "--out", str(out),
                    "--seeds", "0-2", "--steps", "3", *extra]

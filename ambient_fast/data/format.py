@@ -57,6 +57,7 @@ VERSION = 2  # 2 added values.npy and records.npy; sets of version 1 (without th
 READABLE = (1, 2)
 OBSERVED, MASKS, LABELS, META = "observed.npy", "masks.npy", "labels.npy", "meta.json"
 VALUES, RECORDS = "values.npy", "records.npy"
+DATASET_FILES = (OBSERVED, MASKS, LABELS, VALUES, RECORDS, META)  # everything a data set folder holds
 RECORD = np.dtype([("masked", "u1"), ("sigma_n", "<f4"), ("sigma_min", "<f4")])
 CONTENT_DIGEST = "content_sha256"  # meta.json's checksum of its own other fields
 _CHECK_ROWS = 4096  # images per chunk when a whole array is scanned (bounded memory)
@@ -181,7 +182,7 @@ class DatasetMeta:
                             "prepare the set again") from None
 
 
-def _is_dataset(path: Path) -> bool:
+def is_dataset(path: Path) -> bool:
     """True when `path` holds an ambient-fast meta.json (whatever its state)."""
     try:
         return json.loads((path / META).read_text()).get("format") == FORMAT
@@ -198,10 +199,10 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
             raise DataError(f"destination in use: {dest} exists and is not empty; choose another destination "
                             "or overwrite it (--overwrite, overwrite=True)")
         # Overwriting replaces the folder as a whole: only ever do that to a data set and nothing else.
-        if not _is_dataset(dest):
+        if not is_dataset(dest):
             raise DataError(f"destination in use: {dest} holds files that are not an ambient-fast data set; "
                             "refusing to overwrite it (choose another destination)")
-        others = sorted(set(os.listdir(dest)) - {OBSERVED, MASKS, LABELS, VALUES, RECORDS, META})
+        others = sorted(set(os.listdir(dest)) - set(DATASET_FILES))
         if others:
             raise DataError(f"destination in use: {dest} is a data set but also holds other files "
                             f"({', '.join(others[:4])}); refusing to overwrite them: move them out or choose "

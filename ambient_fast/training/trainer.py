@@ -60,7 +60,8 @@ class Trainer(Stateful):
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.run_dir = Path(cfg.out)
-        self.run = RunDirectory(self.run_dir, resume=resume, overwrite=overwrite) if self.world.is_main else None
+        self.run = (RunDirectory(self.run_dir, resume=resume, overwrite=overwrite, inputs=cfg.input_paths())
+                    if self.world.is_main else None)
         try:
             self.stop_requested = False
             self.step = self.images_seen = self.rollbacks = self.skipped = self.bad_streak = 0
