@@ -8,6 +8,9 @@ the CPU resolve differently). `Options.__post_init__` validates every field, so 
 error before any work starts, however the config was made (command line, a saved config.json,
 code); every float must be finite whatever else it allows, so a new field cannot forget it.
 
+The sets of choices that torch modules implement (gates, mask kinds, loaders, solvers, ...) are
+spelled here too, and the implementing modules import them from here.
+
 `build_parser` turns the fields into argparse options (`--name`, or the `flag` given; a boolean gets
 `--name` / `--no-name`; a list is comma-separated; `positional` fields are arguments), with the
 default of each generated into its help and the command's examples at the end. Its parser reports
@@ -24,10 +27,22 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple
 
-__all__ = ["Bounds", "SEED_BOUNDS", "Options", "UsageError", "at_least", "above", "between", "option", "device_option",
+__all__ = ["GATES", "MASK_KINDS", "FURTHER_KINDS", "CORRUPTIONS", "LOADER_KINDS", "PARALLEL_KINDS",
+           "FINETUNE_WEIGHTINGS", "SOLVERS", "Bounds", "SEED_BOUNDS", "Options", "UsageError", "at_least", "above", "between", "option", "device_option",
            "overwrite_option", "build_parser", "parse", "flag_of", "numeric_type", "INPUT", "OUTPUT"]
 
 INPUT, OUTPUT = "input", "output"  # the role of a path field: read by the command, or written by it
+
+# The choices that torch modules implement, spelled once here, on the light side, so that --help
+# needs none of them; each implementing module imports its names from here.
+GATES = ("sigmoid", "double_sigmoid", "none")                # networks.layers: the gated convolutions
+MASK_KINDS = ("box", "dust", "fixed_box", "keep_patch")      # objective.corruption.OPERATORS: the mask operators
+FURTHER_KINDS = ("dust", "box", "fixed_box", "keep_patch")   # each mask operator is also a further corruption B
+CORRUPTIONS = ("none", *MASK_KINDS)                          # data.prepare; none: nothing masked (clean or noisy)
+LOADER_KINDS = ("auto", "dali", "torch")                     # data.loader
+PARALLEL_KINDS = ("fsdp", "ddp", "none")                     # training.parallel
+FINETUNE_WEIGHTINGS = ("x0", "snr")                          # objective.loss.DiscreteVPAmbientLoss
+SOLVERS = ("heun", "euler")                                  # sampling.samplers
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -66,10 +81,6 @@ def _number(value) -> str:
     if isinstance(value, int) and value > 2 ** 32 and (value + 1) & value == 0:
         return f"2^{value.bit_length()} - 1"
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-    def describe(self, integer: bool) -> str:
-        """e.g. 'an integer >= 1', 'a finite number in [0, 1)'."""
-        return " ".join(filter(None, ("an integer" if integer else "a finite number", self.short())))
 
 
 def at_least(low: float) -> Bounds:

@@ -30,9 +30,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from ambient_fast.options import (INPUT, OUTPUT, SEED_BOUNDS, Options, at_least, between, build_parser, option,
-                                  overwrite_option, parse)
-from ambient_fast.training.config import CORRUPTIONS
+from ambient_fast.options import (CORRUPTIONS, INPUT, OUTPUT, SEED_BOUNDS, Options, at_least, between, build_parser,
+                                  option, overwrite_option, parse)
 
 PROG = "python -m ambient_fast.prepare"
 EXAMPLES = (

@@ -11,11 +11,10 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from ambient_fast.options import (INPUT, OUTPUT, Options, at_least, between, build_parser, device_option, option,
-                                  overwrite_option, parse)
+from ambient_fast.options import (INPUT, OUTPUT, SOLVERS, Options, at_least, between, build_parser, device_option,
+                                  option, overwrite_option, parse)
 
 SAMPLE_OUTPUT = re.compile(r"^(\d+\.png|grid\.png|sampling\.json)$")  # what the command writes to --out
-SOLVERS = ("heun", "euler")
 EXAMPLES = (
     "python -m ambient_fast.sample --net runs/ambient --out samples --seeds 0-63",
     "python -m ambient_fast.sample --net published-run/network-snapshot-004000.pkl --out samples --seeds 0-999",

@@ -348,3 +348,12 @@ def test_evaluate_warns_on_small_counts_and_prints_the_reference_floor(tmp_path)
     assert f"{floor:.4f}" in out and "reference floor" in out
     code, out, err = run(evaluate.main, "--samples", tmp_path / "many.npy", "--reference", tmp_path / "reference.npy")
     assert code == 0 and err == "", err
+
+
+def test_choice_names_match_what_implements_them():
+    """The names spelled on the light side (ambient_fast.options) are those the torch modules know."""
+    from ambient_fast.objective.corruption import OPERATORS, MaskOperator
+    from ambient_fast.options import CORRUPTIONS, FURTHER_KINDS, MASK_KINDS
+
+    assert MASK_KINDS == tuple(sorted(name for name, cls in OPERATORS.items() if issubclass(cls, MaskOperator)))
+    assert sorted(FURTHER_KINDS) == list(MASK_KINDS) and CORRUPTIONS == ("none", *MASK_KINDS)

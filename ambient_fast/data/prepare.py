@@ -15,7 +15,7 @@ from ambient_fast.objective.corruption import make_operator
 from ambient_fast.data.format import RECORD, CorruptedDataset, DataError, DatasetWriter, corruption_record
 from ambient_fast.objective.seeds import derive_seed
 from ambient_fast.data.sources import ImageSource, mask_array, mask_folder, mask_rows, read_mask
-from ambient_fast.training.config import CORRUPTIONS
+from ambient_fast.options import CORRUPTIONS
 
 __all__ = ["prepare_corrupted", "import_masked", "mix_datasets", "summary"]
 _NOISE_STREAM = 1  # the noise's generator is seeded apart from the masks' one

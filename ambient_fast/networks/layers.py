@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ambient_fast.kernels import gated_activation_packed
-from ambient_fast.training.config import GATES
+from ambient_fast.options import GATES
 
 
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ambient_fast.objective.seeds import BITS
-from ambient_fast.training.config import FURTHER_KINDS
+from ambient_fast.options import FURTHER_KINDS
 
 __all__ = [
     "CorruptionOperator",

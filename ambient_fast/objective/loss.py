@@ -30,7 +30,7 @@ import torch
 from ambient_fast.objective.inputs import TrainingBatch
 from ambient_fast.kernels import masked_loss
 from ambient_fast.networks.precond import vp_sigma
-from ambient_fast.training.config import FINETUNE_WEIGHTINGS
+from ambient_fast.options import FINETUNE_WEIGHTINGS
 
 WeightFn = Callable[[torch.Tensor], torch.Tensor]  # sigma (N, 1, 1, 1) -> weight (N, 1, 1, 1)
 

@@ -17,6 +17,7 @@ import torch
 
 from ambient_fast.sampling.graphs import StaticDenoiser
 from ambient_fast.kernels import fused_device, sampler_step
+from ambient_fast.options import SOLVERS
 
 
 def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -75,8 +76,8 @@ def ambient_sample(
     Returns:
         (B, C, H, W) samples in `dtype`: the last step's prediction D_0.
     """
-    if solver not in ("heun", "euler"):
-        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if masks.ndim != 5 or masks.shape[1:] != latents.shape:
         raise ValueError(f"masks must have shape (K, *latents.shape) = (K, {', '.join(map(str, latents.shape))}), "
                          f"got {tuple(masks.shape)}")

@@ -1,11 +1,9 @@
-"""The trainer's configuration: one documented, validated dataclass (ambient_fast.options), the
-architectures and model-size presets by name, and every set of choices a training run offers.
+"""The trainer's configuration: one documented, validated dataclass (ambient_fast.options), that of the
+fine-tuner, and the architectures and model-size presets by name.
 
-The choices live here, on the light side: `--help` must not import torch, so the modules that
-implement them (networks.layers, objective.corruption, objective.loss, data.loader,
-training.parallel) import their names from here. `config_from_args` reads the command line,
-with `--resume DIR` (continue the run there: its saved config.json, with only the `resumable`
-fields changed) and `--overwrite` beside the config's own fields.
+`config_from_args` reads the command line, with `--resume DIR` (continue the run there: its saved
+config.json, with only the `resumable` fields changed) and `--overwrite` beside the config's own
+fields. Nothing here imports torch: `--help` answers at once.
 """
 import argparse
 import dataclasses
@@ -14,11 +12,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ambient_fast.files.atomic import read_json
-from ambient_fast.options import (INPUT, OUTPUT, SEED_BOUNDS, Options, above, at_least, between, device_option,
-                                  option)
+from ambient_fast.options import (FINETUNE_WEIGHTINGS, FURTHER_KINDS, GATES, INPUT, LOADER_KINDS, OUTPUT,
+                                  PARALLEL_KINDS, SEED_BOUNDS, Options, above, at_least, between, device_option, option)
 
-__all__ = ["TrainConfig", "FinetuneConfig", "ARCHS", "PRESETS", "GATES", "MASK_KINDS", "FURTHER_KINDS", "CORRUPTIONS",
-           "LOADER_KINDS", "PARALLEL_KINDS", "FINETUNE_WEIGHTINGS", "preset_for", "add_run_options", "config_from_args"]
+__all__ = ["TrainConfig", "FinetuneConfig", "ARCHS", "PRESETS", "preset_for", "add_run_options", "config_from_args"]
 
 ARCHS = {  # --arch -> (model_type, architecture arguments that define it)
     "ddpmpp": ("SongUNet", dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
@@ -36,14 +33,6 @@ PRESETS = {
 }
 _PRESET_BY_RESOLUTION = {16: "tiny", 32: "cifar10", 64: "celeba64"}
 SIZE_FIELDS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions")
-# The names of choices that torch modules implement, spelled here (the light side) for --help.
-GATES = ("sigmoid", "double_sigmoid", "none")                # networks.layers: the gated convolutions
-MASK_KINDS = ("box", "dust", "fixed_box", "keep_patch")      # objective.corruption.OPERATORS: the mask operators
-FURTHER_KINDS = ("dust", "box", "fixed_box", "keep_patch")   # each mask operator is also a further corruption B
-CORRUPTIONS = ("none", *MASK_KINDS)                          # data.prepare; none: nothing masked (clean or noisy)
-LOADER_KINDS = ("auto", "dali", "torch")                     # data.loader
-PARALLEL_KINDS = ("fsdp", "ddp", "none")                     # training.parallel
-FINETUNE_WEIGHTINGS = ("x0", "snr")                          # objective.loss.DiscreteVPAmbientLoss
 
 
 def preset_for(resolution: int) -> str:

@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from ambient_fast.training.config import PARALLEL_KINDS
+from ambient_fast.options import PARALLEL_KINDS
 from ambient_fast.training.distributed import World
 
 
