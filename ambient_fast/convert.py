@@ -1,5 +1,6 @@
 """`python -m ambient_fast.convert RUN_DIR_OR_PKL OUT.safetensors`: convert a published reference
-snapshot into our safetensors format once (safely: nothing in the pickle is executed)."""
+snapshot (an Ambient Diffusion run's, or NVlabs/edm2's) into our safetensors format once (safely:
+nothing in the pickle is executed)."""
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -16,11 +17,11 @@ EXAMPLES = (
 class ConvertConfig(Options):
     """What `python -m ambient_fast.convert` reads and writes."""
 
-    source: Optional[str] = option(None, "reference run directory (its newest snapshot) or network-snapshot-*.pkl",
-                                   positional=True, required=True, role=INPUT)
+    source: Optional[str] = option(None, "reference run directory (its newest snapshot), network-snapshot-*.pkl, or "
+                                   "an EDM2 .pkl", positional=True, required=True, role=INPUT)
     out: Optional[str] = option(None, "the .safetensors file to write", positional=True, required=True, role=OUTPUT,
                                 check=((lambda v: str(v).endswith(".safetensors")), "a .safetensors path"))
-    training_options: Optional[str] = option(None, "training_options.json of the reference run", role=INPUT,
+    training_options: Optional[str] = option(None, "training_options.json of a DDPM++ reference run", role=INPUT,
                                              default_text="the one beside the snapshot")
     overwrite: bool = overwrite_option("a checkpoint of ours")
 
@@ -43,9 +44,11 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     model = loaded.model
-    params = sum(p.numel() for p in model.parameters())
-    print(f"converted {loaded.source} -> {cfg.out} ({model.model_type}, {params / 1e6:.2f} M parameters, "
-          f"gate {model.gate}, corruption {loaded.corruption})")
+    if hasattr(model, "describe"):  # EDM2
+        network = model.describe()
+    else:
+        network = f"{model.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, gate {model.gate}"
+    print(f"converted {loaded.source} -> {cfg.out} ({network}, corruption {loaded.corruption})")
     return 0
 
 

@@ -103,7 +103,7 @@ def sample(cfg: SampleConfig) -> int:
     from ambient_fast.files.atomic import check_output_place, claim_output, write_json
     from ambient_fast.files.checkpoints import load_network
     from ambient_fast.files.images import grid, load_png, save_png, to_uint8
-    from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs
+    from ambient_fast.sampling.samplers import PerSeedGenerators, ambient_sample, sampling_sigmas
     from ambient_fast.training.distributed import close_world, init_world
 
     try:
@@ -148,14 +148,16 @@ def sample(cfg: SampleConfig) -> int:
             # The fast path pads every batch to --batch: one static shape, so the same kernels run
             # whatever batch an image lands in (padding images are dropped).
             padded = list(batch_seeds) + [0] * ((cfg.batch - len(batch_seeds)) if fast else 0)
-            latents, masks = seeded_inputs(padded, shape, cfg.guidance_masks, survival, shared, device)
+            generators = PerSeedGenerators(padded)  # latents, masks and churn noise: one stream per seed
+            latents, masks = generators.sampling_inputs(shape, cfg.guidance_masks, survival, shared, device)
             if model.label_dim:
                 labels = torch.nn.functional.one_hot(torch.full((len(padded),), cfg.class_index),
                                                      model.label_dim).float().to(device)
             images = ambient_sample(model, latents, masks, num_steps=cfg.steps, solver=cfg.solver,
                                     guidance=cfg.guidance, class_labels=labels, S_churn=cfg.churn,
+                                    randn_like=generators.randn_like,
                                     dtype=torch.float32 if cfg.float32 else torch.float64, fast=fast,
-                                    **loaded.sampling_sigmas())
+                                    **sampling_sigmas(loaded))
             for seed, array in zip(batch_seeds, to_uint8(images)):
                 save_png(array, out / f"{seed:06d}.png")
             progress.advance(task, len(batch_seeds))
@@ -165,7 +167,7 @@ def sample(cfg: SampleConfig) -> int:
         write_json(out / "sampling.json", dict(
             net=str(loaded.source), seeds=cfg.seeds, images=[f"{seed:06d}.png" for seed in seeds], steps=cfg.steps,
             solver=cfg.solver, survival=survival, guidance_masks=cfg.guidance_masks, guidance=cfg.guidance,
-            churn=cfg.churn, class_index=cfg.class_index, **loaded.sampling_sigmas()))
+            churn=cfg.churn, class_index=cfg.class_index, **sampling_sigmas(loaded)))
         print(f"wrote {len(seeds)} images and {out / 'grid.png'}")
     close_world()
     return 0

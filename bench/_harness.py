@@ -42,11 +42,35 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+# --tiny (bash bench/gpu_check.sh --cpu-rehearsal): the smallest models that still have every kind of
+# block (two resolutions, attention at the lower one), so that every path runs in seconds on a CPU.
+TINY_SIZE = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1)
+
+
 def add_common_arguments(parser, quick_help: str) -> None:
-    """--device, --results and --quick, the same for every benchmark."""
+    """--device, --results, --quick and --tiny, the same for every benchmark."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the markdown report")
-    parser.add_argument("--quick", action="store_true", help=quick_help)
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help=quick_help)
+    sizes.add_argument("--tiny", action="store_true", help="the smallest models and sizes (bash bench/gpu_check.sh "
+                       "--cpu-rehearsal): every path runs, the figures mean nothing")
+
+
+def size_mode(args) -> str:
+    """'tiny', 'quick' or 'full', from the common arguments."""
+    return "tiny" if args.tiny else "quick" if args.quick else "full"
+
+
+SIZE_TITLES = {"full": "", "quick": " (narrowed: --quick)", "tiny": " (tiny: --tiny)"}  # appended to table titles
+
+
+def cli_sampling(device: torch.device) -> "tuple[torch.memory_format, bool]":
+    """The network's memory format and whether the fast path runs, as `python -m ambient_fast.sample`
+    chooses them on `device` by default (no --exact, guidance or churn): channels_last and the fast
+    path on CUDA, contiguous and the exact path elsewhere. The sampling benchmarks sample so."""
+    cuda = device.type == "cuda"
+    return (torch.channels_last if cuda else torch.contiguous_format), cuda
 
 
 def add_check_arguments(parser, quick_help: str) -> None:
@@ -156,10 +180,12 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> str:
-    """Peak allocated device memory since the last reset, or n/a on the CPU (no per-phase counter)."""
+    """Peak device memory allocated and reserved (by the caching allocator) since the last reset, or n/a
+    on the CPU (no such counters)."""
     if device.type != "cuda":
         return "n/a"
-    return f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
+    return (f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} / "
+            f"{torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GiB")
 
 
 def bf16_matmul_peak(device: torch.device) -> float:
@@ -200,6 +226,7 @@ def write_report(path: Path, title: str, sections: Sequence[str]) -> Path:
 
 def environment_section(device: torch.device, command: str) -> str:
     """The report's first lines: device, date, versions, command."""
-    lines = [f"- Device: {device_name(device)}" + ("" if device.type == "cuda" else f". {CPU_CAVEAT}"),
+    lines = [f"- Device: {device_name(device)}"
+             + ("" if device.type == "cuda" else f", {torch.get_num_threads()} torch thread(s). {CPU_CAVEAT}"),
              f"- Date: {today()}", f"- Software: {versions()}", f"- Command: `{command}`"]
     return "\n".join(lines)

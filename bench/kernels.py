@@ -4,11 +4,15 @@ For each kernel and sizes from 1 MB to 256 MB (size = elements x 4 bytes), the t
 PyTorch sequence it replaces, of torch.compile of that sequence, and of the Triton kernel: the
 median of triton.testing.do_bench, the kernel's bandwidth (bytes it must move / time), that as a
 percentage of the copy bandwidth measured in the same run, and the speedups. Every kernel's
-output is checked against the eager result before it is timed. The table is printed and saved
-as markdown in bench/results/kernels-<device>-<date>.md (or --results DIR).
+output is checked against the eager result before it is timed. The ambient input appears twice: the
+kernel alone, on the arguments a training step passes it, against the copy ceiling; and beside it
+the whole call a step makes (AmbientInputs: the per-image draws around the kernel), whose device
+operations are counted with torch.profiler (DESIGN.md: at most three). The table is printed and
+saved as markdown in bench/results/kernels-<device>-<date>.md (or --results DIR).
 
 Without a GPU the timings mean nothing: the script says so, runs the correctness checks in
-Triton's interpreter at small sizes instead, and exits 0 when they pass.
+Triton's interpreter at small sizes instead, writes them to the same report, and exits 0 when
+they pass.
 
 Targets (DESIGN.md): at 64 MB and more, at least 85% of the copy bandwidth and 2.5x eager.
 """
@@ -28,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 import _harness as harness  # noqa: E402
+import _profile as profile  # noqa: E402
 
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.kernels._utils import triton_available  # noqa: E402
@@ -157,29 +161,74 @@ def training_inputs(shape) -> AmbientInputs:
                          EDMAmbientLoss(), seed=7, shape=shape)
 
 
+def kernel_arguments(inputs: AmbientInputs, raw: RawBatch) -> "tuple[tuple, dict]":
+    """The arguments `inputs` passes to ambient_fast.kernels.ambient_input for `raw`, caught on one
+    call (the ambient input calls the op through the kernels package)."""
+    calls = []
+    op = kernels.ambient_input
+
+    def catch(*args, **kwargs):
+        calls.append((args, kwargs))
+        return op(*args, **kwargs)
+
+    kernels.ambient_input = catch
+    try:
+        inputs(raw)
+    finally:
+        kernels.ambient_input = op
+    if len(calls) != 1:
+        raise RuntimeError(f"the ambient input called ambient_fast.kernels.ambient_input {len(calls)} times, not once")
+    return calls[0]
+
+
 def ambient_input_cases(numel: int, size_mb: float, device) -> List[Case]:
-    """Exactly the call a training step makes (ambient_fast.objective.inputs.AmbientInputs on a loader's
-    batch): the kernel path, its PyTorch reference (the same draws) and torch.compile of that."""
+    """The ambient input of a training step on a loader's batch, twice: the kernel alone (the
+    arguments a step passes it; eager: its PyTorch reference), and the whole call a step makes
+    (ambient_fast.objective.inputs.AmbientInputs: the per-image draws, sigma and the kernel; eager:
+    the same with the references). Both move the same bytes; the second's distance from the first is
+    what the draws around the kernel cost. Compiled: torch.compile of the eager sequence."""
     C, H, W = 3, 64, 64
     N = max(1, numel // (C * H * W))
     raw = stored_batch(N, C, H, W, device)
     inputs = training_inputs((C, H, W))
-    compiled = lazy_compile(inputs)  # traces the reference (the dispatch never fuses while compiling)
+    args, kwargs = kernel_arguments(inputs, raw)
 
-    def eager():
-        with harness.fused_kernels_off():
-            return inputs(raw)
+    def kernel():
+        return kernels.ambient_input(*args, **kwargs)
 
-    def check():
-        fused, want = inputs(raw), eager()
-        exact = all(torch.equal(getattr(fused, name), getattr(want, name)) for name in ("A", "y", "A_hat", "sigma"))
-        # The noise's float64 logarithm and cosine may differ in a GPU's last bits before rounding.
-        return _max_err(fused.net_input, want.net_input) if exact else float("inf")
+    def call():
+        return inputs(raw)
 
+    def eager(fn):
+        def run():
+            with harness.fused_kernels_off():
+                return fn()
+        return run
+
+    def check(fn):
+        def compare():
+            fused, want = fn(), eager(fn)()
+            exact = all(torch.equal(getattr(fused, name), getattr(want, name)) for name in ("A", "y", "A_hat"))
+            # The noise's float64 logarithm and cosine may differ in a GPU's last bits before rounding.
+            return _max_err(fused.net_input, want.net_input) if exact else float("inf")
+        return compare
+
+    # Compiled: traces the reference (the dispatch never fuses while compiling).
+    compiled_kernel, compiled_call = lazy_compile(kernels.ambient_input), lazy_compile(inputs)
     elem = N * C * H * W
     traffic = elem * (1 + 4 * 2 + 4 * 3) + raw.mask_bits.numel() + N  # stored values, bits, flips; net input, A_hat, A, y
-    return [Case("ambient_input", f"a training step's call: stored uint8 + bits ({N},{C},{H},{W}) -> fp32", size_mb,
-                 traffic, eager, lambda: compiled(raw), lambda: inputs(raw), check, 1e-5)]
+    shape = f"stored uint8 + bits ({N},{C},{H},{W}) -> fp32"
+    return [Case("ambient_input kernel", f"the kernel alone: {shape}", size_mb, traffic, eager(kernel),
+                 lambda: compiled_kernel(*args, **kwargs), kernel, check(kernel), 1e-5),
+            Case("AmbientInputs call", f"a training step's whole call: {shape}", size_mb, traffic, eager(call),
+                 lambda: compiled_call(raw), call, check(call), 1e-5)]
+
+
+def ambient_input_launches(size_mb: float) -> int:
+    """Device kernels one AmbientInputs call launches at `size_mb` on CUDA (DESIGN.md: at most three)."""
+    case = ambient_input_cases(int(size_mb * 2 ** 20) // 4, size_mb, torch.device("cuda"))[1]
+    case.fused()  # built and compiled before it is counted
+    return sum(count for _, count, _ in profile.profile_call(case.fused, torch.device("cuda")).rows)
 
 
 def bytes_per_image() -> "list[list[str]]":
@@ -303,16 +352,21 @@ def run_gpu(sizes_mb, console: Console, results: Path) -> int:
               "vs compile", "check"]
     harness.print_table(console, f"fused kernels on {name} (copy {copy:.0f} GB/s)", header, rows,
                         left=("op", "case", "check"))
+    launches = ambient_input_launches(max(sizes_mb))
+    launch_line = (f"One AmbientInputs call at {max(sizes_mb):g} MB launches {launches} device operations (kernels, "
+                   "copies, memsets; torch.profiler); target (DESIGN.md) at most 3.")
+    console.print(launch_line, highlight=False, soft_wrap=True)
     command = "python bench/kernels.py " + " ".join(sys.argv[1:])
     path = harness.report_path(results, "kernels", device)
     harness.write_report(path, f"Fused kernels on {name}, {harness.today()}", [
         harness.environment_section(device, command.strip()),
         f"Copy bandwidth (256 MB device copy, same run): {copy:.0f} GB/s. "
-        "Times: median of triton.testing.do_bench. GB/s: the bytes the fused kernel must move / its time. "
+        "Times: median of triton.testing.do_bench. GB/s: the bytes the fused kernel must move / its time "
+        "(the ambient input's whole call: the same bytes over the call's time). "
         "Size: elements x 4 bytes of the op's main (N, C, H, W) tensor. Ratios: eager ms / triton ms and "
         "compile ms / triton ms of the same row. Targets (DESIGN.md): at 64 MB and more, >= 85% of copy "
         "bandwidth and >= 2.5x eager.",
-        "\n".join(harness.markdown_table(header, rows)),
+        "\n".join(harness.markdown_table(header, rows)), launch_line,
         "Bytes per image of the ambient input (" + bytes_per_image.__doc__.split("(", 1)[1].replace("\n    ", " "),
         "\n".join(harness.markdown_table(BYTES_HEADER, bytes_per_image()))])
     console.print(f"wrote {path}")
@@ -325,23 +379,34 @@ def run_gpu(sizes_mb, console: Console, results: Path) -> int:
 # CPU: correctness only, in the interpreter
 
 
-def run_cpu(console: Console) -> int:
+def run_cpu(console: Console, results: Path) -> int:
+    """The correctness checks of every case in Triton's interpreter at small sizes, with the fixes the
+    interpreter needs in a process that imported Triton without it (ambient_fast.kernels.interpreter)."""
+    from ambient_fast.kernels import interpreter
+
     os.environ["TRITON_INTERPRET"] = "1"  # read at each launch (ambient_fast.kernels._utils.LazyKernel)
     console.print("[bold yellow]No CUDA GPU: kernel timings need a GPU.[/] Running the correctness checks in "
                   "Triton's interpreter (TRITON_INTERPRET=1) at small sizes instead.")
-    table = Table(title=f"fused kernels vs eager PyTorch, Triton interpreter on {platform.processor() or 'CPU'}")
-    for column in ("op", "case", "max error", "tolerance", "check"):
-        table.add_column(column)
-    failures = 0
-    for case in cases_of_size(0.01, torch.device("cpu")):
-        err = case.check()
-        ok = err <= case.tolerance
-        failures += not ok
-        table.add_row(case.op, case.detail, f"{err:.3g}", f"{case.tolerance:g}", "ok" if ok else "[red]FAIL[/]")
-    console.print(table)
+    header = ["op", "case", "max error", "tolerance", "check"]
+    rows = []
+    with interpreter.fixes():
+        for case in cases_of_size(0.01, torch.device("cpu")):
+            err = case.check()
+            rows.append([case.op, case.detail, f"{err:.3g}", f"{case.tolerance:g}", "ok" if err <= case.tolerance else "FAIL"])
+    harness.print_table(console, f"fused kernels vs eager PyTorch, Triton interpreter on {platform.processor() or 'CPU'}",
+                        header, rows, left=("op", "case", "check"))
     harness.print_table(console, "bytes per image of the ambient input", BYTES_HEADER, bytes_per_image())
     console.print(f"path: {kernels.active_path('cpu')}")
-    return 1 if failures else 0
+    device = torch.device("cpu")
+    path = harness.report_path(results, "kernels", device)
+    harness.write_report(path, f"Fused kernels in Triton's interpreter, {harness.today()}", [
+        harness.environment_section(device, ("python bench/kernels.py " + " ".join(sys.argv[1:])).strip()),
+        "Correctness only: each case's fused kernel, interpreted, against its eager PyTorch sequence at 0.01 MB. "
+        f"Path: {kernels.active_path(device)}.",
+        "\n".join(harness.markdown_table(header, rows)),
+        "\n".join(harness.markdown_table(BYTES_HEADER, bytes_per_image()))])
+    console.print(f"wrote {path}")
+    return 1 if any(row[-1] == "FAIL" for row in rows) else 0
 
 
 def main(argv=None) -> int:
@@ -355,7 +420,7 @@ def main(argv=None) -> int:
         console.print("Triton is not installed: nothing to benchmark.")
         return 1
     if not GPU:
-        return run_cpu(console)
+        return run_cpu(console, args.results)
     return run_gpu([float(s) for s in args.sizes.split(",")], console, args.results)
 
 

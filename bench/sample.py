@@ -10,10 +10,13 @@ the last layers near zero, which would make every sampler return almost the same
       when the guidance scale is 0 and the energy is 0), fp32 network, eager, no fused kernels, at
       most 64 images per call (the reference's default batch; its autograd graph of a batch of 256
       at 64x64 would not fit in 80 GB);
-  exact: ambient_fast.sampling.samplers.ambient_sample(fast=False): float64 state, no autograd, the fused
-      sampler step where it runs (CUDA);
-  fast: ambient_fast.sampling.samplers.ambient_sample(fast=True), the default on GPUs: bf16 network replayed
-      from a CUDA graph (on GPUs), float32 state, fused step.
+  exact: ambient_fast.sampling.samplers.ambient_sample(fast=False) (`python -m ambient_fast.sample --exact`):
+      float64 state, no autograd, the fused sampler step where it runs (CUDA);
+  fast: ambient_fast.sampling.samplers.ambient_sample(fast=True), the sampling command's default on GPUs:
+      bf16 network replayed from a CUDA graph (on GPUs), float32 state, fused step.
+
+exact and fast sample the network in the memory format the sampling command gives it on the device
+(channels_last on CUDA, contiguous elsewhere); reference-style keeps the reference's (contiguous).
 
 Reported: images/s (one timed call after a 2-step warm-up call), the speed-up over reference-style
 with both sides, and how far each sampler's images are from reference-style's (max and mean
@@ -23,9 +26,10 @@ absolute difference; images lie in [-1, 1]). Written to bench/results/sample-<de
 Target (DESIGN.md, one H100, 64x64, batch 256): fast >= 20x reference-style, with the same images
 within tolerance (max 0.1, mean 0.01: tests/test_sample.py's bound for the CUDA-graph path; exact:
 max 1e-4, the fixtures' float64 bound). A CPU cannot judge the speed target; `--quick` runs small
-models there to check that it all works.
+models there to check that it all works, `--tiny` the smallest (bash bench/gpu_check.sh --cpu-rehearsal).
 """
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -44,9 +48,10 @@ from ambient_fast.sampling.samplers import ambient_sample, edm_sigma_steps, seed
 from ambient_fast.training.config import ARCHS, PRESETS, preset_for  # noqa: E402
 
 RESOLUTIONS = (32, 64)
-DEFAULT_BATCH = 256
-QUICK_SIZE = dict(model_channels=32, num_blocks=1)  # --quick: narrow and shallow, for a 2-core CPU
-QUICK_BATCH = 2
+# Per size (--quick: narrow and shallow, for a 2-core CPU; --tiny: the smallest): model-size overrides
+# of the published configuration, and the default batch.
+SIZES = {"full": dict(size={}, batch=256), "quick": dict(size=dict(model_channels=32, num_blocks=1), batch=2),
+         "tiny": dict(size=harness.TINY_SIZE, batch=1)}
 NUM_STEPS = 18
 SURVIVAL = 0.54  # (1 - p)(1 - delta) for p = 0.4, delta = 0.1: the reference sampler's default
 # The reference samples at most 64 images per call (its --batch default); its autograd graph of a
@@ -112,6 +117,9 @@ def run_samplers(resolution: int, batch: int, size: dict, device: torch.device,
     """Each sampler: a 2-step warm-up call (kernel compilation, cuDNN plans, allocator), then one
     timed `num_steps`-step call on the same latents and mask."""
     net = published_model(resolution, size, device)
+    memory_format, _ = harness.cli_sampling(device)
+    cli_net = net if memory_format == torch.contiguous_format else copy.deepcopy(net).to(memory_format=memory_format)
+    layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
     latents, masks = seeded_inputs(range(batch), (3, resolution, resolution), 1, SURVIVAL, False, device)
 
     def reference_style(steps):
@@ -121,12 +129,13 @@ def run_samplers(resolution: int, batch: int, size: dict, device: torch.device,
 
     graph = "CUDA graph" if device.type == "cuda" else "no CUDA graph (GPU only)"
     samplers = [
-        ("reference-style", f"float64 state, autograd every evaluation, fp32 network, eager, PyTorch references, "
-                            f"at most {REFERENCE_BATCH} images per call (the reference's default)", reference_style),
-        ("exact", f"float64 state, no autograd, fp32 network; kernels: {kernels.active_path(device)}",
-         lambda steps: ambient_sample(net, latents, masks, num_steps=steps)),
-        ("fast", f"float32 state, bf16 network, {graph}; kernels: {kernels.active_path(device)}",
-         lambda steps: ambient_sample(net, latents, masks, num_steps=steps, fast=True)),
+        ("reference-style", f"float64 state, autograd every evaluation, fp32 network, eager, contiguous, PyTorch "
+                            f"references, at most {REFERENCE_BATCH} images per call (the reference's default)",
+         reference_style),
+        ("exact", f"float64 state, no autograd, fp32 network, {layout}; kernels: {kernels.active_path(device)}",
+         lambda steps: ambient_sample(cli_net, latents, masks, num_steps=steps)),
+        ("fast", f"float32 state, bf16 network, {layout}, {graph}; kernels: {kernels.active_path(device)}",
+         lambda steps: ambient_sample(cli_net, latents, masks, num_steps=steps, fast=True)),
     ]
     results = []
     for name, settings, sample in samplers:
@@ -134,7 +143,7 @@ def run_samplers(resolution: int, batch: int, size: dict, device: torch.device,
         harness.reset_peak_memory(device)
         images = []
         elapsed = harness.seconds(lambda: images.append(sample(num_steps)), device)
-        results.append(Result(name, f"{settings}; {harness.tf32_state(device)}; peak memory "
+        results.append(Result(name, f"{settings}; {harness.tf32_state(device)}; peak memory allocated / reserved "
                                     f"{harness.peak_memory(device)}", batch / elapsed, images[0].double().cpu()))
     return results
 
@@ -162,12 +171,13 @@ def table_rows(results: List[Result]) -> "list[list[str]]":
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolutions", default="32,64", help="of 32 and 64, comma-separated (default 32,64)")
-    parser.add_argument("--batch", type=int, help=f"images per call (default {DEFAULT_BATCH}; --quick: {QUICK_BATCH})")
+    parser.add_argument("--batch", type=int, help="images per call (default 256; --quick: 2; --tiny: 1)")
     harness.add_common_arguments(parser, "small models and batch: checks that it all runs")
     args = parser.parse_args(argv)
     console = Console()
     resolutions = harness.parse_resolutions(parser, args.resolutions, RESOLUTIONS, "--resolutions")
-    batch = args.batch if args.batch is not None else (QUICK_BATCH if args.quick else DEFAULT_BATCH)
+    defaults = SIZES[harness.size_mode(args)]
+    batch = args.batch if args.batch is not None else defaults["batch"]
     if batch < 1:
         parser.error("--batch must be at least 1")
     try:
@@ -179,13 +189,14 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     if not gpu:
         console.print(f"[bold yellow]{harness.CPU_CAVEAT}[/]")
-    size = QUICK_SIZE if args.quick else {}
+    size = defaults["size"]
     command = "python bench/sample.py " + " ".join(argv if argv is not None else sys.argv[1:])
     sections = [harness.environment_section(device, command.strip()),
                 f"{NUM_STEPS}-step Heun, one fixed mask (survival {SURVIVAL}), DDPM++ as published (double-sigmoid "
                 "gate, reference preconditioning), random weights redrawn at unit scale. images/s: one timed call "
-                "after a 2-step warm-up call; differences: against reference-style's images, in [-1, 1]."
-                + (f" Quick run: models narrowed to {QUICK_SIZE} (not the published sizes)." if args.quick else "")]
+                "after a 2-step warm-up call; differences: against reference-style's images, in [-1, 1]. "
+                "exact and fast: the network in the sampling command's memory format on this device."
+                + (f" Models narrowed to {size} (not the published sizes)." if size else "")]
     path = harness.report_path(args.results, "sample", device)
     failures = 0
     for resolution in resolutions:
@@ -193,14 +204,14 @@ def main(argv=None) -> int:
         results = run_samplers(resolution, batch, size, device)
         rows = table_rows(results)
         failures += sum(row[-1].startswith("NO") for row in rows)
-        title = f"{resolution}x{resolution}{' (narrowed: --quick)' if args.quick else ''}, batch {batch}"
+        title = f"{resolution}x{resolution}{harness.SIZE_TITLES[harness.size_mode(args)]}, batch {batch}"
         harness.print_table(console, title, HEADER, rows, left=("sampler", "within tolerance"))
         fast, reference = results[2], results[0]
         target = (f"- fast / reference-style: {harness.ratio(fast.images_per_s, reference.images_per_s)} images/s"
                   + ("; target >= 20x at 64x64, batch 256" + ("" if gpu else " (not judged: CPU)")
                      if resolution == 64 else ""))
         lines = [target] + [f"- {result.sampler}: {result.settings}" for result in results]
-        console.print("\n".join(lines), highlight=False)
+        console.print("\n".join(lines), highlight=False, soft_wrap=True)
         sections += [f"## {title}", "\n".join(harness.markdown_table(HEADER, rows)), "\n".join(lines)]
         harness.write_report(path, f"Sampling throughput on {harness.device_name(device)}, {harness.today()}", sections)
     console.print(f"wrote {path}")

@@ -56,7 +56,7 @@ from ambient_fast.files.atomic import atomic_write, write_json, write_text  # no
 from ambient_fast.files.images import from_uint8, grid, save_png, to_uint8  # noqa: E402
 from ambient_fast.evaluation.metrics import frechet_distance, nearest_neighbour_similarity, pixel_features, psnr  # noqa: E402
 from ambient_fast.evaluation.restoration import restore  # noqa: E402
-from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs  # noqa: E402
+from ambient_fast.sampling.samplers import ambient_sample, sampling_sigmas, seeded_inputs  # noqa: E402
 from ambient_fast.training.trainer import Trainer  # noqa: E402
 
 RESOLUTION = 16
@@ -166,7 +166,7 @@ def sample(network: Path, count: int, seed: int) -> np.ndarray:
     for start in range(0, count, 128):
         seeds = range(seed * 10 ** 6 + start, seed * 10 ** 6 + min(start + 128, count))
         latents, masks = seeded_inputs(seeds, shape, 1, loaded.survival, shared, "cpu")
-        images.append(nchw_uint8(ambient_sample(loaded.model, latents, masks, **loaded.sampling_sigmas())))
+        images.append(nchw_uint8(ambient_sample(loaded.model, latents, masks, **sampling_sigmas(loaded))))
     return np.concatenate(images)
 
 

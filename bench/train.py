@@ -8,29 +8,44 @@ times the full training step (batch, loss, backward, clipping, Adam, EMA) of
       kernels off (AMBIENT_FAST_KERNELS=0), each image's masks made on the host with numpy, one image at a
       time as the reference's Dataset does, and the batch then copied to the device (the rest is our
       trainer as it is: its Adam is fused on CUDA);
-  (b) fast path: our trainer's defaults: bf16 autocast, torch.compile per U-Net block, channels_last,
-      the fused Triton kernels (CUDA), the stored bytes moved to the device and turned into the
-      network input there in one pass;
+  (b) fast path: our trainer's defaults on the device: on CUDA bf16 autocast, torch.compile per U-Net
+      block, channels_last, the fused Triton kernels, the stored bytes moved to the device and turned
+      into the network input there in one pass (on a CPU, its CPU defaults);
   (c) the authors' code, with --reference-repo PATH (a checkout of giannisdaras/ambient-diffusion):
       its `training.networks.EDMPrecond` and `training.loss.AmbientLoss`, imported from that
       checkout, in the step of its training loop (fp32, TF32 off, the network compiled on CUDA as
       its loop does, NaN guard, clipping, Adam, EMA), on the same batches as (a). Nothing of it is
       copied here; the benchmark runs without it.
 
-Per row: images/s, seconds per step, model FLOP/s (FLOPs per image of forward + backward, counted
-with torch.utils.flop_counter on the same configuration, times images/s) and its percentage of the
-bf16 matmul peak measured in the same run, peak device memory, the speed-up over (a) with both
-sides. The table is printed and written as markdown to bench/results/train-<device>-<date>.md (or
---results DIR), after each configuration so that a run cut short keeps what it measured.
+Timing: the first step alone (compilation, cuDNN's autotuning and the allocator's growth happen
+there), the rest of --warmup untimed, then --windows timing windows of --steps steps each. Per row:
+images/s (the median window) and the spread of the windows ((max - min) / median), seconds per step,
+the first step, model FLOP/s (FLOPs per image of forward + backward, counted with
+torch.utils.flop_counter on the same configuration, times images/s) and its share of the bf16 matmul
+peak measured in the same run, peak device memory allocated / reserved, the speed-up over (a) with
+both sides. For (b), its compile time (first step - median step) and the graphs Dynamo compiled
+(none may be compiled while timing); then, on one step of (b), where the time goes (a torch.profiler
+table grouped by kernel name: bench/_profile.py documents the groups) and the host syncs of one step
+and of one sampler call (the fast sampler as `python -m ambient_fast.sample` runs it, on the same
+architecture), counted with torch.cuda.set_sync_debug_mode (CUDA only).
 
-Targets (DESIGN.md, one H100): (b) at least 8x (a) at 32x32, and at least 40% of the bf16 peak.
-On a CPU the figures cannot judge them; `--quick` runs small models there to check that it all works.
+Batch scaling (--scaling, default 128,256,512): (b) at 32x32 at each batch, its images/s, spread and
+peak memory, the speed-up over the first batch with both sides.
+
+The tables are printed and written as markdown to bench/results/train-<device>-<date>.md (or --results
+DIR; train-scaling-<device>-<date>.md for a run of the scaling alone, --configs none), after each
+section, so that a run cut short keeps what it measured.
+
+Targets (DESIGN.md, one H100): (b) at least 8x (a) at 32x32, and at least 40% of the bf16 peak; no host
+sync in a steady-state step. On a CPU the figures cannot judge them; `--quick` runs small models there
+to check that it all works, `--tiny` the smallest (bash bench/gpu_check.sh --cpu-rehearsal).
 """
 import argparse
 import contextlib
 import copy
 import gc
 import importlib
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -45,32 +60,35 @@ from rich.console import Console  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import _harness as harness  # noqa: E402
+import _profile as profile  # noqa: E402
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.data.format import CorruptedDataset, write_dataset  # noqa: E402
 from ambient_fast.data.loader import Loader  # noqa: E402
 from ambient_fast.objective.inputs import TrainingBatch, training_batch  # noqa: E402
 from ambient_fast.networks import build_model  # noqa: E402
+from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs  # noqa: E402
 from ambient_fast.training.config import ARCHS, PRESETS, TrainConfig, preset_for  # noqa: E402
 from ambient_fast.training.trainer import Trainer  # noqa: E402
 
 CONFIGS = {32: "CIFAR-10 config: DDPM++ 32x32, channel_mult [2,2,2]",
            64: "64x64 config: DDPM++, channel_mult [1,2,2,2]"}
 DEFAULT_BATCH = {32: 128, 64: 64}
-# --quick: the same architectures, narrow and shallow, so that a 2-core CPU runs them in seconds.
-QUICK_SIZE = dict(model_channels=32, num_blocks=1)
-QUICK = dict(batch=4, steps=5, warmup=2)
+# Per size (--quick, --tiny, or neither): model-size overrides of the resolution's preset, and the run's
+# defaults. --quick: the same architectures, narrow and shallow, so that a 2-core CPU runs them in
+# seconds; --tiny: the smallest (gpu_check's rehearsal). sample_batch: the images of the sampler call
+# whose host syncs are counted (the sampling command's default batch, 64, in the full run).
+SIZES = {
+    "full": dict(size={}, batch=None, steps=10, windows=3, warmup=5, scaling="128,256,512", sample_batch=64),
+    "quick": dict(size=dict(model_channels=32, num_blocks=1), batch=4, steps=3, windows=2, warmup=2, scaling="4,8",
+                  sample_batch=4),
+    "tiny": dict(size=harness.TINY_SIZE, batch=2, steps=1, windows=2, warmup=1, scaling="2,4", sample_batch=2),
+}
+SCALING_RESOLUTION = 32
 P, DELTA = 0.6, 0.1  # dust corruption of the benchmark's data; the step's cost does not depend on them
 LR = 2e-3
 # The reference loop's EMA decay depends on the images seen; its cost does not. A fixed one will do.
 EMA_BETA = 0.999
-
-
-class Row(NamedTuple):
-    variant: str
-    settings: str
-    images_per_s: Optional[float]  # None: the variant failed (see settings)
-    step_s: Optional[float]
-    memory: str
+SAMPLER_STEPS = 18  # the sampling command's default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,22 +187,62 @@ def flops_per_image(config: dict, resolution: int, channels: int = 3) -> float:
     return float(counter.get_total_flops())
 
 
-def time_steps(step: Callable[[], object], batch: int, steps: int, warmup: int, device: torch.device):
-    """(images/s, seconds per step) over `steps` steps after `warmup` untimed ones (compilation,
-    autotuning, allocator growth happen there)."""
-    for _ in range(warmup):
-        step()
-    elapsed = harness.seconds(step, device, steps)
-    return batch * steps / elapsed, elapsed / steps
+def compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 class Setup(NamedTuple):
     resolution: int
     batch: int
-    steps: int
-    warmup: int
-    size: dict  # model-size overrides of the resolution's preset (--quick); empty: the published configuration
+    steps: int    # per timing window
+    windows: int
+    warmup: int   # untimed steps, the first (timed alone) included
+    size: dict    # model-size overrides of the resolution's preset (--quick, --tiny); empty: the published one
     device: torch.device
+
+
+class Timing(NamedTuple):
+    """A variant's steps: the first alone, then each timing window's seconds per step."""
+
+    batch: int
+    first_s: float
+    window_s: List[float]
+    graphs_warmup: int  # graphs Dynamo compiled during the warm-up steps
+    graphs_timed: int   # ... and while timing (a recompile there would be timed: it must be 0)
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.window_s)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.step_s
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the windows' images/s."""
+        rates = [self.batch / s for s in self.window_s]
+        return (max(rates) - min(rates)) / statistics.median(rates)
+
+
+def time_steps(step: Callable[[], object], setup: Setup) -> Timing:
+    """The first step alone, the rest of the warm-up untimed, then `setup.windows` windows of
+    `setup.steps` steps, the device drained around each."""
+    before = compiled_graphs()
+    first = harness.seconds(step, setup.device)
+    for _ in range(setup.warmup - 1):
+        step()
+    warmed = compiled_graphs()
+    windows = [harness.seconds(step, setup.device, setup.steps) / setup.steps for _ in range(setup.windows)]
+    return Timing(setup.batch, first, windows, warmed - before, compiled_graphs() - warmed)
+
+
+class Row(NamedTuple):
+    variant: str
+    settings: str
+    timing: Optional[Timing]  # None: the variant failed (see settings)
+    memory: str
 
 
 def our_trainer(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> Trainer:
@@ -200,17 +258,49 @@ def our_trainer(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> 
     return trainer
 
 
-def run_ours(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> "tuple[Row, dict]":
-    """The row of our trainer, and its model's configuration."""
+def run_ours(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> "tuple[Row, Trainer]":
+    """The row of our trainer, and the trainer (the caller closes it)."""
     harness.reset_peak_memory(setup.device)
     with contextlib.nullcontext() if fast else reference_settings():
         trainer = our_trainer(setup, data, out, fast)
-        rate, step_s = time_steps(trainer.train_step, setup.batch, setup.steps, setup.warmup, setup.device)
+        timing = time_steps(trainer.train_step, setup)
         settings = (f"{'bf16' if trainer.bf16 else 'fp32'}, compile {'on' if trainer.compiled else 'off'}, "
-                    f"{harness.tf32_state(setup.device)}; kernels: {kernels.active_path(setup.device)}; "
-                    f"loader: {trainer.loader.kind}")
-    memory, config = harness.peak_memory(setup.device), trainer.net.config
-    return Row("(b) fast path" if fast else "(a) reference settings", settings, rate, step_s, memory), config
+                    f"{'channels_last' if trainer.channels_last else 'NCHW'}, {harness.tf32_state(setup.device)}; "
+                    f"kernels: {kernels.active_path(setup.device)}; loader: {trainer.loader.kind}")
+    row = Row("(b) fast path" if fast else "(a) reference settings", settings, timing, harness.peak_memory(setup.device))
+    return row, trainer
+
+
+def sampler_call(config: dict, resolution: int, batch: int, device: torch.device) -> Callable[[], object]:
+    """One call of the sampler as `python -m ambient_fast.sample` makes it on `device` (its memory
+    format and path, 18 Heun steps, `batch` images) on a fresh model of `config` (the trainer's
+    compiled blocks would recompile for it), after one untimed call (the fast path captures its
+    CUDA graph there, once per network and shape)."""
+    memory_format, fast = harness.cli_sampling(device)
+    net = build_model(config).to(device, memory_format=memory_format).eval()
+    latents, masks = seeded_inputs(range(batch), (3, resolution, resolution), 1, (1 - P) * (1 - DELTA), False, device)
+
+    def call():
+        return ambient_sample(net, latents, masks, num_steps=SAMPLER_STEPS, fast=fast)
+
+    call()
+    return call
+
+
+class Inspection(NamedTuple):
+    """One step of (b) looked into: where its time goes, and its and a sampler call's host syncs."""
+
+    profile: profile.ProfileTable
+    step_syncs: Optional[dict]
+    sampler_syncs: Optional[dict]
+    sample_batch: int
+
+
+def inspect_step(trainer: Trainer, setup: Setup, sample_batch: int) -> Inspection:
+    step = trainer.train_step
+    sample = sampler_call(trainer.net.config, setup.resolution, sample_batch, setup.device)
+    return Inspection(profile.profile_call(step, setup.device), profile.host_syncs(step, setup.device),
+                      profile.host_syncs(sample, setup.device), sample_batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,77 +368,162 @@ def run_reference(setup: Setup, data: CorruptedDataset, reference) -> Row:
         try:
             step = ReferenceStep(*reference, setup.resolution, setup.size, setup.device)
             loader = host_loader(data, setup.batch, setup.device)
-            rate, step_s = time_steps(lambda: step(loader.next()), setup.batch, setup.steps, setup.warmup, setup.device)
+            timing = time_steps(lambda: step(loader.next()), setup)
         except Exception as error:  # an optional comparison: report it and keep the rows already measured
-            return Row("(c) authors' code", f"FAILED: {type(error).__name__}: {error}", None, None, "n/a")
+            return Row("(c) authors' code", f"FAILED: {type(error).__name__}: {error}", None, "n/a")
         settings = (f"fp32, compile {'on' if setup.device.type == 'cuda' else 'off (CPU)'}, "
                     f"{harness.tf32_state(setup.device)}; loader: {loader.kind}")
-    return Row("(c) authors' code", settings, rate, step_s, harness.peak_memory(setup.device))
+    return Row("(c) authors' code", settings, timing, harness.peak_memory(setup.device))
 
 
 # ----------------------------------------------------------------------------------------------
-# One configuration, the report
+# One configuration, the batch scaling
 
 
-def measure(setup: Setup, work: Path, reference=None) -> "tuple[List[Row], float]":
-    """The rows of one configuration and its FLOPs per image."""
+def measure(setup: Setup, work: Path, sample_batch: int, reference=None) -> "tuple[List[Row], float, Inspection]":
+    """The rows of one configuration, its FLOPs per image and the inspection of a step of (b)."""
     data = corrupted_set(work, setup.resolution, count=max(4 * setup.batch, 16))
-    baseline, config = run_ours(setup, data, work / "a", fast=False)
+    baseline, trainer = run_ours(setup, data, work / "a", fast=False)
+    trainer.close()
+    del trainer
     gc.collect()  # each variant's model, optimiser and compiled code go before the next one is built
-    fast, _ = run_ours(setup, data, work / "b", fast=True)
+    fast, trainer = run_ours(setup, data, work / "b", fast=True)
+    inspection = inspect_step(trainer, setup, sample_batch)
+    config = trainer.net.config
+    trainer.close()
+    del trainer
     gc.collect()
     rows = [baseline, fast]
     if reference is not None:
         rows.append(run_reference(setup, data, reference))
         gc.collect()
     torch._dynamo.reset()  # the next configuration compiles afresh
-    return rows, flops_per_image(config, setup.resolution)
+    return rows, flops_per_image(config, setup.resolution), inspection
 
 
-HEADER = ["variant", "images/s", "s/step", "model TFLOP/s", "% bf16 peak", "peak memory", "vs (a)"]
+def measure_batch(setup: Setup, work: Path) -> Row:
+    """(b) at `setup.batch`, compiled afresh."""
+    data = corrupted_set(work, setup.resolution, count=max(4 * setup.batch, 16))
+    row, trainer = run_ours(setup, data, work / f"b-{setup.batch}", fast=True)
+    trainer.close()
+    del trainer
+    gc.collect()
+    torch._dynamo.reset()
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+HEADER = ["variant", "images/s", "spread", "s/step", "first step s", "model TFLOP/s", "% bf16 peak",
+          "peak memory alloc / reserved", "vs (a)"]
+
+
+def spread_text(timing: Timing) -> str:
+    return f"{100 * timing.spread:.1f}% ({len(timing.window_s)} windows)"
 
 
 def table_rows(rows: List[Row], flops: float, peak: float) -> "list[list[str]]":
-    baseline = rows[0].images_per_s
+    baseline = rows[0].timing
     out = []
     for row in rows:
-        if row.images_per_s is None:
-            out.append([row.variant, "-", "-", "-", "-", row.memory, "-"])
+        timing = row.timing
+        if timing is None:
+            out.append([row.variant, "-", "-", "-", "-", "-", "-", row.memory, "-"])
             continue
-        model = flops * row.images_per_s
-        out.append([row.variant, f"{row.images_per_s:.4g}", f"{row.step_s:.4g}", f"{model / 1e12:.4g}",
-                    f"{100 * model / peak:.3g}%", row.memory, harness.ratio(row.images_per_s, baseline)])
+        model = flops * timing.images_per_s
+        out.append([row.variant, f"{timing.images_per_s:.4g}", spread_text(timing), f"{timing.step_s:.4g}",
+                    f"{timing.first_s:.3g}", f"{model / 1e12:.4g}", f"{100 * model / peak:.3g}%", row.memory,
+                    harness.ratio(timing.images_per_s, baseline.images_per_s)])
     return out
 
 
 def target_lines(resolution: int, rows: List[Row], flops: float, peak: float, gpu: bool) -> "list[str]":
-    (a, b) = rows[:2]
+    a, b = rows[0].timing, rows[1].timing
     verdict = "" if gpu else " (not judged: CPU)"
     lines = [f"- (b) / (a): {harness.ratio(b.images_per_s, a.images_per_s)} images/s"
              + (f"; target >= 8x{verdict}" if resolution == 32 else ""),
              f"- (b) model FLOP/s / bf16 peak: {flops * b.images_per_s / 1e12:.4g} / {peak / 1e12:.4g} TFLOP/s = "
              f"{100 * flops * b.images_per_s / peak:.3g}%" + (f"; target >= 40%{verdict}" if resolution == 32 else "")]
-    if len(rows) > 2 and rows[2].images_per_s is not None:
-        lines.append(f"- (b) / (c): {harness.ratio(b.images_per_s, rows[2].images_per_s)} images/s")
+    if len(rows) > 2 and rows[2].timing is not None:
+        lines.append(f"- (b) / (c): {harness.ratio(b.images_per_s, rows[2].timing.images_per_s)} images/s")
     return lines + [f"- {row.variant}: {row.settings}" for row in rows]
+
+
+def compile_lines(rows: List[Row]) -> "list[str]":
+    """Per variant: its first step against its median step, and what Dynamo compiled. Where it
+    compiled, the difference is the compile time (with the first call's other costs: cuDNN's
+    autotuning, the allocator's growth)."""
+    lines = []
+    for row in rows:
+        timing = row.timing
+        if timing is None:
+            continue
+        first = f"first step {timing.first_s:.3g} s, later steps {timing.step_s:.4g} s"
+        if not timing.graphs_warmup and not timing.graphs_timed:
+            lines.append(f"- {row.variant}: nothing compiled ({first})")
+            continue
+        lines.append(f"- {row.variant}: compile time ~ {timing.first_s - timing.step_s:.3g} s ({first}); "
+                     f"{timing.graphs_warmup} graphs compiled in the warm-up, {timing.graphs_timed} while timing"
+                     + ("" if timing.graphs_timed == 0 else " (RECOMPILED: the windows include compilation)"))
+    return lines
+
+
+def sync_lines(inspection: Inspection) -> "list[str]":
+    return [f"- one step of (b), in steady state: {profile.describe_syncs(inspection.step_syncs)}",
+            f"- one sampler call (the sampling command's path and memory format on this device, {SAMPLER_STEPS} steps, "
+            f"{inspection.sample_batch} images, after a first call): {profile.describe_syncs(inspection.sampler_syncs)}"]
+
+
+SCALING_HEADER = ["batch", "images/s", "spread", "s/step", "first step s", "peak memory alloc / reserved", "vs first"]
+
+
+def scaling_rows(rows: List[Row]) -> "list[list[str]]":
+    first = rows[0].timing
+    return [[str(row.timing.batch), f"{row.timing.images_per_s:.4g}", spread_text(row.timing),
+             f"{row.timing.step_s:.4g}", f"{row.timing.first_s:.3g}", row.memory,
+             harness.ratio(row.timing.images_per_s, first.images_per_s)] for row in rows]
+
+
+def parse_list(parser, text: str, flag: str, allowed=None) -> "list[int]":
+    """Comma-separated positive integers (among `allowed` if given); 'none' or '' for none."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        values = [int(v) for v in text.split(",")]
+        if all(v >= 1 for v in values) and (allowed is None or all(v in allowed for v in values)):
+            return values
+    except ValueError:
+        pass
+    parser.error(f"{flag} takes {'values among ' + str(sorted(allowed)) if allowed else 'positive integers'}, "
+                 f"comma-separated, or none; got {text!r}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="32,64", help="resolutions to run, of 32 and 64 (default 32,64)")
-    parser.add_argument("--batch", type=int, help="batch per GPU (default 128 at 32x32, 64 at 64x64; --quick: 4)")
-    parser.add_argument("--steps", type=int, help="timed steps per variant (default 20; --quick: 5)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first, compilation included (default 5; --quick: 2)")
+    parser.add_argument("--configs", default="32,64", help="resolutions to run, of 32 and 64, or none (default 32,64)")
+    parser.add_argument("--batch", type=int, help="batch per GPU (default 128 at 32x32, 64 at 64x64; --quick: 4; "
+                        "--tiny: 2)")
+    parser.add_argument("--steps", type=int, help="steps per timing window (default 10; --quick: 3; --tiny: 1)")
+    parser.add_argument("--windows", type=int, help="timing windows per variant (default 3; --quick, --tiny: 2)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first, the first step (compilation) included "
+                        "(default 5; --quick: 2; --tiny: 1)")
+    parser.add_argument("--scaling", help="batches of (b) at 32x32 for the batch scaling, or none (default 128,256,512; "
+                        "--quick: 4,8; --tiny: 2,4)")
     parser.add_argument("--reference-repo", type=Path,
                         help="a checkout of giannisdaras/ambient-diffusion: time its code too")
     harness.add_common_arguments(parser, "small models and batches: checks that it all runs")
     args = parser.parse_args(argv)
     console = Console()
-    resolutions = harness.parse_resolutions(parser, args.configs, CONFIGS, "--configs")
-    steps = args.steps if args.steps is not None else (QUICK["steps"] if args.quick else 20)
-    warmup = args.warmup if args.warmup is not None else (QUICK["warmup"] if args.quick else 5)
-    if (args.batch is not None and args.batch < 1) or steps < 1 or warmup < 0:
-        parser.error("--batch and --steps must be at least 1, --warmup at least 0")
+    mode = harness.size_mode(args)
+    defaults = SIZES[mode]
+    resolutions = parse_list(parser, args.configs, "--configs", CONFIGS)
+    scaling = parse_list(parser, args.scaling if args.scaling is not None else defaults["scaling"], "--scaling")
+    steps, windows, warmup = (getattr(args, name) if getattr(args, name) is not None else defaults[name]
+                              for name in ("steps", "windows", "warmup"))
+    if (args.batch is not None and args.batch < 1) or steps < 1 or windows < 1 or warmup < 1:
+        parser.error("--batch, --steps, --windows and --warmup must be at least 1")
     try:
         device = harness.pick_device(args.device)
         reference = import_reference(args.reference_repo) if args.reference_repo else None
@@ -362,28 +537,56 @@ def main(argv=None) -> int:
     peak = harness.bf16_matmul_peak(device)
     console.print(f"{harness.device_name(device)}: bf16 matmul peak (measured) {peak / 1e12:.4g} TFLOP/s")
     command = "python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    narrowed = harness.SIZE_TITLES[mode]
     sections = [harness.environment_section(device, command.strip()),
                 f"bf16 matmul peak, measured in this run: {peak / 1e12:.4g} TFLOP/s ({'8192' if gpu else '1024'}^3 "
                 "products). FLOPs per image: forward + backward, torch.utils.flop_counter. Each step: batch, loss, "
                 "backward, clipping, Adam, EMA. Models: (a) and (b) our defaults (sigmoid gate, mask-aware "
                 "preconditioning), (c) the reference's (double sigmoid, its preconditioning); the same FLOPs (gates "
-                "and preconditioning are elementwise, not counted)."
-                + (f" Quick run: models narrowed to {QUICK_SIZE}, not the published sizes." if args.quick else "")]
-    path = harness.report_path(args.results, "train", device)
+                "and preconditioning are elementwise, not counted). Timing: the first step alone, "
+                f"{warmup} warm-up steps in all, then {windows} windows of {steps} steps; images/s is the median "
+                "window's, spread (max - min) / median of the windows."
+                + (f" Models narrowed to {defaults['size']}, not the published sizes." if defaults["size"] else "")]
+    path = harness.report_path(args.results, "train" if resolutions else "train-scaling", device)
+
+    def write(*more: str) -> None:
+        harness.write_report(path, f"Training throughput on {harness.device_name(device)}, {harness.today()}",
+                             [*sections, *more])
+
+    def setup(resolution: int, batch: int) -> Setup:
+        return Setup(resolution, batch, steps, windows, warmup, defaults["size"], device)
+
     for resolution in resolutions:
-        batch = args.batch or (QUICK["batch"] if args.quick else DEFAULT_BATCH[resolution])
-        setup = Setup(resolution, batch, steps, warmup, QUICK_SIZE if args.quick else {}, device)
-        console.print(f"{CONFIGS[resolution]}, batch {batch}: {warmup} + {steps} steps per variant ...")
+        batch = args.batch or defaults["batch"] or DEFAULT_BATCH[resolution]
+        console.print(f"{CONFIGS[resolution]}, batch {batch}: {warmup} + {windows} x {steps} steps per variant ...")
         with tempfile.TemporaryDirectory() as work:
-            rows, flops = measure(setup, Path(work), reference)
+            rows, flops, inspection = measure(setup(resolution, batch), Path(work), defaults["sample_batch"], reference)
         rows_text = table_rows(rows, flops, peak)
-        title = (f"{CONFIGS[resolution]}{' (narrowed: --quick)' if args.quick else ''}, batch {batch}, "
-                 f"{flops / 1e9:.4g} GFLOP/image")
+        title = f"{CONFIGS[resolution]}{narrowed}, batch {batch}, {flops / 1e9:.4g} GFLOP/image"
         harness.print_table(console, title, HEADER, rows_text, left=("variant",))
         lines = target_lines(resolution, rows, flops, peak, gpu)
-        console.print("\n".join(lines), highlight=False)
-        sections += [f"## {title}", "\n".join(harness.markdown_table(HEADER, rows_text)), "\n".join(lines)]
-        harness.write_report(path, f"Training throughput on {harness.device_name(device)}, {harness.today()}", sections)
+        profile_title = (f"One step of (b) under torch.profiler, {'device kernels' if gpu else 'CPU operators (self time)'}"
+                         " grouped by name (bench/_profile.py)")
+        profile_text = profile.profile_rows(inspection.profile)
+        harness.print_table(console, profile_title, profile.PROFILE_HEADER, profile_text, left=("group",))
+        console.print("\n".join(lines + ["Compilation:"] + compile_lines(rows) + ["Host syncs:"] + sync_lines(inspection)),
+                      highlight=False, soft_wrap=True)
+        sections.extend([f"## {title}", "\n".join(harness.markdown_table(HEADER, rows_text)), "\n".join(lines),
+                         "### Compilation", "\n".join(compile_lines(rows)),
+                         f"### {profile_title}", "\n".join(harness.markdown_table(profile.PROFILE_HEADER, profile_text)),
+                         "### Host syncs (torch.cuda.set_sync_debug_mode)", "\n".join(sync_lines(inspection))])
+        write()
+
+    if scaling:
+        title = f"Batch scaling of (b), {CONFIGS[SCALING_RESOLUTION]}{narrowed}"
+        console.print(f"{title}: batches {', '.join(map(str, scaling))} ...")
+        rows = []
+        for batch in scaling:
+            with tempfile.TemporaryDirectory() as work:
+                rows.append(measure_batch(setup(SCALING_RESOLUTION, batch), Path(work)))
+            # After each batch, so that a run cut short keeps the batches it measured.
+            write(f"## {title}", "\n".join(harness.markdown_table(SCALING_HEADER, scaling_rows(rows))))
+        harness.print_table(console, title, SCALING_HEADER, scaling_rows(rows), left=("batch",))
     console.print(f"wrote {path}")
     return 0
 

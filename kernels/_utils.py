@@ -1,11 +1,16 @@
 """Shared launch helpers of the fused kernels: the optional Triton import, the dispatch rule,
-tensor layouts and block sizes.
+the launch, tensor layouts and block sizes.
 
 Dispatch rule (checked at every call, never at import): an op takes its Triton kernel when
 kernels are enabled (`AMBIENT_FAST_KERNELS` is not 0), Triton imports, and its tensors are on
 CUDA, or on the CPU while `TRITON_INTERPRET=1` (the interpreter, which is how the tests run the
 kernels). Everything else runs the PyTorch reference, and so does code that torch.compile traces
 (Inductor generates its own fused kernels from the reference).
+
+Launch: `kernel[grid](...)` builds the kernel in the mode in force (compiled, or interpreted) and
+launches it; nothing else. Tooling takes launches over through `launch_hook`: the AOT recorder
+(`aot.py`) and the fixes the interpreter needs beside Triton's compiler (`interpreter.py`), which
+the tests and benchmarks install and the package's commands never import.
 
 Layouts: every (N, C, H, W) operand is described by three strides (sample, channel, pixel),
 pixel = h * W + w. That covers contiguous and channels_last tensors and the channel slices
@@ -14,9 +19,8 @@ so the kernels read them in place; anything else is copied once by `planes`.
 """
 import contextlib
 import os
-import sys
 import types
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -49,24 +53,32 @@ def fused_device(device) -> bool:
     if not kernels_enabled() or triton is None:
         return False
     kind = torch.device(device).type
-    return kind == "cuda" or (kind == "cpu" and (interpreting() or _recorder is not None))
+    return kind == "cuda" or (kind == "cpu" and (interpreting() or (_hook is not None and _hook.cpu)))
 
 
-_recorder = None  # the active `aot.LaunchRecorder`, if any
+class LaunchHook(NamedTuple):
+    """Tooling that takes over kernel launches (see `launch_hook`)."""
+
+    wrap: Callable[["LazyKernel", tuple], Callable]  # (kernel, grid) -> what `kernel[grid]` returns
+    cpu: bool  # whether ops on CPU tensors take the fused path while it is installed
+
+
+_hook: Optional[LaunchHook] = None  # None in production: a launch is only the kernel's launch
 
 
 @contextlib.contextmanager
-def recording(recorder):
-    """While active, CPU tensors take the fused path and every launch goes to `recorder.record`
-    instead of running (see `aot.record_launches`)."""
-    global _recorder
-    if _recorder is not None:
-        raise RuntimeError("launches are already being recorded")
-    _recorder = recorder
+def launch_hook(wrap: Callable[["LazyKernel", tuple], Callable], cpu: bool = False) -> Iterator[None]:
+    """For tooling only, never the package's commands: while the block runs, `kernel[grid]` returns
+    `wrap(kernel, grid)` (which may call `kernel.launcher(grid)` for the plain launch). With `cpu`,
+    ops on CPU tensors take the fused path too. The AOT recorder (`aot.record_launches`) and the
+    interpreter's fixes (`interpreter.fixes`, installed by tests/conftest.py and the benchmarks that
+    interpret) are such hooks; the one in force before is put back afterwards, so they nest."""
+    global _hook
+    previous, _hook = _hook, LaunchHook(wrap, cpu)
     try:
-        yield recorder
+        yield
     finally:
-        _recorder = None
+        _hook = previous
 
 
 def use_fused(*tensors: Optional[torch.Tensor]) -> bool:
@@ -100,93 +112,17 @@ class LazyKernel:
         return self._compile_mode
 
     def __getitem__(self, grid):
-        if _recorder is not None:
-            recorder = _recorder
-            return lambda *args, **kwargs: recorder.record(self, args, kwargs)
+        if _hook is not None:  # tooling (tests, benchmarks, the AOT check); never set in production
+            return _hook.wrap(self, grid)
+        return self.launcher(grid)
+
+    def launcher(self, grid):
+        """The launch of the kernel on `grid`, built in the mode in force now."""
         mode = interpreting()
         kernel = self._built.get(mode)
         if kernel is None:
             kernel = self._built[mode] = triton.jit(self.fn, **self.options)
-        launch = kernel[grid]
-        if not mode:
-            return launch
-
-        def interpret(*args, **kwargs):
-            with _language_restored(), language_for(interpreted=True):
-                return launch(*args, **kwargs)
-
-        return interpret
-
-
-_LANGUAGE_TWINS = {}  # id(a jitted function of triton.language) -> {interpreted?: its form for that mode}
-_MISSING = object()
-
-
-def _language_modules() -> Iterator[types.ModuleType]:
-    """triton.language and its submodules, as imported so far."""
-    for name, module in list(sys.modules.items()):
-        if module is not None and (name == "triton.language" or name.startswith("triton.language.")):
-            yield module
-
-
-@contextlib.contextmanager
-def language_for(interpreted: bool):
-    """Make triton.language's own jitted functions (tl.sum, tl.sigmoid, tl.randint4x, ...) usable
-    by kernels interpreted (`interpreted=True`) or compiled for a GPU, for the duration of the block.
-
-    Triton builds them for the mode in force when it is first imported: imported without
-    TRITON_INTERPRET (torch._inductor imports Triton, for one), the interpreter cannot call them;
-    imported with it (the kernel tests), Triton's compiler cannot (bench/aot.py in the same
-    process). Here they are swapped for their twins of the other mode and put back afterwards."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
-    except ImportError:  # another Triton layout: leave it alone
-        yield
-        return
-    wanted, other = (InterpretedFunction, JITFunction) if interpreted else (JITFunction, InterpretedFunction)
-    swapped = []
-    for module in _language_modules():
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, other) and not isinstance(value, wanted):
-                twins = _LANGUAGE_TWINS.setdefault(id(value), {None: value})  # keeps value alive: ids stay unique
-                if interpreted not in twins:
-                    twins[interpreted] = wanted(value.fn)
-                swapped.append((module, attr, value))
-                setattr(module, attr, twins[interpreted])
-    try:
-        yield
-    finally:
-        for module, attr, value in swapped:
-            setattr(module, attr, value)
-
-
-def _language_namespaces() -> Iterator[object]:
-    """triton.language's modules and the classes they define: what Triton's interpreter patches."""
-    for module in _language_modules():
-        yield module
-        for value in list(vars(module).values()):
-            if isinstance(value, type) and value.__module__.startswith("triton.language"):
-                yield value
-
-
-@contextlib.contextmanager
-def _language_restored():
-    """Put back whatever Triton's interpreter changes in triton.language during the block. A jitted
-    helper called from an interpreted kernel (tl.sigmoid, tl.randint4x, ...) patches the builtins of
-    its module for the interpreter and never unpatches them (Triton 3.6 and 3.9), after which Triton's
-    compiler fails in this process ("'value' object has no attribute 'dtype'"). Only values it
-    replaced are put back: what it added stays (it adds names to a helper's module once, for the
-    rewritten helper it caches)."""
-    saved = [(namespace, dict(vars(namespace))) for namespace in set(_language_namespaces())]
-    try:
-        yield
-    finally:
-        for namespace, before in saved:
-            now = vars(namespace)
-            for attr, value in before.items():
-                if now.get(attr, _MISSING) is not value:
-                    setattr(namespace, attr, value)
+        return kernel[grid]
 
 
 def kernel(fn=None, **options):

@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
-from . import _utils
+from ._utils import launch_hook
+from .interpreter import language_for
 
 TARGET_CAPABILITIES = {"sm_80": 80, "sm_90": 90}
 
@@ -117,7 +118,11 @@ def record_launches(targets: Iterable[str] = ("sm_80", "sm_90")):
     is enough, because a specialisation depends on shapes, strides, dtypes and flags, never on
     values. Yields the LaunchRecorder."""
     recorder = LaunchRecorder(targets)
-    with _utils.recording(recorder):
+
+    def record(kernel, grid):
+        return lambda *args, **kwargs: recorder.record(kernel, args, kwargs)
+
+    with launch_hook(record, cpu=True):
         yield recorder
 
 
@@ -148,7 +153,7 @@ def compile_one(spec: Specialization) -> CompileResult:
     try:
         # stdout: ptxas's -v report, printed by Triton on request; triton.language's helpers as the
         # compiler needs them, however Triton was imported
-        with contextlib.redirect_stdout(log), _utils.language_for(interpreted=False):
+        with contextlib.redirect_stdout(log), language_for(interpreted=False):
             compiled = triton.compile(ASTSource(spec.jit, spec.signature, spec.constexprs, spec.attrs),
                                       target=target, options=spec.options.__dict__)
     except Exception as error:  # the compiler's own message is the result

@@ -5,12 +5,25 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 FIXTURES = Path(os.environ.get("AMBIENT_FAST_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_fixes():
+    """The fixes Triton's interpreter needs beside its compiler in one process (the kernel tests
+    interpret, the AOT check compiles), for the whole session: ambient_fast.kernels.interpreter.
+    Imported at the first test, after collection, so that the kernel tests' module still imports
+    Triton under TRITON_INTERPRET=1 as it means to."""
+    from ambient_fast.kernels import interpreter
+
+    with interpreter.fixes():
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -29,12 +42,18 @@ def _threads():
     assert after == before, f"the test left torch's thread count at {after} (it was {before})"
 
 
-def load_fixture(name: str):
-    """(config, weights, cases) of a golden reference fixture; skips the test when absent."""
+def fixture_folder(name: str) -> Path:
+    """The folder of a golden reference fixture; skips the test when absent."""
     folder = FIXTURES / name
     if not folder.is_dir():
         pytest.skip(f"reference fixtures not found at {folder} (they live in ../shared/fixtures beside the "
                     "project root; set AMBIENT_FAST_FIXTURES to point elsewhere)")
+    return folder
+
+
+def load_fixture(name: str):
+    """(config, weights, cases) of a golden reference fixture; skips the test when absent."""
+    folder = fixture_folder(name)
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text())
@@ -84,6 +103,22 @@ def assert_gradient_matches_differences(loss_of, params, eps: float, rel: float)
         analytic = sum((g * d).sum() for g, d in zip(gradient, direction)).item()
         numeric = (shifted(direction, eps) - shifted(direction, -eps)) / (2 * eps)
         assert abs(numeric - analytic) <= rel * size, (numeric, analytic, size)
+
+
+@contextmanager
+def installed_modules(modules: dict):
+    """Make stand-in modules importable under the given names (e.g. the reference's `torch_utils`, so
+    that a test pickles globals exactly as the reference's files name them); restores sys.modules."""
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
 
 
 def free_port() -> int:

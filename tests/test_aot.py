@@ -44,7 +44,7 @@ _INTERPRET_THEN_COMPILE = """
 import os
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported, as the kernel tests do
 import torch
-from ambient_fast.kernels import aot
+from ambient_fast.kernels import aot, interpreter
 from ambient_fast.kernels._utils import kernel, tl
 
 @kernel
@@ -55,7 +55,8 @@ def shifted_sigmoid(x_ptr, out_ptr, BLOCK: tl.constexpr):
 
 x = torch.randn(16)
 out = torch.empty(16)
-shifted_sigmoid[(1,)](x, out, BLOCK=16)
+with interpreter.fixes():  # what tests/conftest.py installs for a test session
+    shifted_sigmoid[(1,)](x, out, BLOCK=16)
 assert torch.allclose(out, torch.sigmoid(x))
 del os.environ["TRITON_INTERPRET"]
 with aot.record_launches(("sm_90",)) as recorder:
@@ -67,9 +68,9 @@ assert result.ok, result.error
 
 def test_compiles_in_a_process_that_interpreted_a_jitted_helper(tmp_path):
     """Triton imported under TRITON_INTERPRET=1, an interpreted kernel calling one of
-    triton.language's jitted helpers (which patches builtins and, in Triton 3.9, leaves them
-    patched), then the compile check in the same process: it still compiles (the kernel tests run
-    before this module when pytest is given them first)."""
+    triton.language's jitted helpers (which patches builtins and leaves them patched), then the
+    compile check in the same process: with the interpreter's fixes installed around the launch it
+    still compiles (the kernel tests run before this module when pytest is given them first)."""
     script = tmp_path / "interpret_then_compile.py"  # a file: Triton reads a kernel's source
     script.write_text(_INTERPRET_THEN_COMPILE)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_fast.files.checkpoints import UnsafePickleError, import_reference, load_network, save_network
+from ambient_fast.files.checkpoints import load_network, save_network
+from ambient_fast.files.reference import UnsafePickleError, import_reference
 from ambient_fast.networks import EDMPrecond, build_reference_model
 
+from conftest import installed_modules
 from test_nn import ambient_input, randomize_
 
 REFERENCE_NETWORK_KWARGS = {
@@ -46,16 +48,8 @@ def fake_persistence():
     _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
     module._reconstruct_persistent_obj = _reconstruct_persistent_obj
     package.persistence = module
-    saved = {name: sys.modules.get(name) for name in ("torch_utils", "torch_utils.persistence")}
-    sys.modules.update({"torch_utils": package, "torch_utils.persistence": module})
-    try:
+    with installed_modules({"torch_utils": package, "torch_utils.persistence": module}):
         yield module
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = value
 
 
 class Persistent:

@@ -28,7 +28,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ambient_fast.files.checkpoints import UnsafePickleError, import_reference, load_network, save_network
+from ambient_fast.files.checkpoints import load_network, save_network
+from ambient_fast.files.reference import UnsafePickleError, import_reference
 from ambient_fast.convert import main as convert_main
 from ambient_fast.data.format import CorruptedDataset, write_dataset
 from ambient_fast.prepare import main as prepare_main

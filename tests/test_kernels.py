@@ -388,10 +388,14 @@ def test_package_works_without_triton():
 
 
 def test_interpreter_works_when_triton_was_imported_first():
-    """torch._inductor imports Triton; kernels must still interpret when TRITON_INTERPRET comes later."""
+    """torch._inductor imports Triton; kernels must still interpret when TRITON_INTERPRET comes later
+    (with the interpreter's fixes installed, as the tests and benchmarks that interpret do)."""
     code = ("import os, torch, torch._inductor, sys\n"
             "assert 'triton' in sys.modules\n"
             "from ambient_fast import kernels\n"
+            "from ambient_fast.kernels import interpreter\n"
+            "fixes = interpreter.fixes()  # what tests/conftest.py installs for a test session\n"
+            "fixes.__enter__()\n"
             "os.environ['TRITON_INTERPRET'] = '1'\n"
             "a, g, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(3)\n"
             "out = kernels.gated_activation(a, g, b, True)\n"
@@ -406,6 +410,26 @@ def test_interpreter_works_when_triton_was_imported_first():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_package_launches_kernels_without_tooling():
+    """Production's launch path is only the launch: no module of the package (the kernels' own
+    tooling aside) imports the AOT recorder or the interpreter's fixes, and no launch hook is
+    installed, so `kernel[grid]` goes straight to Triton's launcher."""
+    code = ("import importlib, pkgutil, sys\n"
+            "import ambient_fast\n"
+            "TOOLING = ('ambient_fast.kernels.aot', 'ambient_fast.kernels.interpreter')\n"
+            "for info in pkgutil.walk_packages(ambient_fast.__path__, 'ambient_fast.'):\n"
+            "    if info.name not in TOOLING:\n"
+            "        importlib.import_module(info.name)\n"
+            "from ambient_fast.kernels import _utils\n"
+            "assert _utils._hook is None\n"
+            "loaded = [name for name in TOOLING if name in sys.modules]\n"
+            "assert not loaded, loaded\n"
+            "print(len([m for m in sys.modules if m.startswith('ambient_fast.')]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout) > 30  # every module of the package was imported
 
 
 # ----------------------------------------------------------------------------------------------

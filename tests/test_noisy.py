@@ -217,10 +217,11 @@ def test_a_noisy_only_model_samples_down_to_its_noise_level(tmp_path, source, mo
     assert train_main(["--data", "noisy", "--out", "run", "--batch", "8", "--steps", "2", *TINY]) == 0
     from ambient_fast.files.checkpoints import load_network
     from ambient_fast.sample import main as sample_main
+    from ambient_fast.sampling.samplers import sampling_sigmas
 
     loaded = load_network(tmp_path / "run" / "network-final.safetensors")
     assert loaded.corruption["sigma_floor"] == pytest.approx(0.2) and loaded.survival == 1.0
-    assert loaded.sampling_sigmas()["sigma_min"] == pytest.approx(0.2)
+    assert sampling_sigmas(loaded)["sigma_min"] == pytest.approx(0.2)
     assert sample_main(["--net", "run/network-final.safetensors", "--out", "samples", "--seeds", "0-1",
                         "--steps", "3"]) == 0
     assert json.loads((tmp_path / "samples" / "sampling.json").read_text())["sigma_min"] == pytest.approx(0.2)

@@ -11,7 +11,7 @@ from ambient_fast.files.checkpoints import save_network
 from ambient_fast.files.images import load_png
 from ambient_fast.networks import EDMPrecond, from_reference
 from ambient_fast.sample import parse_seeds
-from ambient_fast.sampling.samplers import ambient_sample, edm_sigma_steps, seeded_inputs
+from ambient_fast.sampling.samplers import PerSeedGenerators, ambient_sample, edm_sigma_steps, seeded_inputs
 
 from conftest import TINY_ARCHITECTURES, load_fixture, torchrun
 from test_nn import randomize_
@@ -97,6 +97,27 @@ def test_each_image_depends_only_on_its_seed(guidance, num_masks):
     lat, msk = seeded_inputs([5, 9], (3, 8, 8), num_masks, 0.5, False, "cpu")
     apart = ambient_sample(model, lat, msk, **kwargs)
     assert torch.allclose(together[2], apart[0], atol=1e-5)
+
+
+def test_churned_image_depends_only_on_its_seed():
+    """Churn noise from per-seed generators: an image's churned sample is the same in any batch. The
+    global generator (the default noise source) would not give that, and churn changes the image."""
+    model = small_model()
+
+    def churned(seeds, per_seed=True, churn=20.0):
+        generators = PerSeedGenerators(seeds)
+        latents, masks = generators.sampling_inputs((3, 8, 8), 1, 0.5, False, "cpu")
+        noise = generators.randn_like if per_seed else torch.randn_like
+        return ambient_sample(model, latents, masks, num_steps=4, S_churn=churn, randn_like=noise)
+
+    together, apart = churned([3, 4, 5, 6]), churned([5, 9])
+    assert torch.allclose(together[2], apart[0], atol=1e-5)
+    assert not torch.allclose(together[2], churned([5], churn=0.0)[0], atol=1e-3)
+    torch.manual_seed(0)
+    global_together = churned([3, 4, 5, 6], per_seed=False)
+    assert not torch.allclose(global_together[2], churned([5, 9], per_seed=False)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        PerSeedGenerators([1, 2]).randn_like(torch.zeros(3, 1))
 
 
 def test_seeded_inputs_share_masks_over_channels():
@@ -210,10 +231,8 @@ def test_fast_path_builds_its_denoiser_once_per_shape(monkeypatch):
     assert len(made) == 3
 
 
-@pytest.mark.parametrize("options", [dict(), dict(fast=True), dict(S_churn=10.0, S_min=0.05, S_max=50.0)],
-                         ids=["exact", "fast", "churn"])
-def test_the_sampler_never_waits_for_device_values(options):
-    """No tensor value is read on the host during sampling (on a GPU each read waits for the queue to
+def host_reads(work) -> int:
+    """How many tensor values `work()` reads on the host (on a GPU each read waits for the queue to
     drain): `.item()`, `bool(tensor)` and comparisons all dispatch to aten._local_scalar_dense."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -225,8 +244,15 @@ def test_the_sampler_never_waits_for_device_values(options):
                 HostReads.count += 1
             return func(*args, **(kwargs or {}))
 
+    with HostReads():
+        work()
+    return HostReads.count
+
+
+@pytest.mark.parametrize("options", [dict(), dict(fast=True), dict(S_churn=10.0, S_min=0.05, S_max=50.0)],
+                         ids=["exact", "fast", "churn"])
+def test_the_sampler_never_waits_for_device_values(options):
+    """No tensor value is read on the host during sampling."""
     model = small_model()
     latents, masks = seeded_inputs([0, 1], (3, 8, 8), 1, 0.5, False, "cpu")
-    with HostReads():
-        ambient_sample(model, latents, masks, num_steps=4, **options)
-    assert HostReads.count == 0
+    assert host_reads(lambda: ambient_sample(model, latents, masks, num_steps=4, **options)) == 0

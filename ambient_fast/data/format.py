@@ -18,10 +18,16 @@ A data set is a directory holding
                                          noise level below which it must not train (0: none);
                                          absent in sets of one kind of image (then every image is
                                          masked, unless the corruption kind is "none")
+    sigma_max.npy  float32 (N,)          each image's highest usable noise level (inf: none), only
+                                         in a set with noise-level windows (crops, partial views:
+                                         `ambient_fast.objective.windows`)
     meta.json      format version, shape, count, label_dim, the corruption that drew A
                    ({"kind", "p", "delta", "shared_channels", ...}), the fraction of observed
                    values, the records' summary (counts of clean, masked, noisy and masked noisy
-                   images, the noise levels), sha256 of each array file, source description,
+                   images, the noise levels), the windows' summary, whether the set holds latents
+                   (`latent`: the autoencoder and its scaling, `ambient_fast.data.latents`; then
+                   values.npy holds the latents and every mask is full), sha256 of each array file,
+                   source description,
                    creation time, and the sha256 of all of that (`content_sha256`: an edited p or
                    delta shows)
 
@@ -50,14 +56,15 @@ import numpy as np
 from ambient_fast.files.atomic import dumps_json, fsync_path, sha256_file, write_error
 
 __all__ = ["FORMAT", "VERSION", "RECORD", "DataError", "DatasetMeta", "DatasetWriter", "CorruptedDataset",
-           "write_dataset", "corruption_record", "packed_size", "unpack_masks", "records_summary", "Stored"]
+           "write_dataset", "corruption_record", "packed_size", "unpack_masks", "records_summary", "windows_summary", "Stored"]
 
 FORMAT = "ambient-fast-data"
-VERSION = 2  # 2 added values.npy and records.npy; sets of version 1 (without them) read unchanged
-READABLE = (1, 2)
+VERSION = 3  # 2 added values.npy and records.npy, 3 sigma_max.npy and latent sets; older sets read unchanged
+READABLE = (1, 2, 3)
+PLAIN_VERSION = 2  # what a set without windows or latents is written as: readers of version 2 still read it
 OBSERVED, MASKS, LABELS, META = "observed.npy", "masks.npy", "labels.npy", "meta.json"
-VALUES, RECORDS = "values.npy", "records.npy"
-DATASET_FILES = (OBSERVED, MASKS, LABELS, VALUES, RECORDS, META)  # everything a data set folder holds
+VALUES, RECORDS, SIGMA_MAX = "values.npy", "records.npy", "sigma_max.npy"
+DATASET_FILES = (OBSERVED, MASKS, LABELS, VALUES, RECORDS, SIGMA_MAX, META)  # everything a data set folder holds
 RECORD = np.dtype([("masked", "u1"), ("sigma_n", "<f4"), ("sigma_min", "<f4")])
 CONTENT_DIGEST = "content_sha256"  # meta.json's checksum of its own other fields
 _CHECK_ROWS = 4096  # images per chunk when a whole array is scanned (bounded memory)
@@ -107,6 +114,24 @@ def _add_summaries(total: Optional[dict], part: dict) -> dict:
             "sigma_n_range": [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None}
 
 
+def windows_summary(sigma_max: np.ndarray) -> dict:
+    """meta.json's summary of sigma_max.npy: how many images have an upper bound and their range."""
+    bounded = sigma_max[np.isfinite(sigma_max)]
+    return {"with_sigma_max": int(len(bounded)),
+            "sigma_max_range": [float(bounded.min()), float(bounded.max())] if len(bounded) else None}
+
+
+def _check_windows(sigma_max: np.ndarray, low: np.ndarray) -> Optional[str]:
+    """What is wrong with per-image upper bounds `sigma_max` above lower bounds `low`, or None."""
+    if np.isnan(sigma_max).any():
+        return "sigma_max must not be NaN (inf: no upper bound)"
+    empty = int(np.count_nonzero(sigma_max <= low))
+    if empty:
+        return (f"{empty} images have sigma_max at or below their lowest usable level max(sigma_n, sigma_min): "
+                "they could never train; raise their sigma_max or drop them")
+    return None
+
+
 def content_digest(meta_json: dict) -> str:
     """sha256 of meta.json's fields other than the digest itself (canonical JSON)."""
     content = {key: value for key, value in meta_json.items() if key != CONTENT_DIGEST}
@@ -122,6 +147,8 @@ class DatasetMeta:
     files: sha256 hex digest of each array file, by file name.
     values: whether values.npy holds the images' values (a set with noisy images).
     records: the summary of records.npy (`records_summary`), None without per-image records.
+    windows: the summary of sigma_max.npy (`windows_summary`), None without it.
+    latent: the autoencoder and scaling of a latent set (`ambient_fast.data.latents`), None for pixels.
     """
 
     count: int
@@ -135,6 +162,8 @@ class DatasetMeta:
     version: int = VERSION
     values: bool = False
     records: Optional[dict] = None
+    windows: Optional[dict] = None
+    latent: Optional[dict] = None
 
     def __post_init__(self):
         C, H, W = self.shape
@@ -144,6 +173,7 @@ class DatasetMeta:
             (self.label_dim >= 0, f"label_dim must be >= 0, got {self.label_dim}"),
             ("kind" in self.corruption, "corruption must record its 'kind'"),
             (set(self.files) == set(self.array_files), f"files must list {self.array_files}, got {sorted(self.files)}"),
+            (self.latent is None or self.values, "a latent set stores its latents in values.npy"),
         ]
         for ok, message in problems:
             if not ok:
@@ -152,10 +182,12 @@ class DatasetMeta:
     @property
     def array_files(self) -> list[str]:
         return ([OBSERVED, MASKS] + ([LABELS] if self.label_dim else []) + ([VALUES] if self.values else [])
-                + ([RECORDS] if self.records is not None else []))
+                + ([RECORDS] if self.records is not None else []) + ([SIGMA_MAX] if self.windows is not None else []))
 
     def to_json(self) -> dict:
         extra = {} if self.version < 2 else {"values": self.values, "records": self.records}
+        if self.version >= 3:
+            extra.update(windows=self.windows, latent=self.latent)
         return {"format": FORMAT, "version": self.version, "count": self.count, "shape": list(self.shape),
                 "label_dim": self.label_dim, "corruption": self.corruption,
                 "observed_fraction": self.observed_fraction, "files": {k: {"sha256": v} for k, v in self.files.items()},
@@ -170,13 +202,14 @@ class DatasetMeta:
             raise DataError(f"{where}: data-set format version {data.get('version')!r} is not supported "
                             f"(this ambient-fast reads versions {', '.join(map(str, READABLE))}); prepare the set again")
         try:
-            records = data.get("records")
+            records, windows, latent = data.get("records"), data.get("windows"), data.get("latent")
             return cls(count=int(data["count"]), shape=tuple(int(v) for v in data["shape"]),
                        label_dim=int(data["label_dim"]), corruption=dict(data["corruption"]),
                        observed_fraction=float(data["observed_fraction"]),
                        files={k: str(v["sha256"]) for k, v in data["files"].items()},
                        source=str(data["source"]), created=str(data["created"]), version=int(data["version"]),
-                       values=bool(data.get("values", False)), records=None if records is None else dict(records))
+                       values=bool(data.get("values", False)), records=None if records is None else dict(records),
+                       windows=None if windows is None else dict(windows), latent=None if latent is None else dict(latent))
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"{where}: malformed meta.json ({type(error).__name__}: {error}); "
                             "prepare the set again") from None
@@ -255,13 +288,19 @@ class DatasetWriter:
     """
 
     def __init__(self, dest: Union[str, Path], *, count: int, shape: tuple[int, int, int], label_dim: int = 0,
-                 overwrite: bool = False, values: bool = False, records: bool = False):
-        """values: the set stores float16 values (it has noisy images); records: per-image records."""
+                 overwrite: bool = False, values: bool = False, records: bool = False, sigma_max: bool = False,
+                 latent: Optional[dict] = None):
+        """values: the set stores float16 values (it has noisy images, or latents); records: per-image
+        records; sigma_max: per-image upper noise levels; latent: the set holds latents (values, full
+        masks) made as this record says (`ambient_fast.data.latents`)."""
         self.dest = Path(dest)
         self.count, self.shape, self.label_dim = int(count), tuple(int(v) for v in shape), int(label_dim)
         self.overwrite, self.values, self.records = overwrite, bool(values), bool(records)
+        self.sigma_max, self.latent = bool(sigma_max), None if latent is None else dict(latent)
         if self.count < 1:
             raise DataError("a data set needs at least one image")
+        if self.latent is not None and not self.values:
+            raise DataError("a latent set stores its latents as values: pass values=True")
         C, H, W = self.shape
         if H != W:
             raise DataError(f"images must be square, got {H}x{W}; resize them (prepare --resolution R)")
@@ -285,6 +324,8 @@ class DatasetWriter:
                 self._arrays[VALUES] = _ArrayFile(self.tmp / VALUES, np.float16, (self.count, *self.shape))
             if self.records:
                 self._arrays[RECORDS] = _ArrayFile(self.tmp / RECORDS, RECORD, (self.count,))
+            if self.sigma_max:
+                self._arrays[SIGMA_MAX] = _ArrayFile(self.tmp / SIGMA_MAX, np.float32, (self.count,))
         except BaseException as error:
             self.abort()  # leave nothing behind
             if isinstance(error, OSError):
@@ -293,10 +334,11 @@ class DatasetWriter:
         self.filled = 0
         self._observed_values = 0
         self._summary: Optional[dict] = None
+        self._sigma_max_parts: list[np.ndarray] = []
 
     def _check_free_space(self) -> None:
         per_image = (math.prod(self.shape) * (1 + 2 * self.values) + packed_size(self.shape)
-                     + (8 if self.label_dim else 0) + (RECORD.itemsize if self.records else 0))
+                     + (8 if self.label_dim else 0) + (RECORD.itemsize if self.records else 0) + 4 * self.sigma_max)
         needed = self.count * per_image + _SPARE_BYTES
         free = shutil.disk_usage(self.dest.parent).free
         if free < needed:
@@ -311,11 +353,14 @@ class DatasetWriter:
         self.abort()
 
     def append(self, observed: np.ndarray, masks: np.ndarray, labels: Optional[np.ndarray] = None,
-               values: Optional[np.ndarray] = None, records: Optional[np.ndarray] = None) -> None:
+               values: Optional[np.ndarray] = None, records: Optional[np.ndarray] = None,
+               sigma_max: Optional[np.ndarray] = None) -> None:
         """Add the next images: observed uint8 (B, C, R, R), masks bool (B, C, R, R), labels int (B,)
         (required iff label_dim > 0), values float16 (B, C, R, R) (iff the writer stores values),
-        records RECORD (B,) (iff it stores records). Observed and values must be 0 wherever the
-        mask is 0; an image recorded as not masked has a full mask; a noisy one needs values."""
+        records RECORD (B,) (iff it stores records), sigma_max float32 (B,) (iff it stores windows;
+        inf: no upper bound). Observed and values must be 0 wherever the mask is 0; an image recorded
+        as not masked has a full mask; a noisy one needs values; a latent set's masks are full; a
+        window must lie above the image's noise level and sigma_min."""
         B = len(observed)
         if observed.dtype != np.uint8 or observed.shape[1:] != self.shape:
             raise DataError(f"observed must be uint8 of shape (B, {', '.join(map(str, self.shape))}), "
@@ -337,8 +382,11 @@ class DatasetWriter:
                 raise DataError(f"labels must be integers of shape ({B},), got {labels.dtype} {labels.shape}")
             if B and (labels.min() < 0 or labels.max() >= self.label_dim):
                 raise DataError(f"labels must lie in [0, {self.label_dim}), got {labels.min()}..{labels.max()}")
-        if (values is not None) != self.values or (records is not None) != self.records:
-            raise DataError("values and records must be given with every chunk iff the writer stores them")
+        if ((values is not None) != self.values or (records is not None) != self.records
+                or (sigma_max is not None) != self.sigma_max):
+            raise DataError("values, records and sigma_max must be given with every chunk iff the writer stores them")
+        if self.latent is not None and not masks.all():
+            raise DataError("masks do not live in latent space: a latent set's masks must be full (all True)")
         if values is not None:
             if values.dtype != np.float16 or values.shape != observed.shape:
                 raise DataError(f"values must be float16 of shape {observed.shape}, got {values.dtype} {values.shape}")
@@ -354,6 +402,14 @@ class DatasetWriter:
                 raise DataError("an image recorded as not masked must have a full mask")
             if values is None and (records["sigma_n"] > 0).any():
                 raise DataError("noisy images (sigma_n > 0) need their values (values.npy)")
+        if sigma_max is not None:
+            sigma_max = np.asarray(sigma_max)
+            if sigma_max.shape != (B,) or not np.issubdtype(sigma_max.dtype, np.floating):
+                raise DataError(f"sigma_max must be floats of shape ({B},), got {sigma_max.dtype} {sigma_max.shape}")
+            low = np.zeros(B) if records is None else np.maximum(records["sigma_n"], records["sigma_min"])
+            problem = _check_windows(sigma_max.astype(np.float32), low)
+            if problem:
+                raise DataError(problem)
         try:
             self._arrays[OBSERVED].append(observed)
             self._arrays[MASKS].append(np.packbits(masks.reshape(B, -1), axis=1, bitorder="little"))
@@ -363,6 +419,9 @@ class DatasetWriter:
                 self._arrays[VALUES].append(values)
             if records is not None:
                 self._arrays[RECORDS].append(records)
+            if sigma_max is not None:
+                self._arrays[SIGMA_MAX].append(sigma_max)
+                self._sigma_max_parts.append(sigma_max.astype(np.float32))
         except OSError as error:
             raise write_error(self.dest, error) from error
         if records is not None and B:
@@ -381,7 +440,9 @@ class DatasetWriter:
                 count=self.count, shape=self.shape, label_dim=self.label_dim, corruption=dict(corruption),
                 observed_fraction=self._observed_values / (self.count * math.prod(self.shape)), files=files,
                 source=source, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), values=self.values,
-                records=self._summary if self.records else None)
+                records=self._summary if self.records else None,
+                windows=windows_summary(np.concatenate(self._sigma_max_parts)) if self.sigma_max else None,
+                latent=self.latent, version=VERSION if self.sigma_max or self.latent is not None else PLAIN_VERSION)
             content = meta.to_json()
             (self.tmp / META).write_text(dumps_json({**content, CONTENT_DIGEST: content_digest(content)}, indent=1))
             for name in [*files, META, "."]:
@@ -416,7 +477,8 @@ class DatasetWriter:
 
 def write_dataset(dest: Union[str, Path], observed: np.ndarray, masks: np.ndarray, corruption: dict,
                   labels: Optional[np.ndarray] = None, source: str = "", overwrite: bool = False,
-                  values: Optional[np.ndarray] = None, records: Optional[np.ndarray] = None) -> Path:
+                  values: Optional[np.ndarray] = None, records: Optional[np.ndarray] = None,
+                  sigma_max: Optional[np.ndarray] = None, latent: Optional[dict] = None) -> Path:
     """Write a data set in one call.
 
     Args:
@@ -429,11 +491,14 @@ def write_dataset(dest: Union[str, Path], observed: np.ndarray, masks: np.ndarra
         source: where the images came from, for the record.
         values: float16 (N, C, R, R) on [-1, 1] for a set with noisy images, else None.
         records: RECORD (N,) per-image records, or None (every image of the set's one kind).
+        sigma_max: float32 (N,) per-image upper noise levels (inf: none), or None (no windows).
+        latent: the latent record of a set of latents (`ambient_fast.data.latents`), or None.
     """
     label_dim = 0 if labels is None or not len(labels) else int(np.max(labels)) + 1
     with DatasetWriter(dest, count=len(observed), shape=observed.shape[1:], label_dim=label_dim, overwrite=overwrite,
-                       values=values is not None, records=records is not None) as writer:
-        writer.append(observed, masks, labels, values, records)
+                       values=values is not None, records=records is not None, sigma_max=sigma_max is not None,
+                       latent=latent) as writer:
+        writer.append(observed, masks, labels, values, records, sigma_max)
         return writer.commit(corruption, source)
 
 
@@ -464,7 +529,8 @@ class CorruptedDataset:
                     MASKS: (np.uint8, (self.meta.count, packed_size(self.meta.shape))),
                     LABELS: (np.int64, (self.meta.count,)),
                     VALUES: (np.float16, (self.meta.count, *self.meta.shape)),
-                    RECORDS: (RECORD, (self.meta.count,))}
+                    RECORDS: (RECORD, (self.meta.count,)),
+                    SIGMA_MAX: (np.float32, (self.meta.count,))}
         for name in self.meta.array_files:
             try:
                 array = np.load(self.path / name, mmap_mode="r", allow_pickle=False)
@@ -516,8 +582,13 @@ class CorruptedDataset:
 
     @property
     def has_noise(self) -> bool:
-        """Whether the set holds noisy images (and so float16 values)."""
-        return self.meta.values
+        """Whether the set holds noisy images (and so float16 values; a latent set's values are latents)."""
+        return self.meta.values and self.meta.latent is None
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether the set holds latents of an autoencoder (`meta.latent` says which) rather than pixels."""
+        return self.meta.latent is not None
 
     def records(self, indices=None) -> np.ndarray:
         """The RECORD of each image (all when `indices` is None). Sets without records.npy: every
@@ -535,13 +606,23 @@ class CorruptedDataset:
         records = self.records()
         return np.maximum(records["sigma_n"], records["sigma_min"]).astype(np.float32)
 
+    def sigma_max(self, indices=None) -> np.ndarray:
+        """float32: each image's highest usable noise level (all when `indices` is None); inf (no
+        upper bound) in sets without sigma_max.npy."""
+        array = self._arrays.get(SIGMA_MAX)
+        if array is not None:
+            return np.asarray(array if indices is None else array[self._check_indices(indices)])
+        return np.full(len(self) if indices is None else len(self._check_indices(indices)), np.inf, np.float32)
+
     def get_stored(self, indices) -> "Stored":
         """What a loader moves to the device for these images (see `Stored`)."""
         indices = self._check_indices(indices)
         values = self._arrays.get(VALUES, self._arrays[OBSERVED])
         labels = self._arrays.get(LABELS)
+        sigma_max = self._arrays.get(SIGMA_MAX)
         return Stored(np.asarray(values[indices]), np.asarray(self._arrays[MASKS][indices]),
-                      None if labels is None else np.asarray(labels[indices]), self.records(indices))
+                      None if labels is None else np.asarray(labels[indices]), self.records(indices),
+                      None if sigma_max is None else np.asarray(sigma_max[indices]))
 
     def get_raw(self, indices) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """(observed uint8 (B, C, R, R), packed masks uint8 (B, packed_size), labels int64 (B,) or None)."""
@@ -584,7 +665,7 @@ class CorruptedDataset:
                 if np.count_nonzero(observed[~masks]):
                     problems.append(f"{OBSERVED}: non-zero values where the mask is 0 (images {start}..)")
                     break
-                if self.has_noise:
+                if self.meta.values:
                     values = np.asarray(self._arrays[VALUES][rows])
                     if not np.isfinite(values).all() or np.count_nonzero(values[~masks]):
                         problems.append(f"{VALUES}: non-finite values, or non-zero ones where the mask is 0 "
@@ -610,6 +691,15 @@ class CorruptedDataset:
                     problems.append(f"{META}: records {self.meta.records} but {RECORDS} holds {records_summary(records)}")
                 if not self.has_noise and (records["sigma_n"] > 0).any():
                     problems.append(f"{RECORDS}: noisy images without {VALUES}")
+            if self.meta.windows is not None:
+                problem = _check_windows(self.sigma_max(), self.sigma_bounds())
+                if problem:
+                    problems.append(f"{SIGMA_MAX}: {problem}")
+                elif windows_summary(self.sigma_max()) != self.meta.windows:
+                    problems.append(f"{META}: windows {self.meta.windows} but {SIGMA_MAX} holds "
+                                    f"{windows_summary(self.sigma_max())}")
+            if self.is_latent and self.meta.observed_fraction != 1:
+                problems.append(f"{MASKS}: a latent set's masks must be full (masks do not live in latent space)")
         if problems:
             raise DataError(f"{self.path} failed verification: " + "; ".join(problems)
                             + ". Prepare the data set again.")
@@ -618,13 +708,15 @@ class CorruptedDataset:
 
 class Stored(NamedTuple):
     """The stored rows of some images, as a loader moves them: values (uint8 levels, or float16 on
-    [-1, 1] in a set with noise) (B, C, R, R), packed masks uint8 (B, packed_size), labels int64 (B,)
-    or None, records RECORD (B,)."""
+    [-1, 1] in a set with noise, or a latent set's latents) (B, C, R, R), packed masks uint8
+    (B, packed_size), labels int64 (B,) or None, records RECORD (B,), sigma_max float32 (B,) or None
+    (a set without windows)."""
 
     values: np.ndarray
     packed: np.ndarray
     labels: Optional[np.ndarray]
     records: np.ndarray
+    sigma_max: Optional[np.ndarray] = None
 
 
 def unpack_masks(packed: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

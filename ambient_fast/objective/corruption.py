@@ -2,11 +2,12 @@
 
 Ambient Diffusion trains on measurements y = A x0 only. At training time the model sees an
 even more corrupted input A_hat x_t and is graded on everything A measures. Theorem 4.1 of the
-paper: this learns E[x0 | A_hat x_t, A_hat] iff E[A^T A | A_hat] is full rank for every A_hat.
-`check_full_rank_condition` estimates that matrix by Monte Carlo for a given operator.
+paper: this learns E[x0 | A_hat x_t, A_hat] iff E[A^T A | A_hat] is full rank for every A_hat
+(`ambient_fast.sampling.measurements.check_full_rank_condition` estimates that matrix by Monte
+Carlo; the operators that are not masks, Gaussian compressed sensing and block averaging, live
+there too, as measurements of inverse problems: a data set stores masks only).
 
-Shapes: images x are (B, C, H, W). Mask operators return A with x's shape and dtype (1 = kept);
-"gaussian_cs" returns (B, m, C*H*W) matrices; "averaging" returns (B,) flags (1 = averaged).
+Shapes: images x are (B, C, H, W). Mask operators return A with x's shape and dtype (1 = kept).
 All randomness is drawn from an optional `torch.Generator`, on the generator's own device.
 
 Further corruption of a mask operator, in one place: `further_draw` turns an image's random words
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ambient_fast.objective.seeds import BITS
@@ -48,19 +48,15 @@ __all__ = [
     "BoxOperator",
     "FixedBoxOperator",
     "KeepPatchOperator",
-    "GaussianCSOperator",
-    "AveragingOperator",
     "OPERATORS",
     "make_operator",
-    "FullRankReport",
-    "check_full_rank_condition",
 ]
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _random(fn: Callable[..., Tensor], *args: Any, generator: torch.Generator | None,
+def random_on(fn: Callable[..., Tensor], *args: Any, generator: torch.Generator | None,
             device: torch.device, **kwargs: Any) -> Tensor:
     """Call torch.rand / randn / randint and move the result to `device`.
 
@@ -71,7 +67,7 @@ def _random(fn: Callable[..., Tensor], *args: Any, generator: torch.Generator | 
     return fn(*args, generator=generator, device=source, **kwargs).to(device)
 
 
-def _check_fraction(name: str, value: float) -> None:
+def check_fraction(name: str, value: float) -> None:
     """Raise unless 0 <= value < 1 (written so that NaN fails too)."""
     if not 0 <= value < 1:
         raise ValueError(f"{name} must lie in [0, 1), got {name}={value!r}")
@@ -107,7 +103,7 @@ def _scaled(words: Tensor, count: Tensor | int) -> Tensor:
 
 def _words(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """24-bit random words (int64) from a torch.Generator, the form `further_draw` consumes."""
-    return _random(torch.randint, 0, 1 << BITS, shape, generator=generator, device=device, dtype=torch.int64)
+    return random_on(torch.randint, 0, 1 << BITS, shape, generator=generator, device=device, dtype=torch.int64)
 
 
 def _to_mask(keep: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
@@ -116,7 +112,7 @@ def _to_mask(keep: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
     return mask.repeat(1, channels // mask.shape[1], 1, 1)
 
 
-def _warn_no_further_corruption(stacklevel: int = 3) -> None:
+def warn_no_further_corruption(stacklevel: int = 3) -> None:
     warnings.warn(
         "no further corruption (A_hat = A): the model is never graded on the pixels A removes, "
         "so it cannot learn them (the full-rank condition of Theorem 4.1 fails)",
@@ -127,10 +123,10 @@ def _warn_no_further_corruption(stacklevel: int = 3) -> None:
 
 def _check_p_and_delta(p: float, delta: float) -> None:
     """Both in [0, 1); delta = 0 is allowed but warned about."""
-    _check_fraction("p", p)
-    _check_fraction("delta", delta)
+    check_fraction("p", p)
+    check_fraction("delta", delta)
     if delta == 0:
-        _warn_no_further_corruption(stacklevel=4)
+        warn_no_further_corruption(stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- further corruption draws
@@ -240,44 +236,6 @@ class CorruptionOperator(ABC):
             )
         return self._apply(A, x)
 
-    def as_matrix(self, A: Tensor, image_shape: tuple[int, int, int]) -> Tensor:
-        """Dense matrices of the linear maps x -> A x: (B, m, n) with n = C*H*W. Tiny sizes only.
-
-        Column j is the measurement of the j-th basis image, so one definition serves every
-        operator (for masks it is diag of the flattened mask).
-        """
-        C, H, W = image_shape
-        n, B = C * H * W, A.shape[0]
-        basis = torch.eye(n, dtype=A.dtype, device=A.device).view(n, C, H, W)
-        columns = self.apply(A.repeat_interleave(n, dim=0), basis.repeat(B, 1, 1, 1))
-        return columns.reshape(B, n, -1).transpose(1, 2)
-
-    def posterior_samples(self, A_hat: Tensor, num: int, generator: torch.Generator | None = None,
-                          *, batch_size: int = 8192, max_draws: int = 4_000_000) -> Tensor:
-        """`num` samples of A ~ p(A | A_hat) for one A_hat (batch of 1): (num, *A_hat.shape[1:]).
-
-        Rejection sampling: draw (A, A_hat') pairs from the prior and keep the A whose A_hat'
-        equals A_hat exactly. Exact but only practical when A_hat takes few values (tiny
-        images); raises RuntimeError after `max_draws` prior draws.
-        """
-        self._check_posterior_input(A_hat)
-        shape = (batch_size, *A_hat.shape[1:])
-        accepted: list[Tensor] = []
-        found = drawn = 0
-        while found < num:
-            if drawn >= max_draws:
-                raise RuntimeError(
-                    f"{self.name}: rejection sampling found {found} of {num} posterior samples in "
-                    f"{drawn} prior draws; this A_hat is too unlikely (use a smaller image or "
-                    "raise max_draws)"
-                )
-            A = self._sample(shape, A_hat.dtype, A_hat.device, generator)
-            match = (self._further(A, generator) == A_hat).reshape(batch_size, -1).all(dim=1)
-            accepted.append(A[match])
-            found += int(match.sum())
-            drawn += batch_size
-        return torch.cat(accepted)[:num]
-
     # -- hooks
 
     @abstractmethod
@@ -286,7 +244,7 @@ class CorruptionOperator(ABC):
 
     @abstractmethod
     def _check_A(self, A: Tensor) -> None:
-        """Validate an A handed to further_corrupt / posterior_samples (no image to compare with)."""
+        """Validate an A handed to further_corrupt (no image to compare with)."""
 
     @abstractmethod
     def _sample(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -312,12 +270,6 @@ class CorruptionOperator(ABC):
         if not x.is_floating_point():
             raise ValueError(f"{self.name}: images must be floating point, got {x.dtype}")
         self._check_size(x.shape[-2], x.shape[-1])
-
-    def _check_posterior_input(self, A_hat: Tensor) -> None:
-        self._check_A(A_hat)
-        if A_hat.shape[0] != 1:
-            raise ValueError(f"{self.name}: posterior_samples takes one A_hat (batch of 1), "
-                             f"got shape {tuple(A_hat.shape)}")
 
 
 class MaskOperator(CorruptionOperator):
@@ -381,7 +333,7 @@ class DustOperator(MaskOperator):
         B, C, H, W = shape
         draw_shape = (B, 1, H, W) if self.shared_channels else (B, C, H, W)
         # rand is uniform on [0, 1), so P(u < keep_prob) = keep_prob exactly.
-        return _random(torch.rand, draw_shape, generator=generator, device=device) < keep_prob
+        return random_on(torch.rand, draw_shape, generator=generator, device=device) < keep_prob
 
     def _sample(self, shape, dtype, device, generator):
         return _to_mask(self._coins(shape, 1 - self.p, device, generator), shape[1], dtype)
@@ -389,15 +341,6 @@ class DustOperator(MaskOperator):
     def further_draw(self, kept, words, shape):
         thresholds = torch.full((shape[0],), coin_threshold(self.delta), dtype=torch.int64, device=words.device)
         return FurtherDraw(FurtherKind.COIN, thresholds, self.shared_channels)
-
-    def posterior_samples(self, A_hat: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
-        """Exact p(A | A_hat): pixels kept by A_hat were kept by A; an erased one was kept by A
-        (and erased only by the further corruption) with probability (1-p) delta / (1 - (1-p)(1-delta))."""
-        self._check_posterior_input(A_hat)
-        erased = 1 - self.survival
-        revived = (1 - self.p) * self.delta / erased if erased > 0 else 0.0
-        coins = self._coins((num, *A_hat.shape[1:]), revived, A_hat.device, generator)
-        return torch.maximum(A_hat.expand(num, -1, -1, -1), _to_mask(coins, A_hat.shape[1], A_hat.dtype))
 
 
 class BoxOperator(MaskOperator):
@@ -414,8 +357,8 @@ class BoxOperator(MaskOperator):
                    generator: torch.Generator | None) -> Tensor:
         """(B, 1, H, W) bool keep-mask with one random box of the given relative side erased."""
         B, _, H, W = shape
-        top = _random(torch.randint, 0, H, (B,), generator=generator, device=device)
-        left = _random(torch.randint, 0, W, (B,), generator=generator, device=device)
+        top = random_on(torch.randint, 0, H, (B,), generator=generator, device=device)
+        left = random_on(torch.randint, 0, W, (B,), generator=generator, device=device)
         box = _box(top, left, _side(fraction, H, round_up=True), _side(fraction, W, round_up=True), H, W)
         return ~box[:, None]
 
@@ -455,8 +398,8 @@ class FixedBoxOperator(MaskOperator):
     def _sample(self, shape, dtype, device, generator):
         B, C, H, W = shape
         side = _side(self.p, H, round_up=False)
-        top = _random(torch.randint, 0, H - side + 1, (B,), generator=generator, device=device)
-        left = _random(torch.randint, 0, W - side + 1, (B,), generator=generator, device=device)
+        top = random_on(torch.randint, 0, H - side + 1, (B,), generator=generator, device=device)
+        left = random_on(torch.randint, 0, W - side + 1, (B,), generator=generator, device=device)
         return _to_mask(~_box(top, left, side, side, H, W)[:, None], C, dtype)
 
     reads_mask = True
@@ -508,8 +451,8 @@ class KeepPatchOperator(MaskOperator):
     def _sample(self, shape, dtype, device, generator):
         B, C, H, W = shape
         patch, _ = self._sides(H)
-        top = _random(torch.randint, 0, H - patch + 1, (B,), generator=generator, device=device)
-        left = _random(torch.randint, 0, W - patch + 1, (B,), generator=generator, device=device)
+        top = random_on(torch.randint, 0, H - patch + 1, (B,), generator=generator, device=device)
+        left = random_on(torch.randint, 0, W - patch + 1, (B,), generator=generator, device=device)
         return _to_mask(_box(top, left, patch, patch, H, W)[:, None], C, dtype)
 
     reads_mask = True
@@ -523,100 +466,12 @@ class KeepPatchOperator(MaskOperator):
         return FurtherDraw(FurtherKind.KEEP_BOX, boxes=torch.stack([top + shift[:, 0], left + shift[:, 1], sides, sides], 1))
 
 
-# ----------------------------------------------------------------------------- other operators
-
-
-class GaussianCSOperator(CorruptionOperator):
-    """Compressed sensing: A is an m x n matrix with i.i.d. N(0, 1/m) entries (n = C*H*W), one
-    per image, y = A x.flatten(). A_hat zeroes one uniformly chosen row (deletion with a static
-    shape: A_hat^T A_hat is that of the matrix with the row removed)."""
-
-    name = "gaussian_cs"
-
-    def __init__(self, m: int, delete_row: bool = True) -> None:
-        if isinstance(m, bool) or not isinstance(m, int) or m < 2:
-            raise ValueError(f"m must be an integer >= 2, got m={m!r}")
-        if not delete_row:
-            _warn_no_further_corruption()
-        self.m, self.delete_row = m, delete_row
-
-    def a_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
-        B, C, H, W = x_shape
-        return (B, self.m, C * H * W)
-
-    def _check_A(self, A: Tensor) -> None:
-        if A.ndim != 3 or A.shape[1] != self.m:
-            raise ValueError(f"gaussian_cs: A must have shape (B, {self.m}, n), got {tuple(A.shape)}")
-
-    def _sample(self, shape, dtype, device, generator):
-        # Any shape: posterior_samples also uses this for single N(0, 1/m) rows.
-        entries = _random(torch.randn, shape, generator=generator, device=device, dtype=dtype)
-        return entries / math.sqrt(self.m)
-
-    def _further(self, A, generator):
-        if not self.delete_row:
-            return A.clone()
-        row = _random(torch.randint, 0, self.m, (A.shape[0],), generator=generator, device=A.device)
-        keep = torch.arange(self.m, device=A.device) != row[:, None]
-        return A * keep[:, :, None].to(A.dtype)
-
-    def _apply(self, A, x):
-        return (A @ x.flatten(1)[:, :, None])[:, :, 0]
-
-    def posterior_samples(self, A_hat: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
-        """Exact p(A | A_hat): the kept rows are A's; the zeroed row was an independent N(0, 1/m) row."""
-        self._check_posterior_input(A_hat)
-        samples = A_hat.repeat(num, 1, 1)
-        if not self.delete_row:
-            return samples
-        zero_rows = (A_hat[0] == 0).all(dim=1).nonzero().flatten()
-        if len(zero_rows) != 1:
-            raise ValueError(f"gaussian_cs: A_hat must have exactly one zeroed row, found {len(zero_rows)}")
-        samples[:, zero_rows[0]] = self._sample((num, A_hat.shape[2]), A_hat.dtype, A_hat.device, generator)
-        return samples
-
-
-class AveragingOperator(CorruptionOperator):
-    """With probability p an image is replaced by its factor x factor block average (average
-    pooling, then nearest upsampling). A: (B,) flags, 1 = averaged. A_hat averages every image."""
-
-    name = "averaging"
-
-    def __init__(self, p: float, factor: int = 8) -> None:
-        _check_fraction("p", p)
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be a positive integer, got factor={factor!r}")
-        self.p, self.factor = p, factor
-
-    def a_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (x_shape[0],)
-
-    def _check_A(self, A: Tensor) -> None:
-        if A.ndim != 1:
-            raise ValueError(f"averaging: A must be 1-D flags of shape (B,), got {tuple(A.shape)}")
-
-    def _check_size(self, H: int, W: int) -> None:
-        if H % self.factor or W % self.factor:
-            raise ValueError(f"averaging: factor {self.factor} must divide the image size, got {H}x{W}")
-
-    def _sample(self, shape, dtype, device, generator):
-        return (_random(torch.rand, shape, generator=generator, device=device) < self.p).to(dtype)
-
-    def _further(self, A, generator):
-        return torch.ones_like(A)
-
-    def _apply(self, A, x):
-        averaged = F.interpolate(F.avg_pool2d(x, self.factor), scale_factor=self.factor, mode="nearest")
-        return torch.where(A[:, None, None, None] > 0, averaged, x)
-
-
 # ----------------------------------------------------------------------------- factory
 
 
 OPERATORS: dict[str, type[CorruptionOperator]] = {
     cls.name: cls
-    for cls in (DustOperator, BoxOperator, FixedBoxOperator, KeepPatchOperator,
-                GaussianCSOperator, AveragingOperator)
+    for cls in (DustOperator, BoxOperator, FixedBoxOperator, KeepPatchOperator)
 }
 
 
@@ -678,58 +533,3 @@ def training_operator(corruption: dict, delta: float, further: Optional[str] = N
     if further == "dust":
         return DustOperator(p, delta, shared_channels=bool(corruption.get("shared_channels", False)))
     return make_operator(further, p=p, delta=delta)
-
-
-# ----------------------------------------------------------------------------- Theorem 4.1
-
-
-@dataclass(frozen=True)
-class FullRankReport:
-    """Outcome of `check_full_rank_condition`.
-
-    min_eigenvalues: smallest eigenvalue of the estimate of E[A^T A | A_hat], one per A_hat.
-    min_eigenvalue:  the smallest of those.
-    tolerance:       the threshold an eigenvalue must exceed to count as non-zero.
-    holds:           min_eigenvalue > tolerance.
-    """
-
-    min_eigenvalues: tuple[float, ...]
-    min_eigenvalue: float
-    tolerance: float
-    holds: bool
-
-
-def check_full_rank_condition(op: CorruptionOperator, image_shape: tuple[int, int, int], *,
-                              num_hats: int = 8, posterior_samples: int = 2000,
-                              generator: torch.Generator | None = None,
-                              rtol: float = 1e-8) -> FullRankReport:
-    """Monte Carlo check of Theorem 4.1: is E[A^T A | A_hat] full rank for sampled A_hat?
-
-    Draws `num_hats` A_hat from the prior for images of shape image_shape = (C, H, W) (tiny),
-    estimates E[A^T A | A_hat] with `posterior_samples` draws of op.posterior_samples and takes
-    its smallest eigenvalue in float64.
-
-    Tolerance: a direction that no posterior sample measures lies in the null space of every
-    sampled A^T A, so the estimate is exactly singular there up to float64 rounding (~1e-16
-    relative). A direction measured with posterior probability q contributes about q, at least
-    1/posterior_samples once seen (it is missed with probability (1 - q)^posterior_samples).
-    Hence zero means `min eigenvalue <= rtol * largest eigenvalue`, with rtol far above
-    rounding and far below 1/posterior_samples.
-    """
-    if len(image_shape) != 3:
-        raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-    device = generator.device if generator is not None else torch.device("cpu")
-    x = _random(torch.rand, (num_hats, *image_shape), generator=generator, device=device, dtype=torch.float64)
-    _, A = op.corrupt(x, generator)
-    A_hat = op.further_corrupt(A, generator)
-    min_eigenvalues, largest = [], 0.0
-    for i in range(num_hats):
-        samples = op.posterior_samples(A_hat[i : i + 1], posterior_samples, generator)
-        mats = op.as_matrix(samples, image_shape).double()
-        gram = torch.einsum("sji,sjk->ik", mats, mats) / len(samples)
-        eigenvalues = torch.linalg.eigvalsh(gram)
-        min_eigenvalues.append(eigenvalues[0].item())
-        largest = max(largest, eigenvalues[-1].item())
-    tolerance = rtol * largest
-    smallest = min(min_eigenvalues)
-    return FullRankReport(tuple(min_eigenvalues), smallest, tolerance, smallest > tolerance)

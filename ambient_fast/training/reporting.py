@@ -70,7 +70,7 @@ def sample_grids(network_path: Path, dataset, out: Path, count: int, device: tor
     overview.png (inputs | samples) to `out`; returns overview.png's path."""
     from ambient_fast.files.checkpoints import load_network
     from ambient_fast.files.images import grid, save_png, to_uint8
-    from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs
+    from ambient_fast.sampling.samplers import ambient_sample, sampling_sigmas, seeded_inputs
 
     loaded = load_network(network_path)
     model = loaded.model.to(device, memory_format=memory_format)
@@ -80,7 +80,7 @@ def sample_grids(network_path: Path, dataset, out: Path, count: int, device: tor
     labels: Optional[torch.Tensor] = None
     if model.label_dim:
         labels = torch.eye(model.label_dim, device=device)[torch.arange(count) % model.label_dim]
-    samples = to_uint8(ambient_sample(model, latents, masks, class_labels=labels, **loaded.sampling_sigmas()))
+    samples = to_uint8(ambient_sample(model, latents, masks, class_labels=labels, **sampling_sigmas(loaded)))
     observed, _, _ = dataset.get(np.arange(min(count, len(dataset))))
     sample_grid, input_grid = grid(list(samples)), grid(list(observed.transpose(0, 2, 3, 1)))
     save_png(sample_grid, out / "samples.png")
