@@ -12,215 +12,99 @@ synthetic data set: its clean twin's held-out images serve as the reference and 
 originals as the training set. Any other prepared data set holds only corrupted images and is
 refused: pass its clean images instead.
 """
-from __future__ import annotations
-
-import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
+from ambient_fast.options import INPUT, OUTPUT, Options, at_least, build_parser, device_option, option, overwrite_option, parse
 
-from ambient_fast.data.format import META, CorruptedDataset
-from ambient_fast.data.synthetic import clean_twin, is_synthetic
-from ambient_fast.files.atomic import check_writable_file, read_json, write_json
-from ambient_fast.files.images import load_png
-from ambient_fast.evaluation.inception import WEIGHTS_FILE
-from ambient_fast.evaluation.metrics import (InceptionFeatures, cosine_nearest_neighbour, frechet_distance,
-                                  nearest_neighbour_similarity, pixel_features)
-
-SAMPLE_GRID = "grid.png"  # the overview `python -m ambient_fast.sample` writes beside the samples
-SAMPLING_RECORD = "sampling.json"  # `python -m ambient_fast.sample`'s record of the images it wrote
+FEATURE_SPACES = ("pixel", "inception")
+EXAMPLES = (
+    "python -m ambient_fast.evaluate --samples samples --reference ~/.cache/ambient-fast/synthetic-r16-n4096-p0.6-"
+    "delta0.1-shared-seed0",
+    "python -m ambient_fast.evaluate --samples samples --reference clean.npy --training train-clean/ --out report.json",
+    "python -m ambient_fast.evaluate --samples samples --reference cifar10-test/ --features inception "
+    "--weights pt_inception-2015-12-05-6726825d.pth",
+)
 
 
 @dataclass
-class Images:
-    """Images read for evaluation: uint8 (N, C, H, W), a name per image (its file, or its row of
-    a .npy) and where they came from."""
+class EvaluateConfig(Options):
+    """What `python -m ambient_fast.evaluate` compares, in which feature space."""
 
-    array: np.ndarray
-    names: list[str]
-    source: str
+    samples: Optional[str] = option(None, "folder of PNGs (python -m ambient_fast.sample --out) or a uint8 .npy "
+                                    "(N, C, H, W)", required=True, role=INPUT)
+    reference: Optional[str] = option(None, "clean images: folder of PNGs, uint8 .npy, or the built-in synthetic "
+                                      "data set (its held-out clean images)", required=True, role=INPUT)
+    training: Optional[str] = option(None, "training images for nearest-neighbour similarity: folder, .npy, or the "
+                                     "built-in synthetic data set (its clean originals)", role=INPUT,
+                                     default_text="none, no memorisation study")
+    features: str = option("pixel", "feature space: pixel, or inception (FID; needs --weights)",
+                           choices=FEATURE_SPACES)
+    weights: Optional[str] = option(None, "FID Inception weights: pytorch-fid's pt_inception-*.pth or a .safetensors "
+                                    "copy (a local file; nothing is downloaded)", role=INPUT,
+                                    default_text="none (--features inception needs them)")
+    out: Optional[str] = option(None, "write the report (with every sample's similarity) to this JSON file",
+                                role=OUTPUT, default_text="none, the table is only printed")
+    overwrite: bool = overwrite_option("an earlier report")
+    batch: int = option(64, "images per Inception forward pass", bounds=at_least(1))
+    device: str = device_option()
 
-    @property
-    def shape_text(self) -> str:
-        return "x".join(map(str, self.array.shape[1:]))
+    def __post_init__(self):
+        super().__post_init__()
+        if self.features == "inception" and not self.weights:
+            from ambient_fast.evaluation.inception import WEIGHTS_FILE
 
-
-def load_images(path, role: str) -> Images:
-    """A folder of PNGs (sorted by name, grid.png skipped) or a uint8 .npy (N, C, H, W), C = 1 or 3.
-    `role` (the option's name) starts every error message."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".npy":
-        try:
-            array = np.load(path)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{role} {path} cannot be read ({error})") from None
-        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] not in (1, 3):
-            raise ValueError(f"{role} {path} holds {array.dtype} {array.shape}; expected uint8 (N, C, H, W), "
-                             "channels first, C = 1 or 3")
-        if not len(array):
-            raise ValueError(f"{role} {path} holds no images")
-        return Images(array, [f"{path.name}[{i}]" for i in range(len(array))], str(path))
-    if not path.exists():
-        raise ValueError(f"{role} {path} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"{role} {path} is neither a folder of PNG images nor a .npy file")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".png" and p.name != SAMPLE_GRID)
-    if not files:
-        raise ValueError(f"{role} {path} holds no .png images (a sample grid, {SAMPLE_GRID}, does not count)")
-    _check_sampling_record(path, [file.name for file in files], role)
-    arrays = [load_png(file) for file in files]
-    first_of_shape = {}
-    for file, array in zip(files, arrays):
-        first_of_shape.setdefault(array.shape, file.name)
-    if len(first_of_shape) > 1:
-        found = ", ".join(f"{w}x{h} with {c} channel(s) (e.g. {name})" for (h, w, c), name in first_of_shape.items())
-        raise ValueError(f"{role} {path} mixes image sizes: {found}; evaluate images of one size and kind")
-    channels = arrays[0].shape[2]
-    if channels not in (1, 3):
-        raise ValueError(f"{role} {path}: the images have {channels} channels; use RGB or greyscale images")
-    return Images(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)), [f.name for f in files], str(path))
+            raise ValueError(f"--features inception needs --weights: pytorch-fid's {WEIGHTS_FILE} (or a "
+                             ".safetensors copy), a local file")
+        if self.features == "pixel" and self.weights:
+            raise ValueError("--weights is only used with --features inception")
 
 
-def _check_sampling_record(path: Path, names: list[str], role: str) -> None:
-    """A sample folder must hold exactly the images its sampling.json lists: a stale image left by
-    another sampling would otherwise be scored with them."""
-    record = path / SAMPLING_RECORD
-    if not record.is_file():
-        return
-    listed = read_json(record).get("images")
-    if listed is None:  # written before sampling.json listed its images
-        return
-    extra, missing = sorted(set(names) - set(listed)), sorted(set(listed) - set(names))
-    if extra or missing:
-        found = "; ".join(([f"not listed: {', '.join(extra[:4])}"] if extra else [])
-                          + ([f"missing: {', '.join(missing[:4])}"] if missing else []))
-        raise ValueError(f"{role} {path} does not hold the images its {SAMPLING_RECORD} lists ({found}); they are "
-                         "not all from one sampling: sample again into an empty folder (or with --overwrite)")
+def parser():
+    return build_parser(EvaluateConfig, prog="python -m ambient_fast.evaluate", description=__doc__.split("\n\n")[0],
+                        examples=EXAMPLES)
 
 
-def load_clean(path, role: str, twin_file: str, what: str) -> Images:
-    """Clean images from a folder, a .npy, or the clean twin of the built-in synthetic data set
-    (`twin_file` there, described as `what`). Other prepared data sets are refused: they hold
-    only corrupted images."""
-    path = Path(path)
-    if not (path / META).is_file():
-        return load_images(path, role)
-    if not is_synthetic(CorruptedDataset(path)):
-        raise ValueError(f"{role} {path} is a prepared (corrupted) data set: it holds only the observed pixels "
-                         "A x, so it cannot serve as clean images; pass clean images instead (a folder of PNGs or "
-                         "a uint8 .npy (N, C, H, W))")
-    twin = clean_twin(path) / twin_file
-    if not twin.is_file():
-        raise ValueError(f"{role} {path} is the built-in synthetic set, but its clean twin {twin} is missing; "
-                         "ambient_fast.data.synthetic.synthetic_dataset with the set's parameters writes it again")
-    images = load_images(twin, role)
-    images.source = f"{twin} ({what})"
-    return images
+def is_report(path) -> bool:
+    """An earlier report of this command: a JSON object with a Fréchet distance (what --overwrite replaces)."""
+    from ambient_fast.files.atomic import read_json
 
-
-def _check_shapes(samples: Images, others: dict) -> None:
-    for role, images in others.items():
-        if images.array.shape[1] != samples.array.shape[1]:
-            raise ValueError(f"--samples have {samples.array.shape[1]} channel(s), {role} {images.array.shape[1]}; "
-                             "compare images of one kind (RGB or greyscale)")
-        if images.array.shape[2:] != samples.array.shape[2:]:
-            raise ValueError(f"--samples are {samples.shape_text} images, {role} {images.shape_text}; "
-                             "compare images of one size")
-
-
-def evaluate(samples: Images, reference: Images, training: Optional[Images], features: str,
-             weights: Optional[str], device, batch: int) -> dict:
-    """The report: Fréchet distance, counts, and nearest-neighbour similarities when `training`."""
-    _check_shapes(samples, {"--reference": reference, **({"--training": training} if training else {})})
-    extract = InceptionFeatures(weights, device, batch) if features == "inception" else pixel_features
-    sample_features = extract(samples.array)
-    report = dict(
-        samples=dict(source=samples.source, count=len(samples.array), shape=list(samples.array.shape[1:])),
-        reference=dict(source=reference.source, count=len(reference.array)),
-        features=features, feature_dim=sample_features.shape[1], weights=weights,
-        frechet_distance=frechet_distance(sample_features, extract(reference.array)))
-    if training is not None:
-        if features == "inception":
-            similarity, index = cosine_nearest_neighbour(sample_features, extract(training.array))
-        else:
-            similarity, index = nearest_neighbour_similarity(samples.array, training.array)
-        top = int(similarity.argmax())
-        report["training"] = dict(source=training.source, count=len(training.array))
-        report["nearest_neighbour"] = dict(
-            features="inception pool3" if features == "inception" else "pixels, each image's mean subtracted",
-            mean=float(similarity.mean()), median=float(np.median(similarity)),
-            p95=float(np.percentile(similarity, 95)), max=float(similarity[top]),
-            most_similar=dict(sample=samples.names[top], training=training.names[index[top]]),
-            per_sample=[dict(sample=name, similarity=float(s), training=training.names[i])
-                        for name, s, i in zip(samples.names, similarity, index)])
-    return report
-
-
-def _print_table(report: dict) -> None:
-    name = "FID (Inception pool3)" if report["features"] == "inception" else "Fréchet distance (pixels)"
-    rows = [("samples", f"{report['samples']['count']} x {'x'.join(map(str, report['samples']['shape']))}  "
-                        f"{report['samples']['source']}"),
-            ("reference", f"{report['reference']['count']}  {report['reference']['source']}"),
-            ("features", f"{report['features']}, {report['feature_dim']}-d"),
-            (name, f"{report['frechet_distance']:.4f}")]
-    if "training" in report:
-        nn = report["nearest_neighbour"]
-        rows += [("training", f"{report['training']['count']}  {report['training']['source']}"),
-                 ("top-1 similarity", f"mean {nn['mean']:.4f}  median {nn['median']:.4f}  95% {nn['p95']:.4f}  "
-                                      f"max {nn['max']:.4f}  ({nn['features']})"),
-                 ("most similar", f"{nn['most_similar']['sample']} ~ training {nn['most_similar']['training']}")]
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label.ljust(width)}  {value}")
+    try:
+        report = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "frechet_distance" in report
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ambient_fast.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", required=True, help="folder of PNGs (python -m ambient_fast.sample --out) "
-                        "or a uint8 .npy (N, C, H, W)")
-    parser.add_argument("--reference", required=True, help="clean images: folder of PNGs, uint8 .npy, or the "
-                        "built-in synthetic data set (its held-out clean images)")
-    parser.add_argument("--training", help="training images for nearest-neighbour similarity: folder, .npy, or "
-                        "the built-in synthetic data set (its clean originals)")
-    parser.add_argument("--features", choices=["pixel", "inception"], default="pixel",
-                        help="feature space: pixel (default) or inception (FID; needs --weights)")
-    parser.add_argument("--weights", help=f"FID Inception weights: pytorch-fid's {WEIGHTS_FILE} or a .safetensors "
-                        "copy (a local file; nothing is downloaded)")
-    parser.add_argument("--out", help="write the report (with every sample's similarity) to this JSON file")
-    parser.add_argument("--batch", type=int, default=64, help="images per Inception forward pass (default 64)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    args = parser.parse_args(argv)
     try:
-        if args.features == "inception" and not args.weights:
-            raise ValueError(f"--features inception needs --weights: pytorch-fid's {WEIGHTS_FILE} (or a "
-                             ".safetensors copy), a local file")
-        if args.features == "pixel" and args.weights:
-            raise ValueError("--weights is only used with --features inception")
-        if args.out:
-            check_writable_file(args.out, "--out")
+        cfg = parse(EvaluateConfig, parser(), argv)
+        import torch
+
+        from ambient_fast.evaluation.report import evaluate, load_clean, load_images, print_table
+        from ambient_fast.files.atomic import claim_output, write_json
+
+        if cfg.out:
+            claim_output(cfg.out, "--out", folder=False, what="an evaluation report", owned=is_report,
+                         overwrite=cfg.overwrite, inputs=cfg.paths(INPUT))
         auto = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(auto if args.device == "auto" else args.device)
-        samples = load_images(args.samples, "--samples")
-        reference = load_clean(args.reference, "--reference", "held_out.npy",
+        device = torch.device(auto if cfg.device == "auto" else cfg.device)
+        samples = load_images(cfg.samples, "--samples")
+        reference = load_clean(cfg.reference, "--reference", "held_out.npy",
                                "held-out clean images of the synthetic set")
-        training = (load_clean(args.training, "--training", "images.npy",
-                               "clean originals of the synthetic training set") if args.training else None)
-        report = evaluate(samples, reference, training, args.features, args.weights, device, args.batch)
+        training = (load_clean(cfg.training, "--training", "images.npy",
+                               "clean originals of the synthetic training set") if cfg.training else None)
+        report = evaluate(samples, reference, training, cfg.features, cfg.weights, device, cfg.batch)
+        print_table(report)
+        for warning in report["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
+        if cfg.out:
+            write_json(cfg.out, report)
+            print(f"report: {cfg.out}")
     except (OSError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    _print_table(report)
-    if args.out:
-        try:
-            write_json(args.out, report)
-        except OSError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        print(f"report: {args.out}")
     return 0
 
 

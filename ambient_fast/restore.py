@@ -1,69 +1,84 @@
 """`python -m ambient_fast.restore --net PATH --input DATA --out DIR`: one-step restoration.
 
-One network evaluation per image (the paper's Table 1 use): the model, trained to predict
-E[x0 | A x_t, A], is shown the observed pixels and their mask at a small noise level sigma and
-returns the whole image. The input is a prepared data set (`python -m ambient_fast.prepare`) or a
-folder of images with `--masks` (imported the same way `prepare --masks` does). With clean
-references (`--clean`, or the clean twin of the built-in synthetic set, found automatically) it
-reports PSNR, and LPIPS where the `lpips` package and its weights are available locally.
+One network evaluation per image (the paper's Table 1 use; ambient_fast.evaluation.restoration):
+the model is shown the observed pixels and their mask at a small noise level sigma and returns the
+whole image. The input is a prepared data set (`python -m ambient_fast.prepare`) or a folder of
+images with `--masks` (imported the same way `prepare --masks` does). With clean references
+(`--clean`, or the clean twin of the built-in synthetic set, found automatically) it reports PSNR,
+and LPIPS where the `lpips` package and its weights are available locally.
 """
-import argparse
-import math
+import re
 import sys
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
-import torch
+from ambient_fast.options import (INPUT, OUTPUT, SEED_BOUNDS, Options, above, at_least, build_parser, device_option,
+                                  option, overwrite_option, parse)
 
-from ambient_fast.files.checkpoints import load_network
-from ambient_fast.files.atomic import check_writable_dir, write_json
-from ambient_fast.files.images import from_uint8, grid, save_png, to_uint8
-from ambient_fast.evaluation.metrics import psnr
-
-
-def restore(model, observed: torch.Tensor, mask: torch.Tensor, sigma: float, labels=None,
-            generator: Optional[torch.Generator] = None, add_noise: bool = False) -> torch.Tensor:
-    """One-step restoration.
-
-    Args:
-        model: ambient denoiser (2C input channels).
-        observed: (N, C, H, W) observed images in [-1, 1], 0 outside the mask.
-        mask: (N, C, H, W) 0/1.
-        sigma: noise level the network is evaluated at (the measurement noise when `add_noise`).
-        add_noise: add N(0, sigma^2) to the observed pixels first (noisy measurements).
-    Returns:
-        (N, C, H, W) restored images clamped to [-1, 1].
-    """
-    y = mask * observed
-    if add_noise:
-        y = y + mask * sigma * torch.randn(y.shape, generator=generator, device=y.device)
-    sigmas = torch.full((y.shape[0],), sigma, device=y.device)
-    with torch.no_grad():
-        out = model(torch.cat([y, mask], dim=1), sigmas, labels)[:, : y.shape[1]]
-    return out.clamp(-1, 1)
+RESTORE_OUTPUT = re.compile(r"^(\d+\.png|overview\.png|restore\.json)$")  # what the command writes to --out
+EXAMPLES = (
+    "python -m ambient_fast.restore --net runs/ambient --input ~/.cache/ambient-fast/synthetic-r16-n4096-p0.6-delta0.1"
+    "-shared-seed0 --out restored",
+    "python -m ambient_fast.restore --net runs/celeba --input observed/ --masks masks/ --clean clean/ --out restored",
+    "python -m ambient_fast.restore --net runs/celeba --input data/celeba-p08 --max-images 64 --sigma 0.05 --add-noise",
+)
 
 
-def lpips_distance(images: torch.Tensor, references: torch.Tensor):
-    """(mean LPIPS, None) or (None, why it could not be computed)."""
+@dataclass
+class RestoreConfig(Options):
+    """What `python -m ambient_fast.restore` restores, with what, and where it writes."""
+
+    net: Optional[str] = option(None, "the network: a .safetensors checkpoint, one of our run folders, a reference "
+                                ".pkl snapshot or run folder, or a diffusers UNet folder", required=True, role=INPUT)
+    training_options: Optional[str] = option(None, "training_options.json of a reference snapshot", role=INPUT,
+                                             default_text="the one beside the snapshot")
+    input: Optional[str] = option(None, "prepared data set, or a folder of images (with --masks)", required=True,
+                                  role=INPUT)
+    masks: Optional[str] = option(None, "masks of the --input images: a folder of mask images named like them "
+                                  "(white = observed) or a .npy of 0/1 masks", role=INPUT,
+                                  default_text="none, --input is a prepared data set")
+    out: str = option("restored", "output folder: one PNG per image, overview.png and restore.json", role=OUTPUT)
+    overwrite: bool = overwrite_option("the images of an earlier restoration")
+    clean: Optional[str] = option(None, "clean references for PSNR / LPIPS: a uint8 .npy (N, C, H, W) or an image "
+                                  "folder", role=INPUT, default_text="the clean twin of the built-in synthetic set "
+                                  "when --input is that set, else none")
+    sigma: float = option(0.02, "noise level the network is evaluated at", bounds=above(0))
+    add_noise: bool = option(False, "add N(0, sigma^2) to the observed pixels first (noisy measurements)")
+    max_images: Optional[int] = option(None, "restore only the first N images", bounds=at_least(1),
+                                       default_text="all")
+    batch: int = option(256, "images per network evaluation", bounds=at_least(1))
+    seed: int = option(0, "seed of the added noise (--add-noise)", bounds=SEED_BOUNDS)
+    device: str = device_option()
+
+
+def parser():
+    return build_parser(RestoreConfig, prog="python -m ambient_fast.restore", description=__doc__.split("\n\n")[0],
+                        examples=EXAMPLES)
+
+
+def main(argv=None) -> int:
     try:
-        import lpips
-    except ImportError:
-        return None, "the lpips package is not installed (pip install lpips)"
-    try:
-        metric = lpips.LPIPS(net="alex", verbose=False)
-    except Exception as error:  # its weights come from a download; offline there are none
-        return None, f"lpips could not load its weights locally ({type(error).__name__}: {error})"
-    with torch.no_grad():
-        return metric(images.float().cpu(), references.float().cpu()).mean().item(), None
+        cfg = parse(RestoreConfig, parser(), argv)
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as scratch:
+            return _run(cfg, Path(scratch))
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
-def _clean_references(args, data_path: Path, count: int) -> Optional[np.ndarray]:
+def _clean_references(cfg: RestoreConfig, count: int):
+    """The clean images of --clean or of the synthetic set's twin (uint8 (count, C, H, W)); None."""
+    from pathlib import Path
+
+    import numpy as np
+
     from ambient_fast.data.synthetic import clean_twin
 
-    if args.clean:
-        path = Path(args.clean)
+    if cfg.clean:
+        path = Path(cfg.clean)
         if path.suffix == ".npy":
             clean = np.load(path)
         else:
@@ -72,7 +87,7 @@ def _clean_references(args, data_path: Path, count: int) -> Optional[np.ndarray]
             with ImageSource(path) as source:
                 clean = source.read_all(range(len(source)))
     else:
-        twin = clean_twin(data_path) / "images.npy"
+        twin = clean_twin(Path(cfg.input)) / "images.npy"
         if not twin.is_file():
             return None
         print(f"clean references: {twin}")
@@ -82,60 +97,49 @@ def _clean_references(args, data_path: Path, count: int) -> Optional[np.ndarray]
     return clean[:count]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ambient_fast.restore", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--net", required=True, help=".safetensors checkpoint or reference .pkl / run directory")
-    parser.add_argument("--training-options", help="training_options.json of a reference snapshot, if not beside it")
-    parser.add_argument("--input", required=True, help="prepared data set, or a folder of images (with --masks)")
-    parser.add_argument("--masks", help="masks of --input images: folder named like the images (white = observed) or .npy")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--clean", help="clean references (.npy (N, C, H, W) uint8 or an image folder) for PSNR/LPIPS")
-    parser.add_argument("--sigma", type=float, default=0.02, help="noise level of the evaluation (default 0.02)")
-    parser.add_argument("--add-noise", action="store_true", help="add N(0, sigma^2) to the observed pixels first")
-    parser.add_argument("--max-images", type=int, help="restore only the first N images")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the added noise")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            return _run(args, Path(scratch))
-    except (OSError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def _run(cfg: RestoreConfig, scratch) -> int:
+    import math
+    from pathlib import Path
 
+    import numpy as np
+    import torch
 
-def _run(args, scratch: Path) -> int:
     from ambient_fast.data.format import CorruptedDataset
     from ambient_fast.data.prepare import import_masked
+    from ambient_fast.evaluation.metrics import psnr
+    from ambient_fast.evaluation.restoration import lpips_distance, restore
+    from ambient_fast.files.atomic import check_output_place, claim_output, write_json
+    from ambient_fast.files.checkpoints import load_network
+    from ambient_fast.files.images import from_uint8, grid, save_png, to_uint8
 
-    if args.sigma <= 0:
-        raise ValueError(f"--sigma must be positive, got {args.sigma}")
-    out = check_writable_dir(args.out, "--out")
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    data_path = Path(args.input)
-    if args.masks:
-        data_path = import_masked(args.input, args.masks, scratch / "imported")
-    elif not (data_path / "meta.json").is_file():
+    check_output_place(cfg.out, "--out", cfg.paths(INPUT))
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    data_path = Path(cfg.input)
+    if not cfg.masks and not (data_path / "meta.json").is_file():
         raise ValueError(f"{data_path} is not a prepared data set; pass --masks to restore a folder of images")
-    dataset = CorruptedDataset(data_path)
-    loaded = load_network(args.net, args.training_options)
+    loaded = load_network(cfg.net, cfg.training_options)
     model = loaded.model.to(device)
+    # Before reading the images: an earlier restoration's outputs go (--overwrite), anything else stays.
+    out = claim_output(cfg.out, "--out", owned=lambda entry: bool(RESTORE_OUTPUT.match(entry.name)),
+                       what="restored images", overwrite=cfg.overwrite, inputs=cfg.paths(INPUT))
+    if cfg.masks:
+        data_path = import_masked(cfg.input, cfg.masks, scratch / "imported")
+    dataset = CorruptedDataset(data_path)
     if model.img_channels != 2 * dataset.channels or model.img_resolution != dataset.resolution:
         raise ValueError(f"the network takes {model.img_channels // 2}x{model.img_resolution}x{model.img_resolution} "
                          f"images, the data set holds {dataset.channels}x{dataset.resolution}x{dataset.resolution}")
-    count = min(len(dataset), args.max_images or len(dataset))
-    clean = _clean_references(args, Path(args.input), count) if not args.masks or args.clean else None
+    count = min(len(dataset), cfg.max_images or len(dataset))
+    clean = _clean_references(cfg, count) if not cfg.masks or cfg.clean else None
 
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     restored, inputs = [], []
-    for start in range(0, count, args.batch):
-        indices = np.arange(start, min(start + args.batch, count))
+    for start in range(0, count, cfg.batch):
+        indices = np.arange(start, min(start + cfg.batch, count))
         observed, mask, labels = dataset.get(indices)
         mask_t = torch.from_numpy(mask).float().to(device)
         y = from_uint8(torch.from_numpy(observed).to(device)) * mask_t
         label_t = torch.from_numpy(labels).to(device) if model.label_dim else None
-        restored.append(to_uint8(restore(model, y, mask_t, args.sigma, label_t, generator, args.add_noise)))
+        restored.append(to_uint8(restore(model, y, mask_t, cfg.sigma, label_t, generator, cfg.add_noise)))
         inputs.append(to_uint8(y))
     restored, inputs = np.concatenate(restored), np.concatenate(inputs)
     for index, array in enumerate(restored):
@@ -143,7 +147,7 @@ def _run(args, scratch: Path) -> int:
 
     shown = min(count, 32)
     rows = [inputs[:shown], restored[:shown]]
-    report = dict(net=loaded.source, input=str(args.input), images=count, sigma=args.sigma, added_noise=args.add_noise)
+    report = dict(net=loaded.source, input=str(cfg.input), images=count, sigma=cfg.sigma, added_noise=cfg.add_noise)
     if clean is not None:
         clean_hwc = clean.transpose(0, 2, 3, 1)
         rows.append(clean_hwc[:shown])
@@ -159,8 +163,8 @@ def _run(args, scratch: Path) -> int:
     save_png(overview, out / "overview.png")
     write_json(out / "restore.json", report)
 
-    print(f"restored {count} images from {args.input} with {loaded.source} (one network evaluation each, "
-          f"sigma {args.sigma}) -> {out}")
+    print(f"restored {count} images from {cfg.input} with {loaded.source} (one network evaluation each, "
+          f"sigma {cfg.sigma}) -> {out}")
     print(f"  overview (inputs / restored{' / clean' if clean is not None else ''}): {out / 'overview.png'}")
     if clean is not None:
         print(f"  PSNR: restored {report['psnr_restored']:.2f} dB, corrupted input {report['psnr_input']:.2f} dB")

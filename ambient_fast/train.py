@@ -8,20 +8,42 @@ on CPU). `--resume DIR` continues a run exactly. The options: ambient_fast.train
 ambient_fast.training.trainer.
 """
 import sys
-from typing import Optional
 
-from ambient_fast.training.config import TrainConfig, build_parser, config_from_args
-from ambient_fast.training.distributed import close_world
-from ambient_fast.training.trainer import Trainer, TrainingDiverged
+from ambient_fast.options import build_parser
+from ambient_fast.training.config import TrainConfig, add_run_options, config_from_args
+
+EXAMPLES = (
+    "python -m ambient_fast.train    # the built-in run: 16x16 synthetic set, a few CPU minutes",
+    "python -m ambient_fast.train --data data/celeba-p08 --out runs/celeba --steps 200000",
+    "torchrun --nproc_per_node=8 -m ambient_fast.train --data data/celeba-p08 --out runs/celeba",
+    "python -m ambient_fast.train --resume runs/celeba --steps 400000    # continues exactly",
+)
 
 
-def main(argv=None, parser=None, config_cls=TrainConfig, trainer_cls=Trainer) -> int:
-    """Parse, build the trainer, train; bad input, refused writes, a diverged run and missing
-    optional packages end with a message (exit status 1)."""
-    parser = parser or build_parser(config_cls, description=__doc__.split("\n\n")[0])
-    trainer: Optional[Trainer] = None
+def parser():
+    return build_parser(TrainConfig, prog="python -m ambient_fast.train", description=__doc__.split("\n\n")[0],
+                        examples=EXAMPLES, extras=add_run_options)
+
+
+def main(argv=None) -> int:
     try:
-        cfg, resume, overwrite = config_from_args(argv, parser, config_cls)
+        cfg, resume, overwrite = config_from_args(parser(), argv)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    from ambient_fast.training.trainer import Trainer
+
+    return run(Trainer, cfg, resume, overwrite)
+
+
+def run(trainer_cls, cfg: TrainConfig, resume: bool, overwrite: bool) -> int:
+    """Build the trainer and train; bad input, refused writes, a diverged run and missing optional
+    packages end with a message (exit status 1)."""
+    from ambient_fast.training.distributed import close_world
+    from ambient_fast.training.trainer import TrainingDiverged
+
+    trainer = None
+    try:
         trainer = trainer_cls(cfg, resume=resume, overwrite=overwrite)
         return trainer.train()
     except (ValueError, OSError, TrainingDiverged, ImportError) as error:

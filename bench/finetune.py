@@ -47,7 +47,8 @@ import science  # noqa: E402
 from _harness import cpu_threads  # noqa: E402
 from ambient_fast.data.synthetic import clean_images, synthetic_dataset  # noqa: E402
 from ambient_fast.networks.diffusers import require_diffusers  # noqa: E402
-from ambient_fast.finetune import FinetuneConfig, FinetuneTrainer  # noqa: E402
+from ambient_fast.training.config import FinetuneConfig  # noqa: E402
+from ambient_fast.training.finetuning import FinetuneTrainer  # noqa: E402
 from ambient_fast.evaluation.metrics import nearest_neighbour_similarity  # noqa: E402
 
 RESOLUTION = science.RESOLUTION

@@ -55,7 +55,7 @@ from ambient_fast.data.synthetic import clean_images, clean_twin, palette_fracti
 from ambient_fast.files.atomic import atomic_write, write_json, write_text  # noqa: E402
 from ambient_fast.files.images import from_uint8, grid, save_png, to_uint8  # noqa: E402
 from ambient_fast.evaluation.metrics import frechet_distance, nearest_neighbour_similarity, pixel_features, psnr  # noqa: E402
-from ambient_fast.restore import restore  # noqa: E402
+from ambient_fast.evaluation.restoration import restore  # noqa: E402
 from ambient_fast.sampling.samplers import ambient_sample, sampling_sigmas, seeded_inputs  # noqa: E402
 from ambient_fast.training.trainer import Trainer  # noqa: E402
 

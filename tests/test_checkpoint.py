@@ -132,9 +132,10 @@ def test_run_directory_and_our_format_share_one_call_path(tmp_path):
 
 def test_convert_cli(tmp_path):
     model = reference_model()
-    write_reference_run(tmp_path, OrderedDict(model.state_dict()))
+    (tmp_path / "published").mkdir()
+    write_reference_run(tmp_path / "published", OrderedDict(model.state_dict()))
     out = tmp_path / "out" / "net.safetensors"
-    result = subprocess.run([sys.executable, "-m", "ambient_fast.convert", str(tmp_path), str(out)],
+    result = subprocess.run([sys.executable, "-m", "ambient_fast.convert", str(tmp_path / "published"), str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert str(out) in result.stdout

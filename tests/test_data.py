@@ -18,7 +18,7 @@ from ambient_fast.data.loader import RawBatch, dali_available, make_loader
 from ambient_fast.objective.inputs import AmbientInputs
 from ambient_fast.objective.loss import EDMAmbientLoss
 from ambient_fast.objective.seeds import Stream, philox, stream_key
-from ambient_fast.data.prepare import main as prepare
+from ambient_fast.prepare import main as prepare
 from ambient_fast.data.synthetic import (clean_images, dataset_name, palette, palette_fraction,
                                          synthetic_dataset)
 
@@ -280,15 +280,15 @@ def _bad_inputs(tmp_path):
         (["--source", tmp_path / "broken", "--dest", dest, "--p", 0.5], "cannot read image bad.png"),
         (["--source", tmp_path / "empty", "--dest", dest, "--p", 0.5], "holds no images"),
         (["--source", tmp_path / "nowhere", "--dest", dest, "--p", 0.5], "does not exist"),
-        (["--source", src, "--dest", used, "--p", 0.5], "destination in use"),
-        ([*base, "--p", 1.5], "p must lie in [0, 1), got p=1.5"),
-        ([*base, "--p", 0.5, "--delta", -0.1], "delta must lie in [0, 1), got delta=-0.1"),
+        (["--source", src, "--dest", used, "--p", 0.5], "is not empty (file.txt)"),
+        ([*base, "--p", 1.5], "--p must be a finite number in [0, 1), got 1.5"),
+        ([*base, "--p", 0.5, "--delta", -0.1], "--delta must be a finite number in [0, 1), got -0.1"),
         ([*base, "--p", 0.7, "--corruption", "fixed_box"], "needs p <= 0.5"),
         ([*base, "--p", 0.5, "--corruption", "averaging"], "invalid choice: 'averaging'"),
         ([*base, "--p", 0.5, "--corruption", "box", "--shared-channels"], "applies to dust only"),
-        ([*base, "--p", 0.5, "--resolution", 0], "--resolution must be a positive integer"),
+        ([*base, "--p", 0.5, "--resolution", 0], "--resolution must be an integer >= 1, got 0"),
         (base, "give --p"),
-        (["--dest", dest, "--p", 0.5], "the following arguments are required: --source"),
+        (["--dest", dest, "--p", 0.5], "--source is required"),
         ([*masks("missing")], "1 image(s) have no mask"),
         ([*masks("small")], "is 4x4 but its image is 8x8"),
         ([*masks("grey")], "not binary"),
@@ -297,7 +297,7 @@ def _bad_inputs(tmp_path):
         ([*masks("values.npy")], "not binary"),
         ([*masks("channels.npy")], "has 2 channels"),
         ([*masks("count.npy"), "--resolution", 4], "drop --resolution"),
-        ([*masks("values.npy"), "--delta", 1.0], "--delta must lie in [0, 1)"),
+        ([*masks("values.npy"), "--delta", 1.0], "--delta must be a finite number in [0, 1)"),
         (["verify", tmp_path / "nowhere"], "not an ambient-fast data set"),
     ]
 

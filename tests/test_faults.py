@@ -32,7 +32,7 @@ from ambient_fast.files.checkpoints import load_network, save_network
 from ambient_fast.files.reference import UnsafePickleError, import_reference
 from ambient_fast.convert import main as convert_main
 from ambient_fast.data.format import CorruptedDataset, write_dataset
-from ambient_fast.data.prepare import main as prepare_main
+from ambient_fast.prepare import main as prepare_main
 from ambient_fast.evaluate import main as evaluate_main
 from ambient_fast.restore import main as restore_main
 from ambient_fast.sample import main as sample_main
@@ -311,7 +311,7 @@ def test_4_prepare_on_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, 
     script = tmp_path / "prepare_twice.py"
     script.write_text(f"""
 import collections, contextlib, io, json, shutil, sys
-from ambient_fast.data.prepare import main
+from ambient_fast.prepare import main
 argv = ["--source", {str(png_source)!r}, "--dest", {str(tmp_path / "disk" / "set")!r}, "--p", "0.5"]
 results = []
 for fooled in (False, True):
@@ -458,9 +458,9 @@ def test_9_a_damaged_net_is_a_clear_error_in_every_command(tmp_path, capsys, net
 
 
 def test_9_output_paths_are_checked_before_the_work(tmp_path, capsys, network, monkeypatch):
-    import ambient_fast.convert
-    import ambient_fast.evaluate
-    import ambient_fast.sample
+    import ambient_fast.evaluation.report
+    import ambient_fast.files.checkpoints
+    import ambient_fast.sampling.samplers
 
     def no_work(*args, **kwargs):
         raise AssertionError("the work started before the output path was checked")
@@ -473,13 +473,14 @@ def test_9_output_paths_are_checked_before_the_work(tmp_path, capsys, network, m
     write_pngs(images, list(np.zeros((2, 8, 8, 3), np.uint8)))
     code, _, err = run(capsys, train_main, "--out", a_file, *FAST)
     clear_error(code, err, a_file)
-    monkeypatch.setattr(ambient_fast.sample, "ambient_sample", no_work)
-    monkeypatch.setattr(ambient_fast.convert, "load_network", no_work)
-    monkeypatch.setattr(ambient_fast.evaluate, "evaluate", no_work)
-    for main, argv, path in ((sample_main, ["--net", network, "--out", a_file], a_file),
-                             (convert_main, [network, a_folder], a_folder),
-                             (evaluate_main, ["--samples", images, "--reference", images, "--out", a_folder], a_folder)):
-        code, _, err = run(capsys, main, *argv)
+    for main, argv, path, (module, work) in (
+            (sample_main, ["--net", network, "--out", a_file], a_file, (ambient_fast.sampling.samplers, "ambient_sample")),
+            (convert_main, [network, a_folder], a_folder, (ambient_fast.files.checkpoints, "load_network")),
+            (evaluate_main, ["--samples", images, "--reference", images, "--out", a_folder], a_folder,
+             (ambient_fast.evaluation.report, "evaluate"))):
+        with monkeypatch.context() as patch:
+            patch.setattr(module, work, no_work)
+            code, _, err = run(capsys, main, *argv)
         clear_error(code, err, path)
 
 

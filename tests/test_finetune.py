@@ -17,7 +17,9 @@ diffusers = pytest.importorskip("diffusers", reason="the [diffusers] extra is no
 from ambient_fast.files.checkpoints import load_network  # noqa: E402
 from ambient_fast.data.synthetic import synthetic_dataset  # noqa: E402
 from ambient_fast.networks.diffusers import DiffusersDenoiser, load_denoiser  # noqa: E402
-from ambient_fast.finetune import FinetuneConfig, FinetuneTrainer, main  # noqa: E402
+from ambient_fast.finetune import main  # noqa: E402
+from ambient_fast.training.config import FinetuneConfig  # noqa: E402
+from ambient_fast.training.finetuning import FinetuneTrainer  # noqa: E402
 from ambient_fast.objective.inputs import training_batch  # noqa: E402
 from ambient_fast.objective.loss import DiscreteVPAmbientLoss  # noqa: E402
 from ambient_fast.sampling.samplers import ambient_sample  # noqa: E402
@@ -243,7 +245,7 @@ def test_resume_is_exact(models, tmp_path):
 def test_sample_and_restore_clis_take_a_diffusers_directory(models, tmp_path):
     run = tmp_path / "run"
     assert main(finetune_args(models, "IF", run)) == 0
-    for name, extra in (("fixed", []), ("guided", ["--masks", "2", "--guidance", "0.1"])):
+    for name, extra in (("fixed", []), ("guided", ["--guidance-masks", "2", "--guidance", "0.1"])):
         out = tmp_path / name
         command = [sys.executable, "-m", "ambient_fast.sample", "--net", str(run / "unet-ema"), "--out", str(out),
                    "--seeds", "0-2", "--steps", "3", *extra]
@@ -300,7 +302,7 @@ def test_missing_diffusers_names_the_extra(models, tmp_path, monkeypatch, capsys
 def test_core_modules_import_without_diffusers():
     code = ("import sys; sys.modules['diffusers'] = None\n"
             "import ambient_fast.train, ambient_fast.sample, ambient_fast.restore, ambient_fast.files.checkpoints, "
-            "ambient_fast.finetune, ambient_fast.networks.diffusers\n"
+            "ambient_fast.finetune, ambient_fast.training.finetuning, ambient_fast.networks.diffusers\n"
             "assert sys.modules['diffusers'] is None")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

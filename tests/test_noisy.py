@@ -11,7 +11,7 @@ import torch
 from ambient_fast.objective.corruption import FurtherDraw, FurtherKind, make_operator, training_operator
 from ambient_fast.data.format import CorruptedDataset, DataError, content_digest
 from ambient_fast.data.loader import RawBatch, make_loader
-from ambient_fast.data.prepare import main as prepare
+from ambient_fast.prepare import main as prepare
 from ambient_fast.files.images import save_png
 from ambient_fast.objective.inputs import FULL_WEIGHT_FROM, AmbientInputs
 from ambient_fast.kernels import ambient_input

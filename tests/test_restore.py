@@ -7,7 +7,9 @@ import torch
 
 from ambient_fast.files.checkpoints import load_network
 from ambient_fast.files.images import load_png, save_png, to_uint8
-from ambient_fast.restore import main as restore_main, psnr, restore
+from ambient_fast.evaluation.metrics import psnr
+from ambient_fast.evaluation.restoration import restore
+from ambient_fast.restore import main as restore_main
 from ambient_fast.sample import main as sample_main
 from ambient_fast.train import main as train_main
 from ambient_fast.training.trainer import SYNTHETIC_P
@@ -94,6 +96,7 @@ def test_sample_from_a_trained_checkpoint(trained, tmp_path):
 
 def test_restore_bad_input(trained, tmp_path, capsys):
     run, _ = trained
-    assert restore_main(["--net", str(run / "network-final.safetensors"), "--input", str(tmp_path),
+    (tmp_path / "images").mkdir()
+    assert restore_main(["--net", str(run / "network-final.safetensors"), "--input", str(tmp_path / "images"),
                          "--out", str(tmp_path / "o")]) == 1
     assert "not a prepared data set" in capsys.readouterr().err

@@ -64,6 +64,7 @@ READABLE = (1, 2, 3)
 PLAIN_VERSION = 2  # what a set without windows or latents is written as: readers of version 2 still read it
 OBSERVED, MASKS, LABELS, META = "observed.npy", "masks.npy", "labels.npy", "meta.json"
 VALUES, RECORDS, SIGMA_MAX = "values.npy", "records.npy", "sigma_max.npy"
+DATASET_FILES = (OBSERVED, MASKS, LABELS, VALUES, RECORDS, SIGMA_MAX, META)  # everything a data set folder holds
 RECORD = np.dtype([("masked", "u1"), ("sigma_n", "<f4"), ("sigma_min", "<f4")])
 CONTENT_DIGEST = "content_sha256"  # meta.json's checksum of its own other fields
 _CHECK_ROWS = 4096  # images per chunk when a whole array is scanned (bounded memory)
@@ -214,7 +215,7 @@ class DatasetMeta:
                             "prepare the set again") from None
 
 
-def _is_dataset(path: Path) -> bool:
+def is_dataset(path: Path) -> bool:
     """True when `path` holds an ambient-fast meta.json (whatever its state)."""
     try:
         return json.loads((path / META).read_text()).get("format") == FORMAT
@@ -231,10 +232,10 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
             raise DataError(f"destination in use: {dest} exists and is not empty; choose another destination "
                             "or overwrite it (--overwrite, overwrite=True)")
         # Overwriting replaces the folder as a whole: only ever do that to a data set and nothing else.
-        if not _is_dataset(dest):
+        if not is_dataset(dest):
             raise DataError(f"destination in use: {dest} holds files that are not an ambient-fast data set; "
                             "refusing to overwrite it (choose another destination)")
-        others = sorted(set(os.listdir(dest)) - {OBSERVED, MASKS, LABELS, VALUES, RECORDS, SIGMA_MAX, META})
+        others = sorted(set(os.listdir(dest)) - set(DATASET_FILES))
         if others:
             raise DataError(f"destination in use: {dest} is a data set but also holds other files "
                             f"({', '.join(others[:4])}); refusing to overwrite them: move them out or choose "

@@ -31,10 +31,10 @@ from torch import Tensor
 
 from ambient_fast.data.format import CorruptedDataset
 from ambient_fast.objective.seeds import Stream, permutation, philox, stream_key
+from ambient_fast.options import LOADER_KINDS
 
 __all__ = ["RawBatch", "Loader", "TorchLoader", "make_loader", "dali_available", "LOADER_KINDS"]
 
-LOADER_KINDS = ("auto", "dali", "torch")
 
 
 class RawBatch(NamedTuple):

@@ -1,49 +1,23 @@
-"""`python -m ambient_fast.prepare`: make a corrupted data set (see ambient_fast.data.format).
-
-    prepare --source SRC --dest DEST --corruption dust --p 0.8 [--delta 0.1] [--shared-channels]
-            [--noise SIGMA] [--sigma-min FILE_OR_VALUE] [--resolution R] [--max-size N] [--seed S]
-        corrupt clean images (a folder, searched recursively, or an EDM-style zip with an
-        optional dataset.json of labels); only A * x and A are written. --noise SIGMA adds
-        Gaussian noise of level SIGMA (on the [-1, 1] scale) first and stores only the result,
-        unclipped (float16); --corruption none masks nothing (a clean set, or a noisy one).
-    prepare --source SRC --masks MASKS --dest DEST [--delta 0.1] [--sigma-min FILE_OR_VALUE]
-        import data that is already corrupted: MASKS is a folder of mask images named like the
-        source images (white = observed), or one .npy of 0/1 masks (N, H, W) or (N, C, H, W) in
-        sorted-file-name order.
-    prepare mix --dest DEST SET[:COUNT] SET[:COUNT] ...
-        merge prepared sets (one resolution, channels and labels) into one, the first COUNT images
-        of each (all without :COUNT), every image keeping its record (clean, masked, noisy).
-    prepare verify DEST
-        check checksums (of the arrays and of meta.json) and recompute what meta.json claims,
-        print a summary.
-
---sigma-min marks images that must not train below a noise level (degraded in ways the model does
-not know, such as blur or compression): one number for every image, a .npy of one value per image
-in sorted-file-name order, or a .json mapping image names (as in the source) to values (others 0).
-
---delta is recorded as the training default; the trainer draws the further corruption B itself,
-fresh at every step. Bad input prints one line saying what is wrong and exits with status 1.
+"""Making data sets: corrupt clean images, import corrupted ones with their masks, mix prepared
+sets, and describe one (see ambient_fast.data.format for what a set holds). The command line:
+`python -m ambient_fast.prepare` (ambient_fast.prepare, where each way is described).
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ambient_fast.objective.corruption import OPERATORS, MaskOperator, make_operator
+from ambient_fast.objective.corruption import make_operator
 from ambient_fast.data.format import RECORD, CorruptedDataset, DataError, DatasetWriter, corruption_record
 from ambient_fast.objective.seeds import derive_seed
 from ambient_fast.data.sources import ImageSource, mask_array, mask_folder, mask_rows, read_mask
+from ambient_fast.options import CORRUPTIONS
 
-__all__ = ["MASK_KINDS", "prepare_corrupted", "import_masked", "mix_datasets", "summary", "main"]
-
-MASK_KINDS = sorted(name for name, cls in OPERATORS.items() if issubclass(cls, MaskOperator))
-CORRUPTIONS = ["none", *MASK_KINDS]  # "none": nothing masked (a clean set, or one with only noise)
+__all__ = ["prepare_corrupted", "import_masked", "mix_datasets", "summary"]
 _NOISE_STREAM = 1  # the noise's generator is seeded apart from the masks' one
 CHUNK = 256           # images decoded, corrupted and written at a time
 PROGRESS_FROM = 1024  # show a progress bar from this many images on
@@ -255,17 +229,6 @@ def import_masked(source_path, masks_path, dest, *, delta: float = 0.1, max_size
             return writer.commit(record, source.describe())
 
 
-def _set_and_count(text: str) -> "tuple[Path, Optional[int]]":
-    """SET[:COUNT] of `prepare mix`."""
-    path, _, count = text.rpartition(":") if ":" in text else (text, "", "")
-    if not count:
-        return Path(path or text), None
-    try:
-        return Path(path), int(count)
-    except ValueError:
-        raise DataError(f"{text}: COUNT must be an integer (SET:COUNT)") from None
-
-
 def mix_datasets(parts: "list[tuple[Path, Optional[int]]]", dest, *, overwrite: bool = False) -> Path:
     """Merge prepared sets into one: the first COUNT images of each (all for None), in the order
     given, every image keeping its record (masked or clean, its noise level, its sigma_min). The
@@ -323,95 +286,3 @@ def summary(dataset: CorruptedDataset, headline: str) -> str:
         f"  source      {meta.source}",
         f"  created     {meta.created}",
     ])
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line.
-
-class _UsageError(DataError):
-    """A command-line mistake; argparse's own exit (status 2) is replaced by our status 1."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(f"{message} (see {self.prog} --help)")
-
-
-def number(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m ambient_fast.prepare", description=__doc__.split("\n\n")[0],
-                     epilog="prepare verify DEST checks a data set; prepare mix --dest DEST SET[:COUNT] ... merges sets.")
-    add = parser.add_argument
-    add("--source", required=True, help="image folder (recursive) or EDM-style zip")
-    add("--dest", required=True, help="data-set directory to create")
-    add("--corruption", default="dust", choices=CORRUPTIONS, help="mask operator (default dust; none: no masks)")
-    add("--p", type=number, help="corruption level, e.g. the erased fraction for dust")
-    add("--noise", type=number, default=0.0, help="add Gaussian noise of this level (on the [-1, 1] scale) first")
-    add("--sigma-min", dest="sigma_min", help="noise level below which images must not train: a number, a .npy "
-        "(one per image, sorted-file-name order) or a .json {image name: value}")
-    add("--delta", type=number, default=0.1, help="further corruption recorded as the training default (0.1)")
-    add("--shared-channels", action="store_true", help="dust: one mask for all colour channels")
-    add("--resolution", type=int, help="center-crop and resize every image to R x R")
-    add("--max-size", type=int, help="use the first N images (sorted by path)")
-    add("--seed", type=int, default=0, help="seed of the masks (default 0)")
-    add("--masks", help="import already corrupted images: folder of mask images or a .npy of 0/1 masks")
-    add("--overwrite", action="store_true", help="replace an existing data set at --dest")
-    return parser
-
-
-def _run(argv: list[str]) -> str:
-    """Run one command; returns what to print."""
-    if argv[:1] == ["verify"]:
-        verify = _Parser(prog="python -m ambient_fast.prepare verify", description="check a data set")
-        verify.add_argument("dest")
-        dataset = CorruptedDataset(verify.parse_args(argv[1:]).dest)
-        notes = dataset.verify()
-        return "\n".join([summary(dataset, "ok, checksums and content verified"), *(f"  note: {n}" for n in notes)])
-    if argv[:1] == ["mix"]:
-        mix = _Parser(prog="python -m ambient_fast.prepare mix", description=mix_datasets.__doc__.split("\n\n")[0])
-        mix.add_argument("--dest", required=True, help="data-set directory to create")
-        mix.add_argument("--overwrite", action="store_true", help="replace an existing data set at --dest")
-        mix.add_argument("sets", nargs="+", metavar="SET[:COUNT]", help="prepared sets, each with the number of its "
-                         "first images to take (all without :COUNT)")
-        args = mix.parse_args(argv[1:])
-        path = mix_datasets([_set_and_count(text) for text in args.sets], args.dest, overwrite=args.overwrite)
-        return summary(CorruptedDataset(path), "wrote")
-    args = build_parser().parse_args(argv)
-    if args.masks is not None:
-        given = [flag for flag, value in (("--p", args.p), ("--resolution", args.resolution)) if value is not None]
-        given += ["--noise"] if args.noise else []
-        if given or args.shared_channels:
-            raise DataError(f"--masks imports masks as they are: drop {', '.join(given) or '--shared-channels'} "
-                            "(resizing would blend erased pixels into observed ones; resize images and masks "
-                            "beforehand)")
-        path = import_masked(args.source, args.masks, args.dest, delta=args.delta, max_size=args.max_size,
-                             overwrite=args.overwrite, sigma_min=args.sigma_min)
-    else:
-        if args.p is None and args.corruption != "none":
-            raise DataError("give --p (with --corruption) to corrupt clean images, --corruption none for no masks, "
-                            "or --masks to import masks")
-        path = prepare_corrupted(args.source, args.dest, corruption=args.corruption, p=args.p, delta=args.delta,
-                                 shared_channels=args.shared_channels, resolution=args.resolution,
-                                 max_size=args.max_size, seed=args.seed, overwrite=args.overwrite, noise=args.noise,
-                                 sigma_min=args.sigma_min)
-    return summary(CorruptedDataset(path), "wrote")
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point: 0 on success, 1 with a one-line error on bad input."""
-    try:
-        print(_run(sys.argv[1:] if argv is None else list(argv)))
-    except (ValueError, OSError) as error:  # DataError is a ValueError; the operators raise ValueError
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Files written safely: atomic replacement, strict JSON, output folders claimed before the work.
+"""Files written safely: atomic replacement, strict JSON, and the output guard every command uses.
 
 Every file the project writes goes through `atomic_write`: the content goes to a hidden
 temporary sibling (`.NAME.tmp-PID`), is fsynced and renamed over NAME, and the directory entry is
@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Union
 
 PathLike = Union[str, Path]
 
@@ -176,14 +176,71 @@ def check_writable_file(path: PathLike, option: str) -> Path:
     return path
 
 
-def claim_output_dir(path: PathLike, option: str, *, owned: Callable[[str], bool], what: str,
-                     overwrite: bool, ignore: frozenset = frozenset(), advice: str = "") -> Path:
-    """Make `path` ready to receive `what` (e.g. "a training run"): created if missing; an empty
-    folder is used as is. A non-empty one is refused unless `overwrite`, which deletes only the
-    entries `owned(name)` recognises as earlier outputs of this kind and refuses a folder holding
-    anything else. Names in `ignore` are neither counted nor touched. ValueError for every
-    refusal, saying what to do (`advice` replaces the default for a non-empty folder)."""
-    path = check_writable_dir(path, option)
+def _protected_folder(folder: Path) -> str:
+    """What `folder` is when another command made it and no other output may enter it ('' if not)."""
+    # Imported here: both modules write their files through this one.
+    from ambient_fast.data.format import is_dataset
+    from ambient_fast.training.run_dir import is_run_directory
+
+    if is_dataset(folder):
+        return "a prepared data set"
+    if is_run_directory(folder):
+        return "a training run"
+    return ""
+
+
+def _overlap(a: Path, b: Path) -> str:
+    """How path `a` meets path `b`: 'is', 'lies inside', 'holds', or ''."""
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "lies inside"
+    if a in b.parents:
+        return "holds"
+    return ""
+
+
+def check_output_place(path: PathLike, option: str, inputs: Iterable[PathLike] = ()) -> Path:
+    """Refuse an output `path` (given as `option`) that lies inside a prepared data set or a training
+    run, or that meets one of the command's own `inputs` (is one, lies in one, or holds one)."""
+    path = Path(path)
+    resolved = path.resolve()
+    for folder in resolved.parents:
+        kind = _protected_folder(folder)
+        if kind:
+            raise ValueError(f"{option} {path} lies inside {kind} ({folder}), which belongs to the command that made "
+                             "it: choose a location outside it")
+    for given in inputs:
+        how = _overlap(resolved, Path(given).resolve())
+        if how:
+            raise ValueError(f"{option} {path} {how} this command's input {given}: choose an output apart from "
+                             "the inputs")
+    return path
+
+
+def claim_output(path: PathLike, option: str, *, what: str, owned: Callable[[Path], bool], overwrite: bool,
+                 folder: bool = True, inputs: Iterable[PathLike] = (), ignore: frozenset = frozenset(),
+                 advice: str = "", make_ready: bool = True) -> Path:
+    """The output guard every writing command takes its output through, before its work.
+
+    `path` (given as `option`) is to receive `what` (e.g. "samples"): a folder (created if missing)
+    or, with `folder=False`, one file. It may not lie inside a prepared data set or a training run,
+    nor meet the command's `inputs` (`check_output_place`). An existing file, or a folder holding
+    anything (names in `ignore` aside), is refused unless `overwrite`; even then a file, or a
+    folder entry, that `owned(its path)` does not recognise as this command's output is refused, so
+    --overwrite replaces only what the command makes. With `make_ready`, the folder is created and
+    its earlier outputs deleted now; without, it is only checked (the command creates or replaces
+    it itself, e.g. atomically at its end). ValueError for every refusal, saying what to do
+    (`advice` replaces the default for an occupied output)."""
+    path = check_output_place(path, option, inputs)
+    if not folder:
+        return _claim_file(path, option, what=what, owned=owned, overwrite=overwrite, advice=advice)
+    if make_ready:
+        check_writable_dir(path, option)
+    elif path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a folder; give a folder path")
+    elif not path.exists():
+        return path
     entries = sorted(entry.name for entry in path.iterdir() if entry.name not in ignore)
     if not entries:
         return path
@@ -191,14 +248,27 @@ def claim_output_dir(path: PathLike, option: str, *, owned: Callable[[str], bool
     if not overwrite:
         raise ValueError(f"{option} {path} is not empty ({shown}); " + (
             advice or f"pass --overwrite to replace {what} in it, or choose another folder"))
-    foreign = [name for name in entries if not owned(name)]
+    foreign = [name for name in entries if not owned(path / name)]
     if foreign:
         raise ValueError(f"{option} {path} holds files that are not {what} ({', '.join(foreign[:4])}); refusing "
                          "to overwrite them: move them out or choose another folder")
-    for name in entries:
+    for name in entries if make_ready else ():
         entry = path / name
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
             entry.unlink()
+    return path
+
+
+def _claim_file(path: Path, option: str, *, what: str, owned: Callable[[Path], bool], overwrite: bool,
+                advice: str) -> Path:
+    check_writable_file(path, option)
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if not overwrite:
+        raise ValueError(f"{option} {path} exists; " + (advice or f"pass --overwrite to replace it with {what}, or "
+                                                                  "choose another file"))
+    if not path.is_file() or not owned(path):
+        raise ValueError(f"{option} {path} is not {what}; refusing to overwrite it: move it or choose another file")
     return path

@@ -92,6 +92,15 @@ def save_network(path: Union[str, Path], model: AmbientPrecond, corruption: Opti
     write_bytes(path, save(tensors, metadata=header))
 
 
+def is_checkpoint(path: Union[str, Path]) -> bool:
+    """Whether `path` is one of our checkpoints (by its header; the weights are not read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (OSError, SafetensorError):
+        return False
+
+
 def _load_safetensors(path: Path) -> LoadedNetwork:
     damaged = "the file is damaged or truncated; write it again or use another snapshot"
     try:
@@ -114,11 +123,25 @@ def _load_safetensors(path: Path) -> LoadedNetwork:
     return LoadedNetwork(model.eval(), corruption, str(path), extra)
 
 
+def run_network(folder: Path) -> Optional[Path]:
+    """The network a run folder holds: ours (network-final.safetensors, else the newest
+    network-snapshot-*.safetensors), else a reference run's newest network-snapshot-*.pkl; None."""
+    final = folder / "network-final.safetensors"
+    if final.is_file():
+        return final
+    for pattern in ("network-snapshot-*.safetensors", "network-snapshot-*.pkl"):
+        snapshots = sorted(folder.glob(pattern))  # zero-padded step numbers: sorted by step
+        if snapshots:
+            return snapshots[-1]
+    return None
+
+
 def load_network(path: Union[str, Path], training_options: Optional[Union[str, Path]] = None) -> LoadedNetwork:
-    """Load one of our `.safetensors` checkpoints, a reference `.pkl` snapshot (Ambient Diffusion's or
-    NVlabs/edm2's; or a reference run directory, whose newest snapshot is taken) or a diffusers UNet
-    directory (extra `[diffusers]`; `ambient_fast.networks.diffusers`), through one call path, in eval
-    mode. `training_options`: a DDPM++ run's training_options.json when not beside its snapshot."""
+    """Load one of our `.safetensors` checkpoints or run folders (`run_network`), a reference `.pkl`
+    snapshot (Ambient Diffusion's or NVlabs/edm2's; or a reference run folder, its newest snapshot)
+    or a diffusers UNet directory (extra `[diffusers]`; `ambient_fast.networks.diffusers`), through
+    one call path, in eval mode. `training_options`: a DDPM++ run's training_options.json when not
+    beside its snapshot."""
     path = Path(path)
     if path.is_dir() and is_diffusers_model(path):
         from ambient_fast.networks.diffusers import load_denoiser, read_info
@@ -126,10 +149,12 @@ def load_network(path: Union[str, Path], training_options: Optional[Union[str, P
         info = read_info(path)
         return LoadedNetwork(load_denoiser(path), info.get("corruption", {}), str(path), info)
     if path.is_dir():
-        snapshots = sorted(path.glob("network-snapshot-*.pkl"))
-        if not snapshots:
-            raise FileNotFoundError(f"no network-snapshot-*.pkl in {path}")
-        path = snapshots[-1]
+        found = run_network(path)
+        if found is None:
+            raise FileNotFoundError(f"no network in {path}: a run folder holds network-final.safetensors or "
+                                    "network-snapshot-*.safetensors (ours) or network-snapshot-*.pkl (a reference "
+                                    "run); give one of those, or the file itself")
+        path = found
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.suffix == ".safetensors":

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ambient_fast.kernels import gated_activation_packed
-
-GATES = ("sigmoid", "double_sigmoid", "none")
+from ambient_fast.options import GATES
 
 
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ambient_fast.objective.seeds import BITS
+from ambient_fast.options import FURTHER_KINDS
 
 __all__ = [
     "CorruptionOperator",
@@ -498,7 +499,6 @@ def make_operator(name: str, **params: Any) -> CorruptionOperator:
 # fixed_box and keep_patch B are defined by the position of A's own box: their data sets only.
 FURTHER_FOR_DATA = {"dust": ("dust", "box"), "user": ("dust", "box"), "box": ("box",), "fixed_box": ("fixed_box",),
                     "keep_patch": ("keep_patch",)}
-FURTHER_KINDS = ("dust", "box", "fixed_box", "keep_patch")
 
 
 def training_operator(corruption: dict, delta: float, further: Optional[str] = None) -> MaskOperator:

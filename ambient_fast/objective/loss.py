@@ -30,6 +30,7 @@ import torch
 from ambient_fast.objective.inputs import TrainingBatch
 from ambient_fast.kernels import masked_loss
 from ambient_fast.networks.precond import vp_sigma
+from ambient_fast.options import FINETUNE_WEIGHTINGS
 
 WeightFn = Callable[[torch.Tensor], torch.Tensor]  # sigma (N, 1, 1, 1) -> weight (N, 1, 1, 1)
 
@@ -135,7 +136,7 @@ class DiscreteVPAmbientLoss(AmbientLoss):
          1 on the pixels B hid, where the network's output is the x0 prediction itself.
     """
 
-    WEIGHTINGS = ("x0", "snr")
+    WEIGHTINGS = FINETUNE_WEIGHTINGS
 
     def __init__(self, sigmas: torch.Tensor, weighting: str = "x0", norm: int = 2):
         if weighting not in self.WEIGHTINGS:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ambient_fast.sampling.graphs import StaticDenoiser
 from ambient_fast.kernels import fused_device, sampler_step
+from ambient_fast.options import SOLVERS
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]          # (x, t) -> prediction of x0
 Increment = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, t, dt) -> change of x over dt
@@ -232,8 +233,8 @@ def ambient_sample(
 
 def check_sampler_arguments(latents: Tensor, solver: str) -> None:
     """The checks every sampler makes before any work: a known solver, 4-D latents."""
-    if solver not in ("heun", "euler"):
-        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if latents.ndim != 4:
         raise ValueError(f"latents must be 4-D (B, C, H, W), got shape {tuple(latents.shape)}")
 

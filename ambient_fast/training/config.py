@@ -1,27 +1,21 @@
-"""The trainer's configuration: one documented, validated dataclass, the architectures and model-size
-presets by name, and the command line generated from the fields.
+"""The trainer's configuration: one documented, validated dataclass (ambient_fast.options), that of the
+fine-tuner, and the architectures and model-size presets by name.
 
-Every field is declared with `option(default, help, ...)`: its help text, its choices (each set of
-choices is spelled once, here) and its check live beside it, and `build_parser` turns the fields
-into options (`--name`, or the `flag` given; a boolean gets `--name` / `--no-name`; a list is
-comma-separated; the default is quoted in the help). `TrainConfig.__post_init__` validates every
-field, so a bad value is an error before any work starts, however the config was made.
+`config_from_args` reads the command line, with `--resume DIR` (continue the run there: its saved
+config.json, with only the `resumable` fields changed) and `--overwrite` beside the config's own
+fields. Nothing here imports torch: `--help` answers at once.
 """
 import argparse
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
-from ambient_fast.objective.corruption import FURTHER_KINDS
-from ambient_fast.data.loader import LOADER_KINDS
 from ambient_fast.files.atomic import read_json
-from ambient_fast.networks.layers import GATES
-from ambient_fast.training.parallel import PARALLEL_KINDS
+from ambient_fast.options import (FINETUNE_WEIGHTINGS, FURTHER_KINDS, GATES, INPUT, LOADER_KINDS, OUTPUT,
+                                  PARALLEL_KINDS, SEED_BOUNDS, Options, above, at_least, between, device_option, option)
 
-__all__ = ["TrainConfig", "ARCHS", "PRESETS", "preset_for", "option", "build_parser", "config_from_args"]
+__all__ = ["TrainConfig", "FinetuneConfig", "ARCHS", "PRESETS", "preset_for", "add_run_options", "config_from_args"]
 
 ARCHS = {  # --arch -> (model_type, architecture arguments that define it)
     "ddpmpp": ("SongUNet", dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
@@ -46,110 +40,78 @@ def preset_for(resolution: int) -> str:
     return _PRESET_BY_RESOLUTION.get(resolution, "cifar10")
 
 
-def option(default: Any, help: str, *, choices: Optional[Sequence] = None, flag: Optional[str] = None,
-           negative: Optional[str] = None, check: Optional[Tuple[Callable[[Any], bool], str]] = None,
-           resumable: bool = False, group: str = "training"):
-    """A config field. help: the option's help text (the default is appended). choices: allowed
-    values. flag / negative: the option's names when not `--name` / `--no-name`. check: (predicate,
-    what a valid value is). resumable: may change on --resume. group: 'architecture' fields define
-    our own networks (the fine-tuner leaves them out)."""
-    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, flag=flag, negative=negative,
-                                                            check=check, resumable=resumable, group=group))
-
-
-def _finite_at_least(low: float) -> Tuple[Callable[[Any], bool], str]:
-    return (lambda v: math.isfinite(v) and v >= low), f"a finite number >= {low:g}"
-
-
-def _at_least(low: int) -> Tuple[Callable[[Any], bool], str]:
-    return (lambda v: v >= low), f"an integer >= {low}"
-
-
-def _positive_list() -> Tuple[Callable[[Any], bool], str]:
-    return (lambda v: v is None or (len(v) > 0 and all(x >= 1 for x in v))), "a list of positive integers"
-
-
 _ARCHITECTURE = dict(group="architecture")
+_POSITIVE_LIST = ((lambda v: len(v) > 0 and all(x >= 1 for x in v)), "a list of positive integers")
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run is made of. See `option` and the module docstring."""
+class TrainConfig(Options):
+    """Everything a training run is made of. See ambient_fast.options."""
 
-    data: Optional[str] = option(None, "prepared data set (python -m ambient_fast.prepare); default: the built-in "
-                                       "synthetic set")
-    out: str = option("runs/ambient", "run directory (checkpoints, samples, stats.jsonl)")
+    data: Optional[str] = option(None, "prepared data set (python -m ambient_fast.prepare)", role=INPUT,
+                                 default_text="the built-in synthetic set")
+    out: str = option("runs/ambient", "run directory (checkpoints, samples, stats.jsonl)", role=OUTPUT)
     arch: str = option("ddpmpp", "network architecture", choices=tuple(ARCHS), **_ARCHITECTURE)
     precond: str = option("edm", "preconditioning and noise schedule", choices=("edm", "vp"), **_ARCHITECTURE)
     mask_aware: bool = option(True, "mask-aware preconditioning (hidden pixels: c_skip 0, c_out sigma_data)",
                               negative="--reference-precond", **_ARCHITECTURE)
     gate: str = option("sigmoid", "gate of the gated convolutions (double_sigmoid: the published checkpoints')",
                        choices=GATES, **_ARCHITECTURE)
-    preset: Optional[str] = option(None, "model size: " + ", ".join(PRESETS) + "; default by resolution (16: tiny, "
-                                   "32: cifar10, 64: celeba64); --channels etc. override it", choices=tuple(PRESETS),
-                                   **_ARCHITECTURE)
-    model_channels: Optional[int] = option(None, "U-Net width (default: the preset's)", flag="--channels",
-                                           check=((lambda v: v is None or v >= 4),
-                                                  "at least 4 (group normalisation needs 4 channels per group)"),
+    preset: Optional[str] = option(None, "model size; --channels etc. override it", choices=tuple(PRESETS),
+                                   default_text="by resolution: 16 tiny, 32 cifar10, 64 celeba64", **_ARCHITECTURE)
+    model_channels: Optional[int] = option(None, "U-Net width (group normalisation needs 4 channels per group)",
+                                           flag="--channels", bounds=at_least(4), default_text="the preset's",
                                            **_ARCHITECTURE)
-    channel_mult: Optional[list] = option(None, "per-resolution width multipliers, e.g. 2,2,2", check=_positive_list(),
-                                          **_ARCHITECTURE)
-    num_blocks: Optional[int] = option(None, "blocks per resolution", flag="--blocks",
-                                       check=((lambda v: v is None or v >= 1), "an integer >= 1"), **_ARCHITECTURE)
+    channel_mult: Optional[list] = option(None, "per-resolution width multipliers, e.g. 2,2,2", check=_POSITIVE_LIST,
+                                          default_text="the preset's", **_ARCHITECTURE)
+    num_blocks: Optional[int] = option(None, "blocks per resolution", flag="--blocks", bounds=at_least(1),
+                                       default_text="the preset's", **_ARCHITECTURE)
     attn_resolutions: Optional[list] = option(None, "resolutions with attention, e.g. 16 (empty: none)", flag="--attn",
-                                              check=((lambda v: v is None or all(x >= 1 for x in v)),
-                                                     "a list of positive resolutions"), **_ARCHITECTURE)
-    dropout: float = option(0.0, "dropout inside U-Net blocks", check=((lambda v: 0 <= v < 1), "in [0, 1)"),
+                                              check=((lambda v: all(x >= 1 for x in v)),
+                                                     "a list of positive resolutions"),
+                                              default_text="the preset's", **_ARCHITECTURE)
+    dropout: float = option(0.0, "dropout inside U-Net blocks", bounds=between(0, 1, high_open=True),
                             **_ARCHITECTURE)
     delta: float = option(0.1, "further-corruption level (dust: probability that B hides an observed value; "
-                               "box kinds: the second box's relative side)", check=((lambda v: 0 <= v < 1), "in [0, 1)"))
-    further: Optional[str] = option(None, "further corruption B; default: the paper's for the data set's masks (dust "
-                                          "and imported masks also allow box)", choices=FURTHER_KINDS)
+                               "box kinds: the second box's relative side)", bounds=between(0, 1, high_open=True))
+    further: Optional[str] = option(None, "further corruption B (dust and imported masks also allow box)",
+                                    choices=FURTHER_KINDS, default_text="the paper's for the data set's masks")
     ignore_noise: bool = option(False, "train noisy images as if they were clean (their noise level ignored): the "
                                        "naive baseline")
     hidden_weight: str = option("lambda", "loss weight on pixels B hid: lambda(sigma) as the reference, or unit "
                                           "(1 / c_out^2)", choices=("lambda", "unit"))
     batch: int = option(16, "global batch size per step (the built-in run's; raise it for real data)",
-                        check=_at_least(1))
-    batch_gpu: Optional[int] = option(None, "per-rank micro-batch (gradient accumulation); default batch / ranks",
-                                      check=((lambda v: v is None or v >= 1), "an integer >= 1"))
-    lr: float = option(2e-3, "peak learning rate", check=((lambda v: math.isfinite(v) and v > 0),
-                                                          "a positive finite number"))
+                        bounds=at_least(1))
+    batch_gpu: Optional[int] = option(None, "per-rank micro-batch (gradient accumulation)", bounds=at_least(1),
+                                      default_text="batch / ranks")
+    lr: float = option(2e-3, "peak learning rate", bounds=above(0))
     lr_rampup_kimg: float = option(1.0, "learning-rate ramp-up, thousands of images", flag="--lr-rampup",
-                                   check=_finite_at_least(0))
-    ema: float = option(0.5, "EMA half-life, millions of images (0: no averaging)", check=_finite_at_least(0))
-    ema_rampup: float = option(0.05, "EMA half-life ramp-up ratio", check=_finite_at_least(0))
-    steps: int = option(1000, "total optimiser steps", check=_at_least(1), resumable=True)
-    seed: int = option(0, "global seed", check=_at_least(0))
+                                   bounds=at_least(0))
+    ema: float = option(0.5, "EMA half-life, millions of images (0: no averaging)", bounds=at_least(0))
+    ema_rampup: float = option(0.05, "EMA half-life ramp-up ratio", bounds=at_least(0))
+    steps: int = option(1000, "total optimiser steps", bounds=at_least(1), resumable=True)
+    seed: int = option(0, "global seed", bounds=SEED_BOUNDS)
     xflip: bool = option(False, "mirror image and mask together, at random")
-    parallel: str = option("auto", "parallelism under torchrun; auto = fsdp there, none in one process",
-                           choices=("auto", *PARALLEL_KINDS))
-    precision: str = option("auto", "arithmetic; auto = bf16 on CUDA", choices=("auto", "bf16", "fp32"))
-    compile: Optional[bool] = option(None, "torch.compile the U-Net blocks; default on CUDA", resumable=True)
-    tf32: bool = option(True, "TF32 matmuls and convolutions on CUDA (the reference: off)", resumable=True)
-    channels_last: Optional[bool] = option(None, "channels_last memory format; default on CUDA", resumable=True)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N", resumable=True)
-    max_grad_norm: float = option(1.0, "gradient clipping (0: off)", check=_finite_at_least(0))
-    snapshot_every: int = option(500, "steps between snapshots (EMA network + training state)", check=_at_least(1),
+    parallel: str = option("auto", "parallelism under torchrun", choices=("auto", *PARALLEL_KINDS),
+                           default_text="auto, fsdp under torchrun, none in one process")
+    precision: str = option("auto", "arithmetic", choices=("auto", "bf16", "fp32"), per_device=("bf16", "fp32"))
+    compile: Optional[bool] = option(None, "torch.compile the U-Net blocks", per_device=("on", "off"), resumable=True)
+    tf32: bool = option(True, "TF32 matmuls and convolutions (the reference: off; the CPU has no TF32)",
+                        per_device=("on", "off"), resumable=True)
+    channels_last: Optional[bool] = option(None, "channels_last memory format", per_device=("on", "off"),
+                                           resumable=True)
+    device: str = device_option(resumable=True)
+    max_grad_norm: float = option(1.0, "gradient clipping (0: off)", bounds=at_least(0))
+    snapshot_every: int = option(500, "steps between snapshots (EMA network + training state)", bounds=at_least(1),
                                  resumable=True)
-    keep: int = option(2, "training states kept", check=_at_least(1), resumable=True)
-    loader: str = option("auto", "data loader; auto = DALI on CUDA when installed", choices=LOADER_KINDS,
-                         resumable=True)
-    bad_steps: int = option(10, "consecutive non-finite steps before rolling back", check=_at_least(1))
-    max_rollbacks: int = option(3, "roll-backs allowed before giving up", check=_at_least(0))
-    sample_count: int = option(64, "images in the final sample grid", check=_at_least(1), resumable=True)
+    keep: int = option(2, "training states kept", bounds=at_least(1), resumable=True)
+    loader: str = option("auto", "data loader", choices=LOADER_KINDS, resumable=True,
+                         per_device=("DALI when installed, else torch", "torch"))
+    bad_steps: int = option(10, "consecutive non-finite steps before rolling back", bounds=at_least(1))
+    max_rollbacks: int = option(3, "roll-backs allowed before giving up", bounds=at_least(0))
+    sample_count: int = option(64, "images in the final sample grid", bounds=at_least(1), resumable=True)
     verify_data: bool = option(True, "check the data set's checksums and content at start (off: very large sets)",
                                resumable=True)
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value, meta = getattr(self, field.name), field.metadata
-            name = meta.get("flag") or "--" + field.name.replace("_", "-")
-            if meta.get("choices") is not None and value is not None and value not in meta["choices"]:
-                raise ValueError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-            check = meta.get("check")
-            if check is not None and not check[0](value):
-                raise ValueError(f"{name} must be {check[1]}, got {value!r}")
 
     def model_size(self, resolution: int) -> dict:
         """The network's size for images of `resolution`: the preset's, with the given fields over it."""
@@ -157,74 +119,85 @@ class TrainConfig:
         size.update({key: getattr(self, key) for key in SIZE_FIELDS if getattr(self, key) is not None})
         return size
 
+    def input_paths(self) -> "list[str]":
+        """What the run reads: no output of it may land on these (the output guard)."""
+        return self.paths(INPUT)
+
+
+def _with_default(name: str, value):
+    """The TrainConfig field `name` with another default (its help and checks kept)."""
+    return dataclasses.field(default=value, metadata=TrainConfig.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """A training run of a diffusers UNet (python -m ambient_fast.finetune): the trainer's options but
+    those of our own networks, and these."""
+
+    unet: Optional[str] = option(None, "diffusers UNet directory written by save_pretrained (safetensors), its "
+                                 "scheduler_config.json beside it or in ../scheduler/; or a pipeline root with unet/ "
+                                 "and scheduler/", required=True, role=INPUT)
+    prompt_embeddings: Optional[str] = option(None, "safetensors file with 'prompt_embeddings' (K, L, D) for a "
+                                              "UNet2DConditionModel: K = 1 conditions every image on it (e.g. the "
+                                              "empty prompt), K > 1 picks by the data set's labels", role=INPUT,
+                                              default_text="none (an unconditional UNet)")
+    loss_weight: str = option("snr", "snr: the noise-prediction error where the network saw the pixel, the x0 error "
+                              "where B hid it; x0: weight 1 on the x0 error everywhere, as the authors' DeepFloyd "
+                              "script (bench/results/finetune.md: it leaves the hidden pixels untrained far longer)",
+                              choices=FINETUNE_WEIGHTINGS)
+    # Fine-tuning defaults: a pre-trained model moves with a small learning rate.
+    out: str = _with_default("out", "runs/finetune")
+    lr: float = _with_default("lr", 1e-4)
+    lr_rampup_kimg: float = _with_default("lr_rampup_kimg", 0.5)
+    ema: float = _with_default("ema", 0.01)
+    steps: int = _with_default("steps", 2000)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.data is None:
+            raise ValueError("--data DIR (a prepared data set) is required: fine-tuning has no built-in set")
+
 
 # ----------------------------------------------------------------------------------------------
-# Command line, generated from the fields.
+# Command line: the config's fields, --resume and --overwrite.
 
 
-def _parse_list(text: str) -> list:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _value_type(annotation) -> type:
-    """The field's type without Optional."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if typing.get_origin(annotation) is typing.Union and args else annotation
-
-
-def build_parser(config_cls=TrainConfig, prog: str = "python -m ambient_fast.train", description: str = "",
-                 leave_out: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """The options of `config_cls`'s fields (all but those in groups `leave_out`), plus --resume and
-    --overwrite. Unset options are absent from the result (argparse.SUPPRESS), so that --resume can
-    tell what was given."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR up to --steps in total")
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--resume and --overwrite: how a run treats the folder it trains in (not part of its config)."""
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR up to --steps in total, with its "
+                        "saved options (only those marked resumable may change)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run in --out (by default a non-empty --out is refused)")
-    hints = typing.get_type_hints(config_cls)
-    for field in dataclasses.fields(config_cls):
-        meta = field.metadata
-        if meta.get("group") in leave_out or "help" not in meta:
-            continue
-        flag = meta["flag"] or "--" + field.name.replace("_", "-")
-        kind = _value_type(hints[field.name])
-        default = "" if field.default is None else f" (default {field.default})"
-        if kind is bool:
-            on = "" if field.default is not True else " (default)"
-            parser.add_argument(flag, dest=field.name, action="store_true", help=meta["help"] + on)
-            off_flag = meta["negative"] or "--no-" + flag[2:]
-            parser.add_argument(off_flag, dest=field.name, action="store_false",
-                                help=f"the opposite of {flag}" + (" (default)" if field.default is False else ""))
-            continue
-        kwargs = dict(dest=field.name, help=meta["help"] + default, metavar=flag[2:].upper().replace("-", "_"))
-        if meta["choices"] is not None:
-            kwargs["choices"] = meta["choices"]
-            kwargs["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
-        kwargs["type"] = _parse_list if kind is list else kind
-        parser.add_argument(flag, **kwargs)
-    return parser
+                        help="replace the run in --out (only what a run writes; by default a non-empty --out is "
+                             "refused)")
 
 
-def config_from_args(argv=None, parser: Optional[argparse.ArgumentParser] = None,
+def config_from_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
                      config_cls=TrainConfig) -> "tuple[TrainConfig, bool, bool]":
     """(config, resume, overwrite) from the command line. --resume keeps the run's saved config.json
-    and allows only the `resumable` fields to change."""
-    given = vars((parser or build_parser(config_cls)).parse_args(argv))
+    and allows only the `resumable` fields to change; it trains in DIR, so an --out elsewhere is
+    refused rather than guessed at."""
+    given = vars(parser.parse_args(None if argv is None else [str(a) for a in argv]))
     resume, overwrite = given.pop("resume", None), given.pop("overwrite", False)
     if resume is None:
         return config_cls(**given), False, overwrite
     if overwrite:
         raise ValueError("--resume continues a run and --overwrite replaces one: give only one of them")
+    out = given.pop("out", None)
+    if out is not None and Path(out).resolve() != Path(resume).resolve():
+        raise ValueError(f"--resume {resume} continues the run in {resume}, but --out names {out}: to continue that "
+                         f"run, drop --out; to start a new run in {out}, drop --resume")
     saved_path = Path(resume) / "config.json"
     if not saved_path.is_file():
         raise FileNotFoundError(f"--resume {resume}: no config.json there (is it a run directory?)")
     saved = read_json(saved_path, "the run's configuration is damaged: restore it, or start again with --overwrite")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{saved_path} does not hold a run's options: restore it, or start again with --overwrite")
     fields = {field.name: field for field in dataclasses.fields(config_cls)}
     unknown = set(saved) - set(fields)
     if unknown:
         raise ValueError(f"{saved_path} holds options this version does not know: {sorted(unknown)}")
     resumable = {name for name, field in fields.items() if field.metadata.get("resumable")}
-    changed = {key for key, value in given.items() if saved.get(key, fields[key].default) != value} - resumable - {"out"}
+    changed = {key for key, value in given.items() if saved.get(key, fields[key].default) != value} - resumable
     if changed:
         raise ValueError(f"--resume keeps the run's configuration; these options differ from {saved_path}: "
                          f"{sorted(changed)} (only {sorted(resumable)} may change)")

@@ -32,9 +32,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ambient_fast.networks.layers import Conv2d
+from ambient_fast.options import PARALLEL_KINDS
 from ambient_fast.training.distributed import World
-
-PARALLEL_KINDS = ("fsdp", "ddp", "none")
 
 
 def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.device,

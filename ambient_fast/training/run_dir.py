@@ -1,7 +1,8 @@
 """A training run's directory: claimed when a run starts, locked for the run's life, tidied on start.
 
-- A new run refuses a folder that is not empty unless told `overwrite`, which deletes only what a
-  run writes and refuses a folder holding anything else (files.claim_output_dir).
+- A new run claims its folder through the output guard (files.atomic.claim_output): not inside a
+  data set or another run, not on the run's inputs, and not a folder that is not empty unless
+  told `overwrite`, which deletes only what a run writes and refuses a folder holding anything else.
 - `.lock` keeps a second training out of a run in use: the main rank holds an flock on it for
   the run's life and records its PID and host in it, emptied when the run ends. The kernel
   drops the flock when a process dies, so a killed run never blocks the next one, and the PID it
@@ -20,12 +21,15 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from ambient_fast.files.atomic import TEMPORARY, check_writable_dir, claim_output_dir, remove_temporaries, write_text
+from ambient_fast.files.atomic import (TEMPORARY, check_output_place, check_writable_dir, claim_output,
+                                      remove_temporaries, write_text)
 
-LOCK, STATS = ".lock", "stats.jsonl"
-# Everything a run writes (training states set aside as damaged included).
+LOCK, STATS, CONFIG = ".lock", "stats.jsonl", "config.json"
+# Everything a run writes (training states set aside as damaged included; unet* are the fine-tuner's
+# diffusers folders).
 RUN_OUTPUT = re.compile(r"^(config\.json|stats\.jsonl|samples\.png|inputs\.png|overview\.png"
-                        r"|network-(snapshot-\d+|final)\.safetensors|training-state-\d+(\.damaged-[0-9a-f]+)?)$")
+                        r"|network-(snapshot-\d+|final)\.safetensors|training-state-\d+(\.damaged-[0-9a-f]+)?"
+                        r"|unet|unet-ema(-snapshot-\d+)?)$")
 
 
 class RunInUse(ValueError):
@@ -36,30 +40,42 @@ def is_run_output(name: str) -> bool:
     return bool(RUN_OUTPUT.match(name) or TEMPORARY.match(name))
 
 
-class RunDirectory:
-    """The run directory of the main rank: `RunDirectory(path, resume, overwrite)` checks and
-    locks it (ValueError, saying what to do, when it cannot); `close()` releases the lock.
-    `notes` lists what was found and tidied, for the log."""
+def is_run_directory(folder: Path) -> bool:
+    """A training run's folder: its lock and its config.json (a lock alone is too common a name)."""
+    return (folder / LOCK).is_file() and (folder / CONFIG).is_file()
 
-    def __init__(self, path, *, resume: bool, overwrite: bool):
+
+class RunDirectory:
+    """The run directory of the main rank: `RunDirectory(path, resume, overwrite, inputs)` checks and
+    locks it (ValueError, saying what to do, when it cannot); `close()` releases the lock.
+    `inputs`: what the run reads (no new run lands on them). `notes` lists what was found and
+    tidied, for the log."""
+
+    def __init__(self, path, *, resume: bool, overwrite: bool, inputs=()):
         self.path = Path(path)
         self.notes: list[str] = []
         option = "--resume" if resume else "--out"
+        if not resume:  # before the folder and its lock are made
+            check_output_place(self.path, option, inputs)
         check_writable_dir(self.path, option)
         self._lock_fd: Optional[int] = None
+        made_lock = not (self.path / LOCK).exists()
         self._lock(option)
         try:
             if not resume:
-                claim_output_dir(self.path, option, owned=is_run_output, what="a training run", overwrite=overwrite,
-                                 ignore=frozenset({LOCK}),
-                                 advice=f"continue the run there with --resume {self.path}, replace it with "
-                                        "--overwrite, or choose another --out")
+                # After the lock: --overwrite never deletes the files of a run still in progress.
+                claim_output(self.path, option, owned=lambda entry: is_run_output(entry.name), what="a training run",
+                             overwrite=overwrite, inputs=inputs, ignore=frozenset({LOCK}),
+                             advice=f"continue the run there with --resume {self.path}, replace it with "
+                                    "--overwrite, or choose another --out")
             removed = remove_temporaries(self.path)
             if removed:
                 self.notes.append(f"removed {len(removed)} temporary file(s) left by killed writers "
                                   f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
         except BaseException:
             self.close()
+            if made_lock:  # a refused folder is left as it was found
+                (self.path / LOCK).unlink(missing_ok=True)
             raise
 
     def _lock(self, option: str) -> None:

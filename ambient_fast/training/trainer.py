@@ -63,7 +63,8 @@ class Trainer(Stateful):
         if self.target == "cuda":
             self.settings.set_backend_flags()
         self.run_dir = Path(cfg.out)
-        self.run = RunDirectory(self.run_dir, resume=resume, overwrite=overwrite) if self.world.is_main else None
+        self.run = (RunDirectory(self.run_dir, resume=resume, overwrite=overwrite, inputs=cfg.input_paths())
+                    if self.world.is_main else None)
         try:
             self.stop_requested = False
             self.step = self.images_seen = self.rollbacks = self.skipped = self.bad_streak = 0
