@@ -24,8 +24,8 @@ from ambient_fast.files.atomic import atomic_write
 from ambient_fast.objective.corruption import make_operator
 from ambient_fast.data.format import CorruptedDataset, DataError, corruption_record, write_dataset
 
-__all__ = ["palette", "gradient", "RESOLUTIONS", "clean_images", "palette_fraction", "synthetic_dataset",
-           "dataset_name", "clean_twin", "is_synthetic"]
+__all__ = ["palette", "gradient", "RESOLUTIONS", "ATTRIBUTES", "attribute_classes", "clean_images", "labelled_images", "palette_fraction",
+           "synthetic_dataset", "dataset_name", "clean_twin", "is_synthetic"]
 
 # Read-only: the distribution is defined by these.
 palette = np.array([
@@ -40,10 +40,20 @@ gradient = np.array([[10, 20, 70], [60, 10, 40]], dtype=np.uint8)  # (top row, b
 RESOLUTIONS = (16, 32)
 HELD_OUT_STREAM = 1  # clean_images draws stream 0 of a seed; the held-out twin draws stream 1
 SOURCE = "ambient_fast.data.synthetic"  # how meta.json's `source` of a synthetic set begins
+# What decides an image, each an integer from 0: the rectangle's colour (palette index), the
+# background (1: gradient), the rectangle's height and width (minus R/4) and its top-left corner.
+ATTRIBUTES = ("colour", "background", "height", "width", "top", "left")
 
 
-def _draw(n: int, resolution: int, rng: np.random.Generator) -> np.ndarray:
-    """n images uint8 (n, 3, R, R) from `rng`."""
+def attribute_classes(resolution: int) -> "dict[str, int]":
+    """How many values each of ATTRIBUTES takes at this resolution."""
+    sizes = (3 * resolution) // 4 - resolution // 4 + 1
+    return dict(colour=len(palette), background=2, height=sizes, width=sizes, top=resolution - resolution // 4 + 1,
+                left=resolution - resolution // 4 + 1)
+
+
+def _draw(n: int, resolution: int, rng: np.random.Generator) -> "tuple[np.ndarray, dict[str, np.ndarray]]":
+    """n images uint8 (n, 3, R, R) from `rng`, and their ATTRIBUTES (each int64 (n,))."""
     R = resolution
     t = np.linspace(0.0, 1.0, R)[:, None]
     rows_colour = np.round((1 - t) * gradient[0] + t * gradient[1]).astype(np.uint8)   # (R, 3)
@@ -53,13 +63,15 @@ def _draw(n: int, resolution: int, rng: np.random.Generator) -> np.ndarray:
     low, high = R // 4, (3 * R) // 4
     height, width = rng.integers(low, high + 1, n), rng.integers(low, high + 1, n)
     top, left = rng.integers(0, R - height + 1), rng.integers(0, R - width + 1)
-    colour = palette[rng.integers(0, len(palette), n)]
     rows, cols = np.arange(R), np.arange(R)
+    colour_index = rng.integers(0, len(palette), n)
     inside_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])      # (n, R)
     inside_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])
     inside = inside_rows[:, :, None] & inside_cols[:, None, :]                   # (n, R, R)
-    images = np.where(inside[..., None], colour[:, None, None, :], images)
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    images = np.where(inside[..., None], palette[colour_index][:, None, None, :], images)
+    attributes = dict(colour=colour_index, background=use_gradient.astype(np.int64), height=height - low,
+                      width=width - low, top=top, left=left)
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), attributes
 
 
 def _check(n: int, resolution: int) -> None:
@@ -71,13 +83,20 @@ def _check(n: int, resolution: int) -> None:
 
 def clean_images(n: int, resolution: int = 16, seed: int = 0) -> np.ndarray:
     """n clean images, uint8 (n, 3, R, R); the same (n, resolution, seed) give the same images."""
+    return labelled_images(n, resolution, seed)[0]
+
+
+def labelled_images(n: int, resolution: int = 16, seed: int = 0, stream: int = 0
+                    ) -> "tuple[np.ndarray, dict[str, np.ndarray]]":
+    """n clean images uint8 (n, 3, R, R) and their ATTRIBUTES: stream 0 gives `clean_images`'s,
+    stream 1 the held-out twin's, others new images (e.g. to train a classifier on)."""
     _check(n, resolution)
-    return _draw(n, resolution, np.random.default_rng([seed, 0]))
+    return _draw(n, resolution, np.random.default_rng([seed, stream]))
 
 
 def _held_out(n: int, resolution: int, seed: int) -> np.ndarray:
     """Clean images independent of clean_images(n, resolution, seed) (another random stream)."""
-    return _draw(n, resolution, np.random.default_rng([seed, HELD_OUT_STREAM]))
+    return labelled_images(n, resolution, seed, HELD_OUT_STREAM)[0]
 
 
 def palette_fraction(images: np.ndarray, tolerance: float = 24.0) -> float:

@@ -1,5 +1,6 @@
 """Sample-quality and memorisation metrics: Fréchet distance (FID with Inception features),
-nearest-neighbour similarity to the training set (the paper's memorisation study, Figure 6), PSNR.
+precision and recall of k-nearest-neighbour manifolds (Kynkäänniemi et al. 2019), nearest-neighbour
+similarity to the training set (the paper's memorisation study, Figure 6), PSNR and SSIM.
 
 Everything takes uint8 image arrays (N, C, H, W) or (N, D) feature arrays and returns numpy.
 Statistics are computed in float64. Nothing here needs scipy.
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 
 from ambient_fast.evaluation.inception import FEATURES, RESOLUTION, load_inception_weights
 
-__all__ = ["frechet_distance", "pixel_features", "InceptionFeatures", "nearest_neighbour_similarity",
-           "cosine_nearest_neighbour", "psnr"]
+__all__ = ["frechet_distance", "precision_recall", "pixel_features", "InceptionFeatures", "nearest_neighbour_similarity",
+           "cosine_nearest_neighbour", "psnr", "ssim"]
 
 
 def _check_images(images: np.ndarray, name: str = "images") -> None:
@@ -69,6 +70,53 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     distance = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root
     # The true value is >= 0; rounding can leave it a hair below for identical sets.
     return float(max(distance, 0.0))
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) squared Euclidean distances, floored at 0 (rounding of the expansion)."""
+    return np.maximum((a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T, 0)
+
+
+def _manifold_radii(features: np.ndarray, k: int, batch_size: int) -> np.ndarray:
+    """Each point's squared distance to its k-th nearest other point of the same set."""
+    radii = np.empty(len(features))
+    for start in range(0, len(features), batch_size):
+        block = _squared_distances(features[start:start + batch_size], features)
+        # Column k of the sorted row: column 0 is the point itself (distance 0).
+        radii[start:start + len(block)] = np.partition(block, k, axis=1)[:, k]
+    return radii
+
+
+def _covered(queries: np.ndarray, centres: np.ndarray, radii: np.ndarray, batch_size: int) -> np.ndarray:
+    """Whether each query lies in some centre's ball (squared radius `radii`)."""
+    inside = np.zeros(len(queries), bool)
+    for start in range(0, len(queries), batch_size):
+        inside[start:start + batch_size] = (_squared_distances(queries[start:start + batch_size], centres)
+                                            <= radii[None]).any(1)
+    return inside
+
+
+def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = 3, batch_size: int = 1024) -> "tuple[float, float]":
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union of
+    balls around its points, each reaching its k-th nearest neighbour in the set. Precision: the
+    share of generated points inside the real manifold (are the samples realistic?); recall: the
+    share of real points inside the generated manifold (is the distribution covered?).
+
+    Args:
+        real: (N, D) features of real images; generated: (M, D); both need more than k points.
+        k: the neighbour that sets each ball's radius (3, the paper's).
+    Returns:
+        (precision, recall), each in [0, 1].
+    """
+    real, generated = _check_features(real, "real"), _check_features(generated, "generated")
+    if real.shape[1] != generated.shape[1]:
+        raise ValueError(f"feature sets differ in dimension: {real.shape[1]} and {generated.shape[1]}")
+    if k < 1 or min(len(real), len(generated)) <= k:
+        raise ValueError(f"k must be >= 1 and each set must hold more than k = {k} points, got "
+                         f"{len(real)} and {len(generated)}")
+    precision = _covered(generated, real, _manifold_radii(real, k, batch_size), batch_size).mean()
+    recall = _covered(real, generated, _manifold_radii(generated, k, batch_size), batch_size).mean()
+    return float(precision), float(recall)
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
@@ -189,3 +237,42 @@ def psnr(images: np.ndarray, references: np.ndarray) -> np.ndarray:
     diff = images.astype(np.float64) - references.astype(np.float64)
     mse = np.maximum((diff ** 2).reshape(len(images), -1).mean(1), 1e-10)
     return 10 * np.log10(255.0 ** 2 / mse)
+
+
+SSIM_SIGMA, SSIM_RADIUS = 1.5, 5    # Wang et al. 2004's Gaussian window: sd 1.5, 11 x 11
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+def _gaussian_window() -> np.ndarray:
+    taps = np.exp(-0.5 * (np.arange(-SSIM_RADIUS, SSIM_RADIUS + 1) / SSIM_SIGMA) ** 2)
+    return taps / taps.sum()
+
+
+def _window_means(x: np.ndarray) -> np.ndarray:
+    """Gaussian-weighted means of every full 11 x 11 window of (..., H, W): (..., H - 10, W - 10)."""
+    taps, size = _gaussian_window(), 2 * SSIM_RADIUS + 1
+    rows = sum(taps[i] * x[..., i:x.shape[-2] - size + 1 + i, :] for i in range(size))
+    return sum(taps[j] * rows[..., j:x.shape[-1] - size + 1 + j] for j in range(size))
+
+
+def ssim(images: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """Per-image structural similarity (Wang et al. 2004) of uint8 (N, C, H, W) arrays, H and W at
+    least 11: the SSIM map of each channel from Gaussian-weighted local means, variances and
+    covariance (window sd 1.5, 11 x 11; K1 0.01, K2 0.03; dynamic range 255), averaged over the
+    windows that lie inside the image and then over channels. The same number as scikit-image's
+    `structural_similarity(..., gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    data_range=255, channel_axis=...)`, whose average leaves out the border windows too."""
+    if images.shape != references.shape or images.dtype != np.uint8 or references.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"ssim compares uint8 arrays (N, C, H, W) of one shape, got {images.dtype} {images.shape} "
+                         f"and {references.dtype} {references.shape}")
+    if min(images.shape[2:]) < 2 * SSIM_RADIUS + 1:
+        raise ValueError(f"ssim needs images of at least {2 * SSIM_RADIUS + 1}x{2 * SSIM_RADIUS + 1} pixels, got "
+                         f"{images.shape[2]}x{images.shape[3]}")
+    x, y = images.astype(np.float64), references.astype(np.float64)
+    mean_x, mean_y = _window_means(x), _window_means(y)
+    var_x = _window_means(x * x) - mean_x ** 2
+    var_y = _window_means(y * y) - mean_y ** 2
+    cov = _window_means(x * y) - mean_x * mean_y
+    c1, c2 = (SSIM_K1 * 255) ** 2, (SSIM_K2 * 255) ** 2
+    index = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)) / ((mean_x ** 2 + mean_y ** 2 + c1) * (var_x + var_y + c2))
+    return index.mean(axis=(1, 2, 3))
