@@ -44,6 +44,11 @@ _COUNTERS = ("step", "images_seen", "rollbacks", "skipped")
 _LOADER_FIELDS = ("epoch", "batch", "seed", "batch_size", "world_size", "size")
 
 
+def synthetic_root() -> Path:
+    """Where the built-in synthetic set is prepared: $AMBIENT_FAST_CACHE, else ~/.cache/ambient-fast."""
+    return Path(os.environ.get("AMBIENT_FAST_CACHE", Path.home() / ".cache" / "ambient-fast"))
+
+
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps and no roll-back left."""
 
@@ -101,7 +106,7 @@ class Trainer(Stateful):
         if cfg.data is None:
             from ambient_fast.data.synthetic import synthetic_dataset
 
-            root = Path(os.environ.get("AMBIENT_FAST_CACHE", Path.home() / ".cache" / "ambient-fast"))
+            root = synthetic_root()
             if world.is_main:  # prepared once by the main rank, then opened by all
                 synthetic_dataset(root, p=SYNTHETIC_P, delta=cfg.delta)
             world.barrier()
@@ -242,8 +247,7 @@ class Trainer(Stateful):
                     if self._should_stop():
                         self.snapshot()
                         if world.is_main:
-                            print(f"interrupted at step {self.step}: state saved; continue with "
-                                  f"{self.command} --resume {self.run_dir}", flush=True)
+                            print(self.interrupted_message(), flush=True)
                         return 0
             self.finish()
             return 0
@@ -398,6 +402,10 @@ class Trainer(Stateful):
                   flush=True)
 
     # -- signals ---------------------------------------------------------------------------------
+
+    def interrupted_message(self) -> str:
+        """What a run stopped by a signal prints: how to continue it."""
+        return f"interrupted at step {self.step}: state saved; continue with {self.command} --resume {self.run_dir}"
 
     def _request_stop(self, signum, frame):
         self.stop_requested = True
