@@ -84,6 +84,10 @@ class WarmStartTrainer(Trainer):
     def interrupted_message(self) -> str:
         return f"interrupted at step {self.step}: state saved; continue with {self.resume_hint}"
 
+    def write_samples(self, network_path: Path) -> Path:
+        """None here: the round's record draws the samples (with the completion's solver settings)."""
+        return self.run_dir.parent / "samples.png"
+
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     def write(tmp):
@@ -237,7 +241,8 @@ class CompletionRounds:
         images = []
         for start in range(0, self.cfg.samples, self.cfg.sampling_batch):
             part = slice(start, start + self.cfg.sampling_batch)
-            images.append(to_uint8(ambient_sample(model, latents[part], masks[:, part], **sampling_sigmas(loaded))))
+            images.append(to_uint8(ambient_sample(model, latents[part], masks[:, part], num_steps=self.cfg.sampling_steps,
+                                                  solver=self.cfg.solver, **sampling_sigmas(loaded))))
         images = np.concatenate(images)
         folder.mkdir(parents=True, exist_ok=True)
         save_png(grid(list(images[:64])), folder / "samples.png")
