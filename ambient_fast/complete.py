@@ -160,6 +160,9 @@ def _prepare(cfg: CompleteConfig):
     if (model.img_channels // 2, model.img_resolution) != (dataset.channels, dataset.resolution):
         raise ValueError(f"the network takes {model.img_channels // 2}x{model.img_resolution}x{model.img_resolution} "
                          f"images, the data set holds {'x'.join(map(str, dataset.shape))}")
+    if min(len(dataset), cfg.max_images or len(dataset)) < cfg.batch:
+        raise ValueError(f"the rounds train on {min(len(dataset), cfg.max_images or len(dataset))} images, fewer than "
+                         f"one --batch ({cfg.batch}): complete more images or use a smaller --batch")
     if dataset.has_noise or dataset.is_latent:
         raise ValueError(f"{data} holds noisy images or latents; completion rounds complete masked images")
     held_out = None

@@ -30,6 +30,20 @@ noise level, with Tweedie targets): 100% clean; 10% clean only; 10% clean + 90% 
 naively (the noise ignored); 100% noisy; 10% clean + 90% masked (p 0.8). Its report goes to
 science-noisy.md (science-noisy-quick.md with --quick).
 
+Every row is also scored in a feature space that penalises smoothing and noise alike: the features
+of a small classifier trained on fresh clean synthetic images to recognise what decides each image
+(ambient_fast.evaluation.classifier: the rectangle's colour, size and corner, the background), with
+their Fréchet distance, improved precision and recall (Kynkäänniemi et al. 2019, k = 3) and the share
+of images it recognises with confidence (every attribute's top probability above 0.9).
+
+--restoration (issue 23, item 4a) restores held-out images corrupted at p 0.8 with the p 0.8 ambient
+model: masks (one step; posterior samples by the ambient method and by Tweedie moments) and Gaussian
+compressed sensing (least squares; Tweedie moments; DPS), scored by PSNR, SSIM and the distance of
+the restored set to clean held-out images. --completion (item 4b) runs completion rounds
+(python -m ambient_fast.complete) from the same model and scores unconditional samples after 0..3
+rounds against the clean model's. Their reports: science-restoration.md, science-completion.md
+(-quick with --quick).
+
 Every trained model stays in --work (default runs/science) and a re-run reuses it, so an
 interrupted run loses at most the model it was training. The results go to --results (default
 bench/results): science.md (or science-quick.md), the numbers as JSON, sample grids side by side,
@@ -52,9 +66,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ambient_fast.files.checkpoints import load_network  # noqa: E402
 from ambient_fast.training.config import TrainConfig  # noqa: E402
 from ambient_fast.data.synthetic import clean_images, clean_twin, palette_fraction, synthetic_dataset  # noqa: E402
-from ambient_fast.files.atomic import atomic_write, write_json, write_text  # noqa: E402
+from ambient_fast.files.atomic import write_json, write_npy, write_text  # noqa: E402
 from ambient_fast.files.images import from_uint8, grid, save_png, to_uint8  # noqa: E402
-from ambient_fast.evaluation.metrics import frechet_distance, nearest_neighbour_similarity, pixel_features, psnr  # noqa: E402
+from ambient_fast.evaluation.classifier import ClassifierFeatures, train_classifier  # noqa: E402
+from ambient_fast.evaluation.metrics import (frechet_distance, nearest_neighbour_similarity, pixel_features,  # noqa: E402
+                                             precision_recall, psnr, ssim)
 from ambient_fast.evaluation.restoration import restore  # noqa: E402
 from ambient_fast.sampling.samplers import ambient_sample, sampling_sigmas, seeded_inputs  # noqa: E402
 from ambient_fast.training.trainer import Trainer  # noqa: E402
@@ -193,17 +209,58 @@ def cached_samples(network: Path, settings: Settings) -> np.ndarray:
     if path.is_file():
         return np.load(path)
     samples = sample(network, settings.samples, settings.seed)
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
-            np.save(f, samples)
-
-    atomic_write(path, write)
+    write_npy(path, samples)
     return samples
 
 
 def score(samples: np.ndarray, held_out: np.ndarray) -> dict:
     return dict(frechet_distance=frechet_distance(pixel_features(samples), pixel_features(held_out)),
                 palette_fraction=palette_fraction(samples))
+
+
+CLASSIFIER_STEPS = 1500  # of batch 256: every attribute of held-out clean images recognised (measured 99.6-100%)
+CONFIDENT = 0.9          # "recognised": every attribute's top probability above this
+
+
+def feature_scorer(work: Path, steps: int = CLASSIFIER_STEPS) -> ClassifierFeatures:
+    """The attribute classifier of the synthetic set (trained once, kept in --work)."""
+    path = work / f"classifier-r{RESOLUTION}-steps{steps}.safetensors"
+    if path.is_file():
+        return ClassifierFeatures.load(path)
+    print(f"training the feature classifier ({steps} steps)", flush=True)
+    scorer = ClassifierFeatures(train_classifier(RESOLUTION, steps=steps))
+    scorer.save(path)
+    return scorer
+
+
+class FeatureScores:
+    """Scores in the classifier's features against one reference set of clean images (its features
+    computed once): Fréchet distance, precision and recall (between sets of one size, as
+    Kynkäänniemi et al. compare them: the first len(images) reference images), and the share of the
+    images the classifier recognises with confidence."""
+
+    def __init__(self, scorer: ClassifierFeatures, reference: np.ndarray):
+        self.scorer, self.real = scorer, scorer(reference)
+
+    def __call__(self, images: np.ndarray) -> dict:
+        generated = self.scorer(images)
+        precision, recall = precision_recall(self.real[:len(generated)], generated)
+        return dict(feature_frechet=frechet_distance(generated, self.real), precision=precision, recall=recall,
+                    recognised=float((self.scorer.confidence(images) > CONFIDENT).mean()))
+
+
+def feature_floor(data_root: Path, count: int, scorer: ClassifierFeatures) -> dict:
+    """The feature scores of `count` new clean images (FRESH_SEED): what an exact model would show."""
+    return FeatureScores(scorer, held_out_images(data_root, GRID_IMAGES))(clean_images(count, RESOLUTION, FRESH_SEED))
+
+
+FEATURE_COLUMNS = ("feature_frechet", "precision", "recall", "recognised")
+FEATURE_HEADER = "feature Fréchet | precision | recall | recognised"
+
+
+def feature_cells(row: dict) -> str:
+    """The row's feature scores as table cells."""
+    return " | ".join(f"{row[key]:.3f}" if key != "feature_frechet" else f"{row[key]:.1f}" for key in FEATURE_COLUMNS)
 
 
 def held_out_images(data_root: Path, n: int) -> np.ndarray:
@@ -217,6 +274,7 @@ def run_grid(args, settings: Settings, ps, variants) -> "tuple[list[dict], dict[
     data_root = args.work / "data"
     held_out = held_out_images(data_root, settings.n)
     restore_set = held_out[:256]
+    features = FeatureScores(feature_scorer(args.work, args.classifier_steps), held_out)
     rows, grids = [], {}
     for p in ps:
         for name in variants:
@@ -234,6 +292,8 @@ def run_grid(args, settings: Settings, ps, variants) -> "tuple[list[dict], dict[
                 f"{q:g}": cached(run / f"science-psnr-p{q:g}.json",
                                  lambda q=q: restoration_psnr(network, restore_set, q, settings.seed))
                 for q in (ps if name == "clean" else [p])}
+            row.update(cached(run / f"science-features-{settings.samples}-c{args.classifier_steps}.json",
+                              lambda: features(samples)))
             row["training_seconds"] = training_seconds(run)
             rows.append(row)
             grids[f"p={row['p']:g} {name}"] = samples[:64]
@@ -305,6 +365,7 @@ def run_mixtures(args, settings: Settings) -> "tuple[list[dict], dict[str, np.nd
     """Train, sample and score every row of MIXTURE_ROWS (same model, steps and seeds)."""
     data_root = args.work / "data"
     held_out = held_out_images(data_root, GRID_IMAGES)
+    features = FeatureScores(feature_scorer(args.work, args.classifier_steps), held_out)
     rows, grids = [], {}
     for name, ((clean, noisy, masked, n), options) in MIXTURE_ROWS.items():
         data = mixture_set(data_root, clean, noisy, masked, n)
@@ -322,6 +383,8 @@ def run_mixtures(args, settings: Settings) -> "tuple[list[dict], dict[str, np.nd
         row = dict(model=name, images=n, **cached(run / f"science-score-{settings.samples}.json",
                                                    lambda: score(samples, held_out)),
                    copies=copies, training_seconds=training_seconds(run))
+        row.update(cached(run / f"science-features-{settings.samples}-c{args.classifier_steps}.json",
+                          lambda: features(samples)))
         rows.append(row)
         grids[name] = samples[:64]
         print(json.dumps(row), flush=True)
@@ -343,6 +406,7 @@ def mixture_report(args, settings: Settings, rows, grids, elapsed: float) -> Pat
     # The floor: as many new images of the distribution as a model's samples, scored as its samples are.
     fresh = clean_images(settings.samples, RESOLUTION, FRESH_SEED)
     floor = score(fresh, held_out_images(args.work / "data", GRID_IMAGES))
+    floor.update(feature_floor(args.work / "data", settings.samples, feature_scorer(args.work, args.classifier_steps)))
     published = {"100% clean": 1.99, "10% clean + 90% noisy, ambient": 2.81, "10% clean only": 17.30,
                  "100% noisy, ambient": 11.93}
     lines = [*report_header(f"Noisy images and mixtures at laptop scale ({'quick' if args.quick else 'full'})", elapsed),
@@ -356,24 +420,214 @@ def mixture_report(args, settings: Settings, rows, grids, elapsed: float) -> Pat
              f"{settings.seed}, for every row; {settings.samples} samples per model, 18 Heun steps, unmasked "
              "(every model saw images A hides nothing of); the 100% noisy model's sampler stops at sigma "
              f"{NOISE_LEVEL:g}, the lowest level it trained at. Naive: the noisy images trained as if clean.", "",
-             "| model | images | Fréchet distance (pixels) | palette fraction | copies of its clean images | "
-             "published FID (CIFAR-10, sigma_n 0.2) | training |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "- Feature scores: the attribute classifier's features (see bench/science.py's docstring), "
+             "against the held-out images; recognised = every attribute's top probability above 0.9.", "",
+             f"| model | images | Fréchet distance (pixels) | palette fraction | {FEATURE_HEADER} | copies of its clean "
+             "images | published FID (CIFAR-10, sigma_n 0.2) | training |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         seconds, copies = row.get("training_seconds"), row.get("copies")
         copied = "-" if copies is None else f"{100 * copies['copy_share']:.1f}% (of {copies['clean_images']})"
         lines.append(f"| {row['model']} | {row['images']} | {row['frechet_distance']:.2f} | {row['palette_fraction']:.3f} | "
-                     f"{copied} | {published.get(row['model'], '-')} | "
+                     f"{feature_cells(row)} | {copied} | {published.get(row['model'], '-')} | "
                      f"{'?' if seconds is None else f'{seconds / 60:.1f} min'} |")
     lines += ["", f"Floor: {settings.samples} new clean images of the distribution, scored like a model's samples "
               f"(against the same 4,096 held-out images), give Fréchet distance {floor['frechet_distance']:.2f} and "
-              f"palette fraction {floor['palette_fraction']:.3f}: what a model that samples the distribution "
-              "exactly would show.", "",
+              f"palette fraction {floor['palette_fraction']:.3f}, feature scores {feature_cells(floor)}: what a model "
+              "that samples the distribution exactly would show.", "",
               f"![samples]({stem}-samples.png)", "", "Samples, left to right: " + ", ".join(grids), ""]
     side_by_side(grids, args.results / f"{stem}-samples.png")
     path = args.results / f"{stem}.md"
     write_text(path, "\n".join(lines))
     write_text(args.results / f"{stem}.json", json.dumps(dict(rows=rows, settings=settings._asdict(),
                                                               floor=floor), indent=1))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Posterior sampling (--restoration) and completion rounds (--completion): issue 23, item 4
+
+
+POSTERIOR_P = 0.8          # the corruption of the restored images and of the completion rounds' training set
+CS_ROWS = 192              # Gaussian compressed sensing: 192 measurements of the 768 values (a quarter)
+CS_NOISE = 0.01            # their noise level on the [-1, 1] scale
+DPS_SCALE = 0.3            # DPS's step scale for these 16x16 images and 18 Heun steps (not tuned further)
+
+
+def restoration_rows(args, settings: Settings) -> "tuple[list[dict], dict[str, np.ndarray], dict]":
+    """Restore `args.restoration_images` held-out images corrupted at POSTERIOR_P (masks) and measured by
+    Gaussian CS, by every method; rows of scores and the first restorations of each."""
+    from ambient_fast.data.format import CorruptedDataset, write_dataset
+    from ambient_fast.objective.corruption import make_operator
+    from ambient_fast.sampling.restoration import (MaskedImages, MeasuredArray, PosteriorSettings, least_squares,
+                                                   measure, posterior_method, posterior_restorations)
+
+    data_root = args.work / "data"
+    network = train(args.work, data_root, VARIANTS["ambient"], POSTERIOR_P, settings)
+    loaded = load_network(network)
+    model = loaded.model
+    held_out = held_out_images(data_root, GRID_IMAGES)
+    count = args.restoration_images
+    clean, reference = held_out[:count], held_out[count:]  # restored images, and the clean set scored against
+    features = FeatureScores(feature_scorer(args.work, args.classifier_steps), reference)
+    shape = clean.shape[1:]
+    # The masked images as a prepared set (what restore reads), masks from the sample seed.
+    operator = make_operator("dust", p=POSTERIOR_P, delta=0.1, shared_channels=True)
+    _, A = operator.corrupt(torch.zeros(clean.shape), torch.Generator().manual_seed(settings.seed))
+    masks = A.numpy() != 0
+    path = args.work / f"restoration-p{POSTERIOR_P:g}-n{count}-seed{settings.seed}"
+    if not (path / "meta.json").is_file():
+        write_dataset(path, clean * masks, masks, {"kind": "dust", "p": POSTERIOR_P, "delta": 0.1, "shared_channels": True},
+                      source="held-out synthetic images for bench/science.py --restoration")
+    masked = MaskedImages(CorruptedDataset(path))
+    cs = {"kind": "gaussian_cs", "m": CS_ROWS, "seed": settings.seed, "noise_level": CS_NOISE}
+    y = measure(cs, from_uint8(torch.from_numpy(clean)), range(count), seed=settings.seed).numpy()
+    measured = MeasuredArray(y, cs, shape)
+
+    def posterior(source, name: str, noise_level: float) -> np.ndarray:
+        sigmas = sampling_sigmas(loaded)
+        method = posterior_method(name, cg_iterations=args.cg_iterations, dps_scale=DPS_SCALE,
+                                  sigma_floor=sigmas["sigma_min"])
+        options = PosteriorSettings(method, noise_level, loaded.survival, True, num_steps=args.posterior_steps,
+                                    dtype=torch.float32, **sigmas)
+        restored = dict(posterior_restorations(model, source, range(count), samples=1, seed=settings.seed, batch=128,
+                                               settings=options, device="cpu"))
+        return nchw_uint8(torch.cat([restored[i] for i in range(count)]))
+
+    def baseline(source) -> np.ndarray:
+        measurement, values, _ = source.measurements(np.arange(count), "cpu", torch.float64)
+        return nchw_uint8(values if source is masked else least_squares(measurement, values))
+
+    def one_step() -> np.ndarray:
+        measurement, values, _ = masked.measurements(np.arange(count), "cpu", torch.float32)
+        return nchw_uint8(restore(model, values, measurement.mask, RESTORE_SIGMA))
+
+    methods = {
+        ("masks", "observed pixels only"): lambda: baseline(masked),
+        ("masks", "one step"): one_step,
+        ("masks", "posterior: ambient"): lambda: posterior(masked, "ambient", 0.0),
+        ("masks", "posterior: Tweedie moments"): lambda: posterior(masked, "tweedie", 0.0),
+        ("Gaussian CS", "least squares (no prior)"): lambda: baseline(measured),
+        ("Gaussian CS", "posterior: Tweedie moments"): lambda: posterior(measured, "tweedie", CS_NOISE),
+        ("Gaussian CS", "posterior: DPS"): lambda: posterior(measured, "dps", CS_NOISE),
+    }
+    rows, grids = [], {"clean": clean[:64]}
+    for (problem, name), make in methods.items():
+        slug = f"{problem}-{name}".lower().replace(" ", "-").replace(":", "").replace("(", "").replace(")", "")
+        file = path.parent / f"{path.name}-{slug}-steps{args.posterior_steps}-cg{args.cg_iterations}.npy"
+        began = time.time()
+        if file.is_file():
+            restored = np.load(file)
+        else:
+            restored = make()
+            write_npy(file, restored)
+        row = dict(problem=problem, method=name, psnr=float(psnr(restored, clean).mean()),
+                   ssim=float(ssim(restored, clean).mean()), palette_fraction=palette_fraction(restored),
+                   frechet_distance=frechet_distance(pixel_features(restored), pixel_features(reference)),
+                   seconds=time.time() - began, **features(restored))
+        rows.append(row)
+        grids[f"{problem}: {name}"] = restored[:64]
+        print(json.dumps(row), flush=True)
+    floor = dict(frechet_distance=frechet_distance(pixel_features(clean), pixel_features(reference)),
+                 **features(clean))
+    return rows, grids, floor
+
+
+def restoration_report(args, settings: Settings, rows, grids, floor, elapsed: float) -> Path:
+    stem = "science-restoration" + ("-quick" if args.quick else "")
+    lines = [*report_header("Restoration at laptop scale: one step against posterior sampling", elapsed),
+             f"- Model: the p {POSTERIOR_P:g} ambient model of the grid (DDPM++ 16x16, {settings.steps} steps of batch "
+             f"{settings.batch}, seed {settings.seed}). Images: the first {args.restoration_images} held-out clean "
+             f"images, scored against the other {GRID_IMAGES - args.restoration_images} held-out ones.",
+             f"- Masks: shared dust of p {POSTERIOR_P:g} (seed {settings.seed}), noiseless; one step at sigma "
+             f"{RESTORE_SIGMA}; posterior: one sample per image ({args.posterior_steps} Heun steps; the prior's "
+             "sampling mask at the training survival; Tweedie moments with "
+             f"{args.cg_iterations} conjugate-gradient iterations). Gaussian CS: {CS_ROWS} measurements of the 768 "
+             f"values, each image its own N(0, 1/m) matrix, noise level {CS_NOISE}; DPS scale {DPS_SCALE}.",
+             "- Distances: Fréchet distance of the restored set to the clean reference set in pixels and in the "
+             "attribute classifier's features (with its precision, recall and recognised share: bench/science.py's "
+             "docstring).", "",
+             f"| problem | method | PSNR (dB) | SSIM | Fréchet distance (pixels) | palette fraction | {FEATURE_HEADER} | "
+             "time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['problem']} | {row['method']} | {row['psnr']:.2f} | {row['ssim']:.3f} | "
+                     f"{row['frechet_distance']:.2f} | {row['palette_fraction']:.3f} | {feature_cells(row)} | "
+                     f"{row['seconds'] / 60:.1f} min |")
+    lines += ["", f"Floor: the {args.restoration_images} clean images themselves score Fréchet distance "
+              f"{floor['frechet_distance']:.2f} (pixels), feature scores {feature_cells(floor)}.", "",
+              f"![restorations]({stem}-samples.png)", "", "Left to right: " + ", ".join(grids), ""]
+    side_by_side(grids, args.results / f"{stem}-samples.png")
+    path = args.results / f"{stem}.md"
+    write_text(path, "\n".join(lines))
+    write_text(args.results / f"{stem}.json", json.dumps(dict(rows=rows, floor=floor, settings=settings._asdict(),
+                                                              images=args.restoration_images,
+                                                              posterior_steps=args.posterior_steps,
+                                                              cg_iterations=args.cg_iterations), indent=1))
+    return path
+
+
+def completion_rows(args, settings: Settings) -> "tuple[list[dict], dict[str, np.ndarray]]":
+    """Completion rounds from the p POSTERIOR_P ambient model (python -m ambient_fast.complete), and
+    the clean model for comparison: scores of unconditional samples after each round."""
+    from ambient_fast.complete import main as complete_main
+
+    data_root = args.work / "data"
+    network = train(args.work, data_root, VARIANTS["ambient"], POSTERIOR_P, settings)
+    clean_network = train(args.work, data_root, VARIANTS["clean"], POSTERIOR_P, settings)
+    held_out = held_out_images(data_root, GRID_IMAGES)
+    features = FeatureScores(feature_scorer(args.work, args.classifier_steps), held_out)
+    data = synthetic_dataset(data_root, resolution=RESOLUTION, n=settings.n, p=POSTERIOR_P, delta=0.1, seed=DATA_SEED)
+    out = args.work / (f"completion-{args.posterior}-n{args.completion_images}-steps{args.round_steps}-"
+                       f"posterior{args.posterior_steps}-{network.parent.name}")
+    common = ["--out", str(out), "--rounds", str(args.rounds)]
+    if (out / "complete.json").is_file():
+        argv = [*common, "--resume"]
+    else:
+        argv = [*common, "--net", str(network), "--data", str(data), "--max-images", str(args.completion_images),
+                "--posterior", args.posterior, "--sampling-steps", str(args.posterior_steps), "--steps",
+                str(args.round_steps), "--batch", str(settings.batch), "--samples", str(settings.samples),
+                "--seed", str(settings.seed), "--cg-iterations", str(args.cg_iterations), "--sampling-batch", "128"]
+    if complete_main(argv) != 0:
+        raise RuntimeError(f"completion rounds in {out} failed")
+    rows, grids = [], {}
+    for report in json.loads((out / "rounds.json").read_text()):
+        samples = np.load(out / f"round-{report['round']}" / "samples.npy")
+        row = dict(model=f"round {report['round']}", **score(samples, held_out),
+                   completion_images_per_second=report["completion_images_per_second"],
+                   **features(samples))
+        rows.append(row)
+        grids[row["model"]] = samples[:64]
+        print(json.dumps(row), flush=True)
+    samples = cached_samples(clean_network, settings)
+    rows.append(dict(model="clean model (p 0)", **score(samples, held_out), completion_images_per_second=None,
+                     **features(samples)))
+    grids["clean model"] = samples[:64]
+    return rows, grids
+
+
+def completion_report(args, settings: Settings, rows, grids, elapsed: float) -> Path:
+    stem = "science-completion" + ("-quick" if args.quick else "")
+    lines = [*report_header("Completion rounds at laptop scale", elapsed),
+             f"- Start: the p {POSTERIOR_P:g} ambient model of the grid ({settings.steps} steps of batch {settings.batch}). "
+             f"Each round completes the first {args.completion_images} training images ({args.posterior} posterior, "
+             f"{args.posterior_steps} Heun steps, observed pixels kept) and trains {args.round_steps} steps of batch "
+             f"{settings.batch} on them, warm-started (python -m ambient_fast.complete). Round 0 is the start.",
+             f"- Scores: {settings.samples} unconditional samples per round (the same seeds; the fixed-mask sampler at "
+             "each model's survival: the training survival for round 0, 1 afterwards) against 4,096 held-out clean "
+             "images; the clean model (p 0, the grid's) sampled alike.", "",
+             f"| model | Fréchet distance (pixels) | palette fraction | {FEATURE_HEADER} | completion images/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        rate = row["completion_images_per_second"]
+        lines.append(f"| {row['model']} | {row['frechet_distance']:.2f} | {row['palette_fraction']:.3f} | "
+                     f"{feature_cells(row)} | {'-' if rate is None else f'{rate:.1f}'} |")
+    lines += ["", f"![samples]({stem}-samples.png)", "", "Left to right: " + ", ".join(grids), ""]
+    side_by_side(grids, args.results / f"{stem}-samples.png")
+    path = args.results / f"{stem}.md"
+    write_text(path, "\n".join(lines))
+    write_text(args.results / f"{stem}.json", json.dumps(dict(
+        rows=rows, settings=settings._asdict(), rounds=args.rounds, completion_images=args.completion_images,
+        round_steps=args.round_steps, posterior=args.posterior, posterior_steps=args.posterior_steps), indent=1))
     return path
 
 
@@ -440,19 +694,21 @@ def report(args, settings, rows, grids, memorization, memorization_by_step, memo
              "fixed mask at the training survival (1 - p)(1 - delta); the clean model unmasked); restoration: "
              f"256 held-out images, dust masks from seed {settings.seed}, one evaluation at sigma {RESTORE_SIGMA}.", ""]
     if rows:
-        lines += ["| p | variant | Fréchet distance (pixels) | palette fraction | restoration PSNR (dB) | training |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| p | variant | Fréchet distance (pixels) | palette fraction | {FEATURE_HEADER} | restoration PSNR "
+                  "(dB) | training |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in rows:
             restoration = ", ".join(f"{v:.2f} (p {q})" for q, v in row["restoration_psnr"].items())
             seconds = row.get("training_seconds")
             lines.append(f"| {row['p']:g} | {row['variant']} | {row['frechet_distance']:.2f} | "
-                         f"{row['palette_fraction']:.3f} | {restoration} | "
+                         f"{row['palette_fraction']:.3f} | {feature_cells(row)} | {restoration} | "
                          f"{'?' if seconds is None else f'{seconds / 60:.1f} min'} |")
         clean = held_out_images(args.work / "data", settings.n)
         reference = score(clean[:settings.samples], clean[settings.samples: 2 * settings.samples])
+        features = feature_floor(args.work / "data", settings.samples, feature_scorer(args.work, args.classifier_steps))
         lines += ["", f"Floor: {settings.samples} held-out clean images against other held-out clean images score "
                   f"Fréchet distance {reference['frechet_distance']:.2f}, palette fraction "
-                  f"{reference['palette_fraction']:.3f}.", "",
+                  f"{reference['palette_fraction']:.3f}; {settings.samples} new clean images against the held-out "
+                  f"ones, feature scores {feature_cells(features)}.", "",
                   f"![samples]({stem}-samples.png)", "", "Samples, left to right: " + ", ".join(grids), ""]
         side_by_side(grids, args.results / f"{stem}-samples.png")
     if memorization:
@@ -502,6 +758,18 @@ def main(argv=None) -> int:
                         help="samples per memorization model and snapshot (default 256)")
     parser.add_argument("--memorization-steps", type=int, default=8000,
                         help="training steps of the memorization models (default 8000)")
+    parser.add_argument("--restoration", action="store_true", help="only the restoration experiment (one step "
+                        "against posterior sampling, masks and Gaussian CS)")
+    parser.add_argument("--completion", action="store_true", help="only the completion rounds")
+    parser.add_argument("--restoration-images", type=int, default=256, help="held-out images restored (default 256)")
+    parser.add_argument("--posterior-steps", type=int, default=18, help="Heun steps of posterior sampling (default 18)")
+    parser.add_argument("--cg-iterations", type=int, default=8, help="Tweedie moments' CG iterations (default 8)")
+    parser.add_argument("--posterior", default="ambient", help="completion rounds' posterior method (default ambient)")
+    parser.add_argument("--rounds", type=int, default=3, help="completion rounds (default 3)")
+    parser.add_argument("--completion-images", type=int, default=1024, help="training images completed (default 1024)")
+    parser.add_argument("--round-steps", type=int, default=500, help="training steps per round (default 500)")
+    parser.add_argument("--classifier-steps", type=int, default=CLASSIFIER_STEPS,
+                        help=f"training steps of the feature classifier (default {CLASSIFIER_STEPS})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("runs/science"), help="trained models (reused on re-runs)")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -513,6 +781,14 @@ def main(argv=None) -> int:
         parser.error(f"--variants among {list(VARIANTS)} and --p in (0, 1); got {variants}, {ps}")
     settings = Settings(args.steps, args.batch, args.samples, args.seed)
     start = time.time()
+    if args.restoration:
+        rows, grids, floor = restoration_rows(args, settings)
+        print(f"wrote {restoration_report(args, settings, rows, grids, floor, time.time() - start)}")
+        return 0
+    if args.completion:
+        rows, grids = completion_rows(args, settings)
+        print(f"wrote {completion_report(args, settings, rows, grids, time.time() - start)}")
+        return 0
     if args.noisy:
         if args.quick:
             settings = settings._replace(steps=min(args.steps, 600), samples=min(args.samples, 128))

@@ -48,13 +48,21 @@ class CrashAfterFirstBatch(CompletionRounds):
             raise RuntimeError("injected crash")
 
 
-def test_rounds_resume_after_a_crash_and_a_sigterm(start, tmp_path, monkeypatch, capsys):
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    assert complete_main(["--net", str(start), "--out", str(reference), *SMALL]) == 0
+@pytest.fixture(scope="module")
+def reference(start, tmp_path_factory):
+    """An uninterrupted run of SMALL (about 10 s on a quiet 2-core machine: two rounds, each a
+    completion, a 3-step training with its snapshots and a record), shared by the tests below."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert complete_main(["--net", str(start), "--out", str(out), *SMALL]) == 0
+    return out
+
+
+def test_rounds_resume_after_a_crash_and_a_sigterm(start, reference, tmp_path, monkeypatch, capsys):
     rounds = json.loads((reference / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(r["frechet_distance"] > 0 and 0 <= r["palette_fraction"] <= 1 for r in rounds)
     assert rounds[1]["completion_images_per_second"] > 0 and (reference / "round-2" / "samples.png").is_file()
+    interrupted = tmp_path / "interrupted"
 
     # A crash in round 1's completion: the first batch stays, the second is lost.
     with pytest.raises(RuntimeError, match="injected crash"):
@@ -85,31 +93,29 @@ def test_rounds_resume_after_a_crash_and_a_sigterm(start, tmp_path, monkeypatch,
     assert json.loads((interrupted / "rounds.json").read_text())[2]["frechet_distance"] == rounds[2]["frechet_distance"]
 
 
-def test_completions_keep_the_observed_pixels(start, tmp_path):
+def test_completions_keep_the_observed_pixels(reference):
     """Every observed value of the training set is in the completed set as stored; nothing is hidden."""
     from ambient_fast.data.format import CorruptedDataset
     from ambient_fast.data.synthetic import synthetic_dataset
     from ambient_fast.training.trainer import synthetic_root
 
-    out = tmp_path / "out"
-    assert complete_main(["--net", str(start), "--out", str(out), *SMALL, "--rounds", "1", "--steps", "1"]) == 0
     data = CorruptedDataset(synthetic_dataset(synthetic_root(), p=SYNTHETIC_P, delta=0.1))
     observed, masks, _ = data.get(np.arange(24))
-    completed = CorruptedDataset(out / "round-1" / "completed", verify=True)
+    completed = CorruptedDataset(reference / "round-1" / "completed", verify=True)
     images, full, _ = completed.get(np.arange(24))
     assert full.all() and completed.corruption["kind"] == "none"
     np.testing.assert_array_equal(images[masks], observed[masks])
     assert (images[~masks] != 0).mean() > 0.5  # the missing pixels were filled in
 
 
-def test_complete_refuses_bad_input(start, tmp_path, capsys):
+def test_complete_refuses_bad_input(start, reference, tmp_path, capsys):
     assert complete_main(["--out", str(tmp_path / "x")]) == 1
     assert "--net is required" in capsys.readouterr().err
     assert complete_main(["--out", str(tmp_path / "x"), "--resume"]) == 1
     assert "complete.json not found" in capsys.readouterr().err
-    out = tmp_path / "out"
-    assert complete_main(["--net", str(start), "--out", str(out), *SMALL, "--rounds", "1", "--steps", "1"]) == 0
-    assert complete_main(["--net", str(start), "--out", str(out), *SMALL]) == 1
+    assert complete_main(["--net", str(start), "--out", str(reference), *SMALL]) == 1
     assert "--overwrite" in capsys.readouterr().err
-    assert complete_main(["--out", str(out), "--resume", "--steps", "5"]) == 1
+    assert complete_main(["--out", str(reference), "--resume", "--steps", "5"]) == 1
     assert "['steps']" in capsys.readouterr().err
+    assert complete_main(["--net", str(start), "--out", str(tmp_path / "y"), "--max-images", "4", "--batch", "8"]) == 1
+    assert "fewer than one --batch (8)" in capsys.readouterr().err

@@ -1,13 +1,12 @@
 """SSIM, improved precision and recall, and the synthetic set's attribute classifier: each against an
 independent computation or a case worked by hand."""
-import math
 
 import numpy as np
 import pytest
 import torch
 
 from ambient_fast.data.synthetic import ATTRIBUTES, attribute_classes, clean_images, labelled_images
-from ambient_fast.evaluation.classifier import ClassifierFeatures, SyntheticClassifier, train_classifier
+from ambient_fast.evaluation.classifier import ClassifierFeatures, train_classifier
 from ambient_fast.evaluation.metrics import precision_recall, ssim
 
 

@@ -81,3 +81,50 @@ def test_noisy_pipeline_writes_its_report(science, tmp_path):
 
     mixture = CorruptedDataset(science.mixture_set(tmp_path / "work" / "data", 0.1, 0.9, 0.0, 4096), verify=True)
     assert {k: mixture.meta.records[k] for k in ("clean", "noisy", "masked")} == {"clean": 410, "noisy": 3686, "masked": 0}
+
+
+def test_posterior_experiments_write_their_reports(science, tmp_path, monkeypatch):
+    """--restoration and --completion at a toy size, with tiny random networks in place of the grid's
+    trained ones (what is tested is the experiments' definitions, not the trainer's): every method
+    and round is scored, and the recorded scores are those of the saved restorations and samples,
+    recomputed here."""
+    from ambient_fast.files.checkpoints import save_network
+    from ambient_fast.networks import EDMPrecond
+
+    from conftest import TINY_ARCHITECTURES
+    from test_nn import randomize_
+
+    work, results = tmp_path / "work", tmp_path / "results"
+    model_type, kwargs = TINY_ARCHITECTURES["ddpmpp"]
+    networks = {}
+    for name, p in (("ambient", 0.8), ("clean", 0.0)):
+        net = randomize_(EDMPrecond(img_resolution=16, img_channels=6, model_type=model_type,
+                                    **{**kwargs, "attn_resolutions": []}))
+        networks[name] = work / name / "network-final.safetensors"
+        networks[name].parent.mkdir(parents=True)
+        save_network(networks[name], net, {"kind": "dust", "p": p, "delta": 0.1, "shared_channels": True})
+    monkeypatch.setattr(science, "train", lambda work, root, variant, p, settings: networks[variant.name])
+    # 512 held-out images rather than 4,096: the scores' definitions, at a tenth of the cost.
+    held_out_images = science.held_out_images
+    monkeypatch.setattr(science, "held_out_images", lambda root, n: held_out_images(root, n)[:512])
+    tiny = ["--quick", "--steps", "2", "--samples", "8", "--classifier-steps", "3", "--posterior-steps", "1",
+            "--cg-iterations", "1", "--work", str(work), "--results", str(results)]
+    assert science.main(["--restoration", "--restoration-images", "4", *tiny]) == 0
+    saved = json.loads((results / "science-restoration-quick.json").read_text())
+    assert [(r["problem"], r["method"]) for r in saved["rows"]][::3] == [
+        ("masks", "observed pixels only"), ("masks", "posterior: Tweedie moments"), ("Gaussian CS", "posterior: DPS")]
+    (one_step,) = work.glob("restoration-*-masks-one-step-*.npy")
+    restored = np.load(one_step)
+    held_out = science.held_out_images(work / "data", science.GRID_IMAGES)
+    scorer = science.feature_scorer(work, 3)
+    expected = science.FeatureScores(scorer, held_out[4:])(restored)
+    assert {k: saved["rows"][1][k] for k in expected} == pytest.approx(expected)
+    assert saved["rows"][1]["psnr"] == pytest.approx(science.psnr(restored, held_out[:4]).mean())
+
+    assert science.main(["--completion", "--completion-images", "16", "--round-steps", "1", "--rounds", "1", *tiny]) == 0
+    saved = json.loads((results / "science-completion-quick.json").read_text())
+    assert [r["model"] for r in saved["rows"]] == ["round 0", "round 1", "clean model (p 0)"]
+    (rounds,) = work.glob("completion-*")
+    samples = np.load(rounds / "round-1" / "samples.npy")
+    assert saved["rows"][1] == pytest.approx({**saved["rows"][1], **science.FeatureScores(scorer, held_out)(samples)})
+    assert "| round 1 |" in (results / "science-completion-quick.md").read_text()

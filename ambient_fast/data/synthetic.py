@@ -20,7 +20,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from ambient_fast.files.atomic import atomic_write
+from ambient_fast.files.atomic import write_npy
 from ambient_fast.objective.corruption import make_operator
 from ambient_fast.data.format import CorruptedDataset, DataError, corruption_record, write_dataset
 
@@ -114,11 +114,6 @@ def palette_fraction(images: np.ndarray, tolerance: float = 24.0) -> float:
     return float((near_point | near_gradient).mean())
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a bare name
-        np.save(f, array)
-
-
 def dataset_name(*, resolution: int, n: int, p: float, delta: float, shared_channels: bool, seed: int) -> str:
     """Folder name that keys a prepared synthetic set by all of its parameters."""
     channels = "shared" if shared_channels else "per-channel"
@@ -168,7 +163,7 @@ def synthetic_dataset(root: Union[str, Path], *, resolution: int = 16, n: int = 
     for file, make in (("images.npy", lambda: clean_images(n, resolution, seed)),
                        ("held_out.npy", lambda: _held_out(n, resolution, seed))):
         if not (clean_dir / file).is_file():
-            atomic_write(clean_dir / file, lambda tmp, array=make(): _save(tmp, array))
+            write_npy(clean_dir / file, make())
     if not _matches(path, corruption, n, resolution):
         images = clean_images(n, resolution, seed)
         _, A = operator.corrupt(torch.zeros(images.shape), torch.Generator().manual_seed(seed))

@@ -101,6 +101,16 @@ def write_text(path: PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def write_npy(path: PathLike, array) -> Path:
+    """A numpy array as NAME.npy (numpy is imported by the caller who has an array)."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, array)
+    return atomic_write(path, write)
+
+
 def strict_json(value: Any) -> Any:
     """`value` with every non-finite float replaced by None (JSON has no NaN or infinity)."""
     if isinstance(value, float):

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ambient_fast.data.format import CorruptedDataset, DatasetWriter
-from ambient_fast.files.atomic import atomic_write, write_json
+from ambient_fast.files.atomic import write_json, write_npy
 from ambient_fast.files.checkpoints import load_network
 from ambient_fast.files.images import grid, save_png, to_uint8
 from ambient_fast.objective.seeds import derive_seed
@@ -87,13 +87,6 @@ class WarmStartTrainer(Trainer):
     def write_samples(self, network_path: Path) -> Path:
         """None here: the round's record draws the samples (with the completion's solver settings)."""
         return self.run_dir.parent / "samples.png"
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
-            np.save(f, array)
-    atomic_write(path, write)
 
 
 class CompletionRounds:
@@ -176,7 +169,7 @@ class CompletionRounds:
                 # The observed pixels as stored (the measurement is exact); the missing ones sampled.
                 completions = np.where(masks, observed, np.ascontiguousarray(to_uint8(samples).transpose(0, 3, 1, 2)))
                 self.after_chunk(chunk_start)
-                _save_npy(chunks / f"chunk-{chunk_start:09d}.npy", completions)
+                write_npy(chunks / f"chunk-{chunk_start:09d}.npy", completions)
                 sampled += len(indices)
                 progress.advance(task, len(indices))
                 if self.stop_requested:
@@ -247,7 +240,7 @@ class CompletionRounds:
         folder.mkdir(parents=True, exist_ok=True)
         save_png(grid(list(images[:64])), folder / "samples.png")
         samples = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-        _save_npy(folder / "samples.npy", samples)
+        write_npy(folder / "samples.npy", samples)
         report = dict(round=k, network=str(self.model_of(k)), samples=self.cfg.samples,
                       completion_images_per_second=rate, completed_images=self.count if k else 0)
         if self.held_out is not None:
