@@ -8,7 +8,7 @@ config beside it (it decides the noise schedule and the prediction type); a cond
 class of the data set's labels). The UNet trains through the same trainer as our own networks
 (ambient_fast.train: data sets, B redrawn every step, EMA, bf16, compile, FSDP2 / DDP under torchrun,
 snapshots, exact `--resume`), wrapped as an EDM denoiser, with sigma drawn uniformly over its
-training timesteps and the x0 error on the pixels of A as the loss (DiscreteVPAmbientLoss).
+training timesteps and the x0 error on the pixels of A as the loss (DiscreteVPSchedule).
 
 OUT receives `unet/` (the fine-tuned weights) and `unet-ema/` (their EMA), each a diffusers directory
 loadable by `from_pretrained` as it is, with the scheduler config and prompt embeddings beside the
@@ -27,7 +27,7 @@ from ambient_fast.files.checkpoints import check_finite
 from ambient_fast.training.config import TrainConfig, build_parser, option
 from ambient_fast.training.trainer import Trainer
 from ambient_fast.networks.diffusers import DiffusersDenoiser, load_denoiser, save_denoiser
-from ambient_fast.objective.loss import DiscreteVPAmbientLoss
+from ambient_fast.objective.objective import DiscreteVPSchedule
 
 MODEL_PREFIX = "model."  # the UNet's parameters inside the denoiser
 
@@ -49,7 +49,7 @@ class FinetuneConfig(TrainConfig):
     loss_weight: str = option("snr", "snr: the noise-prediction error where the network saw the pixel, the x0 error "
                               "where B hid it; x0: weight 1 on the x0 error everywhere, as the authors' DeepFloyd "
                               "script (bench/results/finetune.md: it leaves the hidden pixels untrained far longer)",
-                              choices=DiscreteVPAmbientLoss.WEIGHTINGS)
+                              choices=DiscreteVPSchedule.WEIGHTINGS)
     # Fine-tuning defaults: a pre-trained model moves with a small learning rate.
     out: str = _default("out", "runs/finetune")
     lr: float = _default("lr", 1e-4)
@@ -80,7 +80,7 @@ class FinetuneTrainer(Trainer):
             raise ValueError(f"{net.label_dim} prompt embeddings are chosen by the data set's labels, so the data set "
                              f"needs {net.label_dim} classes (it has {dataset.label_dim}); pass one embedding to "
                              "condition every image on it")
-        return net, DiscreteVPAmbientLoss(net.train_sigmas, self.cfg.loss_weight)
+        return net, DiscreteVPSchedule(net.train_sigmas, self.cfg.loss_weight)
 
     def describe_model(self) -> str:
         return f"{self.net.describe()} from {self.cfg.unet}"

@@ -36,8 +36,7 @@ from ambient_fast import kernels  # noqa: E402
 from ambient_fast.kernels._utils import triton_available  # noqa: E402
 from ambient_fast.objective.corruption import make_operator  # noqa: E402
 from ambient_fast.data.loader import RawBatch  # noqa: E402
-from ambient_fast.objective.inputs import AmbientInputs  # noqa: E402
-from ambient_fast.objective.loss import EDMAmbientLoss  # noqa: E402
+from ambient_fast.objective.objective import AmbientObjective, EDMSchedule  # noqa: E402
 from ambient_fast.kernels.gated_activation import gated_backward, gated_forward  # noqa: E402
 from ambient_fast.kernels.sampler_step import sampler_step_launch  # noqa: E402
 
@@ -151,14 +150,15 @@ def stored_batch(N: int, C: int, H: int, W: int, device) -> RawBatch:
     return RawBatch(observed, bits, flips, None, 12345, torch.ones(N, dtype=torch.uint8, device=device), zeros, zeros)
 
 
-def training_inputs(shape) -> AmbientInputs:
-    """The trainer's ambient input for a dust data set of images of `shape` (its EDM loss's sigma)."""
-    return AmbientInputs(make_operator("dust", p=0.2, delta=0.1, shared_channels=True),
-                         EDMAmbientLoss(), seed=7, shape=shape)
+def training_inputs(shape):
+    """The trainer's ambient input for a dust data set of images of `shape` (EDM's sigma):
+    `AmbientObjective.inputs`."""
+    return AmbientObjective(EDMSchedule(), make_operator("dust", p=0.2, delta=0.1, shared_channels=True),
+                            seed=7, shape=shape).inputs
 
 
 def ambient_input_cases(numel: int, size_mb: float, device) -> List[Case]:
-    """Exactly the call a training step makes (ambient_fast.objective.inputs.AmbientInputs on a loader's
+    """Exactly the call a training step makes (ambient_fast.objective.objective.AmbientObjective.inputs on a loader's
     batch): the kernel path, its PyTorch reference (the same draws) and torch.compile of that."""
     C, H, W = 3, 64, 64
     N = max(1, numel // (C * H * W))

@@ -48,7 +48,7 @@ import _harness as harness  # noqa: E402
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.data.format import CorruptedDataset, write_dataset  # noqa: E402
 from ambient_fast.data.loader import Loader  # noqa: E402
-from ambient_fast.objective.inputs import TrainingBatch, training_batch  # noqa: E402
+from ambient_fast.objective.objective import NoiseSchedule, ambient_loss, training_batch  # noqa: E402
 from ambient_fast.networks import build_model  # noqa: E402
 from ambient_fast.training.config import ARCHS, PRESETS, TrainConfig, preset_for  # noqa: E402
 from ambient_fast.training.trainer import Trainer  # noqa: E402
@@ -129,15 +129,17 @@ def host_loader(dataset: CorruptedDataset, batch: int, device: torch.device) -> 
     return HostMaskLoader(dataset, batch, device)
 
 
-def host_inputs(loss) -> Callable[[HostMasks], TrainingBatch]:
-    """The reference's loss input: sigma and the noise drawn on the device with torch's generator
-    (sigma from the loss's distribution), the network input made from them."""
-    def inputs(batch: HostMasks) -> TrainingBatch:
+def host_objective(schedule: NoiseSchedule) -> Callable[[torch.nn.Module, HostMasks], torch.Tensor]:
+    """The reference's objective on host-made masks: sigma and the noise drawn on the device with
+    torch's generator (sigma from the schedule's distribution), the network input made from them,
+    graded by our loss."""
+    def objective(model: torch.nn.Module, batch: HostMasks) -> torch.Tensor:
         n = len(batch.y)
         u = torch.rand(n, device=batch.y.device, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-        sigma, _ = loss.sigma_above(torch.zeros(n, device=batch.y.device), u)
-        return training_batch(batch.y, batch.A, batch.A_hat, sigma, torch.randn_like(batch.y), batch.labels)
-    return inputs
+        sigma, _ = schedule.sigma_above(torch.zeros(n, device=batch.y.device), u)
+        inputs = training_batch(batch.y, batch.A, batch.A_hat, sigma, torch.randn_like(batch.y), batch.labels)
+        return ambient_loss(model, inputs, schedule)
+    return objective
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ def our_trainer(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> 
     trainer = Trainer(cfg)
     if not fast:
         trainer.loader = host_loader(data, setup.batch, setup.device)
-        trainer.inputs = host_inputs(trainer.loss_fn)
+        trainer.objective = host_objective(trainer.schedule)
     return trainer
 
 
