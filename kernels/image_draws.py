@@ -224,7 +224,7 @@ def _image_draws_kernel(
 # Launcher
 
 _BLOCK = 128
-_BLOCK_L = 64
+_BLOCK_L = 16
 _ON_DEVICE = {}
 
 
