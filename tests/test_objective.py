@@ -265,25 +265,20 @@ def records_objective(schedule, operator: str, noise: bool, labels: bool, batch:
     pytest.param(EDMSchedule(), "keep_patch", True, False, id="edm-keep-patch-tweedie"),
 ])
 def test_fused_image_draws_are_bitwise_the_reference(schedule, operator, noise, labels, monkeypatch):
-    """sigma, the weights, the noise to add, the Tweedie multiples, B and the one-hot labels of 300
-    images (three programs), from the kernel under Triton's interpreter and from the PyTorch path."""
+    """The ambient input of 300 images (three programs of the per-image kernel) on the fused path,
+    under Triton's interpreter, and on the PyTorch path: sigma, the weights and the one-hot labels, and
+    through the network input, the target and A_hat the noise added, the Tweedie multiples and B."""
     pytest.importorskip("triton", reason="Triton is not installed: the fused path is not tested")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("AMBIENT_FAST_KERNELS", raising=False)
     batch = records_batch(300, labels)
     objective = records_objective(schedule, operator, noise, labels, batch)
-    fused = objective.image_draws(batch)
+    fused = objective.inputs(batch)
     monkeypatch.setenv("AMBIENT_FAST_KERNELS", "0")
-    reference = objective.image_draws(batch)
-    for name in ("sigma", "weight", "noise_std", "tweedie", "labels"):
-        got, want = getattr(fused, name), getattr(reference, name)
-        assert (got is None) == (want is None) and (got is None or torch.equal(got, want)), name
-    assert (fused.tweedie is not None) == noise and (fused.weight != 1).any()  # the records did count
-    assert (fused.further.kind, fused.further.shared_channels) == (reference.further.kind,
-                                                                   reference.further.shared_channels)
-    for name in ("thresholds", "boxes"):
-        got, want = getattr(fused.further, name), getattr(reference.further, name)
-        assert (got is None and want is None) or torch.equal(got, want), name
+    reference = objective.inputs(batch)
+    for name, value in zip(reference._fields, reference):
+        assert torch.equal(getattr(fused, name), value), name
+    assert (reference.weight != 1).any() and (reference.A_hat != reference.A).any()  # the records and B did count
 
 
 class Launches:

@@ -266,17 +266,6 @@ def ambient_loss(model, batch: TrainingBatch, schedule: NoiseSchedule, norm: int
             + kernels.masked_loss(D, batch.y, batch.A - batch.A_hat, schedule.hidden_weight(sigma) * scale, norm))
 
 
-class ImageDraws(NamedTuple):
-    """Each image's own draws for one batch, (N,) float32 unless noted (module docstring)."""
-
-    sigma: Tensor             # its noise level
-    weight: Tensor            # its weight beside lambda
-    noise_std: Tensor         # the standard deviation of the noise added to its stored values
-    tweedie: Optional[Tensor]  # the multiple of that noise its target loses where seen (None: no noisy images)
-    further: FurtherDraw      # B
-    labels: Tensor            # (N, label_dim) its one-hot class
-
-
 # ----------------------------------------------------------------------------------------------
 # The objective
 
@@ -328,39 +317,33 @@ class AmbientObjective:
         return ambient_loss(model, self.inputs(raw), self.schedule, self.norm)
 
     def inputs(self, raw: RawBatch) -> TrainingBatch:
-        """The network input and what it is graded against, from a batch as stored."""
-        draws = self.image_draws(raw)
-        C, H, W = self.shape
-        out = kernels.ambient_input(raw.observed, raw.mask_bits, raw.flips, draws.noise_std, draws.further,
-                                    key=self.value_key, offset=raw.position * C * H * W,
-                                    channels_last=self.channels_last, tweedie=draws.tweedie)
-        return TrainingBatch(out.net_input, out.y, out.A, out.A_hat, draws.sigma, draws.labels, draws.weight)
-
-    # -- the per-image draws ------------------------------------------------------------------------
-
-    def image_draws(self, raw: RawBatch) -> ImageDraws:
-        """Each image's noise level, weights, B and one-hot label, from its position and its record: one
-        kernel launch on the fused path (`ambient_fast.kernels.image_draws`), bitwise the PyTorch below."""
+        """The network input and what it is graded against, from a batch as stored: each image's noise
+        level, weights, B and one-hot label from its position and its record (one launch on the fused
+        path, `ambient_fast.kernels.image_draws`, bitwise the PyTorch here), then every value's."""
         N = raw.observed.shape[0]
         shape = (N, *self.shape)
         device = raw.observed.device
         if N and kernels.use_fused(raw.observed):
             spec, on_device = self.operator.further_spec(shape), self._on(device)
-            draws = image_draws(key=self.image_key, position=raw.position, count=N, device=device,
-                                distribution=on_device.distribution, table=on_device.table, tweedie=self.noise,
-                                further=spec, shape=shape, masked=raw.masked, sigma_n=raw.sigma_n,
-                                sigma_min=raw.sigma_min, labels=raw.labels, label_dim=self.label_dim)
+            sigma, weight, noise_std, tweedie, drawn, labels = image_draws(
+                key=self.image_key, position=raw.position, count=N, device=device, distribution=on_device.distribution,
+                table=on_device.table, tweedie=self.noise, further=spec, shape=shape, masked=raw.masked,
+                sigma_n=raw.sigma_n, sigma_min=raw.sigma_min, labels=raw.labels, label_dim=self.label_dim)
             if spec is None:  # B placed relative to A's own box: from the kernel's words, here
-                further = self.further(raw, draws.further, shape)
+                further = self.further(raw, drawn, shape)
             elif spec.kind == FurtherKind.COIN:
-                further = FurtherDraw(FurtherKind.COIN, draws.further, spec.shared_channels)
+                further = FurtherDraw(FurtherKind.COIN, drawn, spec.shared_channels)
             else:
-                further = FurtherDraw(spec.kind, boxes=draws.further)
-            return ImageDraws(draws.sigma, draws.weight, draws.noise_std, draws.tweedie, further, draws.labels)
-        words = philox(self.image_key, raw.position + torch.arange(N, dtype=torch.int64, device=device))
-        sigma, weight, noise_std, tweedie = self.noise_levels(raw, centred_uniform(words[0]))
-        further = self.further(raw, torch.stack([bits24(words[2]), bits24(words[3])], 1), shape)
-        return ImageDraws(sigma, weight, noise_std, tweedie, further, self.one_hot(raw.labels, N, device))
+                further = FurtherDraw(spec.kind, boxes=drawn)
+        else:
+            words = philox(self.image_key, raw.position + torch.arange(N, dtype=torch.int64, device=device))
+            sigma, weight, noise_std, tweedie = self.noise_levels(raw, centred_uniform(words[0]))
+            further = self.further(raw, torch.stack([bits24(words[2]), bits24(words[3])], 1), shape)
+            labels = self.one_hot(raw.labels, N, device)
+        out = kernels.ambient_input(raw.observed, raw.mask_bits, raw.flips, noise_std, further, key=self.value_key,
+                                    offset=raw.position * shape[1] * shape[2] * shape[3],
+                                    channels_last=self.channels_last, tweedie=tweedie)
+        return TrainingBatch(out.net_input, out.y, out.A, out.A_hat, sigma, labels, weight)
 
     def further(self, raw: RawBatch, words: Tensor, shape) -> FurtherDraw:
         """B of the batch from the images' words (N, 2) int64 in [0, 2^24), none where A hides nothing."""
