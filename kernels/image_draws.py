@@ -3,8 +3,9 @@ noise to add and the Tweedie multiple of its target, its further corruption B an
 
 This is the first half of the ambient input (ambient_fast.objective.objective, whose module docstring
 gives the maths); `ambient_input` is the second. Its reference is the PyTorch path of
-`AmbientObjective.image_draws` there, which this kernel repeats operation by operation. Per image n
-at position p = position + n, with (r0, r1, r2, r3) = Philox(key, p) (ambient_fast.objective.seeds):
+`AmbientObjective.inputs` there (`noise_levels`, `further`, `one_hot`), which this kernel repeats
+operation by operation. Per image n at position p = position + n, with (r0, r1, r2, r3) =
+Philox(key, p) (ambient_fast.objective.seeds):
 
     u     = ((r0 >> 8) + 1/2) 2^-24                           (float64)
     bound = max(sigma_n, sigma_min) (sigma_n only with Tweedie targets)
@@ -188,7 +189,7 @@ def _image_draws_kernel(
     if TWEEDIE:
         s64 = sigma.to(tl.float64)
         variance = s64 * s64 - sigma_n * sigma_n
-        kept = variance / (s64 * s64) / 0.5  # 1 - sigma_n^2 / sigma^2, over where the weight is full
+        kept = variance / (s64 * s64) / 0.5  # 1 - sigma_n^2 / sigma^2 over objective.FULL_WEIGHT_FROM
         weight = weight * tl.minimum(kept * kept, 1.0).to(tl.float32)
         root = tl.sqrt(variance)
         std = root.to(tl.float32)
