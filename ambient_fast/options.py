@@ -41,7 +41,7 @@ FURTHER_KINDS = ("dust", "box", "fixed_box", "keep_patch")   # each mask operato
 CORRUPTIONS = ("none", *MASK_KINDS)                          # data.prepare; none: nothing masked (clean or noisy)
 LOADER_KINDS = ("auto", "dali", "torch")                     # data.loader
 PARALLEL_KINDS = ("fsdp", "ddp", "none")                     # training.parallel
-FINETUNE_WEIGHTINGS = ("x0", "snr")                          # objective.loss.DiscreteVPAmbientLoss
+FINETUNE_WEIGHTINGS = ("x0", "snr")                          # objective.objective.DiscreteVPSchedule
 SOLVERS = ("heun", "euler")                                  # sampling.samplers
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 

@@ -5,7 +5,7 @@ for byte: the stored values `A x` (uint8, or float16 in a set with noisy images)
 bits, one flip flag per image, the labels and each image's corruption record, with the batch's
 position in the run. Everything that turns them into the network's input
 (unpacking, mirroring, scaling, the further corruption B, the noise) happens in one place after
-them, `ambient_fast.objective.inputs` (a fused kernel on CUDA).
+them, `ambient_fast.objective.objective` (fused kernels on CUDA).
 
 - Order. Epoch e uses one permutation of the N images (`seeds.permutation(seed, e)`): the same on
   every rank. Global batch j is the slice [j G, (j + 1) G) of it, G = batch_size * world_size, and
