@@ -39,7 +39,7 @@ import _profile as profile  # noqa: E402
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.kernels._utils import triton_available  # noqa: E402
 from ambient_fast.objective.corruption import make_operator  # noqa: E402
-from ambient_fast.data.loader import RawBatch  # noqa: E402
+from ambient_fast.data.batches import RawBatch  # noqa: E402
 from ambient_fast.objective.objective import AmbientObjective, EDMSchedule  # noqa: E402
 from ambient_fast.kernels.gated_activation import gated_backward, gated_forward  # noqa: E402
 from ambient_fast.kernels.sampler_step import sampler_step_launch  # noqa: E402

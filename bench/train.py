@@ -63,7 +63,7 @@ import _harness as harness  # noqa: E402
 import _profile as profile  # noqa: E402
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.data.format import CorruptedDataset, write_dataset  # noqa: E402
-from ambient_fast.data.loader import Loader  # noqa: E402
+from ambient_fast.data.batches import Loader  # noqa: E402
 from ambient_fast.objective.objective import NoiseSchedule, ambient_loss, training_batch  # noqa: E402
 from ambient_fast.networks import build_model  # noqa: E402
 from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs  # noqa: E402

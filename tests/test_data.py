@@ -14,7 +14,8 @@ from PIL import Image
 
 from ambient_fast.data.format import CorruptedDataset, DataError, DatasetWriter, write_dataset
 from ambient_fast.objective.corruption import make_operator
-from ambient_fast.data.loader import RawBatch, dali_available, make_loader
+from ambient_fast.data.batches import RawBatch, dali_available
+from ambient_fast.data.loader import make_loader
 from ambient_fast.objective.objective import AmbientObjective, EDMSchedule
 from ambient_fast.objective.seeds import Stream, philox, stream_key
 from ambient_fast.prepare import main as prepare

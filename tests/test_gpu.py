@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ambient_fast.data.format import write_dataset
-from ambient_fast.data.loader import dali_available, make_loader
+from ambient_fast.data.batches import dali_available
+from ambient_fast.data.loader import make_loader
 from ambient_fast.objective.objective import EDMSchedule, ambient_loss, training_batch
 from ambient_fast.networks import EDMPrecond
 from ambient_fast.training.config import TrainConfig

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_fast.data.loader import RawBatch
+from ambient_fast.data.batches import RawBatch
 from ambient_fast.kernels import ambient_input
 from ambient_fast.networks import EDMPrecond, VPPrecond
 from ambient_fast.objective.corruption import FurtherDraw, FurtherKind, make_operator

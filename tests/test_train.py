@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from ambient_fast.training.config import TrainConfig
-from ambient_fast.data.loader import dali_available, make_loader
+from ambient_fast.data.batches import dali_available
+from ambient_fast.data.loader import make_loader
 from ambient_fast.train import main
 from ambient_fast.training.trainer import Trainer
 from ambient_fast.training.state import state_dirs

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ambient_fast import kernels
-from ambient_fast.data.loader import RawBatch
+from ambient_fast.data.batches import RawBatch
 from ambient_fast.networks.precond import vp_sigma
 from ambient_fast.kernels.image_draws import (DISCRETE_LEVELS, EDM_LEVELS, VP_LEVELS, BoundTable, LevelDistribution,
                                               image_draws)
