@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import integrate, stats
 
 from ambient_fast.data.crops import crop_examples, crop_sigma_max, cut_crops
 from ambient_fast.data.format import RECORD, CorruptedDataset, DataError, write_dataset
@@ -20,6 +19,8 @@ INF = math.inf
 @pytest.mark.parametrize("loss", [EDMSchedule(P_mean=-0.4, P_std=1.0), VPSchedule()], ids=["edm2", "vp"])
 @pytest.mark.parametrize("low, high", [(0.0, 0.2), (0.5, 3.0), (2.0, INF), (0.05, 0.1), (0.0, INF)])
 def test_draws_follow_the_restricted_distribution(loss, low, high):
+    from scipy import stats
+
     n = 4000
     u = torch.rand(n, dtype=torch.float64)
     bounds = (torch.full((n,), low, dtype=torch.float64), torch.full((n,), high, dtype=torch.float64))
@@ -54,6 +55,8 @@ def test_weighted_mixture_equals_sigma_first_then_an_eligible_image():
     """Image first (uniform), sigma in its window, weight mass / share: the weighted joint histogram of
     (image, sigma bin) must be Ambient-o's p(sigma) 1[sigma in W_i] / #eligible(sigma), integrated here
     by quadrature on a fine grid."""
+    from scipy import integrate, stats
+
     loss = EDMSchedule(P_mean=-0.4, P_std=1.0)
     low, high = np.array(WINDOWS).T
     windows = NoiseWindows(loss, low, high)
