@@ -8,7 +8,7 @@ config beside it (it decides the noise schedule and the prediction type); a cond
 class of the data set's labels). The UNet trains through the same trainer as our own networks
 (ambient_fast.train: data sets, B redrawn every step, EMA, bf16, compile, FSDP2 / DDP under torchrun,
 snapshots, exact `--resume`), wrapped as an EDM denoiser, with sigma drawn uniformly over its
-training timesteps and the x0 error on the pixels of A as the loss (DiscreteVPAmbientLoss).
+training timesteps and the x0 error on the pixels of A as the loss (DiscreteVPSchedule).
 
 OUT receives `unet/` (the fine-tuned weights) and `unet-ema/` (their EMA), each a diffusers directory
 loadable by `from_pretrained` as it is, with the scheduler config and prompt embeddings beside the

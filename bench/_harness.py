@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ambient_fast.files.atomic import write_text
+from ambient_fast.training.settings import resolve_sampling
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU_CAVEAT = ("No CUDA GPU: these are CPU figures, for correctness and regressions only. They say nothing about "
@@ -68,9 +69,10 @@ SIZE_TITLES = {"full": "", "quick": " (narrowed: --quick)", "tiny": " (tiny: --t
 def cli_sampling(device: torch.device) -> "tuple[torch.memory_format, bool]":
     """The network's memory format and whether the fast path runs, as `python -m ambient_fast.sample`
     chooses them on `device` by default (no --exact, guidance or churn): channels_last and the fast
-    path on CUDA, contiguous and the exact path elsewhere. The sampling benchmarks sample so."""
-    cuda = device.type == "cuda"
-    return (torch.channels_last if cuda else torch.contiguous_format), cuda
+    path on CUDA, contiguous and the exact path elsewhere (`ambient_fast.training.settings.resolve_sampling`,
+    the command's own resolution). The sampling benchmarks sample so."""
+    settings = resolve_sampling(device)
+    return settings.memory_format, settings.fast
 
 
 def add_check_arguments(parser, quick_help: str) -> None:

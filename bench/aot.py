@@ -140,11 +140,12 @@ def ambient_input_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]
     """The ambient input of a training step for every further corruption (the operators of
     corruption.FURTHER_FOR_DATA, dust per value and per pixel), on each kind of stored values
     (uint8 levels; float16 values of a set with noisy images, with Tweedie targets and naive), in
-    both layouts, at each resolution."""
+    both layouts, at each resolution. The per-image kernel sees besides the schedule (EDM, VP, a
+    discrete one), whether records weigh the images and whether the set has labels: each schedule
+    runs with and without both (the flags act on separate parts of the kernel)."""
     from ambient_fast.objective.corruption import make_operator
     from ambient_fast.files.images import from_uint8
-    from ambient_fast.objective.inputs import AmbientInputs
-    from ambient_fast.objective.loss import EDMAmbientLoss
+    from ambient_fast.objective.objective import AmbientObjective, DiscreteVPSchedule, EDMSchedule, VPSchedule
     from kernels import stored_batch
 
     operators = {"dust": dict(p=0.5, delta=0.1), "dust shared": dict(p=0.5, delta=0.1, shared_channels=True),
@@ -152,17 +153,27 @@ def ambient_input_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]
                  "keep_patch": dict(p=0.5, delta=0.25)}
     for resolution, channels_last in itertools.product(RESOLUTIONS[mode], (True, False)):
         def run(resolution=resolution, channels_last=channels_last):
+            def inputs(schedule, operator, raw, noise, label_dim=0):
+                bounds = torch.maximum(raw.sigma_n if noise else torch.zeros(2), raw.sigma_min).numpy()
+                AmbientObjective(schedule, operator, seed=0, shape=(3, resolution, resolution), label_dim=label_dim,
+                                 channels_last=channels_last, noise=noise, bounds=bounds).inputs(raw)
+
             levels = stored_batch(2, 3, resolution, resolution, torch.device("cpu"))
             noisy = levels._replace(observed=from_uint8(levels.observed).to(torch.float16),
                                     sigma_n=torch.full((2,), 0.2))
             for name, params in operators.items():
                 operator = make_operator(name.split()[0], **params)
                 for raw, noise in ((levels, False), (noisy, True), (noisy, False)):
-                    AmbientInputs(operator, EDMAmbientLoss(), seed=0, shape=(3, resolution, resolution),
-                                  channels_last=channels_last, noise=noise)(raw)
+                    inputs(EDMSchedule(), operator, raw, noise)
+            dust = make_operator("dust", **operators["dust"])
+            labelled = levels._replace(labels=torch.tensor([1, 7]), sigma_min=torch.full((2,), 0.05))
+            inputs(EDMSchedule(), dust, labelled, False, label_dim=10)
+            for schedule in (VPSchedule(), DiscreteVPSchedule(torch.linspace(0.01, 80, 50))):
+                inputs(schedule, dust, levels, False)
+                inputs(schedule, dust, noisy._replace(labels=torch.tensor([1, 7])), True, label_dim=10)
 
         yield (f"ambient input {resolution}x{resolution} {'channels_last' if channels_last else 'NCHW'}, every operator, "
-               "uint8 and noisy float16 values"), run
+               "uint8 and noisy float16 values, every schedule"), run
 
 
 def benchmark_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]]]:

@@ -6,7 +6,7 @@ median of triton.testing.do_bench, the kernel's bandwidth (bytes it must move / 
 percentage of the copy bandwidth measured in the same run, and the speedups. Every kernel's
 output is checked against the eager result before it is timed. The ambient input appears twice: the
 kernel alone, on the arguments a training step passes it, against the copy ceiling; and beside it
-the whole call a step makes (AmbientInputs: the per-image draws around the kernel), whose device
+the whole call a step makes (AmbientObjective.inputs: the per-image draws around the kernel), whose device
 operations are counted with torch.profiler (DESIGN.md: at most three). The table is printed and
 saved as markdown in bench/results/kernels-<device>-<date>.md (or --results DIR).
 
@@ -39,9 +39,8 @@ import _profile as profile  # noqa: E402
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.kernels._utils import triton_available  # noqa: E402
 from ambient_fast.objective.corruption import make_operator  # noqa: E402
-from ambient_fast.data.loader import RawBatch  # noqa: E402
-from ambient_fast.objective.inputs import AmbientInputs  # noqa: E402
-from ambient_fast.objective.loss import EDMAmbientLoss  # noqa: E402
+from ambient_fast.data.batches import RawBatch  # noqa: E402
+from ambient_fast.objective.objective import AmbientObjective, EDMSchedule  # noqa: E402
 from ambient_fast.kernels.gated_activation import gated_backward, gated_forward  # noqa: E402
 from ambient_fast.kernels.sampler_step import sampler_step_launch  # noqa: E402
 
@@ -155,13 +154,14 @@ def stored_batch(N: int, C: int, H: int, W: int, device) -> RawBatch:
     return RawBatch(observed, bits, flips, None, 12345, torch.ones(N, dtype=torch.uint8, device=device), zeros, zeros)
 
 
-def training_inputs(shape) -> AmbientInputs:
-    """The trainer's ambient input for a dust data set of images of `shape` (its EDM loss's sigma)."""
-    return AmbientInputs(make_operator("dust", p=0.2, delta=0.1, shared_channels=True),
-                         EDMAmbientLoss(), seed=7, shape=shape)
+def training_inputs(shape):
+    """The trainer's ambient input for a dust data set of images of `shape` (EDM's sigma):
+    `AmbientObjective.inputs`."""
+    return AmbientObjective(EDMSchedule(), make_operator("dust", p=0.2, delta=0.1, shared_channels=True),
+                            seed=7, shape=shape).inputs
 
 
-def kernel_arguments(inputs: AmbientInputs, raw: RawBatch) -> "tuple[tuple, dict]":
+def kernel_arguments(inputs, raw: RawBatch) -> "tuple[tuple, dict]":
     """The arguments `inputs` passes to ambient_fast.kernels.ambient_input for `raw`, caught on one
     call (the ambient input calls the op through the kernels package)."""
     calls = []
@@ -184,7 +184,7 @@ def kernel_arguments(inputs: AmbientInputs, raw: RawBatch) -> "tuple[tuple, dict
 def ambient_input_cases(numel: int, size_mb: float, device) -> List[Case]:
     """The ambient input of a training step on a loader's batch, twice: the kernel alone (the
     arguments a step passes it; eager: its PyTorch reference), and the whole call a step makes
-    (ambient_fast.objective.inputs.AmbientInputs: the per-image draws, sigma and the kernel; eager:
+    (ambient_fast.objective.objective.AmbientObjective.inputs: the per-image draws, sigma and the kernel; eager:
     the same with the references). Both move the same bytes; the second's distance from the first is
     what the draws around the kernel cost. Compiled: torch.compile of the eager sequence."""
     C, H, W = 3, 64, 64
@@ -220,12 +220,12 @@ def ambient_input_cases(numel: int, size_mb: float, device) -> List[Case]:
     shape = f"stored uint8 + bits ({N},{C},{H},{W}) -> fp32"
     return [Case("ambient_input kernel", f"the kernel alone: {shape}", size_mb, traffic, eager(kernel),
                  lambda: compiled_kernel(*args, **kwargs), kernel, check(kernel), 1e-5),
-            Case("AmbientInputs call", f"a training step's whole call: {shape}", size_mb, traffic, eager(call),
+            Case("AmbientObjective.inputs call", f"a training step's whole call: {shape}", size_mb, traffic, eager(call),
                  lambda: compiled_call(raw), call, check(call), 1e-5)]
 
 
 def ambient_input_launches(size_mb: float) -> int:
-    """Device kernels one AmbientInputs call launches at `size_mb` on CUDA (DESIGN.md: at most three)."""
+    """Device kernels one AmbientObjective.inputs call launches at `size_mb` on CUDA (DESIGN.md: at most three)."""
     case = ambient_input_cases(int(size_mb * 2 ** 20) // 4, size_mb, torch.device("cuda"))[1]
     case.fused()  # built and compiled before it is counted
     return sum(count for _, count, _ in profile.profile_call(case.fused, torch.device("cuda")).rows)
@@ -353,7 +353,7 @@ def run_gpu(sizes_mb, console: Console, results: Path) -> int:
     harness.print_table(console, f"fused kernels on {name} (copy {copy:.0f} GB/s)", header, rows,
                         left=("op", "case", "check"))
     launches = ambient_input_launches(max(sizes_mb))
-    launch_line = (f"One AmbientInputs call at {max(sizes_mb):g} MB launches {launches} device operations (kernels, "
+    launch_line = (f"One AmbientObjective.inputs call at {max(sizes_mb):g} MB launches {launches} device operations (kernels, "
                    "copies, memsets; torch.profiler); target (DESIGN.md) at most 3.")
     console.print(launch_line, highlight=False, soft_wrap=True)
     command = "python bench/kernels.py " + " ".join(sys.argv[1:])

@@ -25,7 +25,7 @@ enough that the clean model copies its training images, and compares the nearest
 similarity of samples to the training set (the paper's Figure 6), at the end and at every snapshot.
 
 --noisy trains the same model, with the same steps and seeds, on mixtures of clean, noisy (additive
-Gaussian noise of level 0.2) and masked images (ambient_fast.objective.inputs: noisy images only above their
+Gaussian noise of level 0.2) and masked images (ambient_fast.objective.objective: noisy images only above their
 noise level, with Tweedie targets): 100% clean; 10% clean only; 10% clean + 90% noisy, ambiently and
 naively (the noise ignored); 100% noisy; 10% clean + 90% masked (p 0.8). Its report goes to
 science-noisy.md (science-noisy-quick.md with --quick).

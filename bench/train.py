@@ -63,8 +63,8 @@ import _harness as harness  # noqa: E402
 import _profile as profile  # noqa: E402
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.data.format import CorruptedDataset, write_dataset  # noqa: E402
-from ambient_fast.data.loader import Loader  # noqa: E402
-from ambient_fast.objective.inputs import TrainingBatch, training_batch  # noqa: E402
+from ambient_fast.data.batches import Loader  # noqa: E402
+from ambient_fast.objective.objective import NoiseSchedule, ambient_loss, training_batch  # noqa: E402
 from ambient_fast.networks import build_model  # noqa: E402
 from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs  # noqa: E402
 from ambient_fast.training.config import ARCHS, PRESETS, TrainConfig, preset_for  # noqa: E402
@@ -147,15 +147,17 @@ def host_loader(dataset: CorruptedDataset, batch: int, device: torch.device) -> 
     return HostMaskLoader(dataset, batch, device)
 
 
-def host_inputs(loss) -> Callable[[HostMasks], TrainingBatch]:
-    """The reference's loss input: sigma and the noise drawn on the device with torch's generator
-    (sigma from the loss's distribution), the network input made from them."""
-    def inputs(batch: HostMasks) -> TrainingBatch:
+def host_objective(schedule: NoiseSchedule) -> Callable[[torch.nn.Module, HostMasks], torch.Tensor]:
+    """The reference's objective on host-made masks: sigma and the noise drawn on the device with
+    torch's generator (sigma from the schedule's distribution), the network input made from them,
+    graded by our loss."""
+    def objective(model: torch.nn.Module, batch: HostMasks) -> torch.Tensor:
         n = len(batch.y)
         u = torch.rand(n, device=batch.y.device, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-        sigma, _ = loss.sigma_above(torch.zeros(n, device=batch.y.device), u)
-        return training_batch(batch.y, batch.A, batch.A_hat, sigma, torch.randn_like(batch.y), batch.labels)
-    return inputs
+        sigma, _ = schedule.sigma_above(torch.zeros(n, device=batch.y.device), u)
+        inputs = training_batch(batch.y, batch.A, batch.A_hat, sigma, torch.randn_like(batch.y), batch.labels)
+        return ambient_loss(model, inputs, schedule)
+    return objective
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ def our_trainer(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> 
     trainer = Trainer(cfg)
     if not fast:
         trainer.loader = host_loader(data, setup.batch, setup.device)
-        trainer.inputs = host_inputs(trainer.loss_fn)
+        trainer.objective = host_objective(trainer.schedule)
     return trainer
 
 
@@ -265,7 +267,7 @@ def run_ours(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> "tu
         trainer = our_trainer(setup, data, out, fast)
         timing = time_steps(trainer.train_step, setup)
         settings = (f"{'bf16' if trainer.bf16 else 'fp32'}, compile {'on' if trainer.compiled else 'off'}, "
-                    f"{'channels_last' if trainer.channels_last else 'NCHW'}, {harness.tf32_state(setup.device)}; "
+                    f"{'channels_last' if trainer.settings.channels_last else 'NCHW'}, {harness.tf32_state(setup.device)}; "
                     f"kernels: {kernels.active_path(setup.device)}; loader: {trainer.loader.kind}")
     row = Row("(b) fast path" if fast else "(a) reference settings", settings, timing, harness.peak_memory(setup.device))
     return row, trainer

@@ -6,18 +6,18 @@ or CPU tensors under TRITON_INTERPRET=1; Triton importable; `AMBIENT_FAST_KERNEL
 0), the reference everywhere else. Triton is optional. `active_path()` says which path a run
 uses, for the summary line.
 
-Fused ops: gated_activation (and gated_activation_packed), masked_loss, ambient_input,
+Fused ops: gated_activation (and gated_activation_packed), masked_loss, image_draws, ambient_input,
 sampler_step. Not fused yet: GroupNorm + SiLU (waits for GPU profiling).
 """
 import torch
 
-from ._utils import fused_device, interpreting, kernels_enabled, triton_available
+from ._utils import fused_device, interpreting, kernels_enabled, triton_available, use_fused
 from .ambient_input import LEVELS, AmbientInput, ambient_input, ambient_input_reference, levels, mirror, network_input, unpack_mask
 from .gated_activation import gated_activation, gated_activation_packed, gated_activation_reference
 from .masked_loss import masked_loss, masked_loss_reference
 from .sampler_step import SamplerStep, sampler_step, sampler_step_reference
 
-FUSED_OPS = ("gated_activation", "masked_loss", "ambient_input", "sampler_step")
+FUSED_OPS = ("gated_activation", "masked_loss", "image_draws", "ambient_input", "sampler_step")
 
 __all__ = [
     "gated_activation", "gated_activation_packed", "gated_activation_reference",
@@ -25,7 +25,7 @@ __all__ = [
     "ambient_input", "ambient_input_reference", "AmbientInput", "unpack_mask", "mirror", "network_input",
     "LEVELS", "levels",
     "sampler_step", "sampler_step_reference", "SamplerStep",
-    "kernels_enabled", "fused_device", "active_path", "FUSED_OPS",
+    "kernels_enabled", "fused_device", "use_fused", "active_path", "FUSED_OPS",
 ]
 
 

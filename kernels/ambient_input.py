@@ -17,7 +17,7 @@ the loss grades the network against: y itself, or for an image with Gaussian noi
 sigma_n trained at sigma (x_t = y + sqrt(sigma^2 - sigma_n^2) noise), with tweedie =
 sigma_n^2 / sqrt(sigma^2 - sigma_n^2) on the pixels the network sees, y minus that multiple of the
 added noise: uncorrelated with x_t's total noise, so its expectation given x_t is E[x0 | x_t]
-(Tweedie's formula twice; ambient_fast.objective.inputs). Elsewhere (pixels B hid) the noisy value itself,
+(Tweedie's formula twice; ambient_fast.objective.objective). Elsewhere (pixels B hid) the noisy value itself,
 whose expectation given what the network sees is the clean one's.
 
 Random numbers: value j of image n uses the Philox counter `offset + n*C*H*W + j` of the stream

@@ -1,6 +1,6 @@
 """Masked ambient loss: per-sample sums of `weight[n] * A * (D - y)^2` (or `|D - y|`).
 
-This is the objective of `ambient_fast.objective.loss` (Daras et al. 2023, section 3.1): the network's
+This is the grading of `ambient_fast.objective.objective` (Daras et al. 2023, section 3.1): the network's
 prediction D is graded only on the pixels of A. The fused kernel reads D, y and A once,
 accumulates each sample's sum in fp32 and, in the same pass, writes the gradient with respect
 to D; the backward only scales that gradient by each sample's incoming gradient.

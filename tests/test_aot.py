@@ -108,6 +108,6 @@ def test_every_specialisation_of_the_ci_set_compiles():
     assert not failed, "\n".join(failed)
     kernels = {r.spec.kernel for r in results}
     assert kernels == {"_gated_forward_kernel", "_gated_backward_kernel", "_masked_loss_kernel", "_scale_samples_kernel",
-                       "_ambient_input_kernel", "_sampler_step_kernel"}
+                       "_image_draws_kernel", "_ambient_input_kernel", "_sampler_step_kernel"}
     assert {r.spec.target for r in results} == {"sm_80", "sm_90"}
     assert not [r for r in results if r.spill_bytes]

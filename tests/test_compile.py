@@ -8,8 +8,7 @@ CIFAR-10 configuration."""
 import pytest
 import torch
 
-from ambient_fast.objective.inputs import TrainingBatch, training_batch
-from ambient_fast.objective.loss import EDMAmbientLoss
+from ambient_fast.objective.objective import EDMSchedule, TrainingBatch, ambient_loss, training_batch
 from ambient_fast.networks import EDMPrecond
 from ambient_fast.training.parallel import compile_each
 from ambient_fast.training.config import ARCHS, PRESETS, preset_for
@@ -36,7 +35,7 @@ def batch(resolution: int) -> TrainingBatch:
 
 def one_loss(net: torch.nn.Module, data: TrainingBatch) -> torch.Tensor:
     """The loss as the trainer calls it."""
-    return EDMAmbientLoss()(net, data).sum()
+    return ambient_loss(net, data, EDMSchedule()).sum()
 
 
 @pytest.mark.parametrize("resolution", [32, 64])

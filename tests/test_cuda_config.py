@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ambient_fast import kernels, sample
-from ambient_fast.data.loader import dali_available
+from ambient_fast.data.batches import dali_available
 from ambient_fast.data.synthetic import synthetic_dataset
 from ambient_fast.files.images import load_png
 from ambient_fast.networks import EDMPrecond

@@ -14,9 +14,9 @@ from PIL import Image
 
 from ambient_fast.data.format import CorruptedDataset, DataError, DatasetWriter, write_dataset
 from ambient_fast.objective.corruption import make_operator
-from ambient_fast.data.loader import RawBatch, dali_available, make_loader
-from ambient_fast.objective.inputs import AmbientInputs
-from ambient_fast.objective.loss import EDMAmbientLoss
+from ambient_fast.data.batches import RawBatch, dali_available
+from ambient_fast.data.loader import make_loader
+from ambient_fast.objective.objective import AmbientObjective, EDMSchedule
 from ambient_fast.objective.seeds import Stream, philox, stream_key
 from ambient_fast.prepare import main as prepare
 from ambient_fast.data.synthetic import (clean_images, dataset_name, palette, palette_fraction,
@@ -404,8 +404,8 @@ def test_b_is_redrawn_each_epoch_and_survives_as_drawn(dust_set):
     """Through the ambient input: every image keeps its A in both epochs and gets a fresh B; a
     shared B keeps (1 - p)(1 - delta) of the values, one coin per pixel."""
     loader = make_loader(dust_set, batch_size=64, seed=1)
-    inputs = AmbientInputs(make_operator("dust", p=0.5, delta=0.3, shared_channels=True),
-                           EDMAmbientLoss(), seed=1, shape=dust_set.shape)
+    inputs = AmbientObjective(EDMSchedule(), make_operator("dust", p=0.5, delta=0.3, shared_channels=True),
+                              seed=1, shape=dust_set.shape).inputs
     epochs = [[inputs(loader.next()) for _ in range(loader.steps_per_epoch)] for _ in range(2)]
     order = [np.concatenate([loader.indices(epoch, b) for b in range(4)]).argsort() for epoch in (0, 1)]
     A, A_again = (torch.cat([b.A for b in epochs[e]])[order[e]] for e in (0, 1))

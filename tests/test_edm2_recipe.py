@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ambient_fast.networks import EDM2Precond
-from ambient_fast.objective.edm2 import edm2_ambient_loss, edm2_noise_levels, uncertainty_weighted
-from ambient_fast.objective.inputs import training_batch
+from ambient_fast.objective.edm2 import edm2_noise_levels, edm2_schedule, uncertainty_weighted
+from ambient_fast.objective.objective import ambient_loss, training_batch
 from ambient_fast.training.schedule import edm2_learning_rate
 
 
@@ -38,9 +38,9 @@ def test_uncertainty_weighting_on_our_loss_is_edm2s_per_value_objective(masked):
     A = (torch.rand(5, 3, 8, 8) < 0.7).float() if masked else torch.ones(5, 3, 8, 8)
     sigma = torch.tensor([0.05, 0.3, 1.0, 4.0, 20.0])
     batch = training_batch(y, A, A, sigma, noise)
-    loss_fn = edm2_ambient_loss(latent=False)
+    schedule = edm2_schedule(latent=False)
     with torch.no_grad():
-        ours = uncertainty_weighted(loss_fn(net, batch), net(batch.net_input, sigma, return_logvar=True)[1],
+        ours = uncertainty_weighted(ambient_loss(net, batch, schedule), net(batch.net_input, sigma, return_logvar=True)[1],
                                     A.sum((1, 2, 3)))
         D, logvar = net(batch.net_input, sigma, return_logvar=True)
         weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
@@ -65,7 +65,7 @@ def test_learning_rate_schedule_by_hand():
 def test_noise_level_presets():
     assert edm2_noise_levels(latent=False) == (-0.8, 1.6)  # ImageNet-64, pixels
     assert edm2_noise_levels(latent=True) == (-0.4, 1.0)   # ImageNet-512, SD-VAE latents
-    loss = edm2_ambient_loss(latent=True, sigma_data=0.5)
+    loss = edm2_schedule(latent=True, sigma_data=0.5)
     # ln(sigma) ~ N(-0.4, 1): the median is e^-0.4, and one standard deviation up leaves 15.87% above.
     assert loss.upper_quantile(torch.tensor(0.5, dtype=torch.float64)).item() == pytest.approx(math.exp(-0.4))
     assert loss.tail(torch.tensor(math.exp(0.6), dtype=torch.float64)).item() == pytest.approx(0.158655, abs=1e-6)

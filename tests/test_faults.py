@@ -427,8 +427,8 @@ def test_8_a_network_with_non_finite_weights_is_never_written(tmp_path):
 def test_8_a_diverged_training_does_not_report_success(tmp_path, capsys, monkeypatch):
     update = Trainer._update_ema
 
-    def poisoned(self):
-        update(self)
+    def poisoned(self, counts):
+        update(self, counts)
         if self.step >= 2:
             next(iter(self.ema.values())).fill_(float("inf"))
 

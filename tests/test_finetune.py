@@ -20,8 +20,7 @@ from ambient_fast.networks.diffusers import DiffusersDenoiser, load_denoiser  # 
 from ambient_fast.finetune import main  # noqa: E402
 from ambient_fast.training.config import FinetuneConfig  # noqa: E402
 from ambient_fast.training.finetuning import FinetuneTrainer  # noqa: E402
-from ambient_fast.objective.inputs import training_batch  # noqa: E402
-from ambient_fast.objective.loss import DiscreteVPAmbientLoss  # noqa: E402
+from ambient_fast.objective.objective import DiscreteVPSchedule, ambient_loss, training_batch  # noqa: E402
 from ambient_fast.sampling.samplers import ambient_sample  # noqa: E402
 
 
@@ -177,7 +176,7 @@ def test_pixels_outside_A_cannot_change_the_loss(weighting):
     """Other values where A is 0, and other noise where A_hat is 0: the same loss and gradients."""
     torch.manual_seed(0)
     net = DiffusersDenoiser(tiny_unet2d(), diffusers.DDPMScheduler().alphas_cumprod, "epsilon", {})
-    loss = DiscreteVPAmbientLoss(net.train_sigmas, weighting)
+    schedule = DiscreteVPSchedule(net.train_sigmas, weighting)
     A = (torch.rand(4, 1, 16, 16) < 0.4).float().expand(4, 3, 16, 16)
     A_hat = A * (torch.rand(4, 1, 16, 16) < 0.9).float()
     y, noise = torch.rand(4, 3, 16, 16) * 2 - 1, torch.randn(4, 3, 16, 16)
@@ -185,7 +184,7 @@ def test_pixels_outside_A_cannot_change_the_loss(weighting):
 
     def gradients(y, noise):
         net.zero_grad()
-        value = loss(net, training_batch(y, A, A_hat, sigma, noise)).sum()
+        value = ambient_loss(net, training_batch(y, A, A_hat, sigma, noise), schedule).sum()
         value.backward()
         return value.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}
 

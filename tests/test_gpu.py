@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ambient_fast.data.format import write_dataset
-from ambient_fast.data.loader import dali_available, make_loader
-from ambient_fast.objective.inputs import training_batch
-from ambient_fast.objective.loss import EDMAmbientLoss
+from ambient_fast.data.batches import dali_available
+from ambient_fast.data.loader import make_loader
+from ambient_fast.objective.objective import EDMSchedule, ambient_loss, training_batch
 from ambient_fast.networks import EDMPrecond
 from ambient_fast.training.config import TrainConfig
 from ambient_fast.training.trainer import Trainer
@@ -54,12 +54,12 @@ def test_bf16_loss_and_gradients_close_to_fp32():
     A_hat = A * (torch.rand_like(A) < 0.9)
     sigma = torch.logspace(-2, 1.5, N, device="cuda")  # 0.01 .. 32: every regime of the preconditioning
     batch = training_batch(y, A, A_hat, sigma, torch.randn_like(y))
-    loss_fn = EDMAmbientLoss()
+    schedule = EDMSchedule()
 
     def loss_and_gradients(bf16: bool):
         net.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            per_sample = loss_fn(net, batch)
+            per_sample = ambient_loss(net, batch, schedule)
         (per_sample.sum() / N).backward()
         return per_sample.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
 

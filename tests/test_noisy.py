@@ -1,6 +1,7 @@
 """Beyond the paper: noisy images, per-image corruption records and mixtures of clean and corrupted
-sets (ambient_fast.objective.inputs' objective, prepare --noise / --sigma-min / mix, the loss's restricted
-noise-level distributions, the sampler's floor), each against an independent computation."""
+sets (prepare --noise / --sigma-min / mix, training on them, the sampler's floor), each against an
+independent computation. The objective's side of them (Tweedie targets, restricted noise-level
+distributions, the weights of a mixture) is tested in test_objective.py."""
 import json
 import math
 
@@ -8,14 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_fast.objective.corruption import FurtherDraw, FurtherKind, make_operator, training_operator
+from ambient_fast.objective.corruption import training_operator
 from ambient_fast.data.format import CorruptedDataset, DataError, content_digest
-from ambient_fast.data.loader import RawBatch, make_loader
+from ambient_fast.data.loader import make_loader
 from ambient_fast.prepare import main as prepare
 from ambient_fast.files.images import save_png
-from ambient_fast.objective.inputs import FULL_WEIGHT_FROM, AmbientInputs
-from ambient_fast.kernels import ambient_input
-from ambient_fast.objective.loss import DiscreteVPAmbientLoss, EDMAmbientLoss, VPAmbientLoss
 from ambient_fast.train import main as train_main
 
 TINY = ["--channels", "8", "--channel-mult", "1", "--blocks", "1", "--attn", "", "--sample-count", "4"]
@@ -33,103 +31,6 @@ def source(tmp_path_factory):
 
 def run_prepare(*argv) -> None:
     assert prepare([str(a) for a in argv]) == 0
-
-
-# ----------------------------------------------------------------------------------------------
-# The Tweedie target
-
-
-def test_the_tweedie_target_trains_towards_the_clean_posterior_mean():
-    """Gaussian toy: x0 ~ N(mu, s0^2) per value, x_n = x0 + sigma_n n1, x_t = x_n + sqrt(sigma^2 -
-    sigma_n^2) n. E[x0 | x_t] = mu + s0^2 / (s0^2 + sigma^2) (x_t - mu) in closed form. The least-
-    squares fit of the kernel's target on x_t (the trained objective's minimiser among D(x_t) =
-    alpha x_t + beta, which holds the true one) recovers it; the noisy value itself, the naive
-    target, recovers E[x_n | x_t] instead."""
-    mu, s0, sigma_n, sigma = 0.1, 0.5, 0.3, 0.6
-    N, C, H, W = 64, 1, 32, 32
-    generator = torch.Generator().manual_seed(3)
-    x0 = mu + s0 * torch.randn(N, C, H, W, generator=generator, dtype=torch.float64)
-    noisy = (x0 + sigma_n * torch.randn(x0.shape, generator=generator, dtype=torch.float64)).to(torch.float16)
-    bits = torch.full((N, C * H * W // 8), 255, dtype=torch.uint8)
-    std = math.sqrt(sigma ** 2 - sigma_n ** 2)
-    out = ambient_input(noisy.contiguous(), bits, torch.zeros(N, dtype=torch.uint8), torch.full((N,), std),
-                        FurtherDraw(FurtherKind.COIN, torch.zeros(N, dtype=torch.int64)), key=11, offset=0,
-                        tweedie=torch.full((N,), sigma_n ** 2 / std))
-    x_t, target = out.net_input[:, :C].double().flatten(), out.y.double().flatten()
-
-    def fit(y):
-        design = torch.stack([x_t, torch.ones_like(x_t)], 1)
-        return torch.linalg.lstsq(design, y[:, None]).solution.flatten().tolist()
-
-    slope, intercept = fit(target)
-    expected = s0 ** 2 / (s0 ** 2 + sigma ** 2)
-    assert slope == pytest.approx(expected, abs=0.01) and intercept == pytest.approx(mu * (1 - expected), abs=0.01)
-    naive, _ = fit(noisy.double().flatten())
-    assert naive == pytest.approx((s0 ** 2 + sigma_n ** 2) / (s0 ** 2 + sigma ** 2), abs=0.01)
-    assert abs(naive - expected) > 0.1  # the two targets are told apart
-
-
-def test_noise_levels_targets_and_weights_of_a_batch():
-    """AmbientInputs on records: sigma above each image's bound, the noise added to reach it, the
-    Tweedie multiple and the weight, against the formulas computed here."""
-    loss = EDMAmbientLoss()
-    bounds = np.array([0.0, 0.2, 0.2, 0.5], np.float32)  # clean, noisy 0.2, noisy 0.2, clean with sigma_min 0.5
-    sigma_n = torch.tensor([0.0, 0.2, 0.2, 0.0])
-    sigma_min = torch.tensor([0.0, 0.0, 0.0, 0.5])
-    inputs = AmbientInputs(make_operator("dust", p=0.5, delta=0.1), loss, seed=0, shape=(3, 8, 8), bounds=bounds,
-                           noise=True)
-    raw = RawBatch(torch.zeros(4, 3, 8, 8, dtype=torch.float16), torch.full((4, 24), 255, dtype=torch.uint8),
-                   torch.zeros(4, dtype=torch.uint8), None, 0, torch.zeros(4, dtype=torch.uint8), sigma_n, sigma_min)
-    u = torch.tensor([0.1, 0.5, 0.99, 0.3], dtype=torch.float64)
-    sigma, weight, std, tweedie = inputs.noise_levels(raw, u)
-    scipy_stats = pytest.importorskip("scipy.stats", reason="scipy (part of [test]) gives the truncated log-normal")
-    z_low = (np.log(np.maximum(bounds.astype(np.float64), 1e-300)) + 1.2) / 1.2
-    mass = scipy_stats.norm.sf(z_low)
-    want = np.exp(-1.2 + 1.2 * scipy_stats.norm.isf(mass * (1 - u.numpy())))
-    np.testing.assert_allclose(sigma.numpy(), want, rtol=1e-6)
-    assert (sigma.numpy() > bounds).all()
-    share = np.array([(bounds < s).mean() for s in want])
-    cut = np.clip(((want ** 2 - sigma_n.numpy() ** 2) / want ** 2 / FULL_WEIGHT_FROM) ** 2, None, 1)
-    np.testing.assert_allclose(weight.numpy(), mass / share * cut, rtol=1e-5)
-    np.testing.assert_allclose(std.numpy(), np.sqrt(want ** 2 - sigma_n.numpy() ** 2), rtol=1e-5)
-    np.testing.assert_allclose(tweedie.numpy(), sigma_n.numpy() ** 2 / np.sqrt(want ** 2 - sigma_n.numpy() ** 2),
-                               rtol=1e-5)
-
-
-def test_the_weights_make_the_mixture_of_sigma_first_then_an_eligible_image():
-    """Over a data set whose images may train above different bounds, the weighted draws give every
-    level the weight of the loss's own distribution, shared among the images eligible there:
-    E_image E_sigma[weight 1{sigma in bin}] = P(bin) for every bin (Ambient-o's mixture)."""
-    loss = EDMAmbientLoss()
-    bounds = np.array([0.0, 0.0, 0.1, 0.3, 0.3, 1.0], np.float32)
-    inputs = AmbientInputs(make_operator("dust", p=0.5, delta=0.1), loss, seed=0, shape=(1, 2, 2), bounds=bounds)
-    u = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000  # a fine quadrature of each image's draw
-    edges = np.array([0.002, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 80.0])
-    total = np.zeros(len(edges) - 1)
-    for bound in bounds:
-        count = len(u)
-        raw = RawBatch(torch.zeros(count, 1, 2, 2, dtype=torch.uint8), torch.full((count, 1), 15, dtype=torch.uint8),
-                       torch.zeros(count, dtype=torch.uint8), None, 0, torch.ones(count, dtype=torch.uint8),
-                       torch.zeros(count), torch.full((count,), float(bound)))
-        sigma, weight, _, _ = inputs.noise_levels(raw, u)
-        total += np.histogram(sigma.numpy(), edges, weights=weight.numpy())[0] / count / len(bounds)
-    tail = loss.tail(torch.tensor(edges, dtype=torch.float64)).numpy()
-    np.testing.assert_allclose(total, tail[:-1] - tail[1:], rtol=2e-3, atol=1e-5)
-
-
-@pytest.mark.parametrize("loss", [EDMAmbientLoss(), VPAmbientLoss(), DiscreteVPAmbientLoss(torch.linspace(0.01, 80, 50))],
-                         ids=["edm", "vp", "discrete"])
-def test_restricted_draws_stay_above_the_bound_with_the_right_mass(loss):
-    u = (torch.arange(4000, dtype=torch.float64) + 0.5) / 4000
-    for bound in (0.0, 0.05, 0.7, 5.0):
-        sigma, mass = loss.sigma_above(torch.full((4000,), bound), u)
-        assert (sigma > bound).all()
-        assert mass[0].item() == pytest.approx(loss.tail(torch.tensor([bound], dtype=torch.float64)).item())
-        # The restriction of the loss's distribution: its tail, renormalised, at the draws' quantiles.
-        q = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
-        levels = torch.quantile(sigma.double(), q)
-        renormalised = loss.tail(levels) / mass[0]
-        assert torch.allclose(renormalised, 1 - q, atol=0.03), (bound, renormalised)
 
 
 # ----------------------------------------------------------------------------------------------

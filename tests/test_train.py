@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from ambient_fast.training.config import TrainConfig
-from ambient_fast.data.loader import dali_available, make_loader
+from ambient_fast.data.batches import dali_available
+from ambient_fast.data.loader import make_loader
 from ambient_fast.train import main
 from ambient_fast.training.trainer import Trainer
 from ambient_fast.training.state import state_dirs
@@ -96,9 +98,9 @@ def test_kernel_path_resumes_exactly_and_draws_what_the_reference_draws(tmp_path
     for name, value in straight.params.items():
         assert torch.equal(value, resumed.params[name]), name
     raw = make_loader(straight.dataset, batch_size=2, xflip=True).next()
-    fused = straight.inputs(raw)
+    fused = straight.objective.inputs(raw)
     monkeypatch.setenv("AMBIENT_FAST_KERNELS", "0")
-    for name, value in zip(fused._fields, straight.inputs(raw)):
+    for name, value in zip(fused._fields, straight.objective.inputs(raw)):
         assert torch.equal(getattr(fused, name), value), name
 
 
@@ -141,31 +143,147 @@ def test_sigterm_writes_state_and_resume_finishes_exactly(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path):
+    """Non-finite steps change nothing and are counted on the device; the roll-back they make due
+    happens where the run reads the device (`check_health`, the loop's logging interval), and the
+    steps between change nothing either."""
     cfg = TrainConfig(out=str(tmp_path / "run"), steps=6, batch=4, snapshot_every=2, model_channels=16,
                       channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], bad_steps=2, max_rollbacks=1,
                       sample_count=4)
     trainer = Trainer(cfg)
-    for _ in range(2):
-        trainer.train_step()
-    trainer.snapshot()
-    good = {k: v.clone() for k, v in trainer.net.state_dict().items()}
-    original = trainer.loss_fn.__class__.__call__
-
-    def poisoned(self, *args, **kwargs):
-        return original(self, *args, **kwargs) * float("nan")
-
-    trainer.loss_fn.__class__.__call__ = poisoned
     try:
+        for _ in range(2):
+            trainer.train_step()
+        trainer.snapshot()
+        good = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+        good_ema = {k: v.clone() for k, v in trainer.ema.items()}
+        objective = trainer.objective
+        trainer.objective = lambda model, raw: objective(model, raw) * float("nan")
         assert math.isnan(trainer.train_step().item())  # skipped
-        assert math.isnan(trainer.train_step().item())  # skipped again: rolled back
+        assert math.isnan(trainer.train_step().item())  # skipped again: a roll-back is due
+        trainer.objective = objective
+        assert math.isnan(trainer.train_step().item())  # a finite step, void: the roll-back is due
+        assert (trainer.step, trainer.skipped, trainer.rollbacks) == (5, 0, 0)  # nothing read yet
+        assert all(torch.equal(good[k], v) for k, v in trainer.net.state_dict().items())
+        assert all(torch.equal(good_ema[k], v) for k, v in trainer.ema.items())
+        trainer.check_health()
         assert trainer.skipped == 2 and trainer.rollbacks == 1 and trainer.lr_factor == 0.5
         assert trainer.step == 2
         assert all(torch.equal(good[k], v) for k, v in trainer.net.state_dict().items())
+        trainer.objective = lambda model, raw: objective(model, raw) * float("nan")
         trainer.train_step()
-        with pytest.raises(RuntimeError, match="diverged"):
-            trainer.train_step()
+        trainer.train_step()
+        with pytest.raises(RuntimeError, match="diverged: 2 consecutive non-finite steps at step 3 and no roll-back"):
+            trainer.check_health()
     finally:
-        trainer.loss_fn.__class__.__call__ = original
+        trainer.close()
+
+
+class HostReads:
+    """Every read of a tensor's value by the host (Tensor.item, tolist, bool, float, int, index, cpu,
+    numpy: each a wait for the device on CUDA) while active, with the trainer's step at the read; a
+    thin wrapper over those methods. Reads by Triton's interpreter (a kernel launch on CUDA) are not
+    reads of the trainer; `allowed` names functions whose reads are of CPU tensors on every device."""
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+    def __init__(self, monkeypatch, trainer, allowed=()):
+        self.reads, self.trainer, self.allowed = [], trainer, set(allowed)
+        for name in self.METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self.wrap(name, getattr(torch.Tensor, name)))
+
+    def wrap(self, name, method):
+        def read(tensor, *args, **kwargs):
+            if not self.excused(sys._getframe(1)):
+                caller = sys._getframe(1).f_code
+                self.reads.append((self.trainer.step, name, f"{caller.co_filename}:{caller.co_name}"))
+            return method(tensor, *args, **kwargs)
+        return read
+
+    def excused(self, frame) -> bool:
+        while frame is not None:
+            if "/triton/" in frame.f_code.co_filename or frame.f_code.co_name in self.allowed:
+                return True
+            frame = frame.f_back
+        return False
+
+
+def small_trainer(tmp_path, **options) -> Trainer:
+    return Trainer(TrainConfig(out=str(tmp_path / "run"), batch=4, batch_gpu=2, model_channels=8, channel_mult=[1, 2],
+                               num_blocks=1, attn_resolutions=[], sample_count=4, **options))
+
+
+def fused_adam(trainer: Trainer) -> None:
+    """The trainer's optimizer as CUDA builds it: fused Adam (which takes the skip as found_inf)."""
+    trainer.optimizer = torch.optim.Adam(trainer.params.values(), lr=trainer.cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                         fused=True)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused-adam"])
+def test_a_step_never_reads_the_device(tmp_path, monkeypatch, fused):
+    """No host read in a training step, skipped or not, with either optimizer (fused: CUDA's). The
+    plain Adam reads its step counter, a CPU tensor on every device (`_get_value`), and nothing else."""
+    trainer = small_trainer(tmp_path)
+    try:
+        if fused:
+            fused_adam(trainer)
+        trainer.train_step()  # the optimizer's state is made on the first step
+        reads = HostReads(monkeypatch, trainer, allowed=() if fused else ("_get_value",))
+        trainer.train_step()
+        objective = trainer.objective
+        trainer.objective = lambda model, raw: objective(model, raw) * float("nan")
+        trainer.train_step()
+        monkeypatch.undo()
+        assert reads.reads == []
+        before = {name: value.clone() for name, value in trainer.params.items()}
+        trainer.train_step()  # skipped: nothing changes
+        assert all(torch.equal(before[name], value) for name, value in trainer.params.items())
+        trainer.check_health()
+        assert trainer.skipped == 2
+    finally:
+        trainer.close()
+
+
+def test_the_loop_reads_the_device_only_at_its_logging_interval(tmp_path, monkeypatch):
+    """40 steps log every second step (and snapshot every 8th): every host read of the run happens
+    at those steps, none in between; with fused Adam (CUDA's) no read is the optimizer's."""
+    trainer = small_trainer(tmp_path, steps=40, snapshot_every=8)
+    try:
+        fused_adam(trainer)
+        reads = HostReads(monkeypatch, trainer)
+        assert trainer.train() == 0
+    finally:
+        trainer.close()
+    monkeypatch.undo()
+    steps = {step for step, _, _ in reads.reads}
+    assert steps and all(step % 2 == 0 for step in steps), sorted(reads.reads)[:5]
+
+
+# Digests that tests/training_digest.py printed for the code before the step stopped reading the
+# device (commit cc87620: a host read of the gradient's finiteness every step, the roll-back at
+# once), each in a fresh process at one thread: weights, EMA, optimizer state, counters, stats lines.
+RECORDED_DIGESTS = {
+    "late-faults": {"params": "e1c273a699f9bdb7", "ema": "89686cc9fd93060e", "optimizer": "181447ea1f25c1e7",
+                    "counters": [40, 160, 4, 1, 0.5], "stats": "11f0af97c415d487"},
+    "records": {"params": "216342e5bd06388a", "ema": "5b22ea7348d7af08", "optimizer": "9367ae685541dc70",
+                "counters": [12, 48, 0, 0, 1.0], "stats": "af6b2fad387b6325"},
+}
+RECORDED_WITH = ("2.13.0+cpu", "AVX512")  # torch and the CPU's vector instructions: both can move last bits
+
+
+@pytest.mark.skipif((torch.__version__, torch.backends.cpu.get_cpu_capability()) != RECORDED_WITH,
+                    reason=f"the digests were recorded with torch {RECORDED_WITH[0]} on an {RECORDED_WITH[1]} CPU; "
+                           "another build or vector unit may round differently")
+@pytest.mark.parametrize("case", sorted(RECORDED_DIGESTS))
+def test_training_is_bitwise_the_recorded_run(tmp_path, case):
+    """The run ends bit for bit where the code that read the device every step ended: late-faults
+    injects non-finite steps (one skipped, two in a row that roll back, seen by the loop a step late,
+    one more after), records trains on masked and noisy images (Tweedie targets, weights). 14 s and 8 s
+    on 2 cores: the proof that the device-side step, roll-back and objective changed no bit."""
+    script = Path(__file__).with_name("training_digest.py")
+    result = subprocess.run([sys.executable, str(script), case, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == RECORDED_DIGESTS[case]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -220,8 +338,8 @@ def test_box_data_sets_train_with_a_second_box(tmp_path, kind, p):
     trainer = Trainer(TrainConfig(data=str(data), out=str(tmp_path / "run"), batch=8, model_channels=8,
                                   channel_mult=[1], num_blocks=1, attn_resolutions=[], delta=0.25))
     try:
-        assert type(trainer.inputs.operator) is OPERATORS[kind] and f"B of {OPERATORS[kind].__name__}" in trainer.summary()
-        batch = trainer.inputs(trainer.loader.next())
+        assert type(trainer.objective.operator) is OPERATORS[kind] and f"B of {OPERATORS[kind].__name__}" in trainer.summary()
+        batch = trainer.objective.inputs(trainer.loader.next())
         assert torch.equal(batch.A_hat[:, :1].expand_as(batch.A_hat), batch.A_hat)  # one box for every channel
         extra = (batch.A - batch.A_hat)[:, 0]  # erased by B: a 4x4 square (box: cut by the border or by A's)
         for n in range(8):

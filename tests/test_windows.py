@@ -7,19 +7,20 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import integrate, stats
 
 from ambient_fast.data.crops import crop_examples, crop_sigma_max, cut_crops
 from ambient_fast.data.format import RECORD, CorruptedDataset, DataError, write_dataset
-from ambient_fast.objective.loss import EDMAmbientLoss, VPAmbientLoss
+from ambient_fast.objective.objective import EDMSchedule, VPSchedule
 from ambient_fast.objective.windows import NoiseWindows, draw_in_window
 
 INF = math.inf
 
 
-@pytest.mark.parametrize("loss", [EDMAmbientLoss(P_mean=-0.4, P_std=1.0), VPAmbientLoss()], ids=["edm2", "vp"])
+@pytest.mark.parametrize("loss", [EDMSchedule(P_mean=-0.4, P_std=1.0), VPSchedule()], ids=["edm2", "vp"])
 @pytest.mark.parametrize("low, high", [(0.0, 0.2), (0.5, 3.0), (2.0, INF), (0.05, 0.1), (0.0, INF)])
 def test_draws_follow_the_restricted_distribution(loss, low, high):
+    from scipy import stats
+
     n = 4000
     u = torch.rand(n, dtype=torch.float64)
     bounds = (torch.full((n,), low, dtype=torch.float64), torch.full((n,), high, dtype=torch.float64))
@@ -32,7 +33,7 @@ def test_draws_follow_the_restricted_distribution(loss, low, high):
 
 
 def test_levels_stay_strictly_inside_in_float32():
-    loss = EDMAmbientLoss()
+    loss = EDMSchedule()
     low = torch.tensor([0.3, 1.0])
     high = torch.nextafter(low, torch.full_like(low, INF))  # windows one float32 step wide
     sigma, _ = draw_in_window(loss, low, high, torch.tensor([0.001, 0.999], dtype=torch.float64))
@@ -44,7 +45,7 @@ WINDOWS = [(0.0, INF), (0.0, 0.3), (0.2, 1.5), (1.0, INF), (0.05, 0.6)]  # a cle
 
 def test_share_counts_the_images_whose_window_holds_sigma():
     low, high = np.array(WINDOWS).T
-    windows = NoiseWindows(EDMAmbientLoss(), low, high)
+    windows = NoiseWindows(EDMSchedule(), low, high)
     sigma = torch.tensor([0.01, 0.1, 0.25, 0.5, 1.2, 3.0, 0.3, 0.2])
     brute = [np.mean((low < s) & (s < high)) for s in sigma.double().numpy()]
     np.testing.assert_allclose(windows.share(sigma).numpy(), brute)
@@ -54,7 +55,9 @@ def test_weighted_mixture_equals_sigma_first_then_an_eligible_image():
     """Image first (uniform), sigma in its window, weight mass / share: the weighted joint histogram of
     (image, sigma bin) must be Ambient-o's p(sigma) 1[sigma in W_i] / #eligible(sigma), integrated here
     by quadrature on a fine grid."""
-    loss = EDMAmbientLoss(P_mean=-0.4, P_std=1.0)
+    from scipy import integrate, stats
+
+    loss = EDMSchedule(P_mean=-0.4, P_std=1.0)
     low, high = np.array(WINDOWS).T
     windows = NoiseWindows(loss, low, high)
     n = 400_000
@@ -85,9 +88,9 @@ def test_weighted_mixture_equals_sigma_first_then_an_eligible_image():
 
 def test_windows_that_never_train_are_refused():
     with pytest.raises(ValueError, match="never draws"):
-        NoiseWindows(EDMAmbientLoss(), np.array([0.0, 0.5]), np.array([INF, 0.5]))
+        NoiseWindows(EDMSchedule(), np.array([0.0, 0.5]), np.array([INF, 0.5]))
     with pytest.raises(ValueError, match="one window per image"):
-        NoiseWindows(EDMAmbientLoss(), np.zeros(2), np.zeros(3))
+        NoiseWindows(EDMSchedule(), np.zeros(2), np.zeros(3))
 
 
 def test_sigma_max_in_the_data_format(tmp_path):

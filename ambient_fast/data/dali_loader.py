@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ambient_fast.data.loader import Loader, RawBatch
+from ambient_fast.data.batches import Loader, RawBatch
 
 try:
     import nvidia.dali.fn as fn

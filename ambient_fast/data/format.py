@@ -54,15 +54,16 @@ from typing import Any, NamedTuple, Optional, Union
 import numpy as np
 
 from ambient_fast.files.atomic import dumps_json, fsync_path, sha256_file, write_error
+from ambient_fast.files.places import DATASET_FORMAT, DATASET_META, is_dataset
 
 __all__ = ["FORMAT", "VERSION", "RECORD", "DataError", "DatasetMeta", "DatasetWriter", "CorruptedDataset",
            "write_dataset", "corruption_record", "packed_size", "unpack_masks", "records_summary", "windows_summary", "Stored"]
 
-FORMAT = "ambient-fast-data"
+FORMAT = DATASET_FORMAT
 VERSION = 3  # 2 added values.npy and records.npy, 3 sigma_max.npy and latent sets; older sets read unchanged
 READABLE = (1, 2, 3)
 PLAIN_VERSION = 2  # what a set without windows or latents is written as: readers of version 2 still read it
-OBSERVED, MASKS, LABELS, META = "observed.npy", "masks.npy", "labels.npy", "meta.json"
+OBSERVED, MASKS, LABELS, META = "observed.npy", "masks.npy", "labels.npy", DATASET_META
 VALUES, RECORDS, SIGMA_MAX = "values.npy", "records.npy", "sigma_max.npy"
 DATASET_FILES = (OBSERVED, MASKS, LABELS, VALUES, RECORDS, SIGMA_MAX, META)  # everything a data set folder holds
 RECORD = np.dtype([("masked", "u1"), ("sigma_n", "<f4"), ("sigma_min", "<f4")])
@@ -214,13 +215,6 @@ class DatasetMeta:
             raise DataError(f"{where}: malformed meta.json ({type(error).__name__}: {error}); "
                             "prepare the set again") from None
 
-
-def is_dataset(path: Path) -> bool:
-    """True when `path` holds an ambient-fast meta.json (whatever its state)."""
-    try:
-        return json.loads((path / META).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _check_destination(dest: Path, overwrite: bool) -> None:

@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
+from ambient_fast.files.places import is_dataset, is_run_directory
+
 PathLike = Union[str, Path]
 
 # Hidden temporaries: `.NAME.tmp-PID` (atomic_write) and `.NAME.tmp` (directories written by every
@@ -188,10 +190,6 @@ def check_writable_file(path: PathLike, option: str) -> Path:
 
 def _protected_folder(folder: Path) -> str:
     """What `folder` is when another command made it and no other output may enter it ('' if not)."""
-    # Imported here: both modules write their files through this one.
-    from ambient_fast.data.format import is_dataset
-    from ambient_fast.training.run_dir import is_run_directory
-
     if is_dataset(folder):
         return "a prepared data set"
     if is_run_directory(folder):

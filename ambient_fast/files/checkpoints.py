@@ -10,7 +10,6 @@ without executing anything by `ambient_fast.files.reference`.
 """
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -18,36 +17,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from ambient_fast.networks.diffusers import is_diffusers_model
 from ambient_fast.files.atomic import write_bytes
+from ambient_fast.files.loaded import LoadedNetwork
+from ambient_fast.files.reference import import_reference
+from ambient_fast.networks.diffusers import is_diffusers_model
 from ambient_fast.networks import AmbientPrecond, build_model
 
 FORMAT = "ambient-fast/1"
-
-
-@dataclass
-class LoadedNetwork:
-    """A network ready to sample or restore with, and what it was trained on."""
-
-    model: torch.nn.Module                            # an AmbientPrecond or a DiffusersDenoiser
-    corruption: dict = field(default_factory=dict)   # kind, p, delta, shared_channels, ...
-    source: str = ""                                  # path it came from
-    metadata: dict = field(default_factory=dict)      # anything else the file recorded
-
-    @property
-    def survival(self) -> Optional[float]:
-        """The sampling mask's default survival: the training survival (1 - p)(1 - delta) if known,
-        or the one the trainer recorded (1 when the model also trained on images A hides nothing of)."""
-        if "survival" in self.corruption:
-            return float(self.corruption["survival"])
-        p, delta = self.corruption.get("p"), self.corruption.get("delta")
-        return None if p is None or delta is None else (1 - p) * (1 - delta)
-
-    @property
-    def sigma_floor(self) -> float:
-        """The lowest noise level the model trained at (0 unless it trained only on noisy images);
-        the samplers stop there (`ambient_fast.sampling.samplers.sampling_sigmas`)."""
-        return float(self.corruption.get("sigma_floor", 0.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +136,5 @@ def load_network(path: Union[str, Path], training_options: Optional[Union[str, P
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     if path.suffix == ".pkl":
-        from ambient_fast.files.reference import import_reference  # it builds LoadedNetworks: imported here
-
         return import_reference(path, training_options)
     raise ValueError(f"unknown checkpoint type {path.name!r}: expected .safetensors (ours) or .pkl (reference)")

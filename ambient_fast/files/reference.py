@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ambient_fast.files.atomic import read_json
-from ambient_fast.files.checkpoints import LoadedNetwork
+from ambient_fast.files.loaded import LoadedNetwork
 from ambient_fast.networks import edm2_from_reference, from_reference
 
 COMPILE_PREFIX = "_orig_mod."

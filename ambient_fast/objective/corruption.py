@@ -39,6 +39,7 @@ __all__ = [
     "MaskOperator",
     "FurtherKind",
     "FurtherDraw",
+    "FurtherSpec",
     "keep_mask",
     "coin_threshold",
     "training_operator",
@@ -165,6 +166,34 @@ class FurtherDraw:
         return FurtherDraw(self.kind, boxes=torch.where(masked[:, None], self.boxes, fallback))
 
 
+@dataclass(frozen=True)
+class FurtherSpec:
+    """B of an operator whose draw does not read A: what it makes of an image's two 24-bit words, in
+    numbers a kernel can take (`ambient_fast.kernels.image_draws` draws it there).
+
+    COIN: every value kept iff its own word >= `threshold` (`shared_channels`: one word per pixel).
+    ERASE_BOX: a `height` x `width` box erased, its top-left corner uniform over the image (the
+    words scaled to [0, H) and [0, W)), cut by the border.
+    """
+
+    kind: FurtherKind
+    threshold: int = 0
+    shared_channels: bool = False
+    height: int = 0
+    width: int = 0
+
+    def draw(self, words: Tensor, shape: tuple[int, int, int, int]) -> FurtherDraw:
+        """The FurtherDraw of N images of `shape` from their words (N, 2) int64 in [0, 2^24)."""
+        N, _, H, W = shape
+        if self.kind == FurtherKind.COIN:
+            thresholds = torch.full((N,), self.threshold, dtype=torch.int64, device=words.device)
+            return FurtherDraw(FurtherKind.COIN, thresholds, self.shared_channels)
+        boxes = torch.stack([_scaled(words[:, 0], H), _scaled(words[:, 1], W),
+                             torch.full((N,), self.height, device=words.device),
+                             torch.full((N,), self.width, device=words.device)], 1)
+        return FurtherDraw(FurtherKind.ERASE_BOX, boxes=boxes)
+
+
 def coin_threshold(delta: float) -> int:
     """The 24-bit threshold of a coin that erases with probability delta (to within 2^-25)."""
     return round(delta * (1 << BITS))
@@ -278,10 +307,15 @@ class MaskOperator(CorruptionOperator):
 
     reads_mask: ClassVar[bool] = False  # whether further_draw needs where A's own box lies
 
-    @abstractmethod
     def further_draw(self, kept: Optional[Tensor], words: Tensor, shape: tuple[int, int, int, int]) -> FurtherDraw:
         """B for N images of `shape` (N, C, H, W). kept: (N, H, W) bool, channel 0 of A (only when
         `reads_mask`; else None). words: (N, 2) int64 in [0, 2^24), the images' random words."""
+        return self.further_spec(shape).draw(words, shape)
+
+    def further_spec(self, shape: tuple[int, int, int, int]) -> Optional[FurtherSpec]:
+        """B as a FurtherSpec, for operators whose draw does not read A (None for those that do,
+        which override `further_draw`)."""
+        return None
 
     def _further(self, A, generator):
         N, C, H, W = A.shape
@@ -338,9 +372,8 @@ class DustOperator(MaskOperator):
     def _sample(self, shape, dtype, device, generator):
         return _to_mask(self._coins(shape, 1 - self.p, device, generator), shape[1], dtype)
 
-    def further_draw(self, kept, words, shape):
-        thresholds = torch.full((shape[0],), coin_threshold(self.delta), dtype=torch.int64, device=words.device)
-        return FurtherDraw(FurtherKind.COIN, thresholds, self.shared_channels)
+    def further_spec(self, shape):
+        return FurtherSpec(FurtherKind.COIN, threshold=coin_threshold(self.delta), shared_channels=self.shared_channels)
 
 
 class BoxOperator(MaskOperator):
@@ -365,12 +398,10 @@ class BoxOperator(MaskOperator):
     def _sample(self, shape, dtype, device, generator):
         return _to_mask(self._erase_box(self.p, shape, device, generator), shape[1], dtype)
 
-    def further_draw(self, kept, words, shape):
-        N, _, H, W = shape
-        height, width = _side(self.delta, H, round_up=True), _side(self.delta, W, round_up=True)
-        boxes = torch.stack([_scaled(words[:, 0], H), _scaled(words[:, 1], W),
-                             torch.full((N,), height, device=words.device), torch.full((N,), width, device=words.device)], 1)
-        return FurtherDraw(FurtherKind.ERASE_BOX, boxes=boxes)
+    def further_spec(self, shape):
+        _, _, H, W = shape
+        return FurtherSpec(FurtherKind.ERASE_BOX, height=_side(self.delta, H, round_up=True),
+                           width=_side(self.delta, W, round_up=True))
 
 
 class FixedBoxOperator(MaskOperator):

@@ -5,7 +5,7 @@ Noise levels. EDM2 keeps EDM's log-normal ln(sigma) ~ N(P_mean, P_std^2) and EDM
 (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, with other constants per data set (NVlabs/edm2
 `train_edm2.py`'s presets): (P_mean, P_std) = (-0.8, 1.6) for ImageNet-64 in pixels and (-0.4, 1.0) for
 ImageNet-512 in SD-VAE latents (also `EDM2Loss`'s own default, and Ambient-o's latent runs). They are
-`EDMAmbientLoss`'s parameters here, so every restriction of the distribution (sigma_above, windows)
+`EDMSchedule`'s parameters here, so every restriction of the distribution (sigma_above, windows)
 applies unchanged; `EDM2_NOISE_LEVELS` names them and `edm2_noise_levels` picks pixels or latents.
 
 Uncertainty weighting. EDM2's loss per value is weight(sigma) (D - y)^2 / exp(u(sigma)) + u(sigma), with
@@ -21,7 +21,7 @@ from typing import Union
 
 import torch
 
-from ambient_fast.objective.loss import EDMAmbientLoss
+from ambient_fast.objective.objective import EDMSchedule
 
 # (P_mean, P_std) of EDM2's presets: ImageNet-64 in pixels, ImageNet-512 in SD-VAE latents.
 EDM2_NOISE_LEVELS = {"pixels": (-0.8, 1.6), "latents": (-0.4, 1.0)}
@@ -32,11 +32,11 @@ def edm2_noise_levels(latent: bool) -> "tuple[float, float]":
     return EDM2_NOISE_LEVELS["latents" if latent else "pixels"]
 
 
-def edm2_ambient_loss(latent: bool, **options) -> EDMAmbientLoss:
-    """Our ambient loss with EDM2's noise-level distribution for pixels or latents (module docstring);
-    `options` are EDMAmbientLoss's other arguments (sigma_data, norm, hidden_weight)."""
+def edm2_schedule(latent: bool, **options) -> EDMSchedule:
+    """Our EDM noise schedule with EDM2's level distribution for pixels or latents (module docstring);
+    `options` are EDMSchedule's other arguments (sigma_data, hidden_weight)."""
     P_mean, P_std = edm2_noise_levels(latent)
-    return EDMAmbientLoss(P_mean=P_mean, P_std=P_std, **options)
+    return EDMSchedule(P_mean=P_mean, P_std=P_std, **options)
 
 
 def uncertainty_weighted(loss: torch.Tensor, logvar: torch.Tensor, graded: Union[torch.Tensor, float]) -> torch.Tensor:

@@ -9,7 +9,7 @@ distribution p restricted to the window, by the inverse of the tail function T(s
 u uniform on (0, 1), sigma = T^-1(T(high) + u (T(low) - T(high))), whose distribution is
 p(sigma) 1[low < sigma < high] / m with m = T(low) - T(high), the window's mass. Tails rather than
 distribution functions keep the precision where a window leaves little mass at high levels (as
-`AmbientLoss.sigma_above`, the special case high = inf).
+`NoiseSchedule.sigma_above`, the special case high = inf).
 
 Why the weights keep the mixture unbiased. Ambient-o's objective is "draw sigma from p, then an image
 among those eligible at sigma": at every level, a uniform mixture of the eligible images, each trained
@@ -22,7 +22,7 @@ loss by m_i / share(sigma), with
 
 the share of the data set eligible at sigma, turns that density into p(sigma) 1[sigma in W_i] /
 #eligible(sigma): exactly "draw sigma, then one of the eligible images uniformly". With lower bounds
-only the share is #(low_j < sigma) / N (`AmbientInputs`' weight today); with windows an image also
+only the share is #(low_j < sigma) / N (`AmbientObjective`'s weight today); with windows an image also
 leaves the share above its high. At a level no image reaches (outside every window) nothing trains: the
 effective distribution of levels is p restricted to the union of the windows, which covers everything
 whenever one image has no bounds. The weight depends on sigma and the image's own window only, so each
@@ -42,7 +42,7 @@ def draw_in_window(loss, low: Tensor, high: Tensor, u: Tensor) -> "tuple[Tensor,
     (low, high) of each image, drawn by the inverse tail at u, and the window's mass T(low) - T(high).
 
     Args:
-        loss: an ambient loss (`tail`, `upper_quantile`: `ambient_fast.objective.loss.AmbientLoss`).
+        loss: a noise schedule (`tail`, `upper_quantile`: `ambient_fast.objective.objective.NoiseSchedule`).
         low, high: (N,) bounds, 0 and inf for none.
         u: (N,) uniforms in (0, 1).
     The level lies strictly inside the window in float32 too (then sigma^2 - sigma_n^2 > 0 for a noisy

@@ -66,7 +66,7 @@ class WarmStartTrainer(Trainer):
 
     def build_model(self):
         from ambient_fast.networks import AmbientPrecond, EDMPrecond
-        from ambient_fast.objective.loss import EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
+        from ambient_fast.objective.objective import EDMSchedule, VPSchedule, unit_hidden_weight
 
         net = load_network(self.start).model
         if not isinstance(net, AmbientPrecond):
@@ -74,8 +74,8 @@ class WarmStartTrainer(Trainer):
                              f"not a {type(net).__name__}")
         self.config_for_checkpoint = net.config
         hidden_weight = unit_hidden_weight(net) if self.cfg.hidden_weight == "unit" else None
-        loss_cls = EDMAmbientLoss if isinstance(net, EDMPrecond) else VPAmbientLoss
-        return net.float().train().requires_grad_(True), loss_cls(hidden_weight=hidden_weight)
+        schedule = EDMSchedule if isinstance(net, EDMPrecond) else VPSchedule
+        return net.float().train().requires_grad_(True), schedule(hidden_weight=hidden_weight)
 
     def describe_model(self) -> str:
         params = sum(p.numel() for p in self.net.parameters())

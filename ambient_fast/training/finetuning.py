@@ -1,11 +1,11 @@
 """The trainer of `python -m ambient_fast.finetune`: a diffusers UNet (DiffusersDenoiser) in place of our
-own network, graded by DiscreteVPAmbientLoss, written as diffusers folders."""
+own network, graded by DiscreteVPSchedule, written as diffusers folders."""
 import dataclasses
 from pathlib import Path
 
 from ambient_fast.files.checkpoints import check_finite
 from ambient_fast.networks.diffusers import DiffusersDenoiser, load_denoiser, save_denoiser
-from ambient_fast.objective.loss import DiscreteVPAmbientLoss
+from ambient_fast.objective.objective import DiscreteVPSchedule
 from ambient_fast.training.trainer import Trainer
 
 MODEL_PREFIX = "model."  # the UNet's parameters inside the denoiser
@@ -28,7 +28,7 @@ class FinetuneTrainer(Trainer):
             raise ValueError(f"{net.label_dim} prompt embeddings are chosen by the data set's labels, so the data set "
                              f"needs {net.label_dim} classes (it has {dataset.label_dim}); pass one embedding to "
                              "condition every image on it")
-        return net, DiscreteVPAmbientLoss(net.train_sigmas, self.cfg.loss_weight)
+        return net, DiscreteVPSchedule(net.train_sigmas, self.cfg.loss_weight)
 
     def describe_model(self) -> str:
         return f"{self.net.describe()} from {self.cfg.unet}"

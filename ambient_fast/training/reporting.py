@@ -2,7 +2,7 @@
 bar, the stats.jsonl lines, the GPU line, and the sample grids beside the corrupted training inputs."""
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -22,10 +22,12 @@ def progress_bar(enabled: bool):
 
 class StatsLog:
     """stats.jsonl: one EDM-style line per reporting window (main rank), the losses of the window's
-    steps read from the device only then."""
+    steps read from the device only then. `reduce` (collective, optional) turns the window's losses
+    (steps,) into what the line reports, e.g. their means over the ranks."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = Path(path), enabled
+    def __init__(self, path: Path, enabled: bool,
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.path, self.enabled, self.reduce = Path(path), enabled, reduce
         self.window: List[torch.Tensor] = []
 
     def add(self, loss: torch.Tensor) -> None:
@@ -34,7 +36,10 @@ class StatsLog:
     def flush(self, **progress) -> float:
         """Append the window's line with `progress` (step, kimg, lr, ...: names as in EDM's log) and
         return its mean finite loss (NaN when every step was skipped)."""
-        losses = torch.stack([loss.detach().cpu().double() for loss in self.window])
+        losses = torch.stack([loss.detach() for loss in self.window])
+        if self.reduce is not None:
+            losses = self.reduce(losses)
+        losses = losses.cpu().double()
         self.window = []
         finite = losses[torch.isfinite(losses)]
         mean = finite.mean().item() if len(finite) else float("nan")

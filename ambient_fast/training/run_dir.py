@@ -23,8 +23,9 @@ from typing import Optional
 
 from ambient_fast.files.atomic import (TEMPORARY, check_output_place, check_writable_dir, claim_output,
                                       remove_temporaries, write_text)
+from ambient_fast.files.places import RUN_CONFIG, RUN_LOCK
 
-LOCK, STATS, CONFIG = ".lock", "stats.jsonl", "config.json"
+LOCK, STATS, CONFIG = RUN_LOCK, "stats.jsonl", RUN_CONFIG
 # Everything a run writes (training states set aside as damaged included; unet* are the fine-tuner's
 # diffusers folders).
 RUN_OUTPUT = re.compile(r"^(config\.json|stats\.jsonl|samples\.png|inputs\.png|overview\.png"
@@ -39,10 +40,6 @@ class RunInUse(ValueError):
 def is_run_output(name: str) -> bool:
     return bool(RUN_OUTPUT.match(name) or TEMPORARY.match(name))
 
-
-def is_run_directory(folder: Path) -> bool:
-    """A training run's folder: its lock and its config.json (a lock alone is too common a name)."""
-    return (folder / LOCK).is_file() and (folder / CONFIG).is_file()
 
 
 class RunDirectory:

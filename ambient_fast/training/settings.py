@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ambient_fast import kernels
-from ambient_fast.data.loader import dali_available
+from ambient_fast.data.batches import dali_available
 
 TARGET_VARIABLE = "AMBIENT_FAST_DEFAULTS_FOR"
 TARGETS = ("cpu", "cuda")

@@ -2,11 +2,14 @@
 resumption. Stateful: its one state dict (model, optimizer, EMA, counters, loader position) goes
 through torch.distributed.checkpoint (ambient_fast.training.state).
 
-A step takes `accumulation` micro-batches from the loader (stored bytes, `RawBatch`), turns each into
-the network input in one pass (ambient_fast.objective.inputs: B, sigma and the noise drawn from the run's
-counter-based streams at each image's position), grades it with the ambient loss, and applies one
-optimiser step unless the gradient is not finite. Every random draw is a function of the run's
-position, so `--resume` continues bit for bit on the same hardware.
+A step (`train_step`) is `forward_backward` (the objective of `accumulation` micro-batches from the
+loader, stored bytes as `RawBatch`: `loss = objective(model, raw)`, ambient_fast.objective.objective;
+autocast; backward) and then the update: clipping, the optimiser step and the EMA, both skipped on
+the device when the gradient is not finite. The step never waits on the host: the skipped steps and
+the streak of them are counted on the device and read where the run reads anyway (logging interval,
+snapshots, the end), and a streak of `bad_steps` found there rolls back to the newest training state,
+as if it had been seen at once (the steps between change nothing). Every random draw is a function
+of the run's position, so `--resume` continues bit for bit on the same hardware.
 """
 import contextlib
 import dataclasses
@@ -27,8 +30,7 @@ from ambient_fast.training.config import ARCHS, TrainConfig
 from ambient_fast.objective.corruption import training_operator
 from ambient_fast.training.distributed import init_world
 from ambient_fast.files.atomic import write_json
-from ambient_fast.objective.inputs import AmbientInputs
-from ambient_fast.objective.loss import AmbientLoss, EDMAmbientLoss, VPAmbientLoss, unit_hidden_weight
+from ambient_fast.objective.objective import AmbientObjective, EDMSchedule, NoiseSchedule, VPSchedule, unit_hidden_weight
 from ambient_fast.networks import EDMPrecond, VPPrecond
 from ambient_fast.training.parallel import gradient_sync, parallelize
 from ambient_fast.training.run_dir import RunDirectory
@@ -47,6 +49,11 @@ _LOADER_FIELDS = ("epoch", "batch", "seed", "batch_size", "world_size", "size")
 def synthetic_root() -> Path:
     """Where the built-in synthetic set is prepared: $AMBIENT_FAST_CACHE, else ~/.cache/ambient-fast."""
     return Path(os.environ.get("AMBIENT_FAST_CACHE", Path.home() / ".cache" / "ambient-fast"))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (FSDP2 shards parameters, their optimizer state and the EMA)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,16 +79,19 @@ class Trainer(Stateful):
                     if self.world.is_main else None)
         try:
             self.stop_requested = False
-            self.step = self.images_seen = self.rollbacks = self.skipped = self.bad_streak = 0
+            self.step = self.images_seen = self.rollbacks = self.skipped = 0
             self.lr_factor = 1.0
             self._setup_data()
             self._setup_model()
             noise = self.dataset.has_noise and not cfg.ignore_noise
             self.sigma_bounds = self.dataset.sigma_bounds() if noise else self.dataset.records()["sigma_min"]
-            self.inputs = AmbientInputs(training_operator(self.dataset.corruption, cfg.delta, cfg.further),
-                                        self.loss_fn, seed=cfg.seed, shape=self.dataset.shape,
-                                        label_dim=self.dataset.label_dim, channels_last=self.settings.channels_last,
-                                        bounds=self.sigma_bounds, noise=noise)
+            self.objective = AmbientObjective(self.schedule, training_operator(self.dataset.corruption, cfg.delta,
+                                                                               cfg.further),
+                                              seed=cfg.seed, shape=self.dataset.shape, label_dim=self.dataset.label_dim,
+                                              channels_last=self.settings.channels_last, bounds=self.sigma_bounds, noise=noise)
+            # What the device counts of the steps (`_count_step`), int64: the skipped steps, the streak
+            # of them, whether a roll-back is due (0/1), and the steps run since it fell due.
+            self._health = torch.zeros(4, dtype=torch.int64, device=self.device)
             if resume:
                 self._resume()
             elif self.world.is_main:
@@ -134,7 +144,7 @@ class Trainer(Stateful):
         cfg, device, settings = self.cfg, self.device, self.settings
         torch.manual_seed(stream_key(cfg.seed, Stream.INIT))  # the same initial weights on every rank
         try:
-            self.net, self.loss_fn = self.build_model()
+            self.net, self.schedule = self.build_model()
         except (ValueError, RuntimeError, KeyError, IndexError) as error:
             raise ValueError(f"the model options do not make a network for {self.dataset.resolution}x"
                              f"{self.dataset.resolution} images: {type(error).__name__}: {error}") from None
@@ -161,14 +171,14 @@ class Trainer(Stateful):
                 f"data {self.dataset.path} ({len(self.dataset)} images {self.dataset.resolution}x{self.dataset.resolution}, "
                 f"corruption {self.dataset.corruption}, delta {self.cfg.delta}) | {self.world.size} rank(s) on "
                 f"{self.device}: {self.settings.describe()}{defaults} | {self.loader.describe()} | "
-                f"{self.inputs.describe()} | batch {self.cfg.batch} = {self.world.size} x {self.accumulation} x "
+                f"{self.objective.describe()} | batch {self.cfg.batch} = {self.world.size} x {self.accumulation} x "
                 f"{self.micro} | kernels: {kernels.active_path(self.device)}")
 
     # -- the model family: what ambient_fast.finetune's FinetuneTrainer overrides -----------------
 
-    def build_model(self) -> "tuple[torch.nn.Module, AmbientLoss]":
+    def build_model(self) -> "tuple[torch.nn.Module, NoiseSchedule]":
         """The denoiser (an AmbientPrecond: `net(x, sigma, labels)`, with `blocks()` for parallelize)
-        and its loss, built from the config and the data set."""
+        and its noise schedule (the objective's levels and weights), from the config and the data set."""
         cfg = self.cfg
         model_type, arch_kwargs = ARCHS[cfg.arch]
         precond = EDMPrecond if cfg.precond == "edm" else VPPrecond
@@ -177,8 +187,8 @@ class Trainer(Stateful):
                       gate=cfg.gate, dropout=cfg.dropout, **arch_kwargs, **cfg.model_size(self.dataset.resolution))
         self.config_for_checkpoint = net.config
         hidden_weight = unit_hidden_weight(net) if cfg.hidden_weight == "unit" else None
-        loss_cls = EDMAmbientLoss if cfg.precond == "edm" else VPAmbientLoss
-        return net, loss_cls(hidden_weight=hidden_weight)
+        schedule = EDMSchedule if cfg.precond == "edm" else VPSchedule
+        return net, schedule(hidden_weight=hidden_weight)
 
     def describe_model(self) -> str:
         params = sum(p.numel() for p in self.net.parameters())
@@ -225,14 +235,18 @@ class Trainer(Stateful):
             for note in self.run.notes:
                 print(f"note: {note}", flush=True)
         handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        stats = reporting.StatsLog(self.run_dir / "stats.jsonl", world.is_main)
-        tick = max(1, min(50, cfg.steps // 20))
+        stats = reporting.StatsLog(self.run_dir / "stats.jsonl", world.is_main,
+                                   reduce=self._mean_over_ranks if world.size > 1 else None)
+        tick = max(1, min(50, cfg.steps // 20))  # the logging interval: where the run reads the device
         start_step, start_time = self.step, time.time()
         try:
             with reporting.progress_bar(world.is_main) as progress:
                 task = progress.add_task("training", total=cfg.steps, completed=self.step, info="")
                 while self.step < cfg.steps:
                     stats.add(self.train_step())
+                    log_step = self.step % tick == 0 or self.step == cfg.steps
+                    if log_step or self.step % cfg.snapshot_every == 0:
+                        self.check_health()  # a roll-back due moves self.step back: the tests below see it
                     if self.step % cfg.snapshot_every == 0 and self.step < cfg.steps:
                         self.snapshot()
                     if self.step % tick == 0 or self.step == cfg.steps:
@@ -244,7 +258,7 @@ class Trainer(Stateful):
                         progress.update(task, info=f"loss {mean:.4g} | lr {self.lr:.2e} | {rate:.0f} img/s | "
                                         f"ETA {eta:.0f} s{reporting.gpu_info(self.device)}")
                     progress.update(task, completed=self.step)
-                    if self._should_stop():
+                    if self._should_stop(collective=log_step):
                         self.snapshot()
                         if world.is_main:
                             print(self.interrupted_message(), flush=True)
@@ -261,39 +275,93 @@ class Trainer(Stateful):
         return self.cfg.lr * self.lr_factor * (min(self.images_seen / rampup, 1.0) if rampup > 0 else 1.0)
 
     def train_step(self) -> torch.Tensor:
-        """One optimiser step over `batch` images; returns the mean objective per image (a 0-d
-        tensor on the device, NaN for a skipped step: reading it is left to the reporting)."""
-        cfg = self.cfg
+        """One optimiser step over `batch` images, with no read of the device: `forward_backward`, then
+        the update. Returns this rank's mean objective per image (a 0-d tensor on the device; NaN for a
+        step that will be rolled back: reading it is left to the reporting)."""
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device)
         with self._dropout_stream():
-            for index in range(self.accumulation):
-                batch = self.inputs(self.loader.next())
-                with gradient_sync(self.model, self.parallel, index == self.accumulation - 1), self.autocast:
-                    loss = self.loss_fn(self.model, batch).sum() / self.per_rank
-                loss.backward()
-                total += loss.detach()
+            loss = self.forward_backward()
+        counts, void = self._count_step(self._clip_gradient())
+        self._optimizer_step(counts)
+        self._update_ema(counts)
+        self.step += 1
+        self.images_seen += self.cfg.batch
+        return torch.where(void, float("nan"), loss)
+
+    def forward_backward(self) -> torch.Tensor:
+        """This rank's gradient of the mean objective per image over its `accumulation` micro-batches
+        (autocast; the gradient reduced across ranks with the last); returns that mean (0-d, on the device)."""
+        total = torch.zeros((), device=self.device)
+        for index in range(self.accumulation):
+            raw = self.loader.next()
+            # autocast casts the network's layers only: the objective's draws are integer, float32
+            # and float64 element-wise operations it leaves as they are.
+            with gradient_sync(self.model, self.parallel, index == self.accumulation - 1), self.autocast:
+                loss = self.objective(self.model, raw).sum() / self.per_rank
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    def _clip_gradient(self) -> torch.Tensor:
+        """Clip the gradient to `max_grad_norm`; returns its norm before (0-d, the same on every rank)."""
+        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm or float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _count_step(self, norm: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Count this step on the device from its gradient norm: a non-finite one is skipped and extends
+        the streak, a finite one ends it; a streak of `bad_steps` makes a roll-back due, after which no
+        step changes anything until `check_health` rolls back. Returns (counts: the optimiser and the
+        EMA step, void: the step's loss must not be reported), 0-d bool."""
+        bad = ~torch.isfinite(norm)
+        skipped, streak, due, since_due = self._health.unbind()
+        live = due == 0
+        skip, counts = bad & live, ~bad & live
+        streak = torch.where(counts, 0, streak + skip)
+        now_due = skip & (streak >= self.cfg.bad_steps)
+        self._health = torch.stack([skipped + skip, streak, due + now_due, since_due + ~live])
+        return counts, now_due | ~live
+
+    def _optimizer_step(self, counts: torch.Tensor) -> None:
+        """optimizer.step(), changing nothing where `counts` (0-d bool, on the device) is false. Fused
+        Adam (CUDA) takes GradScaler's `found_inf` for that; the others step, then put back every tensor
+        the step changed (on the CPU, where torch keeps their step counters too: no device read)."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm or float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        # One host sync per step: a non-finite step must be skipped, not applied.
-        if torch.isfinite(norm).item():
-            self.optimizer.step()
-            self._update_ema()
-            self.bad_streak = 0
-        else:
-            self.skipped += 1
-            self.bad_streak += 1
-            if self.bad_streak >= cfg.bad_steps:
-                self._roll_back()
-                return torch.tensor(float("nan"))
-        self.step += 1
-        self.images_seen += cfg.batch
-        if self.world.size > 1:
-            dist.all_reduce(total)
-            total /= self.world.size
-        return total
+        skip = (~counts).to(torch.float32)
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, skip
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+            return
+        state = self.optimizer.state
+        before = [(t, _local(t).clone()) for p in self.params.values() for t in (p, *state.get(p, {}).values())]
+        kept = {id(t) for t, _ in before}
+        self.optimizer.step()
+        with torch.no_grad():
+            for t, old in before:
+                torch.where(counts.to(old.device), _local(t), old, out=_local(t))
+            for p in self.params.values():  # state this step created (the first): as if never made
+                for t in state[p].values():
+                    if id(t) not in kept:
+                        torch.where(counts.to(t.device), _local(t), _local(t).new_zeros(()), out=_local(t))
+
+    def _update_ema(self, counts: torch.Tensor) -> None:
+        """EMA of the weights, kept as it was where the step does not count (`counts`, 0-d bool on the
+        device). Selected rather than moved with a weight of 0, which would turn an EMA value of -0.0
+        into +0.0."""
+        cfg = self.cfg
+        halflife = cfg.ema * 1e6
+        if cfg.ema_rampup:
+            halflife = min(halflife, self.images_seen * cfg.ema_rampup)
+        beta = 0.5 ** (cfg.batch / max(halflife, 1e-8))
+        with torch.no_grad():
+            names = list(self.params)
+            ema = [_local(self.ema[n]) for n in names]
+            moved = torch._foreach_lerp(ema, [_local(self.params[n].detach()) for n in names], 1 - beta)
+            for old, new in zip(ema, moved):
+                torch.where(counts, new, old, out=old)
 
     @contextlib.contextmanager
     def _dropout_stream(self):
@@ -303,18 +371,24 @@ class Trainer(Stateful):
             torch.manual_seed(stream_key(self.cfg.seed, Stream.DROPOUT, self.world.rank, self.step))
             yield
 
-    def _update_ema(self):
-        cfg = self.cfg
-        halflife = cfg.ema * 1e6
-        if cfg.ema_rampup:
-            halflife = min(halflife, self.images_seen * cfg.ema_rampup)
-        beta = 0.5 ** (cfg.batch / max(halflife, 1e-8))
-        with torch.no_grad():
-            names = list(self.params)
-            torch._foreach_lerp_([self.ema[n] for n in names], [self.params[n].detach() for n in names], 1 - beta)
+    def _mean_over_ranks(self, losses: torch.Tensor) -> torch.Tensor:
+        """Each step's mean objective over the ranks, from this rank's (collective)."""
+        losses = losses.clone()
+        dist.all_reduce(losses)
+        return losses / self.world.size
 
-    def _roll_back(self):
-        diverged = f"training diverged: {self.bad_streak} consecutive non-finite steps at step {self.step}"
+    def check_health(self) -> None:
+        """Read the device's counts of the steps since the last read (the one read of the device
+        between logging intervals) and roll back if a streak of non-finite steps made it due. The
+        steps after the streak changed nothing, and the roll-back restores the position, so the run
+        goes on exactly as if the roll-back had happened at once. Every rank reads the same counts."""
+        skipped, streak, due, since_due = self._health.tolist()
+        self.skipped = skipped
+        if due:
+            self._roll_back(streak, self.step - since_due - 1)
+
+    def _roll_back(self, streak: int, at_step: int):
+        diverged = f"training diverged: {streak} consecutive non-finite steps at step {at_step}"
         if self.rollbacks >= self.cfg.max_rollbacks:
             raise TrainingDiverged(f"{diverged} and no roll-back left ({self.rollbacks} used)")
         # The counters describe the whole run, not the state rolled back to.
@@ -324,11 +398,15 @@ class Trainer(Stateful):
         except FileNotFoundError:
             raise TrainingDiverged(f"{diverged} and no training state saved to roll back to") from None
         self.skipped, self.rollbacks, self.lr_factor = skipped, rollbacks + 1, lr_factor * 0.5
-        self.bad_streak = 0
+        self._health = self._fresh_health()
         if self.world.is_main:
             print(f"{self.cfg.bad_steps} consecutive non-finite steps: rolled back to {state.name} "
                   f"(step {self.step}) with the learning rate halved (roll-back {self.rollbacks} of "
                   f"{self.cfg.max_rollbacks})", flush=True)
+
+    def _fresh_health(self) -> torch.Tensor:
+        """The device's counts as of now: `self.skipped`, no streak, no roll-back due."""
+        return torch.tensor([self.skipped, 0, 0, 0], dtype=torch.int64).to(self.device)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -354,6 +432,7 @@ class Trainer(Stateful):
         for name in _COUNTERS:
             setattr(self, name, int(progress[name]))
         self.lr_factor = float(progress["lr_factor"])
+        self._health = self._fresh_health()
         self.loader.load_state_dict({name: int(progress[f"loader_{name}"]) for name in _LOADER_FIELDS})
 
     def _load_newest_state(self) -> Path:
@@ -388,10 +467,12 @@ class Trainer(Stateful):
         return save_training_state(self.run_dir, self.step, self.world, self, keep=self.cfg.keep)
 
     def snapshot(self):
+        self.check_health()  # never save a state that a roll-back due would have replaced
         self.write_networks(final=False)
         self._save_state()
 
     def finish(self):
+        self.check_health()
         state = self._save_state()
         final = self.write_networks(final=True)
         if self.world.is_main:
@@ -410,10 +491,13 @@ class Trainer(Stateful):
     def _request_stop(self, signum, frame):
         self.stop_requested = True
 
-    def _should_stop(self) -> bool:
-        """Whether any rank was asked to stop (collective under torchrun)."""
+    def _should_stop(self, collective: bool) -> bool:
+        """Whether any rank was asked to stop. Under torchrun the ranks agree on it (a collective and a
+        read of the device) only where `collective`: the loop asks at its logging intervals."""
         if self.world.size == 1:
             return self.stop_requested
+        if not collective:
+            return False
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
