@@ -297,7 +297,7 @@ def _run(cfg: RestoreConfig, scratch) -> int:
 
     what = (f"one network evaluation each, sigma {cfg.sigma}" if posterior is None else
             f"{cfg.samples} {cfg.posterior} posterior sample(s) each, {cfg.steps} {cfg.solver} steps, noise level "
-            f"{posterior.noise_level:g}, {'fast' if posterior.fast else 'exact'} path")
+            f"{posterior.noise_level:g}, {'fast' if posterior.fast else 'exact'} path: {settings.describe()}")
     print(f"restored {count} images from {cfg.input} with {loaded.source} ({what}) -> {out} "
           f"({report['images_per_second']:.2f} images/s)")
     print(f"  overview (measurements / restored{' / spread' if spreads else ''}{' / clean' if clean is not None else ''}):"

@@ -55,6 +55,7 @@ RESOLVERS = {  # command -> its default settings on a device
     "train": lambda device: resolve_training(TrainConfig(), device, world_size=2),
     "finetune": lambda device: resolve_training(_finetune_config(), device, world_size=2),
     "sample": lambda device: resolve_sampling(device),
+    "restore": lambda device: resolve_sampling(device),
 }
 
 
@@ -226,6 +227,33 @@ def test_train_fsdp2_resumes_exactly_and_sample_runs_the_fast_path(data, tmp_pat
         fast, exact = (torch.tensor(load_png(tmp_path / kind / f"{seed:06d}.png"), dtype=torch.float32)
                        for kind in ("fast", "exact"))
         assert (fast - exact).abs().max() <= 8 and (fast - exact).abs().mean() <= 1  # bf16 network: a few levels
+
+
+@runs_cuda_values("restore", "channels_last", "fast", "fused_kernels")
+def test_posterior_restore_runs_the_fast_path(data, tmp_path, cuda_defaults_on_cpu, capsys, monkeypatch):
+    """restore --method posterior with CUDA's defaults (channels_last, the fast path: a bf16 network
+    through the static denoiser, padded batches; the gated activations interpreted) restores what
+    the exact path restores, to bf16's few levels."""
+    from ambient_fast import restore
+    from ambient_fast.files.checkpoints import save_network
+    from test_nn import randomize_
+
+    model_type, kwargs = TINY_ARCHITECTURES["ddpmpp"]
+    net = randomize_(EDMPrecond(img_resolution=16, img_channels=6, model_type=model_type,
+                                **{**kwargs, "attn_resolutions": []}))
+    save_network(tmp_path / "net.safetensors", net, {"kind": "dust", "p": 0.6, "delta": 0.1, "shared_channels": True})
+    args = ["--net", str(tmp_path / "net.safetensors"), "--input", str(data), "--method", "posterior", "--posterior",
+            "ambient", "--samples", "2", "--max-images", "2", "--steps", "2", "--batch", "3"]
+    capsys.readouterr()
+    assert restore.main([*args, "--out", str(tmp_path / "fast")]) == 0
+    assert_ran_with_cuda_values(capsys.readouterr().out, "restore", ("channels_last", "fast", "fused_kernels"))
+    monkeypatch.delenv(TARGET_VARIABLE)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert restore.main([*args, "--out", str(tmp_path / "exact")]) == 0
+    for index in range(2):
+        fast, exact = (torch.tensor(load_png(tmp_path / kind / f"{index:06d}.png"), dtype=torch.float32)
+                       for kind in ("fast", "exact"))
+        assert (fast - exact).abs().max() <= 8 and (fast - exact).abs().mean() <= 1
 
 
 # Compiled and with the kernels interpreted above: here eager, with the kernels' references (the
