@@ -129,9 +129,10 @@ def operator_measurement(description: dict, image_shape: tuple, indices: Sequenc
 
 
 def _measurement_noise(shape: tuple, indices: Sequence[int], seed: int, dtype: torch.dtype) -> Tensor:
-    """Standard normal noise (len(indices), *shape), image i's from (seed, NOISE_STREAM, i) alone."""
+    """Standard normal noise (len(indices), *shape), image i's from (seed, NOISE_STREAM, i) alone, drawn
+    in float64 whatever `dtype` (float32 draws are other numbers, not a rounding of these)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, NOISE_STREAM, int(i))),
-                                    dtype=dtype) for i in indices])
+                                    dtype=torch.float64) for i in indices]).to(dtype)
 
 
 def measure(description: dict, clean: Tensor, indices: Sequence[int], seed: int = 0) -> Tensor:
