@@ -567,13 +567,15 @@ def restoration_report(args, settings: Settings, rows, grids, floor, elapsed: fl
 
 
 def completion_rows(args, settings: Settings) -> "tuple[list[dict], dict[str, np.ndarray]]":
-    """Completion rounds from the p POSTERIOR_P ambient model (python -m ambient_fast.complete), and
-    the clean model for comparison: scores of unconditional samples after each round."""
+    """Completion rounds from the p POSTERIOR_P ambient model (python -m ambient_fast.complete), the
+    clean model (unless --no-clean-model) and new clean images (the floor) for comparison: scores of
+    unconditional samples after each round."""
     from ambient_fast.complete import main as complete_main
 
     data_root = args.work / "data"
     network = train(args.work, data_root, VARIANTS["ambient"], POSTERIOR_P, settings)
-    clean_network = train(args.work, data_root, VARIANTS["clean"], POSTERIOR_P, settings)
+    clean_network = None if args.no_clean_model else train(args.work, data_root, VARIANTS["clean"], POSTERIOR_P,
+                                                           settings)
     held_out = held_out_images(data_root, GRID_IMAGES)
     features = FeatureScores(feature_scorer(args.work, args.classifier_steps), held_out)
     data = synthetic_dataset(data_root, resolution=RESOLUTION, n=settings.n, p=POSTERIOR_P, delta=0.1, seed=DATA_SEED)
@@ -598,10 +600,12 @@ def completion_rows(args, settings: Settings) -> "tuple[list[dict], dict[str, np
         rows.append(row)
         grids[row["model"]] = samples[:64]
         print(json.dumps(row), flush=True)
-    samples = cached_samples(clean_network, settings)
-    rows.append(dict(model="clean model (p 0)", **score(samples, held_out), completion_images_per_second=None,
-                     **features(samples)))
-    grids["clean model"] = samples[:64]
+    comparisons = {"new clean images (floor)": clean_images(settings.samples, RESOLUTION, FRESH_SEED)}
+    if clean_network is not None:
+        comparisons["clean model (p 0)"] = cached_samples(clean_network, settings)
+    for name, samples in comparisons.items():
+        rows.append(dict(model=name, **score(samples, held_out), completion_images_per_second=None, **features(samples)))
+        grids[name] = samples[:64]
     return rows, grids
 
 
@@ -614,7 +618,8 @@ def completion_report(args, settings: Settings, rows, grids, elapsed: float) -> 
              f"{settings.batch} on them, warm-started (python -m ambient_fast.complete). Round 0 is the start.",
              f"- Scores: {settings.samples} unconditional samples per round (the same seeds; the fixed-mask sampler at "
              "each model's survival: the training survival for round 0, 1 afterwards) against 4,096 held-out clean "
-             "images; the clean model (p 0, the grid's) sampled alike.", "",
+             "images; the clean model (p 0, the grid's, unless --no-clean-model) sampled alike; the floor: as many "
+             "new clean images of the distribution, scored alike.", "",
              f"| model | Fréchet distance (pixels) | palette fraction | {FEATURE_HEADER} | completion images/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
@@ -761,6 +766,8 @@ def main(argv=None) -> int:
     parser.add_argument("--restoration", action="store_true", help="only the restoration experiment (one step "
                         "against posterior sampling, masks and Gaussian CS)")
     parser.add_argument("--completion", action="store_true", help="only the completion rounds")
+    parser.add_argument("--no-clean-model", action="store_true", help="--completion without the clean model's row "
+                        "(it trains a clean model of --steps when the grid has none)")
     parser.add_argument("--restoration-images", type=int, default=256, help="held-out images restored (default 256)")
     parser.add_argument("--posterior-steps", type=int, default=18, help="Heun steps of posterior sampling (default 18)")
     parser.add_argument("--cg-iterations", type=int, default=8, help="Tweedie moments' CG iterations (default 8)")

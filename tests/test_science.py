@@ -123,7 +123,9 @@ def test_posterior_experiments_write_their_reports(science, tmp_path, monkeypatc
 
     assert science.main(["--completion", "--completion-images", "16", "--round-steps", "1", "--rounds", "1", *tiny]) == 0
     saved = json.loads((results / "science-completion-quick.json").read_text())
-    assert [r["model"] for r in saved["rows"]] == ["round 0", "round 1", "clean model (p 0)"]
+    assert [r["model"] for r in saved["rows"]] == ["round 0", "round 1", "new clean images (floor)", "clean model (p 0)"]
+    fresh = science.clean_images(8, science.RESOLUTION, science.FRESH_SEED)
+    assert saved["rows"][2] == pytest.approx({**saved["rows"][2], **science.FeatureScores(scorer, held_out)(fresh)})
     (rounds,) = work.glob("completion-*")
     samples = np.load(rounds / "round-1" / "samples.npy")
     assert saved["rows"][1] == pytest.approx({**saved["rows"][1], **science.FeatureScores(scorer, held_out)(samples)})
