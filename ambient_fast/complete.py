@@ -45,9 +45,11 @@ class CompleteConfig(Options):
     rounds: int = option(3, "completion rounds", bounds=at_least(1))
     max_images: Optional[int] = option(None, "complete and train on the first N training images only",
                                        bounds=at_least(1), default_text="all")
-    posterior: str = option("tweedie", "posterior method (see python -m ambient_fast.restore --help); ambient is one "
-                            "network call per step, but on these noiseless masks it fills the missing pixels with "
-                            "their conditional mean, not a sample: its rounds train on means", choices=POSTERIOR_METHODS)
+    posterior: str = option("ambient", "posterior method (see python -m ambient_fast.restore --help); ambient, one "
+                            "network call per step, fills the missing pixels with their conditional mean given the "
+                            "observed ones (not a sample); tweedie and dps sample, but through a prior that sees "
+                            "only its sampling mask's pixels (bench/results/science-restoration.md)",
+                            choices=POSTERIOR_METHODS)
     sampling_steps: int = option(18, "posterior and sampling solver steps", bounds=at_least(1))
     solver: str = option("heun", "ODE solver", choices=SOLVERS)
     sampling_batch: int = option(256, "images per batch of the posterior sampling", bounds=at_least(1))

@@ -771,7 +771,7 @@ def main(argv=None) -> int:
     parser.add_argument("--restoration-images", type=int, default=256, help="held-out images restored (default 256)")
     parser.add_argument("--posterior-steps", type=int, default=18, help="Heun steps of posterior sampling (default 18)")
     parser.add_argument("--cg-iterations", type=int, default=8, help="Tweedie moments' CG iterations (default 8)")
-    parser.add_argument("--posterior", default="tweedie", help="completion rounds' posterior method (default tweedie)")
+    parser.add_argument("--posterior", default="ambient", help="completion rounds' posterior method (default ambient)")
     parser.add_argument("--rounds", type=int, default=3, help="completion rounds (default 3)")
     parser.add_argument("--completion-images", type=int, default=1024, help="training images completed (default 1024)")
     parser.add_argument("--round-steps", type=int, default=500, help="training steps per round (default 500)")

@@ -19,10 +19,9 @@ from ambient_fast.training.trainer import SYNTHETIC_P
 from conftest import TINY_ARCHITECTURES
 from test_nn import randomize_
 
-# Two rounds on the first 24 images; 2 Euler steps of posterior sampling (Tweedie moments, the default, one CG
-# iteration); 3 training steps of batch 8.
+# Two rounds on the first 24 images; 2 Euler steps of posterior sampling; 3 training steps of batch 8.
 SMALL = ["--rounds", "2", "--max-images", "24", "--sampling-steps", "2", "--solver", "euler", "--sampling-batch", "8",
-         "--cg-iterations", "1", "--samples", "8", "--steps", "3", "--batch", "8"]
+         "--samples", "8", "--steps", "3", "--batch", "8"]
 
 
 @pytest.fixture(scope="module")

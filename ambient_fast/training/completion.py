@@ -6,8 +6,10 @@ Round k (1..N), in OUT/round-k/:
   1. complete   every training image's missing pixels sampled given its observed ones by posterior
                 sampling with the current model (round 1: the ambient model; then the previous
                 round's), image i from the seed (seed, k, i) alone; the observed pixels kept as
-                stored. Expectation-maximisation needs samples: Tweedie moments or DPS; the
-                ambient method returns each missing pixel's conditional mean on noiseless masks. Batches are written as they finish (completion/chunk-*.npy), then the
+                stored. Expectation-maximisation wants samples; the ambient method (the default)
+                returns each missing pixel's conditional mean on these noiseless masks, and
+                Tweedie moments through the fixed-mask prior correct only the pixels its sampling
+                mask shows, so at low survival they barely use the observed ones. Batches are written as they finish (completion/chunk-*.npy), then the
                 completed set (completed/: a prepared set with nothing hidden) is committed.
   2. train      the trainer on the completed set as clean data, warm-started from the current
                 model's weights (run/: a training run like any other, snapshots and exact resume).
