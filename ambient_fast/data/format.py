@@ -68,6 +68,7 @@ VALUES, RECORDS, SIGMA_MAX = "values.npy", "records.npy", "sigma_max.npy"
 DATASET_FILES = (OBSERVED, MASKS, LABELS, VALUES, RECORDS, SIGMA_MAX, META)  # everything a data set folder holds
 RECORD = np.dtype([("masked", "u1"), ("sigma_n", "<f4"), ("sigma_min", "<f4")])
 CONTENT_DIGEST = "content_sha256"  # meta.json's checksum of its own other fields
+_INCIDENTAL = ("created", "source", CONTENT_DIGEST)  # meta.json's fields that do not change what trains
 _CHECK_ROWS = 4096  # images per chunk when a whole array is scanned (bounded memory)
 _SPARE_BYTES = 1 << 20  # beyond the arrays: meta.json, directory entries, file-system blocks
 
@@ -561,6 +562,13 @@ class CorruptedDataset:
     @property
     def label_dim(self) -> int:
         return self.meta.label_dim
+
+    @property
+    def checksum(self) -> str:
+        """sha256 of what a model trains on: meta.json's record of the arrays (their checksums), the
+        corruption, the shapes and counts; not when or from what description the set was made (a
+        set prepared again from the same images and seed has the same checksum)."""
+        return content_digest({key: value for key, value in self._meta_json.items() if key not in _INCIDENTAL})
 
     @property
     def corruption(self) -> dict:

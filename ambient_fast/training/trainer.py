@@ -431,10 +431,18 @@ class Trainer(Stateful):
         self._health = self._fresh_health()
         self.loader.load_state_dict({name: int(progress[f"loader_{name}"]) for name in _LOADER_FIELDS})
 
+    def state_identity(self) -> dict:
+        """What a training state of this run belongs to (ambient_fast.training.state): the data set
+        (its checksum, count and shape), the number of ranks, the network's parameter shapes."""
+        data = dict(path=str(self.dataset.path), checksum=self.dataset.checksum, images=len(self.dataset),
+                    shape=list(self.dataset.shape))
+        return dict(data=data, ranks=self.world.size,
+                    network={name: list(p.shape) for name, p in self.net.named_parameters()})
+
     def _load_newest_state(self) -> Path:
-        """Load the newest intact training state (collective), report the newer ones refused, and
-        return its directory."""
-        state, refused = load_newest_intact_state(self.run_dir, self.world, self)
+        """Load the newest intact training state (collective), report the newer ones refused as
+        damaged, and return its directory; IncompatibleState when it does not fit this run."""
+        state, refused = load_newest_intact_state(self.run_dir, self.world, self, self.state_identity())
         if self.world.is_main:
             for line in refused:
                 print(line, flush=True)
@@ -460,7 +468,8 @@ class Trainer(Stateful):
         return out
 
     def _save_state(self) -> Path:
-        return save_training_state(self.run_dir, self.step, self.world, self, keep=self.cfg.keep)
+        return save_training_state(self.run_dir, self.step, self.world, self, keep=self.cfg.keep,
+                                   identity=self.state_identity())
 
     def snapshot(self):
         self.check_health()  # never save a state that a roll-back due would have replaced
