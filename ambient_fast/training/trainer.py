@@ -41,6 +41,7 @@ from ambient_fast.training.state import load_newest_intact_state, save_training_
 # Erasure probability of the built-in synthetic set: high enough that most of every training image is
 # missing, low enough that the default run learns the shapes within its few CPU minutes.
 SYNTHETIC_P = 0.6
+DEFAULT_DELTA = 0.1  # the further corruption of a data set that records none (and of the built-in set)
 # The counters a state holds beside the tensors of model, optimizer and EMA (as int64 / float64 tensors).
 _COUNTERS = ("step", "images_seen", "rollbacks", "skipped")
 _LOADER_FIELDS = ("epoch", "batch", "seed", "batch_size", "world_size", "size")
@@ -80,7 +81,8 @@ class Trainer(Stateful):
             self._setup_model()
             noise = self.dataset.has_noise and not cfg.ignore_noise
             self.sigma_bounds = self.dataset.sigma_bounds() if noise else self.dataset.records()["sigma_min"]
-            self.objective = AmbientObjective(self.schedule, training_operator(self.dataset.corruption, cfg.delta,
+            self._check_noise_levels()
+            self.objective = AmbientObjective(self.schedule, training_operator(self.dataset.corruption, self.delta,
                                                                                cfg.further),
                                               seed=cfg.seed, shape=self.dataset.shape, label_dim=self.dataset.label_dim,
                                               channels_last=self.settings.channels_last, bounds=self.sigma_bounds, noise=noise)
@@ -92,6 +94,8 @@ class Trainer(Stateful):
             elif self.world.is_main:
                 write_json(self.run_dir / "config.json", dataclasses.asdict(cfg))
         except BaseException:
+            if self.run is not None:
+                self.run.abandon()  # a run refused at its set-up leaves no folder it made
             self.close()
             raise
 
@@ -112,13 +116,15 @@ class Trainer(Stateful):
             from ambient_fast.data.synthetic import synthetic_dataset
 
             root = Path(os.environ.get("AMBIENT_FAST_CACHE", Path.home() / ".cache" / "ambient-fast"))
+            delta = DEFAULT_DELTA if cfg.delta is None else cfg.delta
             if world.is_main:  # prepared once by the main rank, then opened by all
-                synthetic_dataset(root, p=SYNTHETIC_P, delta=cfg.delta)
+                synthetic_dataset(root, p=SYNTHETIC_P, delta=delta)
             world.barrier()
-            path = synthetic_dataset(root, p=SYNTHETIC_P, delta=cfg.delta)
+            path = synthetic_dataset(root, p=SYNTHETIC_P, delta=delta)
         else:
             path = Path(cfg.data)
         self.dataset = CorruptedDataset(path)
+        self.delta, self.delta_source = self._resolve_delta()
         if cfg.verify_data and world.is_main:
             try:
                 self.dataset.verify()
@@ -135,14 +141,30 @@ class Trainer(Stateful):
         self.loader = make_loader(self.dataset, batch_size=micro, rank=world.rank, world_size=world.size,
                                   seed=cfg.seed, xflip=cfg.xflip, device=self.device, kind=self.settings.loader)
 
+    def _resolve_delta(self) -> "tuple[float, str]":
+        """(delta, where it came from): the data set's recorded corruption is what trains, its delta
+        included, unless --delta says otherwise."""
+        given, recorded = self.cfg.delta, self.dataset.corruption.get("delta")
+        if given is not None:
+            return given, "--delta" + (f"; the data set records {recorded}" if recorded not in (None, given) else "")
+        if recorded is not None:
+            return recorded, "the data set's"
+        return DEFAULT_DELTA, "the default; the data set records none"
+
     def _setup_model(self):
         cfg, device, settings = self.cfg, self.device, self.settings
+        resolution = self.dataset.resolution
+        problems = cfg.network_problems(resolution)
+        if problems:
+            raise ValueError(f"the model options do not make a network for the data's {resolution}x{resolution} "
+                             "images: " + "; ".join(problems))
         torch.manual_seed(stream_key(cfg.seed, Stream.INIT))  # the same initial weights on every rank
         try:
             self.net, self.schedule = self.build_model()
-        except (ValueError, RuntimeError, KeyError, IndexError) as error:
-            raise ValueError(f"the model options do not make a network for {self.dataset.resolution}x"
-                             f"{self.dataset.resolution} images: {type(error).__name__}: {error}") from None
+            self._check_network_takes_images()
+        except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as error:
+            raise ValueError(f"the model options do not make a network for {resolution}x{resolution} images: "
+                             f"{type(error).__name__}: {error}") from None
         # Contiguous parameters under every kind of parallelism; channels_last is the activations'
         # (ambient_fast.training.parallel: FSDP2 refuses channels_last parameters).
         self.net = self.net.to(device).train()
@@ -155,6 +177,35 @@ class Trainer(Stateful):
         # bf16 by autocast under every kind of parallelism (ambient_fast.training.parallel: one numerical policy)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
 
+    def _check_network_takes_images(self) -> None:
+        """One image of the data's shape through the network, before anything is written: a shape
+        the network cannot take fails here, not at the first step. No gradient, eval mode (no
+        dropout), torch's generator restored: training is as if it had not run."""
+        C, R, _ = self.dataset.shape
+        channels = getattr(self.net, "img_channels", 2 * C)  # the observed image and its mask, as a rule
+        x = torch.zeros(1, channels, R, R, device=self.device)
+        labels = torch.zeros(1, self.dataset.label_dim, device=self.device) if self.dataset.label_dim else None
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            self.net.to(self.device).eval()
+            try:
+                self.net(x, torch.ones(1, device=self.device), labels)
+            finally:
+                self.net.train()
+
+    def _check_noise_levels(self) -> None:
+        """Refuse images whose lowest usable noise level (max(sigma_n, sigma_min)) reaches the largest
+        one the model samples from: they could never be trained on or sampled."""
+        from ambient_fast.files.loaded import LoadedNetwork
+        from ambient_fast.sampling.samplers import sampling_sigmas
+
+        largest = sampling_sigmas(LoadedNetwork(self.net))["sigma_max"]
+        above = self.sigma_bounds >= largest
+        if above.any():
+            raise ValueError(f"{int(above.sum())} image(s) of {self.dataset.path} have a noise level (sigma_n or "
+                             f"sigma_min, up to {float(self.sigma_bounds.max()):.4g}) at or above {largest:.4g}, the "
+                             "largest the model samples from: the model could never denoise them; prepare the data "
+                             "with lower levels (--noise, --sigma-min) or leave those images out")
+
     # What the step and the benchmarks read of the settings.
     parallel = property(lambda self: self.settings.parallel)
     bf16 = property(lambda self: self.settings.bf16)
@@ -164,8 +215,8 @@ class Trainer(Stateful):
         defaults = f" (defaults as on {self.target})" if self.target != self.device.type else ""
         return (f"{self.describe_model()} | "
                 f"data {self.dataset.path} ({len(self.dataset)} images {self.dataset.resolution}x{self.dataset.resolution}, "
-                f"corruption {self.dataset.corruption}, delta {self.cfg.delta}) | {self.world.size} rank(s) on "
-                f"{self.device}: {self.settings.describe()}{defaults} | {self.loader.describe()} | "
+                f"corruption {self.dataset.corruption}, delta {self.delta}: {self.delta_source}) | "
+                f"{self.world.size} rank(s) on {self.device}: {self.settings.describe()}{defaults} | {self.loader.describe()} | "
                 f"{self.objective.describe()} | batch {self.cfg.batch} = {self.world.size} x {self.accumulation} x "
                 f"{self.micro} | kernels: {kernels.active_path(self.device)}")
 
@@ -195,9 +246,11 @@ class Trainer(Stateful):
         """What a saved network records of its training data: the data set's corruption, the delta
         it trained with, the lowest noise level any image trained at (`sigma_floor`: the sampler
         stops there) and, when some images had nothing hidden, the sampling survival 1."""
-        record = self.dataset.corruption | {"delta": self.cfg.delta, "sigma_floor": float(self.sigma_bounds.min())}
+        record = self.dataset.corruption | {"delta": self.delta, "sigma_floor": float(self.sigma_bounds.min())}
         if (self.dataset.records()["masked"] == 0).any():
             record["survival"] = 1.0
+        elif "p" not in record:  # a mixture of masked sets: the fraction the model saw, A's then B's
+            record["survival"] = self.dataset.meta.observed_fraction * (1 - self.delta)
         return record
 
     def write_networks(self, final: bool) -> Path:
