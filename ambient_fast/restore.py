@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from ambient_fast.options import (INPUT, OUTPUT, SEED_BOUNDS, Options, above, at_least, build_parser, device_option,
-                                  option, overwrite_option, parse)
+from ambient_fast.options import (GENERATOR_SEED_BOUNDS, INPUT, OUTPUT, Options, above, at_least, build_parser,
+                                  device_option, option, overwrite_option, parse)
 
 RESTORE_OUTPUT = re.compile(r"^(\d+\.png|overview\.png|restore\.json)$")  # what the command writes to --out
 EXAMPLES = (
@@ -47,7 +47,7 @@ class RestoreConfig(Options):
     max_images: Optional[int] = option(None, "restore only the first N images", bounds=at_least(1),
                                        default_text="all")
     batch: int = option(256, "images per network evaluation", bounds=at_least(1))
-    seed: int = option(0, "seed of the added noise (--add-noise)", bounds=SEED_BOUNDS)
+    seed: int = option(0, "seed of the added noise (--add-noise)", bounds=GENERATOR_SEED_BOUNDS)
     device: str = device_option()
 
 
@@ -80,7 +80,9 @@ def _clean_references(cfg: RestoreConfig, count: int):
     if cfg.clean:
         path = Path(cfg.clean)
         if path.suffix == ".npy":
-            clean = np.load(path)
+            from ambient_fast.files.reading import regular_file
+
+            clean = np.load(regular_file(path, "--clean"), allow_pickle=False)
         else:
             from ambient_fast.data.sources import ImageSource
 
@@ -111,6 +113,7 @@ def _run(cfg: RestoreConfig, scratch) -> int:
     from ambient_fast.files.atomic import check_output_place, claim_output, write_json
     from ambient_fast.files.checkpoints import load_network
     from ambient_fast.files.images import from_uint8, grid, save_png, to_uint8
+    from ambient_fast.memory import check_memory, sampling_bytes
 
     check_output_place(cfg.out, "--out", cfg.paths(INPUT))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -129,6 +132,9 @@ def _run(cfg: RestoreConfig, scratch) -> int:
         raise ValueError(f"the network takes {model.img_channels // 2}x{model.img_resolution}x{model.img_resolution} "
                          f"images, the data set holds {dataset.channels}x{dataset.resolution}x{dataset.resolution}")
     count = min(len(dataset), cfg.max_images or len(dataset))
+    C, R = dataset.channels, dataset.resolution
+    check_memory(sampling_bytes(min(cfg.batch, count), C, R), f"--batch {cfg.batch} ({C}x{R}x{R} images)",
+                 "lower --batch", device=str(device))
     clean = _clean_references(cfg, count) if not cfg.masks or cfg.clean else None
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

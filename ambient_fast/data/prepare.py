@@ -18,6 +18,7 @@ from ambient_fast.data.sources import ImageSource, mask_array, mask_folder, mask
 from ambient_fast.files import reading
 from ambient_fast.files.atomic import read_json
 from ambient_fast.files.reading import regular_file
+from ambient_fast.memory import check_memory
 from ambient_fast.options import CORRUPTIONS
 
 __all__ = ["prepare_corrupted", "import_masked", "mix_datasets", "summary"]
@@ -189,6 +190,11 @@ def prepare_corrupted(source_path, dest, *, corruption: str = "dust", p: Optiona
     with ImageSource(source_path) as source:
         count = _count(source, max_size)
         side = _common_size(source, count, resolution)
+        # A chunk's images, masks (the operator's float32 and bool) and stored rows; with noise, its
+        # float64 noise and values too.
+        check_memory(min(CHUNK, count) * source.channels * side * side * (11 + (26 if noise > 0 else 0)),
+                     f"images of {side}x{side}" + (" (--resolution)" if resolution is not None else ""),
+                     "choose a smaller --resolution")
         labels, label_dim = _labels_and_dim(source, count)
         minimum = sigma_min_values(sigma_min, source.names, count)
         shape = (source.channels, side, side)

@@ -152,6 +152,15 @@ class TrainConfig(Options):
                                 f"{max(32, channels // 32 * 32)}) for --channels")
         return problems
 
+    def training_bytes(self, resolution: int, channels: int, micro_batch: int, ranks: int) -> int:
+        """The least device memory a step of this network needs on micro-batches of `micro_batch`
+        images, over `ranks` ranks (ambient_fast.memory.unet_training_bytes)."""
+        from ambient_fast.memory import unet_training_bytes
+
+        size = self.model_size(resolution)
+        return unet_training_bytes(micro_batch, channels, resolution, size["model_channels"], size["channel_mult"],
+                                   size["num_blocks"], ranks)
+
     def input_paths(self) -> "list[str]":
         """What the run reads: no output of it may land on these (the output guard)."""
         return self.paths(INPUT)
@@ -193,6 +202,10 @@ class FinetuneConfig(TrainConfig):
     def network_problems(self, resolution: int) -> "list[str]":
         """None from the options: the UNet is given (the fine-tuner checks that it takes the data's images)."""
         return []
+
+    def training_bytes(self, resolution: int, channels: int, micro_batch: int, ranks: int) -> int:
+        """Not estimated from the options: the UNet is given, its size on disk."""
+        return 0
 
 
 # ----------------------------------------------------------------------------------------------

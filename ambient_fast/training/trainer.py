@@ -30,6 +30,7 @@ from ambient_fast.training.config import ARCHS, TrainConfig
 from ambient_fast.objective.corruption import training_operator
 from ambient_fast.training.distributed import init_world
 from ambient_fast.files.atomic import write_json
+from ambient_fast.memory import check_memory, sampling_bytes
 from ambient_fast.objective.objective import AmbientObjective, EDMSchedule, NoiseSchedule, VPSchedule, unit_hidden_weight
 from ambient_fast.networks import EDMPrecond, VPPrecond
 from ambient_fast.training.parallel import gradient_sync, parallelize
@@ -138,6 +139,7 @@ class Trainer(Stateful):
         if per_rank % micro:
             raise ValueError(f"--batch-gpu {micro} does not divide the per-rank batch {per_rank}")
         self.per_rank, self.micro, self.accumulation = per_rank, micro, per_rank // micro
+        self._check_memory()
         self.loader = make_loader(self.dataset, batch_size=micro, rank=world.rank, world_size=world.size,
                                   seed=cfg.seed, xflip=cfg.xflip, device=self.device, kind=self.settings.loader)
 
@@ -176,6 +178,17 @@ class Trainer(Stateful):
                                           fused=settings.fused_optimizer)
         # bf16 by autocast under every kind of parallelism (ambient_fast.training.parallel: one numerical policy)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+
+    def _check_memory(self) -> None:
+        """Refuse, before anything is built, what the device surely cannot hold: a training step on
+        the micro-batch, and the final grid of --sample-count images sampled at once."""
+        C, R, _ = self.dataset.shape
+        device = str(self.device)
+        check_memory(self.cfg.training_bytes(R, C, self.micro, self.world.size),
+                     f"a step on micro-batches of {self.micro} {C}x{R}x{R} images with this network",
+                     "lower --batch-gpu (gradient accumulation) or --batch, or choose a smaller network", device)
+        check_memory(sampling_bytes(self.cfg.sample_count, C, R), f"--sample-count {self.cfg.sample_count}",
+                     "lower --sample-count", device)
 
     def _check_network_takes_images(self) -> None:
         """One image of the data's shape through the network, before anything is written: a shape
