@@ -142,9 +142,11 @@ def sample(cfg: SampleConfig) -> int:
         C, R = model.img_channels // 2, model.img_resolution
         check_memory(seeds_bytes(len(seeds), C, R), f"--seeds {cfg.seeds} ({len(seeds)} images of {C}x{R}x{R})",
                      "sample fewer seeds at a time")
-        check_memory(sampling_bytes(min(cfg.batch, len(seeds)), C, R, cfg.guidance_masks),
+        # The fast path pads every batch to --batch; the exact one samples at most the seeds given.
+        batch = cfg.batch if settings.fast else min(cfg.batch, len(seeds))
+        check_memory(sampling_bytes(batch, C, R, cfg.guidance_masks),
                      f"--batch {cfg.batch} with --guidance-masks {cfg.guidance_masks} ({C}x{R}x{R} images)",
-                     "lower --batch", device=str(device))
+                     "lower --batch or --guidance-masks", device=str(device))
         if model.label_dim and (cfg.class_index is None or not 0 <= cfg.class_index < model.label_dim):
             raise ValueError(f"this model is conditional on {model.label_dim} classes: pass --class in "
                              f"0..{model.label_dim - 1}")
