@@ -189,7 +189,7 @@ def _check_field(config_cls, field: dataclasses.Field, value: Any) -> None:
     if kind is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
             raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # an int is finite (and may exceed a float)
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         if meta["bounds"] is not None and value not in meta["bounds"]:
             raise ValueError(f"{name} must be {meta['bounds'].describe(kind is int)}, got {value!r}")
