@@ -82,7 +82,10 @@ def _clean_references(cfg: RestoreConfig, count: int):
         if path.suffix == ".npy":
             from ambient_fast.files.reading import regular_file
 
-            clean = np.load(regular_file(path, "--clean"), allow_pickle=False)
+            try:
+                clean = np.load(regular_file(path, "--clean"), allow_pickle=False)
+            except EOFError:  # numpy's word for an empty file
+                raise ValueError(f"--clean {path} is empty: give a .npy of the clean images") from None
         else:
             from ambient_fast.data.sources import ImageSource
 

@@ -579,7 +579,7 @@ class CorruptedDataset:
         for name in self.meta.array_files:
             try:
                 array = np.load(reading.regular_file(self.path / name, "array file"), mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
                 raise DataError(f"{self.path / name} cannot be read ({error}); the data set is damaged") from None
             dtype, shape = expected[name]
             if array.dtype != dtype or array.shape != shape:

@@ -98,7 +98,7 @@ def _sigma_min_array(path: Path, count: int) -> np.ndarray:
     """float64 (count,) of a .npy of one noise level per image."""
     try:
         array = np.load(regular_file(path, "--sigma-min"), allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
         raise DataError(f"--sigma-min {path} cannot be read ({error})") from None
     if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise DataError(f"--sigma-min {path} holds {array.dtype} values; save real numbers (e.g. float32)")

@@ -267,7 +267,7 @@ def mask_array(path: Union[str, Path], source: ImageSource) -> np.ndarray:
     path = Path(path)
     try:
         masks = np.load(reading.regular_file(path, "--masks"), mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
         raise DataError(f"cannot read masks {path}: {error}") from None
     if not (masks.dtype == np.bool_ or np.issubdtype(masks.dtype, np.integer) or np.issubdtype(masks.dtype, np.floating)):
         raise DataError(f"masks {path} hold {masks.dtype} values; save them as an array of 0/1 numbers")
