@@ -174,7 +174,7 @@ def test_numeric_options_end_cleanly(name, world):
     option_values = st.lists(st.sampled_from(numeric), min_size=1, max_size=3, unique_by=lambda f: f.name).flatmap(
         lambda chosen: st.tuples(*(st.tuples(st.just(flag_of(f)), values_for(name, f)) for f in chosen)))
 
-    @examples({"train": 25, "sample": 30, "restore": 30, "evaluate": 25, "prepare": 50}[name])
+    @examples({"train": 20, "sample": 20, "restore": 20, "evaluate": 20, "prepare": 50}[name])
     @given(option_values)
     def check(pairs):
         with scratch(world["out"]) as out, (setup_only() if only_setup else contextlib.nullcontext()):
@@ -250,7 +250,7 @@ def damaged_set(draw):
     return (kind, name, dtype, shape), change, reseal
 
 
-@examples(30)
+@examples(25)
 @given(damaged_set())
 def test_damaged_data_sets_end_cleanly(world, damage):
     what, change, reseal = damage
@@ -362,9 +362,10 @@ def damaged_checkpoint(draw):
         field = draw(st.sampled_from(["model", "corruption"]))
         inner = draw(st.sampled_from(["model_type", "img_resolution", "img_channels", "model_channels",
                                       "channel_mult", "num_blocks", "attn_resolutions", "label_dim", "kind", "p",
-                                      "delta", "shared_channels", "sigma_max"]))
+                                      "delta", "shared_channels", "survival", "sigma_floor", "sigma_n",
+                                      "sigma_min", "sigma_max", "sigma_data", "parts"]))
     else:
-        entry = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        field, entry = None, draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
 
     def change(raw):
         header, body = _split(raw)
@@ -381,10 +382,10 @@ def damaged_checkpoint(draw):
         if reseal:
             meta[HEADER_DIGEST] = header_digest(meta)
         return _join(header, body)
-    return (kind, reseal, value), change
+    return (kind, field, inner if kind == "config field" else None, reseal, value), change
 
 
-@examples(80)
+@examples(50)
 @given(damaged_checkpoint())
 def test_damaged_checkpoints_end_cleanly(world, damage):
     what, change = damage

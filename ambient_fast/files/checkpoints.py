@@ -15,6 +15,7 @@ without executing anything by `ambient_fast.files.reference`.
 """
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -110,11 +111,26 @@ def _read_header(path: Path, header: Mapping[str, str]) -> "tuple[dict, dict, di
     try:
         parsed = [json.loads(header.get(key, "{}")) for key in ("model", "corruption", "extra")]
         config = reading.json_config(parsed[0], "model")
+        _check_noise_range(config)
         corruption = reading.check_corruption(parsed[1], "corruption")
         extra = reading.mapping(parsed[2], "extra")
     except (ValueError, TypeError, RecursionError) as error:
         raise ValueError(f"{path} has an invalid header ({error}); write it again or use another snapshot") from None
     return config, corruption, extra
+
+
+def _check_noise_range(config: Mapping) -> None:
+    """The preconditioner's noise range and data scale, where the config gives them: numbers (a VP
+    model's sigma_max may be infinite), 0 <= sigma_min < sigma_max, sigma_data > 0. The network
+    builds with any value; the sampler would fail on a wrong one only after the network loaded."""
+    for key, strict in (("sigma_min", False), ("sigma_max", True), ("sigma_data", True)):
+        value = config.get(key, 1.0)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (value > 0 if strict else value >= 0):
+            raise ValueError(f"model.{key} must be a number {'>' if strict else '>='} 0, got {value!r}"[:200])
+    if not config.get("sigma_min", 0) < config.get("sigma_max", math.inf):
+        raise ValueError(f"model.sigma_min ({config['sigma_min']!r}) must be below model.sigma_max "
+                         f"({config['sigma_max']!r})")
 
 
 def _check_shapes(path: Path, config: dict, stored: Mapping[str, list]) -> None:
