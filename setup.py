@@ -23,7 +23,8 @@ setup(
     extras_require={
         # The tests exercise the Triton kernels (interpreter mode on CPU), the DALI pipeline,
         # fine-tuning diffusers models, and bench/science.py end to end (its histogram needs
-        # matplotlib), and check the metrics against scipy (the package itself uses neither).
+        # matplotlib), check the metrics against scipy (the package itself uses neither), and fuzz every
+        # command's input with hypothesis (tests/test_fuzz.py).
         "test": ["pytest>=8", "triton>=3.6; platform_system == 'Linux'", "nvidia-dali-cuda130>=1.40", "scipy>=1.10",
                  "matplotlib>=3.5", "diffusers>=0.42", "hypothesis>=6.100"],
         "kernels": ["triton>=3.6; platform_system == 'Linux'"],
