@@ -28,7 +28,9 @@ def machine_bytes(device: str = "cpu") -> int:
 
 
 def readable(count: float) -> str:
-    """Bytes as a person reads them: '3.2 GiB', '1.5 TiB'."""
+    """Bytes as a person reads them: '3.2 GiB', '1.5 TiB', 'about 10^400 B'."""
+    if count >= 1024 ** 7:  # beyond PiB, and maybe beyond a float (an estimate from a 400-digit option)
+        return f"about 10^{len(str(int(count))) - 1} B"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if count < 1024 or unit == "PiB":
             return f"{count:.3g} {unit}" if unit != "B" else f"{int(count)} B"

@@ -184,6 +184,20 @@ def test_numeric_options_end_cleanly(name, world):
     check()
 
 
+@pytest.mark.parametrize("name", list(BASES))
+def test_numbers_beyond_a_float_end_cleanly(name, world):
+    """Each numeric option at 10^400 - 1 (an integer no float holds; in range for most): refused by its
+    range or by the memory it asks for, never an OverflowError. Hypothesis finds these only now and
+    then, so every option is tried."""
+    main, base, only_setup = BASES[name]
+    config_cls, fields = options_of(name)
+    for field in fields:
+        if numeric_type(config_cls, field) is None or flag_of(field) in TIME_CAPS.get(name, {}):
+            continue
+        with scratch(world["out"]) as out, (setup_only() if only_setup else contextlib.nullcontext()):
+            ends_cleanly(world["inputs"], main, *base(out, world["inputs"]), flag_of(field), "9" * 400)
+
+
 # ----------------------------------------------------------------------------------------------
 # Malformed data sets.
 
