@@ -117,6 +117,7 @@ def _run(cfg: RestoreConfig, scratch) -> int:
     from ambient_fast.files.checkpoints import load_network
     from ambient_fast.files.images import from_uint8, grid, save_png, to_uint8
     from ambient_fast.memory import check_memory, sampling_bytes
+    from ambient_fast.sampling.samplers import sampling_sigmas
 
     check_output_place(cfg.out, "--out", cfg.paths(INPUT))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -124,6 +125,10 @@ def _run(cfg: RestoreConfig, scratch) -> int:
     if not cfg.masks and not (data_path / "meta.json").is_file():
         raise ValueError(f"{data_path} is not a prepared data set; pass --masks to restore a folder of images")
     loaded = load_network(cfg.net, cfg.training_options)
+    largest = sampling_sigmas(loaded)["sigma_max"]
+    if cfg.sigma > largest:  # the network never saw it (and far above, float32 overflows)
+        raise ValueError(f"--sigma {cfg.sigma:g} is above the largest noise level the network covers ({largest:g}): "
+                         f"give a level in (0, {largest:g}]")
     model = loaded.model.to(device)
     # Before reading the images: an earlier restoration's outputs go (--overwrite), anything else stays.
     out = claim_output(cfg.out, "--out", owned=lambda entry: bool(RESTORE_OUTPUT.match(entry.name)),

@@ -395,6 +395,14 @@ def test_noise_levels_beyond_the_model_are_refused_before_training(tmp_path):
     one_line_error(*run(train.main, "--data", tmp_path / "set", "--out", tmp_path / "run", *RUN)[::2],
                    "8 image(s)", "at or above 80", "--sigma-min")
     assert not (tmp_path / "run").exists()
+    # restore: a level the network never saw (1e300 overflowed float32 inside the network before)
+    net = tmp_path / "net.safetensors"
+    save_network(net, small_model(), CORRUPTION)
+    make_set(tmp_path / "data")
+    for sigma in (80.5, 1e300):
+        one_line_error(*run(restore.main, "--net", net, "--input", tmp_path / "data", "--out", tmp_path / "restored",
+                            "--sigma", sigma, "--device", "cpu")[::2], f"--sigma {sigma:g}", "(0, 80]")
+    assert not (tmp_path / "restored").exists()
 
 
 def test_memory_asked_for_is_estimated_first(tmp_path):
