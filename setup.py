@@ -25,8 +25,9 @@ setup(
         # fine-tuning diffusers models, and bench/science.py end to end (its histogram needs
         # matplotlib), check the metrics against scipy (the package itself uses neither), and fuzz every
         # command's input with hypothesis (tests/test_fuzz.py).
-        "test": ["pytest>=8", "triton>=3.6; platform_system == 'Linux'", "nvidia-dali-cuda130>=1.40", "scipy>=1.10",
-                 "matplotlib>=3.5", "diffusers>=0.42", "hypothesis>=6.100"],
+        # pytest-xdist: the README's test command runs the suite on two workers.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "triton>=3.6; platform_system == 'Linux'",
+                 "nvidia-dali-cuda130>=1.40", "scipy>=1.10", "matplotlib>=3.5", "diffusers>=0.42", "hypothesis>=6.100"],
         "kernels": ["triton>=3.6; platform_system == 'Linux'"],
         "dali": ["nvidia-dali-cuda130>=1.40"],
         # python -m ambient_fast.finetune and diffusers directories in sample / restore. diffusers
