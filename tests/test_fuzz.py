@@ -11,10 +11,11 @@ Profiles: `ci` (the default: a few hundred examples in all, derandomised so CI i
     HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py
 
 What an example may cost is bounded by the strategies, not by the checks under test: options that
-only say how long the work runs (`--steps`, `--guidance-masks`, `--max-images`) are drawn in range
-only up to a small cap (above it, only values no check may accept: non-finite, negative, huge);
-`train` runs its whole set-up (parse, config, data checks, network, memory estimate, run folder)
-with the training loop itself replaced by a return, since one real step costs seconds here.
+only say how long the work runs (sample's `--steps`, `--guidance-masks` and `--batch`, which the fast
+path pads to; restore's `--max-images`) are drawn in range only up to a small cap, and otherwise only
+outside their range (non-finite, negative, text, ...), never in range above the cap. `train` runs
+its whole set-up (parse, config, data checks, network, memory estimate, run folder) with the
+training loop itself replaced by a return, since one real step costs seconds here.
 `finetune`'s numeric options are all `train`'s own (the same config fields), so train covers them.
 """
 import contextlib
