@@ -125,7 +125,9 @@ def _run(cfg: RestoreConfig, scratch) -> int:
     if not cfg.masks and not (data_path / "meta.json").is_file():
         raise ValueError(f"{data_path} is not a prepared data set; pass --masks to restore a folder of images")
     loaded = load_network(cfg.net, cfg.training_options)
-    largest = sampling_sigmas(loaded)["sigma_max"]
+    # The network's own largest level (a diffusers schedule's, e.g. 157), else EDM's sampling range.
+    covered = getattr(loaded.model, "sigma_max", math.inf)
+    largest = covered if math.isfinite(covered) else sampling_sigmas(loaded)["sigma_max"]
     if cfg.sigma > largest:  # the network never saw it (and far above, float32 overflows)
         raise ValueError(f"--sigma {cfg.sigma:g} is above the largest noise level the network covers ({largest:g}): "
                          f"give a level in (0, {largest:g}]")
