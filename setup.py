@@ -23,10 +23,11 @@ setup(
     extras_require={
         # The tests exercise the Triton kernels (interpreter mode on CPU), the DALI pipeline,
         # fine-tuning diffusers models, and bench/science.py end to end (its histogram needs
-        # matplotlib), and check the metrics against scipy (the package itself uses neither).
+        # matplotlib), check the metrics against scipy (the package itself uses neither), and fuzz every
+        # command's input with hypothesis (tests/test_fuzz.py).
         # pytest-xdist: the README's test command runs the suite on two workers.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "triton>=3.6; platform_system == 'Linux'",
-                 "nvidia-dali-cuda130>=1.40", "scipy>=1.10", "matplotlib>=3.5", "diffusers>=0.42"],
+                 "nvidia-dali-cuda130>=1.40", "scipy>=1.10", "matplotlib>=3.5", "diffusers>=0.42", "hypothesis>=6.100"],
         "kernels": ["triton>=3.6; platform_system == 'Linux'"],
         "dali": ["nvidia-dali-cuda130>=1.40"],
         # python -m ambient_fast.finetune and diffusers directories in sample / restore. diffusers

@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from ambient_fast.options import (INPUT, OUTPUT, POSTERIOR_METHODS, SEED_BOUNDS, SOLVERS, Options, above, at_least,
-                                  between, build_parser, device_option, option, overwrite_option, parse)
+from ambient_fast.options import (GENERATOR_SEED_BOUNDS, INPUT, OUTPUT, POSTERIOR_METHODS, SOLVERS, Options, above,
+                                  at_least, between, build_parser, device_option, option, overwrite_option, parse)
 
 # What the command writes to --out.
 RESTORE_OUTPUT = re.compile(r"^(\d+(-spread|-samples)?\.png|overview\.png|restore\.json)$")
@@ -80,7 +80,7 @@ class RestoreConfig(Options):
     max_images: Optional[int] = option(None, "restore only the first N images", bounds=at_least(1),
                                        default_text="all")
     batch: int = option(256, "images (posterior: samples) per network evaluation", bounds=at_least(1))
-    seed: int = option(0, "seed of the posterior samples and of the added noise", bounds=SEED_BOUNDS)
+    seed: int = option(0, "seed of the posterior samples and of the added noise", bounds=GENERATOR_SEED_BOUNDS)
     exact: bool = option(False, "posterior: the exact path (float64 state) on a GPU too; the fast path (bf16 "
                                 "network, float32 state) runs only on CUDA", per_device=("off", "on"))
     device: str = device_option()
@@ -124,7 +124,12 @@ def _clean_references(cfg: RestoreConfig, count: int):
     if cfg.clean:
         path = Path(cfg.clean)
         if path.suffix == ".npy":
-            clean = np.load(path)
+            from ambient_fast.files.reading import regular_file
+
+            try:
+                clean = np.load(regular_file(path, "--clean"), allow_pickle=False)
+            except EOFError:  # numpy's word for an empty file
+                raise ValueError(f"--clean {path} is empty: give a .npy of the clean images") from None
         else:
             from ambient_fast.data.sources import ImageSource
 
@@ -210,7 +215,9 @@ def _run(cfg: RestoreConfig, scratch) -> int:
     from ambient_fast.files.atomic import check_output_place, claim_output, write_json
     from ambient_fast.files.checkpoints import load_network
     from ambient_fast.files.images import from_uint8, grid, save_png, to_uint8
+    from ambient_fast.memory import check_memory, sampling_bytes
     from ambient_fast.sampling.restoration import MaskedImages, least_squares, posterior_restorations
+    from ambient_fast.sampling.samplers import sampling_sigmas
     from ambient_fast.training.settings import defaults_target, resolve_sampling
 
     check_output_place(cfg.out, "--out", cfg.paths(INPUT))
@@ -218,6 +225,12 @@ def _run(cfg: RestoreConfig, scratch) -> int:
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = resolve_sampling(device, exact=cfg.exact, target=defaults_target(device))
     loaded = load_network(cfg.net, cfg.training_options)
+    # The network's own largest level (a diffusers schedule's, e.g. 157), else EDM's sampling range.
+    covered = getattr(loaded.model, "sigma_max", math.inf)
+    largest = covered if math.isfinite(covered) else sampling_sigmas(loaded)["sigma_max"]
+    if cfg.sigma > largest:  # the network never saw it (and far above, float32 overflows)
+        raise ValueError(f"--sigma {cfg.sigma:g} is above the largest noise level the network covers ({largest:g}): "
+                         f"give a level in (0, {largest:g}]")
     model = loaded.model.to(device, memory_format=settings.memory_format)
     shape = (model.img_channels // 2, model.img_resolution, model.img_resolution)
     # Before reading the images: an earlier restoration's outputs go (--overwrite), anything else stays.
@@ -226,6 +239,9 @@ def _run(cfg: RestoreConfig, scratch) -> int:
     source = _source(cfg, shape, model.label_dim, scratch)
     posterior = _posterior_settings(cfg, loaded, source, settings.fast) if cfg.method == "posterior" else None
     count = min(source.count, cfg.max_images or source.count)
+    C, R = shape[0], shape[1]
+    check_memory(sampling_bytes(min(cfg.batch, count * cfg.samples), C, R), f"--batch {cfg.batch} ({C}x{R}x{R} images)",
+                 "lower --batch", device=str(device))
     clean = _clean_references(cfg, count) if not cfg.masks or cfg.clean else None
     if clean is not None and clean.shape[1:] != shape:
         raise ValueError(f"--clean holds {'x'.join(map(str, clean.shape[1:]))} images, the network restores "

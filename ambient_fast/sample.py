@@ -11,8 +11,9 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from ambient_fast.options import (INPUT, OUTPUT, SOLVERS, Options, at_least, between, build_parser, device_option,
-                                  option, overwrite_option, parse)
+from ambient_fast.memory import check_memory, sampling_bytes, seeds_bytes
+from ambient_fast.options import (GENERATOR_SEED_BOUNDS, INPUT, OUTPUT, SOLVERS, Options, at_least, between,
+                                  build_parser, device_option, option, overwrite_option, parse)
 
 SAMPLE_OUTPUT = re.compile(r"^(\d+\.png|grid\.png|sampling\.json)$")  # what the command writes to --out
 EXAMPLES = (
@@ -23,20 +24,33 @@ EXAMPLES = (
 )
 
 
-def parse_seeds(text: str) -> "list[int]":
-    """'0-63', '5', '1,4,9-12' -> list of seeds, each at most once (a seed names one image file)."""
-    seeds = []
+def seed_ranges(text: str) -> "list[range]":
+    """'0-63', '5', '1,4,9-12' -> one range per part, each seed checked to lie in
+    GENERATOR_SEED_BOUNDS (each image's generator keeps 32 bits of its seed); nothing expanded."""
+    ranges = []
     try:
         for part in text.split(","):
-            if "-" in part:
-                first, last = (int(v) for v in part.split("-", 1))
-                if last < first:
-                    raise ValueError
-                seeds.extend(range(first, last + 1))
-            else:
-                seeds.append(int(part))
+            first, _, last = part.partition("-") if "-" in part else (part, "", part)
+            first, last = int(first), int(last)
+            if last < first:
+                raise ValueError
+            ranges.append(range(first, last + 1))
     except ValueError:
         raise ValueError(f"--seeds takes a list like '0-63' or '1,4,9-12', got {text!r}") from None
+    outside = [r for r in ranges if r.start not in GENERATOR_SEED_BOUNDS or r.stop - 1 not in GENERATOR_SEED_BOUNDS]
+    if outside:
+        raise ValueError(f"--seeds {text}: seeds must be {GENERATOR_SEED_BOUNDS.describe(True)} (each image's "
+                         "generator keeps 32 bits of its seed: larger seeds would repeat the images of smaller ones)")
+    return ranges
+
+
+def parse_seeds(text: str) -> "list[int]":
+    """'0-63', '5', '1,4,9-12' -> list of seeds, each at most once (a seed names one image file). A
+    list larger than the machine's memory is refused before it is made."""
+    ranges = seed_ranges(text)
+    count = sum(len(r) for r in ranges)
+    check_memory(seeds_bytes(count, 0, 0), f"--seeds {text} ({count} seeds)", "sample fewer seeds at a time")
+    seeds = [seed for r in ranges for seed in r]
     repeated = sorted(seed for seed, count in collections.Counter(seeds).items() if count > 1)
     if repeated:
         raise ValueError(f"--seeds {text} lists seed(s) {repeated[:5]} more than once; each seed is one image: "
@@ -125,6 +139,14 @@ def sample(cfg: SampleConfig) -> int:
         survival = cfg.survival if cfg.survival is not None else loaded.survival
         if survival is None:
             raise ValueError("the checkpoint does not record its training corruption; pass --survival")
+        C, R = model.img_channels // 2, model.img_resolution
+        check_memory(seeds_bytes(len(seeds), C, R), f"--seeds {cfg.seeds} ({len(seeds)} images of {C}x{R}x{R})",
+                     "sample fewer seeds at a time")
+        # The fast path pads every batch to --batch; the exact one samples at most the seeds given.
+        batch = cfg.batch if settings.fast else min(cfg.batch, len(seeds))
+        check_memory(sampling_bytes(batch, C, R, cfg.guidance_masks),
+                     f"--batch {cfg.batch} with --guidance-masks {cfg.guidance_masks} ({C}x{R}x{R} images)",
+                     "lower --batch or --guidance-masks", device=str(device))
         if model.label_dim and (cfg.class_index is None or not 0 <= cfg.class_index < model.label_dim):
             raise ValueError(f"this model is conditional on {model.label_dim} classes: pass --class in "
                              f"0..{model.label_dim - 1}")

@@ -15,6 +15,10 @@ from ambient_fast.objective.corruption import make_operator
 from ambient_fast.data.format import RECORD, CorruptedDataset, DataError, DatasetWriter, corruption_record
 from ambient_fast.objective.seeds import derive_seed
 from ambient_fast.data.sources import ImageSource, mask_array, mask_folder, mask_rows, read_mask
+from ambient_fast.files import reading
+from ambient_fast.files.atomic import read_json
+from ambient_fast.files.reading import regular_file
+from ambient_fast.memory import check_memory
 from ambient_fast.options import CORRUPTIONS
 
 __all__ = ["prepare_corrupted", "import_masked", "mix_datasets", "summary"]
@@ -64,34 +68,61 @@ def _labels_and_dim(source: ImageSource, count: int) -> tuple[Optional[np.ndarra
     return labels, 0 if labels is None else int(labels.max()) + 1
 
 
-def sigma_min_values(spec, names: list[str]) -> Optional[np.ndarray]:
-    """float32 (len(names),) from --sigma-min: a number for every image, a .npy of one value per
-    image (in the source's order), or a .json {image name: value} (images it leaves out: 0). None
-    for no spec. DataError for a bad file, a count that differs, or a negative or non-finite value."""
+def sigma_min_values(spec, names: list[str], count: int) -> Optional[np.ndarray]:
+    """float32 (count,) from --sigma-min for the first `count` of the source's images `names`: a number
+    for every image, a .npy of exactly one value per image of the source (in its order: shape
+    (len(names),), a real dtype), or a .json {image name: value} (images it leaves out: 0). None for
+    no spec. DataError for a file that is not a regular one, another shape or type, a name the
+    source does not hold, or a value that is negative, not finite, or beyond float32's range; nothing
+    is flattened, truncated or rounded to an integer."""
     if spec is None:
         return None
     path = Path(str(spec))
     try:
-        values = np.full(len(names), float(spec), np.float32)
+        values = np.full(len(names), float(spec), np.float64)
     except ValueError:
         if path.suffix == ".npy":
-            values = np.asarray(np.load(path, allow_pickle=False), np.float32).reshape(-1)
-            if len(values) < len(names):
-                raise DataError(f"--sigma-min {path} holds {len(values)} values for {len(names)} images") from None
-            values = values[: len(names)]
+            values = _sigma_min_array(path, len(names))
         elif path.suffix == ".json":
-            from ambient_fast.files.atomic import read_json
-
-            mapping = read_json(path)
-            unknown = sorted(set(mapping) - set(names))
-            if unknown:
-                raise DataError(f"--sigma-min {path} names images the source does not hold: {unknown[:3]}") from None
-            values = np.array([float(mapping.get(name, 0.0)) for name in names], np.float32)
+            values = _sigma_min_mapping(path, names)
         else:
             raise DataError(f"--sigma-min takes a number, a .npy or a .json file, got {spec!r}") from None
-    if not (np.isfinite(values).all() and (values >= 0).all()):
-        raise DataError("--sigma-min values must be finite and >= 0")
-    return values
+    stored = values.astype(np.float32)
+    if not (np.isfinite(values).all() and (values >= 0).all() and np.isfinite(stored).all()):
+        raise DataError(f"--sigma-min values must be finite numbers >= 0 (and within float32's range), got "
+                        f"{values[~(np.isfinite(stored) & (values >= 0))][:3].tolist()}")
+    return stored[:count]
+
+
+def _sigma_min_array(path: Path, count: int) -> np.ndarray:
+    """float64 (count,) of a .npy of one noise level per image."""
+    try:
+        array = np.load(regular_file(path, "--sigma-min"), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
+        raise DataError(f"--sigma-min {path} cannot be read ({error})") from None
+    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise DataError(f"--sigma-min {path} holds {array.dtype} values; save real numbers (e.g. float32)")
+    if array.shape != (count,):
+        raise DataError(f"--sigma-min {path} has shape {array.shape}; it needs one value per image of the source: "
+                        f"shape ({count},)")
+    return array.astype(np.float64)
+
+
+def _sigma_min_mapping(path: Path, names: list[str]) -> np.ndarray:
+    """float64 (len(names),) of a .json {image name: noise level} (0 for the images it leaves out)."""
+    mapping = read_json(path)
+    if not isinstance(mapping, dict):
+        raise DataError(f"--sigma-min {path} must hold an object {{image name: noise level}}, got "
+                        f"{type(mapping).__name__}")
+    unknown = sorted(set(mapping) - set(names))
+    if unknown:
+        raise DataError(f"--sigma-min {path} names images the source does not hold: {unknown[:3]}")
+    try:
+        levels = {name: reading.number(value, f"--sigma-min {path}: the level of {name}", 0)
+                  for name, value in mapping.items()}
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    return np.array([levels.get(name, 0.0) for name in names], np.float64)
 
 
 def _records(masks: np.ndarray, sigma_n: float, sigma_min: Optional[np.ndarray]) -> np.ndarray:
@@ -159,8 +190,13 @@ def prepare_corrupted(source_path, dest, *, corruption: str = "dust", p: Optiona
     with ImageSource(source_path) as source:
         count = _count(source, max_size)
         side = _common_size(source, count, resolution)
+        # A chunk's images, masks (the operator's float32 and bool) and stored rows; with noise, its
+        # float64 noise and values too.
+        check_memory(min(CHUNK, count) * source.channels * side * side * (11 + (26 if noise > 0 else 0)),
+                     f"images of {side}x{side}" + (" (--resolution)" if resolution is not None else ""),
+                     "choose a smaller --resolution")
         labels, label_dim = _labels_and_dim(source, count)
-        minimum = sigma_min_values(sigma_min, source.names[:count])
+        minimum = sigma_min_values(sigma_min, source.names, count)
         shape = (source.channels, side, side)
         generator = torch.Generator().manual_seed(seed)
         noise_generator = torch.Generator().manual_seed(derive_seed(seed, _NOISE_STREAM))
@@ -204,7 +240,7 @@ def import_masked(source_path, masks_path, dest, *, delta: float = 0.1, max_size
         else:
             array, files = None, mask_folder(masks_path, source.names[:count])
         labels, label_dim = _labels_and_dim(source, count)
-        minimum = sigma_min_values(sigma_min, source.names[:count])
+        minimum = sigma_min_values(sigma_min, source.names, count)
         C = source.channels
         observed_values, shared = 0, True
         with DatasetWriter(dest, count=count, shape=(C, side, side), label_dim=label_dim, overwrite=overwrite,
@@ -231,13 +267,16 @@ def import_masked(source_path, masks_path, dest, *, delta: float = 0.1, max_size
 
 def mix_datasets(parts: "list[tuple[Path, Optional[int]]]", dest, *, overwrite: bool = False) -> Path:
     """Merge prepared sets into one: the first COUNT images of each (all for None), in the order
-    given, every image keeping its record (masked or clean, its noise level, its sigma_min). The
-    sets must share resolution, channels and labels; a set with noise makes the mixture store
-    float16 values (the others' as their exact levels). meta.json's corruption is
+    given, every image keeping its record (masked or clean, its noise level, its sigma_min). Each
+    set is verified first (`CorruptedDataset.verify`: a damaged one is refused). The sets must
+    share resolution, channels and labels; a set with noise makes the mixture store float16 values
+    (the others' as their exact levels). meta.json's corruption is
     {"kind": "mix", "parts": [each set's path, count and corruption]}."""
     if not parts:
         raise DataError("prepare mix needs at least one SET")
     sets = [(CorruptedDataset(path), count) for path, count in parts]
+    for dataset, _ in sets:  # a damaged source must not become a mixture that verifies
+        dataset.verify()
     first = sets[0][0]
     for dataset, count in sets:
         if (dataset.shape, dataset.label_dim) != (first.shape, first.label_dim):

@@ -41,6 +41,7 @@ def preset_for(resolution: int) -> str:
 
 
 _ARCHITECTURE = dict(group="architecture")
+_GROUP_NORMALISED = ("ddpmpp", "ncsnpp", "adm")  # the architectures whose blocks use group normalisation
 _POSITIVE_LIST = ((lambda v: len(v) > 0 and all(x >= 1 for x in v)), "a list of positive integers")
 
 
@@ -72,8 +73,11 @@ class TrainConfig(Options):
                                               default_text="the preset's", **_ARCHITECTURE)
     dropout: float = option(0.0, "dropout inside U-Net blocks", bounds=between(0, 1, high_open=True),
                             **_ARCHITECTURE)
-    delta: float = option(0.1, "further-corruption level (dust: probability that B hides an observed value; "
-                               "box kinds: the second box's relative side)", bounds=between(0, 1, high_open=True))
+    delta: Optional[float] = option(None, "further-corruption level (dust: probability that B hides an observed "
+                                          "value; box kinds: the second box's relative side)",
+                                    bounds=between(0, 1, high_open=True),
+                                    default_text="the data set's recorded delta (0.1 where it records none, and for "
+                                                 "the built-in set)")
     further: Optional[str] = option(None, "further corruption B (dust and imported masks also allow box)",
                                     choices=FURTHER_KINDS, default_text="the paper's for the data set's masks")
     ignore_noise: bool = option(False, "train noisy images as if they were clean (their noise level ignored): the "
@@ -119,6 +123,44 @@ class TrainConfig(Options):
         size.update({key: getattr(self, key) for key in SIZE_FIELDS if getattr(self, key) is not None})
         return size
 
+    def network_problems(self, resolution: int) -> "list[str]":
+        """What keeps the network these options describe from taking `resolution` x `resolution`
+        images, one line each naming the option to change ([] when nothing does). The U-Net halves
+        the images once per level after the first; attention goes at resolutions it has; group
+        normalisation splits every width into min(32, width / 4) groups."""
+        size = self.model_size(resolution)
+        mult, channels = size["channel_mult"], size["model_channels"]
+        levels, problems = len(mult), []
+        if resolution % 2 ** (levels - 1):
+            fits = max(n for n in range(1, levels + 1) if resolution % 2 ** (n - 1) == 0)
+            problems.append(f"--channel-mult {','.join(map(str, mult))} has {levels} levels, which halve the images "
+                            f"{levels - 1} times, but {resolution} is not divisible by {2 ** (levels - 1)}: give at most "
+                            f"{fits} level(s) with --channel-mult, or prepare the data at a resolution divisible by "
+                            f"{2 ** (levels - 1)}")
+        resolutions = [resolution >> level for level in range(levels)]
+        absent = [r for r in size["attn_resolutions"] if r not in resolutions]
+        if absent:
+            problems.append(f"--attn {','.join(map(str, absent))}: the network works at resolutions "
+                            f"{', '.join(map(str, resolutions))}; choose attention among them (--attn '' for none)")
+        if self.arch in _GROUP_NORMALISED:
+            widths = sorted({channels, *(channels * m for m in mult)})
+            unsplit = [w for w in widths if w < 4 or w % min(32, w // 4)]
+            if unsplit or channels % 2:
+                problems.append(f"--channels {channels} with --channel-mult {','.join(map(str, mult))} gives widths "
+                                f"{', '.join(map(str, widths))}; each must be even and split into min(32, width / 4) "
+                                "equal groups for group normalisation: use a multiple of 32 (e.g. "
+                                f"{max(32, channels // 32 * 32)}) for --channels")
+        return problems
+
+    def training_bytes(self, resolution: int, channels: int, micro_batch: int, ranks: int) -> int:
+        """The least device memory a step of this network needs on micro-batches of `micro_batch`
+        images, over `ranks` ranks (ambient_fast.memory.unet_training_bytes)."""
+        from ambient_fast.memory import unet_training_bytes
+
+        size = self.model_size(resolution)
+        return unet_training_bytes(micro_batch, channels, resolution, size["model_channels"], size["channel_mult"],
+                                   size["num_blocks"], ranks)
+
     def input_paths(self) -> "list[str]":
         """What the run reads: no output of it may land on these (the output guard)."""
         return self.paths(INPUT)
@@ -156,6 +198,14 @@ class FinetuneConfig(TrainConfig):
         super().__post_init__()
         if self.data is None:
             raise ValueError("--data DIR (a prepared data set) is required: fine-tuning has no built-in set")
+
+    def network_problems(self, resolution: int) -> "list[str]":
+        """None from the options: the UNet is given (the fine-tuner checks that it takes the data's images)."""
+        return []
+
+    def training_bytes(self, resolution: int, channels: int, micro_batch: int, ranks: int) -> int:
+        """Not estimated from the options: the UNet is given, its size on disk."""
+        return 0
 
 
 # ----------------------------------------------------------------------------------------------

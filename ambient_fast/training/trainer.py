@@ -30,6 +30,7 @@ from ambient_fast.training.config import ARCHS, TrainConfig
 from ambient_fast.objective.corruption import training_operator
 from ambient_fast.training.distributed import init_world
 from ambient_fast.files.atomic import write_json
+from ambient_fast.memory import check_memory, sampling_bytes
 from ambient_fast.objective.objective import AmbientObjective, EDMSchedule, NoiseSchedule, VPSchedule, unit_hidden_weight
 from ambient_fast.networks import EDMPrecond, VPPrecond
 from ambient_fast.training.parallel import gradient_sync, parallelize
@@ -41,6 +42,7 @@ from ambient_fast.training.state import load_newest_intact_state, save_training_
 # Erasure probability of the built-in synthetic set: high enough that most of every training image is
 # missing, low enough that the default run learns the shapes within its few CPU minutes.
 SYNTHETIC_P = 0.6
+DEFAULT_DELTA = 0.1  # the further corruption of a data set that records none (and of the built-in set)
 # The counters a state holds beside the tensors of model, optimizer and EMA (as int64 / float64 tensors).
 _COUNTERS = ("step", "images_seen", "rollbacks", "skipped")
 _LOADER_FIELDS = ("epoch", "batch", "seed", "batch_size", "world_size", "size")
@@ -85,7 +87,8 @@ class Trainer(Stateful):
             self._setup_model()
             noise = self.dataset.has_noise and not cfg.ignore_noise
             self.sigma_bounds = self.dataset.sigma_bounds() if noise else self.dataset.records()["sigma_min"]
-            self.objective = AmbientObjective(self.schedule, training_operator(self.dataset.corruption, cfg.delta,
+            self._check_noise_levels()
+            self.objective = AmbientObjective(self.schedule, training_operator(self.dataset.corruption, self.delta,
                                                                                cfg.further),
                                               seed=cfg.seed, shape=self.dataset.shape, label_dim=self.dataset.label_dim,
                                               channels_last=self.settings.channels_last, bounds=self.sigma_bounds, noise=noise)
@@ -97,6 +100,8 @@ class Trainer(Stateful):
             elif self.world.is_main:
                 write_json(self.run_dir / "config.json", dataclasses.asdict(cfg))
         except BaseException:
+            if self.run is not None:
+                self.run.abandon()  # a run refused at its set-up leaves no folder it made
             self.close()
             raise
 
@@ -117,13 +122,15 @@ class Trainer(Stateful):
             from ambient_fast.data.synthetic import synthetic_dataset
 
             root = synthetic_root()
+            delta = DEFAULT_DELTA if cfg.delta is None else cfg.delta
             if world.is_main:  # prepared once by the main rank, then opened by all
-                synthetic_dataset(root, p=SYNTHETIC_P, delta=cfg.delta)
+                synthetic_dataset(root, p=SYNTHETIC_P, delta=delta)
             world.barrier()
-            path = synthetic_dataset(root, p=SYNTHETIC_P, delta=cfg.delta)
+            path = synthetic_dataset(root, p=SYNTHETIC_P, delta=delta)
         else:
             path = Path(cfg.data)
         self.dataset = CorruptedDataset(path)
+        self.delta, self.delta_source = self._resolve_delta()
         if cfg.verify_data and world.is_main:
             try:
                 self.dataset.verify()
@@ -137,17 +144,34 @@ class Trainer(Stateful):
         if per_rank % micro:
             raise ValueError(f"--batch-gpu {micro} does not divide the per-rank batch {per_rank}")
         self.per_rank, self.micro, self.accumulation = per_rank, micro, per_rank // micro
+        self._check_memory()
         self.loader = make_loader(self.dataset, batch_size=micro, rank=world.rank, world_size=world.size,
                                   seed=cfg.seed, xflip=cfg.xflip, device=self.device, kind=self.settings.loader)
 
+    def _resolve_delta(self) -> "tuple[float, str]":
+        """(delta, where it came from): the data set's recorded corruption is what trains, its delta
+        included, unless --delta says otherwise."""
+        given, recorded = self.cfg.delta, self.dataset.corruption.get("delta")
+        if given is not None:
+            return given, "--delta" + (f"; the data set records {recorded}" if recorded not in (None, given) else "")
+        if recorded is not None:
+            return recorded, "the data set's"
+        return DEFAULT_DELTA, "the default; the data set records none"
+
     def _setup_model(self):
         cfg, device, settings = self.cfg, self.device, self.settings
+        resolution = self.dataset.resolution
+        problems = cfg.network_problems(resolution)
+        if problems:
+            raise ValueError(f"the model options do not make a network for the data's {resolution}x{resolution} "
+                             "images: " + "; ".join(problems))
         torch.manual_seed(stream_key(cfg.seed, Stream.INIT))  # the same initial weights on every rank
         try:
             self.net, self.schedule = self.build_model()
-        except (ValueError, RuntimeError, KeyError, IndexError) as error:
-            raise ValueError(f"the model options do not make a network for {self.dataset.resolution}x"
-                             f"{self.dataset.resolution} images: {type(error).__name__}: {error}") from None
+            self._check_network_takes_images()
+        except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as error:
+            raise ValueError(f"the model options do not make a network for {resolution}x{resolution} images: "
+                             f"{type(error).__name__}: {error}") from None
         # Contiguous parameters under every kind of parallelism; channels_last is the activations'
         # (ambient_fast.training.parallel: FSDP2 refuses channels_last parameters).
         self.net = self.net.to(device).train()
@@ -160,6 +184,46 @@ class Trainer(Stateful):
         # bf16 by autocast under every kind of parallelism (ambient_fast.training.parallel: one numerical policy)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
 
+    def _check_memory(self) -> None:
+        """Refuse, before anything is built, what the device surely cannot hold: a training step on
+        the micro-batch, and the final grid of --sample-count images sampled at once."""
+        C, R, _ = self.dataset.shape
+        device = str(self.device)
+        check_memory(self.cfg.training_bytes(R, C, self.micro, self.world.size),
+                     f"a step on micro-batches of {self.micro} {C}x{R}x{R} images with this network",
+                     "lower --batch-gpu (gradient accumulation) or --batch, or choose a smaller network", device)
+        check_memory(sampling_bytes(self.cfg.sample_count, C, R), f"--sample-count {self.cfg.sample_count}",
+                     "lower --sample-count", device)
+
+    def _check_network_takes_images(self) -> None:
+        """One image of the data's shape through the network, before anything is written: a shape
+        the network cannot take fails here, not at the first step. No gradient, eval mode (no
+        dropout), torch's generator restored: training is as if it had not run."""
+        C, R, _ = self.dataset.shape
+        channels = getattr(self.net, "img_channels", 2 * C)  # the observed image and its mask, as a rule
+        x = torch.zeros(1, channels, R, R, device=self.device)
+        labels = torch.zeros(1, self.dataset.label_dim, device=self.device) if self.dataset.label_dim else None
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            self.net.to(self.device).eval()
+            try:
+                self.net(x, torch.ones(1, device=self.device), labels)
+            finally:
+                self.net.train()
+
+    def _check_noise_levels(self) -> None:
+        """Refuse images whose lowest usable noise level (max(sigma_n, sigma_min)) reaches the largest
+        one the model samples from: they could never be trained on or sampled."""
+        from ambient_fast.files.loaded import LoadedNetwork
+        from ambient_fast.sampling.samplers import sampling_sigmas
+
+        largest = sampling_sigmas(LoadedNetwork(self.net))["sigma_max"]
+        above = self.sigma_bounds >= largest
+        if above.any():
+            raise ValueError(f"{int(above.sum())} image(s) of {self.dataset.path} have a noise level (sigma_n or "
+                             f"sigma_min, up to {float(self.sigma_bounds.max()):.4g}) at or above {largest:.4g}, the "
+                             "largest the model samples from: the model could never denoise them; prepare the data "
+                             "with lower levels (--noise, --sigma-min) or leave those images out")
+
     # What the step and the benchmarks read of the settings.
     parallel = property(lambda self: self.settings.parallel)
     bf16 = property(lambda self: self.settings.bf16)
@@ -169,8 +233,8 @@ class Trainer(Stateful):
         defaults = f" (defaults as on {self.target})" if self.target != self.device.type else ""
         return (f"{self.describe_model()} | "
                 f"data {self.dataset.path} ({len(self.dataset)} images {self.dataset.resolution}x{self.dataset.resolution}, "
-                f"corruption {self.dataset.corruption}, delta {self.cfg.delta}) | {self.world.size} rank(s) on "
-                f"{self.device}: {self.settings.describe()}{defaults} | {self.loader.describe()} | "
+                f"corruption {self.dataset.corruption}, delta {self.delta}: {self.delta_source}) | "
+                f"{self.world.size} rank(s) on {self.device}: {self.settings.describe()}{defaults} | {self.loader.describe()} | "
                 f"{self.objective.describe()} | batch {self.cfg.batch} = {self.world.size} x {self.accumulation} x "
                 f"{self.micro} | kernels: {kernels.active_path(self.device)}")
 
@@ -200,9 +264,11 @@ class Trainer(Stateful):
         """What a saved network records of its training data: the data set's corruption, the delta
         it trained with, the lowest noise level any image trained at (`sigma_floor`: the sampler
         stops there) and, when some images had nothing hidden, the sampling survival 1."""
-        record = self.dataset.corruption | {"delta": self.cfg.delta, "sigma_floor": float(self.sigma_bounds.min())}
+        record = self.dataset.corruption | {"delta": self.delta, "sigma_floor": float(self.sigma_bounds.min())}
         if (self.dataset.records()["masked"] == 0).any():
             record["survival"] = 1.0
+        elif "p" not in record:  # a mixture of masked sets: the fraction the model saw, A's then B's
+            record["survival"] = self.dataset.meta.observed_fraction * (1 - self.delta)
         return record
 
     def write_networks(self, final: bool) -> Path:
@@ -435,10 +501,18 @@ class Trainer(Stateful):
         self._health = self._fresh_health()
         self.loader.load_state_dict({name: int(progress[f"loader_{name}"]) for name in _LOADER_FIELDS})
 
+    def state_identity(self) -> dict:
+        """What a training state of this run belongs to (ambient_fast.training.state): the data set
+        (its checksum, count and shape), the number of ranks, the network's parameter shapes."""
+        data = dict(path=str(self.dataset.path), checksum=self.dataset.checksum, images=len(self.dataset),
+                    shape=list(self.dataset.shape))
+        return dict(data=data, ranks=self.world.size,
+                    network={name: list(p.shape) for name, p in self.net.named_parameters()})
+
     def _load_newest_state(self) -> Path:
-        """Load the newest intact training state (collective), report the newer ones refused, and
-        return its directory."""
-        state, refused = load_newest_intact_state(self.run_dir, self.world, self)
+        """Load the newest intact training state (collective), report the newer ones refused as
+        damaged, and return its directory; IncompatibleState when it does not fit this run."""
+        state, refused = load_newest_intact_state(self.run_dir, self.world, self, self.state_identity())
         if self.world.is_main:
             for line in refused:
                 print(line, flush=True)
@@ -464,7 +538,8 @@ class Trainer(Stateful):
         return out
 
     def _save_state(self) -> Path:
-        return save_training_state(self.run_dir, self.step, self.world, self, keep=self.cfg.keep)
+        return save_training_state(self.run_dir, self.step, self.world, self, keep=self.cfg.keep,
+                                   identity=self.state_identity())
 
     def snapshot(self):
         self.check_health()  # never save a state that a roll-back due would have replaced
