@@ -1,9 +1,12 @@
 """The trainer: the default run end to end (shortened), exact resumption (one process; two ranks
 under torchrun with FSDP2 and DDP in tests/test_cuda_config.py, in CUDA's configuration), SIGTERM,
 roll-back on divergence, bad input."""
+import contextlib
+import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ambient_fast.training.config import TrainConfig
+from ambient_fast.files.images import load_png
+from ambient_fast.training.config import EXIT_INTERRUPTED, TrainConfig
 from ambient_fast.data.batches import dali_available
 from ambient_fast.data.loader import make_loader
 from ambient_fast.train import main
@@ -42,18 +46,89 @@ def assert_same_weights(a, b):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def test_default_run_end_to_end(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["--out", str(run), *FAST]) == 0
-    printed = capsys.readouterr().out
-    for name in ("network-final.safetensors", "samples.png", "inputs.png", "overview.png", "stats.jsonl", "config.json"):
+def run_main(*argv):
+    """(exit status, stdout, stderr) of the train command's main() in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default run, shortened: (its folder, what it printed)."""
+    run = tmp_path_factory.mktemp("default") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AMBIENT_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        code, printed, err = run_main("--out", run, *FAST)
+    assert code == 0, err
+    return run, printed
+
+
+def test_default_run_end_to_end(default_run):
+    run, printed = default_run
+    for name in ("network-final.safetensors", "samples.png", "inputs.png", "overview.png", "stats.jsonl", "config.json",
+                 "log.txt"):
         assert (run / name).is_file(), name
-        assert name in printed or name in ("samples.png", "inputs.png", "config.json"), name
-    assert "kernels:" in printed and "parallel none" in printed
+        assert name in printed or name == "config.json", name
     assert len(state_dirs(run)) <= 2 and state_dirs(run)[-1].name.endswith("000000004")
     assert (run / "network-snapshot-000000002.safetensors").is_file()
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     assert stats[-1]["Progress/step"] == 4 and stats[-1]["Loss/loss"]["mean"] > 0
+    # The summary: a short labelled table first, the full detail in log.txt alone.
+    labels = [line.split()[0] for line in printed.splitlines()[:9]]
+    assert labels == ["data", "corruption", "model", "training", "parallelism", "precision", "settings", "kernels",
+                      "run"], printed[:2000]
+    assert "parallel none" in printed and "(the built-in synthetic set)" in printed
+    log = (run / "log.txt").read_text()
+    assert log.startswith("--- ") and "detail: " in log and "kernels:" in log and "detail: " not in printed
+    assert [line for line in printed.splitlines() if line not in log.splitlines()] == []  # all it showed
+    # Progress, then the pictures, PSNR and the next commands with the run's own paths.
+    assert "training: 4/4 steps (100%)" in printed and "sampling: 4/4 images (100%)" in printed
+    assert "held-out images restored in one step" in printed and "dB PSNR" in printed
+    data = synthetic_path(printed)
+    assert f"python -m ambient_fast.sample --net {run / 'network-final.safetensors'} --out samples" in printed
+    assert f"python -m ambient_fast.restore --net {run / 'network-final.safetensors'} --input {data}" in printed
+    assert f"python -m ambient_fast.evaluate --samples samples --reference {data}" in printed
+
+
+def synthetic_path(printed: str) -> str:
+    """The data set's path, from the summary's data row."""
+    return next(line.split()[1] for line in printed.splitlines() if line.startswith("data "))
+
+
+def test_overview_shows_inputs_samples_clean_and_restorations(default_run):
+    """overview.png: labelled panels of the images themselves, upscaled (nearest) to tiles a person can
+    see: the samples of samples.png among them, the held-out restorations below."""
+    run, _ = default_run
+    overview, samples = load_png(run / "overview.png"), load_png(run / "samples.png")
+    tile = samples[1:17, 1:17]  # samples.png's first image (16x16, a pixel of padding around)
+    big = np.repeat(np.repeat(tile, 4, axis=0), 4, axis=1)
+    corners = np.argwhere((overview[:-63, :-63] == big[0, 0]).all(axis=-1))
+    found = [(r, c) for r, c in corners if np.array_equal(overview[r:r + 64, c:c + 64], big)]
+    assert found, "the first sample, upscaled 4x, is not in overview.png"
+    top, left = found[0]
+    assert (overview[:top, left:left + 64] < 128).any(), "no label above the samples panel"
+    assert overview.shape[0] > 2 * (64 + 20)  # a second row of panels: the restorations
+
+
+def test_resuming_a_finished_run_does_nothing_unless_steps_grow(default_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(default_run[0], run)
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run.rglob("*")
+              if path.is_file() and path.name not in ("log.txt", ".lock")}
+    code, printed, err = run_main("--resume", run)
+    assert code == 0, err
+    assert "is finished (step 4 of --steps 4): nothing to do" in printed and "--steps 8" in printed
+    assert "sampling" not in printed and "training:" not in printed
+    after = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run.rglob("*")
+             if path.is_file() and path.name not in ("log.txt", ".lock")}
+    assert after == before  # no file written, none rewritten
+    assert (run / "log.txt").read_text().count("\n--- ") == 1  # the second session, appended
+    code, printed, err = run_main("--resume", run, "--steps", "6")
+    assert code == 0, err
+    assert "training: 6/6 steps (100%)" in printed
+    assert json.loads((run / "stats.jsonl").read_text().splitlines()[-1])["Progress/step"] == 6
 
 
 def test_resume_is_exact_in_one_process(tmp_path):
@@ -132,14 +207,17 @@ def test_sigterm_writes_state_and_resume_finishes_exactly(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
     if "interrupted at step" not in out:
+        assert process.returncode == 0, err
         pytest.skip("the run finished before the signal arrived")
+    assert process.returncode == EXIT_INTERRUPTED, err  # a script tells it from a finished run (0) or an error (1)
     assert state_dirs(stopped), "no training state written on SIGTERM"
     resumed = subprocess.run([sys.executable, "-m", "ambient_fast.train", "--resume", str(stopped)], capture_output=True,
                              text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(final_weights(straight), final_weights(stopped))
+    log = (stopped / "log.txt").read_text()  # both sessions, the second appended
+    assert log.count("--- ") == 2 and log.index("interrupted at step") < log.index("done: 40 steps")
 
 
 def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path):
