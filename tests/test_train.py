@@ -18,6 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ambient_fast.data.format import write_dataset
+from ambient_fast.data.synthetic import clean_twin
+from ambient_fast.evaluation.metrics import frechet_distance, pixel_features
 from ambient_fast.files.images import load_png
 from ambient_fast.training.config import EXIT_INTERRUPTED, TrainConfig
 from ambient_fast.data.batches import dali_available
@@ -129,6 +132,58 @@ def test_resuming_a_finished_run_does_nothing_unless_steps_grow(default_run, tmp
     assert code == 0, err
     assert "training: 6/6 steps (100%)" in printed
     assert json.loads((run / "stats.jsonl").read_text().splitlines()[-1])["Progress/step"] == 6
+
+
+def eval_grid_images(path, count: int, size: int = 16) -> np.ndarray:
+    """The images of an --eval-every grid (files.images.grid: a pixel of padding, near-square), uint8 (N, C, H, W)."""
+    picture, columns = load_png(path), math.ceil(math.sqrt(count))
+    tiles = [picture[1 + r * (size + 1): 1 + r * (size + 1) + size, 1 + c * (size + 1): 1 + c * (size + 1) + size]
+             for r, c in (divmod(i, columns) for i in range(count))]
+    return np.stack(tiles).transpose(0, 3, 1, 2)
+
+
+def test_tensorboard_and_evaluations_during_training(default_run, tmp_path):
+    """--log tensorboard --eval-every 2: stats.jsonl records the Fréchet distance of each grid's samples
+    against the held-out clean images; TensorBoard's own reader finds every scalar of stats.jsonl
+    with its values and the sample grids; and the training is bit for bit the default run's."""
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra is not installed: pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    code, printed, err = run_main("--out", run, *FAST, "--log", "tensorboard", "--eval-every", "2", "--eval-samples", "8")
+    assert code == 0, err
+    assert_same_weights(final_weights(default_run[0]), final_weights(run))
+    assert "evaluation   every 2 steps: 8 samples" in printed and "Fréchet distance" in printed
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    evaluated = {line["Progress/step"]: line for line in stats if "Eval/frechet_distance" in line}
+    assert sorted(evaluated) == [2, 4]
+    held_out = np.load(clean_twin(Path(synthetic_path(printed))) / "held_out.npy")
+    for step, line in evaluated.items():
+        samples = eval_grid_images(run / f"eval-{step:09d}.png", 8)
+        assert line["Eval/frechet_distance"] == frechet_distance(pixel_features(samples), pixel_features(held_out))
+        assert line["Eval/samples"] == 8 and line["Eval/reference_floor"] > 0
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {name for line in stats for name in line if name != "timestamp"}
+    assert scalars <= set(events.Tags()["scalars"])
+    for name in scalars:
+        expected = {line["Progress/step"]: line[name]["mean"] if isinstance(line[name], dict) else line[name]
+                    for line in stats if name in line}
+        assert {event.step: event.value for event in events.Scalars(name)} == pytest.approx(expected, rel=1e-6), name
+    images = {tag: events.Images(tag) for tag in ("Eval/samples", "Samples/overview")}
+    assert [event.step for event in images["Eval/samples"]] == [2, 4] and images["Samples/overview"][-1].step == 4
+    overview = load_png(run / "overview.png")
+    assert (images["Samples/overview"][-1].height, images["Samples/overview"][-1].width) == overview.shape[:2]
+
+
+def test_evaluation_needs_clean_references_for_other_data(tmp_path):
+    data = tmp_path / "data"
+    images = np.random.default_rng(0).integers(0, 256, (8, 3, 16, 16), dtype=np.uint8)
+    write_dataset(data, images, np.ones(images.shape, bool), dict(kind="dust", p=0.5, delta=0.1, shared_channels=True))
+    code, _, err = run_main("--data", data, "--out", tmp_path / "run", *FAST, "--eval-every", "2")
+    assert code == 1 and err.startswith("error: --eval-reference") and "clean images" in err, err
+    assert not (tmp_path / "run" / "stats.jsonl").exists()  # refused before any step
 
 
 def test_resume_is_exact_in_one_process(tmp_path):
@@ -369,6 +424,7 @@ def test_training_is_bitwise_the_recorded_run(tmp_path, case):
     (["--delta", "1.5"], "--delta"),
     (["--batch", "6", "--batch-gpu", "4"], "--batch-gpu"),
     (["--resume", "/nonexistent/run"], "config.json"),
+    (["--eval-reference", "clean/"], "--eval-every"),
 ])
 def test_bad_input_errors(argv, message, capsys, tmp_path):
     out = [] if "--resume" in argv else ["--out", str(tmp_path / "run")]  # --resume trains in its own folder
@@ -430,3 +486,23 @@ def test_box_data_sets_train_with_a_second_box(tmp_path, kind, p):
     finally:
         trainer.close()
     assert main(["--data", str(data), "--out", str(tmp_path / "dust-B"), "--further", "dust", *FAST]) == 1
+
+
+def test_wandb_tracker_offline_resumes_its_run(tmp_path, monkeypatch):
+    """--log wandb (extra [wandb]; offline here: nothing leaves the machine): the run's W&B files land in
+    the run folder, and a resumed run continues the same W&B run."""
+    pytest.importorskip("wandb", reason="the [wandb] extra is not installed: pip install wandb")
+    from ambient_fast.training.tracking import WANDB_ID, open_tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for start in (0, 2):
+        tracker = open_tracker("wandb", tmp_path, {"steps": 4}, start)
+        tracker.log({"Loss/loss": {"mean": 1.5, "std": 0.1, "num": 2}, "Progress/step": start + 2, "timestamp": 0.0},
+                    step=start + 2)
+        tracker.image("Samples/overview", np.zeros((8, 8, 3), np.uint8), start + 2)
+        ids.append(tracker.run.id)
+        tracker.close()
+    assert ids[0] == ids[1] == (tmp_path / WANDB_ID).read_text().strip()
+    assert any(path.name.endswith(f"-{ids[0]}") for path in (tmp_path / "wandb").iterdir())
