@@ -311,6 +311,7 @@ class Trainer(Stateful):
                         self.check_health()  # a roll-back due moves self.step back: the tests below see it
                     if self.step % cfg.snapshot_every == 0 and self.step < cfg.steps:
                         self.snapshot()
+                    progress.update(completed=self.step)  # before an evaluation: it shows the step it scores
                     if logging_due():
                         fields = self.evaluate(evaluation, progress) if evaluation_due() else {}
                         rate = (self.step - start_step) * cfg.batch / max(time.time() - start_time - self._paused, 1e-9)
@@ -322,7 +323,6 @@ class Trainer(Stateful):
                         progress.update(info=f"loss {mean:.4g} | lr {self.lr:.2e} | {rate:.0f} img/s"
                                              + (f" | Fréchet distance {scored:.3g}" if scored is not None else "")
                                              + reporting.gpu_info(self.device))
-                    progress.update(completed=self.step)
                     if self._should_stop(collective=log_step):
                         self.snapshot()
                         if world.is_main:
