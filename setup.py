@@ -24,8 +24,10 @@ setup(
         # The tests exercise the Triton kernels (interpreter mode on CPU), the DALI pipeline,
         # fine-tuning diffusers models, and bench/science.py end to end (its histogram needs
         # matplotlib), and check the metrics against scipy (the package itself uses neither).
-        "test": ["pytest>=8", "triton>=3.6; platform_system == 'Linux'", "nvidia-dali-cuda130>=1.40", "scipy>=1.10",
-                 "matplotlib>=3.5", "diffusers>=0.42", "tensorboard>=2.14"],
+        # pytest-xdist: the README's test command runs the suite on two workers; tensorboard: the
+        # test of train --log tensorboard reads the event files back with tensorboard's own reader.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "triton>=3.6; platform_system == 'Linux'",
+                 "nvidia-dali-cuda130>=1.40", "scipy>=1.10", "matplotlib>=3.5", "diffusers>=0.42", "tensorboard>=2.14"],
         "kernels": ["triton>=3.6; platform_system == 'Linux'"],
         "dali": ["nvidia-dali-cuda130>=1.40"],
         # python -m ambient_fast.finetune and diffusers directories in sample / restore. diffusers
