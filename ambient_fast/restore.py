@@ -147,19 +147,25 @@ def _run(cfg: RestoreConfig, scratch) -> int:
                  "lower --batch", device=str(device))
     clean = _clean_references(cfg, count) if not cfg.masks or cfg.clean else None
 
+    from ambient_fast.training.console import WorkProgress
+
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     restored, inputs = [], []
-    for start in range(0, count, cfg.batch):
-        indices = np.arange(start, min(start + cfg.batch, count))
-        observed, mask, labels = dataset.get(indices)
-        mask_t = torch.from_numpy(mask).float().to(device)
-        y = from_uint8(torch.from_numpy(observed).to(device)) * mask_t
-        label_t = torch.from_numpy(labels).to(device) if model.label_dim else None
-        restored.append(to_uint8(restore(model, y, mask_t, cfg.sigma, label_t, generator, cfg.add_noise)))
-        inputs.append(to_uint8(y))
+    with WorkProgress("restoring", count, "images") as progress:  # then writing: one more pass over the images
+        for start in range(0, count, cfg.batch):
+            indices = np.arange(start, min(start + cfg.batch, count))
+            observed, mask, labels = dataset.get(indices)
+            mask_t = torch.from_numpy(mask).float().to(device)
+            y = from_uint8(torch.from_numpy(observed).to(device)) * mask_t
+            label_t = torch.from_numpy(labels).to(device) if model.label_dim else None
+            restored.append(to_uint8(restore(model, y, mask_t, cfg.sigma, label_t, generator, cfg.add_noise)))
+            inputs.append(to_uint8(y))
+            progress.update(advance=len(indices))
     restored, inputs = np.concatenate(restored), np.concatenate(inputs)
-    for index, array in enumerate(restored):
-        save_png(array, out / f"{index:06d}.png")
+    with WorkProgress("writing", count, "images") as progress:
+        for index, array in enumerate(restored):
+            save_png(array, out / f"{index:06d}.png")
+            progress.update(advance=1)
 
     shown = min(count, 32)
     rows = [inputs[:shown], restored[:shown]]
