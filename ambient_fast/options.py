@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 __all__ = ["GATES", "MASK_KINDS", "FURTHER_KINDS", "CORRUPTIONS", "LOADER_KINDS", "PARALLEL_KINDS",
-           "FINETUNE_WEIGHTINGS", "SOLVERS", "POSTERIOR_METHODS", "Bounds", "SEED_BOUNDS", "GENERATOR_SEED_BOUNDS",
-           "Options", "UsageError", "at_least", "above", "between", "option", "device_option",
+           "FINETUNE_WEIGHTINGS", "SOLVERS", "POSTERIOR_METHODS", "LOGGERS", "Bounds", "SEED_BOUNDS",
+           "GENERATOR_SEED_BOUNDS", "Options", "UsageError", "at_least", "above", "between", "option", "device_option",
            "overwrite_option", "build_parser", "parse", "flag_of", "numeric_type", "INPUT", "OUTPUT"]
 
 INPUT, OUTPUT = "input", "output"  # the role of a path field: read by the command, or written by it
@@ -45,6 +45,7 @@ PARALLEL_KINDS = ("fsdp", "ddp", "none")                     # training.parallel
 FINETUNE_WEIGHTINGS = ("x0", "snr")                          # objective.objective.DiscreteVPSchedule
 SOLVERS = ("heun", "euler")                                  # sampling.samplers
 POSTERIOR_METHODS = ("ambient", "tweedie", "dps")            # sampling.restoration.posterior_method
+LOGGERS = ("none", "tensorboard", "wandb")                   # training.tracking: train --log
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 

@@ -208,7 +208,6 @@ def _run(cfg: RestoreConfig, scratch) -> int:
 
     import numpy as np
     import torch
-    from rich.progress import Progress
 
     from ambient_fast.evaluation.metrics import psnr, ssim
     from ambient_fast.evaluation.restoration import lpips_distance, restore
@@ -219,6 +218,7 @@ def _run(cfg: RestoreConfig, scratch) -> int:
     from ambient_fast.sampling.restoration import MaskedImages, least_squares, posterior_restorations
     from ambient_fast.sampling.samplers import sampling_sigmas
     from ambient_fast.training.settings import defaults_target, resolve_sampling
+    from ambient_fast.training.console import WorkProgress
 
     check_output_place(cfg.out, "--out", cfg.paths(INPUT))
     _check_input(cfg)
@@ -256,8 +256,7 @@ def _run(cfg: RestoreConfig, scratch) -> int:
 
     restored, spreads = np.empty((count, shape[1], shape[2], shape[0]), np.uint8), []
     began = time.perf_counter()
-    with Progress() as progress:
-        task = progress.add_task("restoring", total=count)
+    with WorkProgress("restoring", count, "images") as progress:
         if posterior is None:
             for start in range(0, count, cfg.batch):
                 measurement, y, labels = source.measurements(np.arange(start, min(start + cfg.batch, count)),
@@ -266,7 +265,7 @@ def _run(cfg: RestoreConfig, scratch) -> int:
                 restored[start:start + len(y)] = to_uint8(result)
                 for index in range(start, start + len(y)):
                     save_png(restored[index], out / f"{index:06d}.png")
-                progress.advance(task, len(y))
+                progress.update(advance=len(y))
         else:
             for index, samples in posterior_restorations(model, source, range(count), samples=cfg.samples, seed=cfg.seed,
                                                          batch=cfg.batch, settings=posterior, device=device):
@@ -278,7 +277,7 @@ def _run(cfg: RestoreConfig, scratch) -> int:
                     spreads.append(spread)
                     save_png(spread, out / f"{index:06d}-spread.png")
                     save_png(grid(list(to_uint8(samples)), columns=cfg.samples), out / f"{index:06d}-samples.png")
-                progress.advance(task)
+                progress.update(advance=1)
     seconds = time.perf_counter() - began
 
     shown = min(count, 32)

@@ -120,13 +120,14 @@ def sample(cfg: SampleConfig) -> int:
     from pathlib import Path
 
     import torch
-    from rich.progress import Progress
 
     from ambient_fast.files.atomic import check_output_place, claim_output, write_json
     from ambient_fast.files.checkpoints import load_network
     from ambient_fast.files.images import grid, load_png, save_png, to_uint8
     from ambient_fast.sampling.samplers import PerSeedGenerators, ambient_sample, sampling_sigmas
+    from ambient_fast.training.console import WorkProgress
     from ambient_fast.training.distributed import close_world, init_world
+    from ambient_fast.training.reporting import progress_per_evaluation, sampler_evaluations
 
     try:
         seeds = parse_seeds(cfg.seeds)
@@ -171,8 +172,9 @@ def sample(cfg: SampleConfig) -> int:
         print(f"sampling {len(seeds)} images from {loaded.source} on {device} ({world.size} process(es)): "
               f"{cfg.steps} {cfg.solver} steps, survival {survival:.3f}, {cfg.guidance_masks} mask(s), "
               f"guidance {cfg.guidance}, {'fast' if fast else 'exact'} path ({settings.describe()})")
-    with Progress(disable=not world.is_main) as progress:
-        task = progress.add_task("sampling", total=len(mine))
+    # Progress in images, moved per network evaluation on the CPU (this rank's images: the ranks go at one pace).
+    evaluations = sampler_evaluations(cfg.steps, cfg.solver, cfg.guidance_masks if cfg.guidance else 1)
+    with WorkProgress("sampling", len(mine), "images", enabled=world.is_main) as progress:
         for start in range(0, len(mine), cfg.batch):
             batch_seeds = mine[start:start + cfg.batch]
             # The fast path pads every batch to --batch: one static shape, so the same kernels run
@@ -183,14 +185,15 @@ def sample(cfg: SampleConfig) -> int:
             if model.label_dim:
                 labels = torch.nn.functional.one_hot(torch.full((len(padded),), cfg.class_index),
                                                      model.label_dim).float().to(device)
-            images = ambient_sample(model, latents, masks, num_steps=cfg.steps, solver=cfg.solver,
-                                    guidance=cfg.guidance, class_labels=labels, S_churn=cfg.churn,
-                                    randn_like=generators.randn_like,
-                                    dtype=torch.float32 if cfg.float32 else torch.float64, fast=fast,
-                                    **sampling_sigmas(loaded))
+            with progress_per_evaluation(model, len(batch_seeds), evaluations,
+                                         lambda done: progress.update(completed=done), done=start):
+                images = ambient_sample(model, latents, masks, num_steps=cfg.steps, solver=cfg.solver,
+                                        guidance=cfg.guidance, class_labels=labels, S_churn=cfg.churn,
+                                        randn_like=generators.randn_like,
+                                        dtype=torch.float32 if cfg.float32 else torch.float64, fast=fast,
+                                        **sampling_sigmas(loaded))
             for seed, array in zip(batch_seeds, to_uint8(images)):
                 save_png(array, out / f"{seed:06d}.png")
-            progress.advance(task, len(batch_seeds))
     world.barrier()
     if world.is_main:
         save_png(grid([load_png(out / f"{seed:06d}.png") for seed in seeds]), out / "grid.png")

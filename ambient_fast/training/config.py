@@ -12,10 +12,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ambient_fast.files.atomic import read_json
-from ambient_fast.options import (FINETUNE_WEIGHTINGS, FURTHER_KINDS, GATES, INPUT, LOADER_KINDS, OUTPUT,
+from ambient_fast.options import (FINETUNE_WEIGHTINGS, FURTHER_KINDS, GATES, INPUT, LOADER_KINDS, LOGGERS, OUTPUT,
                                   PARALLEL_KINDS, SEED_BOUNDS, Options, above, at_least, between, device_option, option)
+from ambient_fast.training.tracking import check_available
 
-__all__ = ["TrainConfig", "FinetuneConfig", "ARCHS", "PRESETS", "preset_for", "add_run_options", "config_from_args"]
+__all__ = ["TrainConfig", "FinetuneConfig", "ARCHS", "PRESETS", "preset_for", "add_run_options", "config_from_args",
+           "EXIT_INTERRUPTED"]
+
+# The exit status of a run stopped by SIGTERM or Ctrl-C after saving its state (1 stays an error's,
+# 0 a finished run's): a script can tell the three apart and resume the interrupted one.
+EXIT_INTERRUPTED = 3
 
 ARCHS = {  # --arch -> (model_type, architecture arguments that define it)
     "ddpmpp": ("SongUNet", dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
@@ -116,6 +122,24 @@ class TrainConfig(Options):
     sample_count: int = option(64, "images in the final sample grid", bounds=at_least(1), resumable=True)
     verify_data: bool = option(True, "check the data set's checksums and content at start (off: very large sets)",
                                resumable=True)
+    log: str = option("none", "also send stats.jsonl's scalars and the sample grids to TensorBoard (OUT/tensorboard/) "
+                              "or Weights & Biases (online or offline as wandb is set up, e.g. WANDB_MODE=offline)",
+                      choices=LOGGERS, resumable=True)
+    eval_every: int = option(0, "steps between evaluations during training: a grid of --eval-samples samples of the "
+                                "EMA network (OUT/eval-STEP.png) and their Fréchet distance in pixels against "
+                                "--eval-reference, in stats.jsonl (0: none)", bounds=at_least(0), resumable=True)
+    eval_samples: int = option(256, "samples drawn at each evaluation (fixed seeds 0..N-1)", bounds=at_least(2),
+                               resumable=True)
+    eval_reference: Optional[str] = option(None, "clean reference images for --eval-every: a folder of PNGs or a "
+                                           "uint8 .npy (N, C, H, W)", role=INPUT, resumable=True,
+                                           default_text="the built-in set's held-out clean images (required for "
+                                                        "other data)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_available(self.log)
+        if self.eval_reference is not None and not self.eval_every:
+            raise ValueError("--eval-reference is only used with --eval-every N")
 
     def model_size(self, resolution: int) -> dict:
         """The network's size for images of `resolution`: the preset's, with the given fields over it."""
@@ -215,7 +239,9 @@ class FinetuneConfig(TrainConfig):
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """--resume and --overwrite: how a run treats the folder it trains in (not part of its config)."""
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR up to --steps in total, with its "
-                        "saved options (only those marked resumable may change)")
+                        "saved options (only those marked resumable may change); a finished run does nothing unless "
+                        f"--steps grows. A run stopped by SIGTERM or Ctrl-C saves its state and exits with status "
+                        f"{EXIT_INTERRUPTED} (0: finished, 1: an error)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run in --out (only what a run writes; by default a non-empty --out is "
                              "refused)")
