@@ -87,9 +87,13 @@ class WarmStartTrainer(Trainer):
     def interrupted_message(self) -> str:
         return f"interrupted at step {self.step}: state saved; continue with {self.resume_hint}"
 
-    def write_samples(self, network_path: Path) -> Path:
-        """None here: the round's record draws the samples (with the completion's solver settings)."""
-        return self.run_dir.parent / "samples.png"
+    def write_samples(self, network_path: Path, on_progress=None):
+        """None drawn here: the round's record draws the samples (with the completion's solver
+        settings) into the round's samples.png, which the trainer's summary names."""
+        from ambient_fast.training.reporting import Pictures
+
+        grid_path = self.run_dir.parent / "samples.png"
+        return Pictures(overview=grid_path, samples=grid_path)
 
 
 class CompletionRounds:
