@@ -1,5 +1,9 @@
 """Parallelism applied to a built model, in a fixed order: the activations' memory format, then
-torch.compile per U-Net block, then FSDP2 per block and the U-Net root; or DDP; or nothing.
+torch.compile per U-Net block, then FSDP2 per block and the model as the root; or DDP; or nothing.
+
+The root is the whole model, not its U-Net: parameters outside the U-Net (EDM2's log-variance head,
+`EDM2Precond.logvar_linear`) must be sharded too, or FSDP2 would not reduce their gradients and each
+rank's copy would drift apart (tests/test_parallel.py compares two ranks with one process).
 
 One numerical policy for every kind: fp32 parameters, bf16 computation by autocast (the trainer's),
 gradients reduced in fp32. FSDP2 therefore gathers fp32 parameters and casts nothing itself: with a
@@ -54,7 +58,7 @@ def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.d
         policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)  # see the module docstring
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(unet, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: every parameter outside the blocks
         return model
     if kind == "ddp":
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -103,5 +107,5 @@ def gradient_sync(model: torch.nn.Module, kind: str, enabled: bool):
     if kind == "ddp" and not enabled:
         return model.no_sync()
     if kind == "fsdp":
-        model.model.set_requires_gradient_sync(enabled)
+        model.set_requires_gradient_sync(enabled)  # the root and every block under it
     return contextlib.nullcontext()

@@ -72,7 +72,9 @@ def sample_grids(network_path: Path, dataset, out: Path, count: int, device: tor
                  memory_format: torch.memory_format = torch.contiguous_format) -> Path:
     """Sample `count` images from the network saved at `network_path` (the fixed-mask sampler at its
     training survival) and write samples.png, inputs.png (the first corrupted training images) and
-    overview.png (inputs | samples) to `out`; returns overview.png's path."""
+    overview.png (inputs | samples) to `out`; returns overview.png's path. A latent set's samples and
+    inputs are decoded by its autoencoder."""
+    from ambient_fast.data.latents import LatentCodec
     from ambient_fast.files.checkpoints import load_network
     from ambient_fast.files.images import grid, save_png, to_uint8
     from ambient_fast.sampling.samplers import ambient_sample, sampling_sigmas, seeded_inputs
@@ -85,9 +87,15 @@ def sample_grids(network_path: Path, dataset, out: Path, count: int, device: tor
     labels: Optional[torch.Tensor] = None
     if model.label_dim:
         labels = torch.eye(model.label_dim, device=device)[torch.arange(count) % model.label_dim]
-    samples = to_uint8(ambient_sample(model, latents, masks, class_labels=labels, **sampling_sigmas(loaded)))
-    observed, _, _ = dataset.get(np.arange(min(count, len(dataset))))
-    sample_grid, input_grid = grid(list(samples)), grid(list(observed.transpose(0, 2, 3, 1)))
+    codec = LatentCodec.for_dataset(dataset, device=device) if dataset.is_latent else None
+    samples = ambient_sample(model, latents, masks, class_labels=labels, clip=codec is None, **sampling_sigmas(loaded))
+    shown = np.arange(min(count, len(dataset)))
+    if codec is None:
+        samples, inputs = to_uint8(samples), dataset.get(shown)[0].transpose(0, 2, 3, 1)
+    else:
+        stored = torch.from_numpy(dataset.get_stored(shown).values.astype(np.float32))
+        samples, inputs = codec.images(samples), codec.images(stored)
+    sample_grid, input_grid = grid(list(samples)), grid(list(inputs))
     save_png(sample_grid, out / "samples.png")
     save_png(input_grid, out / "inputs.png")
     gap = np.full((input_grid.shape[0], 4, input_grid.shape[2]), 255, np.uint8)
