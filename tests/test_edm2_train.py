@@ -1,5 +1,5 @@
-"""`train --arch edm2` end to end on the data sets the trainer takes (masked, noisy, a mixture, latents
-of a tiny AutoencoderKL with noise-level windows), exact resumption with the post-hoc EMA's profiles,
+"""`train --arch edm2` end to end on the data sets the trainer takes (masked, noisy, a mixture, crops with
+noise-level windows, latents of a tiny AutoencoderKL with windows), exact resumption with the post-hoc EMA's profiles,
 the `ema` command against a directly tracked profile, and `sample` on the latent model (decoded).
 Two FSDP2 ranks with compile and bf16: tests/test_cuda_config.py; the log-variance head under FSDP2:
 tests/test_parallel.py."""
@@ -103,8 +103,15 @@ def _mixture(images, folder):
     return mix_datasets([(masked, None), (noisy, 12)], folder)
 
 
-@pytest.mark.parametrize("make", [_noisy_set, _mixture], ids=["noisy", "mixture"])
-def test_edm2_trains_on_noisy_sets_and_mixtures(images, tmp_path, make):
+def _crops(images, folder):
+    """Masked images with noise-level windows (each crop below its sigma_max)."""
+    from ambient_fast.data.prepare import prepare_crops
+
+    return prepare_crops(images, folder, 8, max_size=4)
+
+
+@pytest.mark.parametrize("make", [_noisy_set, _mixture, _crops], ids=["noisy", "mixture", "crops"])
+def test_edm2_trains_on_noisy_sets_mixtures_and_crops(images, tmp_path, make):
     data = make(images, tmp_path / "data")
     run = tmp_path / "run"
     assert train.main(["--data", str(data), "--out", str(run), *TINY, "--steps", "2"]) == 0
