@@ -128,7 +128,7 @@ def sample(cfg: SampleConfig) -> int:
         settings = sampling_settings(cfg, device)
         loaded = load_network(cfg.net, cfg.training_options)
         # channels_last on GPUs: cuDNN's fast layout for bf16 convolutions (the fused kernels read either)
-        model, codec, survival = sampling_model(loaded, cfg, device, settings.memory_format)
+        model, codec, survival, clip = sampling_model(loaded, cfg, device, settings.memory_format)
         if model.label_dim and (cfg.class_index is None or not 0 <= cfg.class_index < model.label_dim):
             raise ValueError(f"this model is conditional on {model.label_dim} classes: pass --class in "
                              f"0..{model.label_dim - 1}")
@@ -167,7 +167,7 @@ def sample(cfg: SampleConfig) -> int:
                                                      model.label_dim).float().to(device)
             images = ambient_sample(model, latents, masks, num_steps=cfg.steps, solver=cfg.solver,
                                     guidance=cfg.guidance, class_labels=labels, S_churn=cfg.churn,
-                                    randn_like=generators.randn_like, clip=codec is None,
+                                    randn_like=generators.randn_like, clip=clip,
                                     dtype=torch.float32 if cfg.float32 else torch.float64, fast=fast,
                                     **sampling_sigmas(loaded))
             arrays = to_uint8(images) if codec is None else codec.images(images[: len(batch_seeds)])
@@ -189,14 +189,17 @@ def sample(cfg: SampleConfig) -> int:
 
 def sampling_model(loaded, cfg: SampleConfig, device, memory_format):
     """(the ambient denoiser to sample with, the LatentCodec that decodes its samples or None, the
-    sampling mask's survival) for a loaded network; ValueError for options that do not fit it."""
+    sampling mask's survival, whether to clamp each prediction to [-1, 1]) for a loaded network;
+    ValueError for options that do not fit it. Ambient pixel models clamp, as the reference's sampler
+    does; latents and plain EDM2 networks do not, as EDM2's sampler does not (`edm2_sample`)."""
     from ambient_fast.data.latents import LatentCodec
     from ambient_fast.networks import EDM2Precond
     from ambient_fast.sampling.edm2 import plain_denoiser
 
     model = loaded.model.to(device, memory_format=memory_format)
     survival = cfg.survival if cfg.survival is not None else loaded.survival
-    if isinstance(model, EDM2Precond) and not model.ambient:  # takes the image alone: no mask to sample with
+    plain = isinstance(model, EDM2Precond) and not model.ambient
+    if plain:  # takes the image alone: no mask to sample with
         if cfg.survival not in (None, 1.0) or cfg.guidance_masks > 1:
             raise ValueError("a plain EDM2 network takes no mask: drop --survival and --guidance-masks")
         model, survival = plain_denoiser(model), 1.0
@@ -215,7 +218,7 @@ def sampling_model(loaded, cfg: SampleConfig, device, memory_format):
     if codec is None and channels not in (1, 3):
         raise ValueError(f"the network makes {channels}-channel samples, which are not images: if they are latents, "
                          "give --autoencoder DIR (the diffusers AutoencoderKL that decodes them)")
-    return model, codec, survival
+    return model, codec, survival, codec is None and not plain
 
 
 if __name__ == "__main__":

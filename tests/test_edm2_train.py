@@ -1,6 +1,7 @@
 """`train --arch edm2` end to end on the data sets the trainer takes (masked, noisy, a mixture, crops with
 noise-level windows, latents of a tiny AutoencoderKL with windows), exact resumption with the post-hoc EMA's profiles,
-the `ema` command against a directly tracked profile, and `sample` on the latent model (decoded).
+the `ema` command against a directly tracked profile, and `sample` on the latent model (decoded) and on
+plain EDM2 networks (NVlabs/edm2's snapshot, a latent one with --autoencoder).
 Two FSDP2 ranks with compile and bf16: tests/test_cuda_config.py; the log-variance head under FSDP2:
 tests/test_parallel.py."""
 import numpy as np
@@ -154,3 +155,42 @@ def test_edm2_trains_on_latents_with_windows_and_samples_decoded(images, tmp_pat
     assert train.main(["--data", str(data), "--out", str(tmp_path / "masked"), *TINY, "--steps", "1",
                        "--further", "dust"]) == 1
     assert "masks do not live in latent space" in capsys.readouterr().err
+
+
+def test_sample_takes_a_plain_edm2_snapshot(tmp_path):
+    """NVlabs/edm2's snapshot (the fixture), which takes the image alone, samples through the command
+    with a mask of ones: each PNG is EDM2's sampler (`edm2_sample`) on that seed's latents."""
+    from conftest import fixture_folder
+    from ambient_fast.files.images import to_uint8
+    from ambient_fast.sampling.edm2 import edm2_sample
+    from ambient_fast.sampling.samplers import PerSeedGenerators
+
+    snapshot = fixture_folder("edm2_tiny") / "snapshot.pkl"
+    assert sample.main(["--net", str(snapshot), "--out", str(tmp_path / "out"), "--seeds", "3-4", "--steps", "3",
+                        "--float32"]) == 0
+    model = load_network(snapshot).model
+    noise, _ = PerSeedGenerators([3, 4]).sampling_inputs((3, 16, 16), 1, 1.0, False, torch.device("cpu"))
+    with torch.no_grad():
+        want = to_uint8(edm2_sample(model, noise, num_steps=3))
+    for k, seed in enumerate((3, 4)):
+        np.testing.assert_array_equal(load_png(tmp_path / "out" / f"{seed:06d}.png"), want[k])
+    assert sample.main(["--net", str(snapshot), "--out", str(tmp_path / "masked"), "--survival", "0.5"]) == 1
+
+
+def test_sample_decodes_a_plain_latent_edm2_with_the_autoencoder_given(tmp_path, capsys):
+    """A plain EDM2 of 4-channel latents: refused without an autoencoder (its samples are no images),
+    decoded into RGB PNGs of the autoencoder's size with --autoencoder."""
+    pytest.importorskip("diffusers", reason="latent sets need diffusers (the test extra installs it)")
+    from test_latents import tiny_autoencoder
+
+    from ambient_fast.files.checkpoints import save_network
+
+    tiny_autoencoder(tmp_path / "vae")
+    net = EDM2Precond(img_resolution=8, img_channels=4, ambient=False, model_channels=8, channel_mult=[1],
+                      num_blocks=1, attn_resolutions=[])
+    save_network(tmp_path / "latent.safetensors", net.eval())
+    args = ["--net", str(tmp_path / "latent.safetensors"), "--seeds", "0", "--steps", "2"]
+    assert sample.main([*args, "--out", str(tmp_path / "none")]) == 1
+    assert "--autoencoder" in capsys.readouterr().err
+    assert sample.main([*args, "--out", str(tmp_path / "out"), "--autoencoder", str(tmp_path / "vae")]) == 0
+    assert load_png(tmp_path / "out" / "000000.png").shape == (16, 16, 3)
