@@ -39,8 +39,9 @@ def one_loss(net: torch.nn.Module, data: TrainingBatch) -> torch.Tensor:
 
 
 def test_every_block_of_edm2_s_runs_compiled():
-    """EDM2-S's structure at ImageNet-64's size (16 channels wide, one block per resolution), as the trainer compiles it (the weight
-    normalisation a step of its own): every block a compiled graph, in the second forward as in the first."""
+    """EDM2-S's structure at ImageNet-64's size (16 channels wide, one block per resolution), as the
+    trainer compiles it (the weight normalisation a step of its own): every block a compiled graph, in
+    the second forward as in the first."""
     from ambient_fast.networks import EDM2Precond
 
     size = {**PRESETS["edm2-s"], "model_channels": 16, "num_blocks": 1}  # every kind of block, once
