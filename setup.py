@@ -23,14 +23,22 @@ setup(
     extras_require={
         # The tests exercise the Triton kernels (interpreter mode on CPU), the DALI pipeline,
         # fine-tuning diffusers models, and bench/science.py end to end (its histogram needs
-        # matplotlib), and check the metrics against scipy (the package itself uses neither).
-        "test": ["pytest>=8", "triton>=3.6; platform_system == 'Linux'", "nvidia-dali-cuda130>=1.40", "scipy>=1.10",
-                 "matplotlib>=3.5", "diffusers>=0.42"],
+        # matplotlib), check the metrics against scipy (the package itself uses neither), and fuzz every
+        # command's input with hypothesis (tests/test_fuzz.py). pytest-xdist: the README's test command
+        # runs the suite on two workers; tensorboard: the test of train --log tensorboard reads the event
+        # files back with tensorboard's own reader.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "triton>=3.6; platform_system == 'Linux'",
+                 "nvidia-dali-cuda130>=1.40", "scipy>=1.10", "matplotlib>=3.5", "diffusers>=0.42", "hypothesis>=6.100",
+                 "tensorboard>=2.14"],
         "kernels": ["triton>=3.6; platform_system == 'Linux'"],
         "dali": ["nvidia-dali-cuda130>=1.40"],
         # python -m ambient_fast.finetune and diffusers directories in sample / restore. diffusers
         # does not require torch, so it never replaces the pinned CPU build.
         "diffusers": ["diffusers>=0.42"],
         "bench": ["matplotlib>=3.5"],  # the memorization histograms of bench/science.py and bench/finetune.py
+        # train --log tensorboard / --log wandb: the run's scalars and sample grids in the
+        # ecosystem's trackers (torch's own SummaryWriter writes TensorBoard's event files).
+        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.16"],
     },
 )

@@ -84,6 +84,7 @@ def main(argv=None) -> int:
 
         from ambient_fast.evaluation.report import evaluate, load_clean, load_images, print_table
         from ambient_fast.files.atomic import claim_output, write_json
+        from ambient_fast.memory import check_memory
 
         if cfg.out:
             claim_output(cfg.out, "--out", folder=False, what="an evaluation report", owned=is_report,
@@ -95,6 +96,10 @@ def main(argv=None) -> int:
                                "held-out clean images of the synthetic set")
         training = (load_clean(cfg.training, "--training", "images.npy",
                                "clean originals of the synthetic training set") if cfg.training else None)
+        if cfg.features == "inception":  # each image is resized to 299 x 299 for the network
+            largest = max(len(images.array) for images in (samples, reference, training) if images is not None)
+            check_memory(2 * 4 * 3 * 299 * 299 * min(cfg.batch, largest), f"--batch {cfg.batch} of Inception inputs",
+                         "lower --batch", device=str(device))
         report = evaluate(samples, reference, training, cfg.features, cfg.weights, device, cfg.batch)
         print_table(report)
         for warning in report["warnings"]:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 __all__ = ["GATES", "MASK_KINDS", "FURTHER_KINDS", "CORRUPTIONS", "LOADER_KINDS", "PARALLEL_KINDS",
-           "FINETUNE_WEIGHTINGS", "SOLVERS", "Bounds", "SEED_BOUNDS", "Options", "UsageError", "at_least", "above", "between", "option", "device_option",
+           "FINETUNE_WEIGHTINGS", "SOLVERS", "LOGGERS", "Bounds", "SEED_BOUNDS", "GENERATOR_SEED_BOUNDS", "Options",
+           "UsageError", "at_least", "above", "between", "option", "device_option",
            "overwrite_option", "build_parser", "parse", "flag_of", "numeric_type", "INPUT", "OUTPUT"]
 
 INPUT, OUTPUT = "input", "output"  # the role of a path field: read by the command, or written by it
@@ -43,6 +44,7 @@ LOADER_KINDS = ("auto", "dali", "torch")                     # data.loader
 PARALLEL_KINDS = ("fsdp", "ddp", "none")                     # training.parallel
 FINETUNE_WEIGHTINGS = ("x0", "snr")                          # objective.objective.DiscreteVPSchedule
 SOLVERS = ("heun", "euler")                                  # sampling.samplers
+LOGGERS = ("none", "tensorboard", "wandb")                   # training.tracking: train --log
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -78,7 +80,7 @@ class Bounds:
 
 def _number(value) -> str:
     """A bound as a person reads it: 0.5, 1, 2^63 - 1."""
-    if isinstance(value, int) and value > 2 ** 32 and (value + 1) & value == 0:
+    if isinstance(value, int) and value >= 2 ** 32 - 1 and (value + 1) & value == 0:
         return f"2^{value.bit_length()} - 1"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -97,6 +99,10 @@ def between(low: float, high: float, *, low_open: bool = False, high_open: bool 
 
 # A seed: stored as a 64-bit signed integer everywhere.
 SEED_BOUNDS = Bounds(0, 2 ** 63 - 1)
+# A seed that seeds torch's CPU generator itself (prepare's masks, sample's images, restore's noise):
+# that generator keeps only the low 32 bits of its seed, so larger seeds would repeat smaller ones'
+# draws and are refused instead. A run's seed (SEED_BOUNDS) only keys hashed streams: 63 bits.
+GENERATOR_SEED_BOUNDS = Bounds(0, 2 ** 32 - 1)
 
 
 def option(default: Any, help: str, *, choices: Optional[Sequence] = None, bounds: Optional[Bounds] = None,
@@ -184,7 +190,7 @@ def _check_field(config_cls, field: dataclasses.Field, value: Any) -> None:
     if kind is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
             raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # an int is finite (and may exceed a float)
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         if meta["bounds"] is not None and value not in meta["bounds"]:
             raise ValueError(f"{name} must be {meta['bounds'].describe(kind is int)}, got {value!r}")

@@ -41,8 +41,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from ambient_fast.options import (CORRUPTIONS, INPUT, OUTPUT, SEED_BOUNDS, Options, at_least, between, build_parser,
-                                  device_option, option, overwrite_option, parse)
+from ambient_fast.options import (CORRUPTIONS, GENERATOR_SEED_BOUNDS, INPUT, OUTPUT, Options, at_least, between,
+                                  build_parser, device_option, option, overwrite_option, parse)
 
 PROG = "python -m ambient_fast.prepare"
 EXAMPLES = (
@@ -79,7 +79,7 @@ class PrepareConfig(Options):
                                        default_text="the images' own size")
     max_size: Optional[int] = option(None, "use the first N images (sorted by path)", bounds=at_least(1),
                                      default_text="all")
-    seed: int = option(0, "seed of the masks and the noise", bounds=SEED_BOUNDS)
+    seed: int = option(0, "seed of the masks and the noise", bounds=GENERATOR_SEED_BOUNDS)
     masks: Optional[str] = option(None, "import already corrupted images: a folder of mask images named like the "
                                   "images (white = observed) or a .npy of 0/1 masks", role=INPUT,
                                   default_text="none, clean images are corrupted")
@@ -196,7 +196,7 @@ class AnnotateConfig(Options):
                                      bounds=at_least(1), default_text="all")
     steps: int = option(400, "classifier training steps (batches of 64, half clean, half poor)", bounds=at_least(1))
     trials: int = option(8, "noise draws per image and level when reading the classifier", bounds=at_least(1))
-    seed: int = option(0, "seed of the classifier and its noise", bounds=SEED_BOUNDS)
+    seed: int = option(0, "seed of the classifier and its noise", bounds=GENERATOR_SEED_BOUNDS)
     device: str = device_option()
     overwrite: bool = overwrite_option("a data set")
 

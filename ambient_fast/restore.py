@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from ambient_fast.options import (INPUT, OUTPUT, SEED_BOUNDS, Options, above, at_least, build_parser, device_option,
-                                  option, overwrite_option, parse)
+from ambient_fast.options import (GENERATOR_SEED_BOUNDS, INPUT, OUTPUT, Options, above, at_least, build_parser,
+                                  device_option, option, overwrite_option, parse)
 
 RESTORE_OUTPUT = re.compile(r"^(\d+\.png|overview\.png|restore\.json)$")  # what the command writes to --out
 EXAMPLES = (
@@ -47,7 +47,7 @@ class RestoreConfig(Options):
     max_images: Optional[int] = option(None, "restore only the first N images", bounds=at_least(1),
                                        default_text="all")
     batch: int = option(256, "images per network evaluation", bounds=at_least(1))
-    seed: int = option(0, "seed of the added noise (--add-noise)", bounds=SEED_BOUNDS)
+    seed: int = option(0, "seed of the added noise (--add-noise)", bounds=GENERATOR_SEED_BOUNDS)
     device: str = device_option()
 
 
@@ -80,7 +80,12 @@ def _clean_references(cfg: RestoreConfig, count: int):
     if cfg.clean:
         path = Path(cfg.clean)
         if path.suffix == ".npy":
-            clean = np.load(path)
+            from ambient_fast.files.reading import regular_file
+
+            try:
+                clean = np.load(regular_file(path, "--clean"), allow_pickle=False)
+            except EOFError:  # numpy's word for an empty file
+                raise ValueError(f"--clean {path} is empty: give a .npy of the clean images") from None
         else:
             from ambient_fast.data.sources import ImageSource
 
@@ -111,6 +116,8 @@ def _run(cfg: RestoreConfig, scratch) -> int:
     from ambient_fast.files.atomic import check_output_place, claim_output, write_json
     from ambient_fast.files.checkpoints import load_network
     from ambient_fast.files.images import from_uint8, grid, save_png, to_uint8
+    from ambient_fast.memory import check_memory, sampling_bytes
+    from ambient_fast.sampling.samplers import sampling_sigmas
 
     check_output_place(cfg.out, "--out", cfg.paths(INPUT))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -118,6 +125,12 @@ def _run(cfg: RestoreConfig, scratch) -> int:
     if not cfg.masks and not (data_path / "meta.json").is_file():
         raise ValueError(f"{data_path} is not a prepared data set; pass --masks to restore a folder of images")
     loaded = load_network(cfg.net, cfg.training_options)
+    # The network's own largest level (a diffusers schedule's, e.g. 157), else EDM's sampling range.
+    covered = getattr(loaded.model, "sigma_max", math.inf)
+    largest = covered if math.isfinite(covered) else sampling_sigmas(loaded)["sigma_max"]
+    if cfg.sigma > largest:  # the network never saw it (and far above, float32 overflows)
+        raise ValueError(f"--sigma {cfg.sigma:g} is above the largest noise level the network covers ({largest:g}): "
+                         f"give a level in (0, {largest:g}]")
     model = loaded.model.to(device)
     # Before reading the images: an earlier restoration's outputs go (--overwrite), anything else stays.
     out = claim_output(cfg.out, "--out", owned=lambda entry: bool(RESTORE_OUTPUT.match(entry.name)),
@@ -129,21 +142,30 @@ def _run(cfg: RestoreConfig, scratch) -> int:
         raise ValueError(f"the network takes {model.img_channels // 2}x{model.img_resolution}x{model.img_resolution} "
                          f"images, the data set holds {dataset.channels}x{dataset.resolution}x{dataset.resolution}")
     count = min(len(dataset), cfg.max_images or len(dataset))
+    C, R = dataset.channels, dataset.resolution
+    check_memory(sampling_bytes(min(cfg.batch, count), C, R), f"--batch {cfg.batch} ({C}x{R}x{R} images)",
+                 "lower --batch", device=str(device))
     clean = _clean_references(cfg, count) if not cfg.masks or cfg.clean else None
+
+    from ambient_fast.training.console import WorkProgress
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     restored, inputs = [], []
-    for start in range(0, count, cfg.batch):
-        indices = np.arange(start, min(start + cfg.batch, count))
-        observed, mask, labels = dataset.get(indices)
-        mask_t = torch.from_numpy(mask).float().to(device)
-        y = from_uint8(torch.from_numpy(observed).to(device)) * mask_t
-        label_t = torch.from_numpy(labels).to(device) if model.label_dim else None
-        restored.append(to_uint8(restore(model, y, mask_t, cfg.sigma, label_t, generator, cfg.add_noise)))
-        inputs.append(to_uint8(y))
+    with WorkProgress("restoring", count, "images") as progress:  # then writing: one more pass over the images
+        for start in range(0, count, cfg.batch):
+            indices = np.arange(start, min(start + cfg.batch, count))
+            observed, mask, labels = dataset.get(indices)
+            mask_t = torch.from_numpy(mask).float().to(device)
+            y = from_uint8(torch.from_numpy(observed).to(device)) * mask_t
+            label_t = torch.from_numpy(labels).to(device) if model.label_dim else None
+            restored.append(to_uint8(restore(model, y, mask_t, cfg.sigma, label_t, generator, cfg.add_noise)))
+            inputs.append(to_uint8(y))
+            progress.update(advance=len(indices))
     restored, inputs = np.concatenate(restored), np.concatenate(inputs)
-    for index, array in enumerate(restored):
-        save_png(array, out / f"{index:06d}.png")
+    with WorkProgress("writing", count, "images") as progress:
+        for index, array in enumerate(restored):
+            save_png(array, out / f"{index:06d}.png")
+            progress.update(advance=1)
 
     shown = min(count, 32)
     rows = [inputs[:shown], restored[:shown]]

@@ -13,8 +13,9 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from ambient_fast.options import (INPUT, OUTPUT, SOLVERS, Options, at_least, between, build_parser, device_option,
-                                  option, overwrite_option, parse)
+from ambient_fast.memory import check_memory, sampling_bytes, seeds_bytes
+from ambient_fast.options import (GENERATOR_SEED_BOUNDS, INPUT, OUTPUT, SOLVERS, Options, at_least, between,
+                                  build_parser, device_option, option, overwrite_option, parse)
 
 SAMPLE_OUTPUT = re.compile(r"^(\d+\.png|grid\.png|sampling\.json)$")  # what the command writes to --out
 EXAMPLES = (
@@ -26,20 +27,33 @@ EXAMPLES = (
 )
 
 
-def parse_seeds(text: str) -> "list[int]":
-    """'0-63', '5', '1,4,9-12' -> list of seeds, each at most once (a seed names one image file)."""
-    seeds = []
+def seed_ranges(text: str) -> "list[range]":
+    """'0-63', '5', '1,4,9-12' -> one range per part, each seed checked to lie in
+    GENERATOR_SEED_BOUNDS (each image's generator keeps 32 bits of its seed); nothing expanded."""
+    ranges = []
     try:
         for part in text.split(","):
-            if "-" in part:
-                first, last = (int(v) for v in part.split("-", 1))
-                if last < first:
-                    raise ValueError
-                seeds.extend(range(first, last + 1))
-            else:
-                seeds.append(int(part))
+            first, _, last = part.partition("-") if "-" in part else (part, "", part)
+            first, last = int(first), int(last)
+            if last < first:
+                raise ValueError
+            ranges.append(range(first, last + 1))
     except ValueError:
         raise ValueError(f"--seeds takes a list like '0-63' or '1,4,9-12', got {text!r}") from None
+    outside = [r for r in ranges if r.start not in GENERATOR_SEED_BOUNDS or r.stop - 1 not in GENERATOR_SEED_BOUNDS]
+    if outside:
+        raise ValueError(f"--seeds {text}: seeds must be {GENERATOR_SEED_BOUNDS.describe(True)} (each image's "
+                         "generator keeps 32 bits of its seed: larger seeds would repeat the images of smaller ones)")
+    return ranges
+
+
+def parse_seeds(text: str) -> "list[int]":
+    """'0-63', '5', '1,4,9-12' -> list of seeds, each at most once (a seed names one image file). A
+    list larger than the machine's memory is refused before it is made."""
+    ranges = seed_ranges(text)
+    count = sum(len(r) for r in ranges)
+    check_memory(seeds_bytes(count, 0, 0), f"--seeds {text} ({count} seeds)", "sample fewer seeds at a time")
+    seeds = [seed for r in ranges for seed in r]
     repeated = sorted(seed for seed, count in collections.Counter(seeds).items() if count > 1)
     if repeated:
         raise ValueError(f"--seeds {text} lists seed(s) {repeated[:5]} more than once; each seed is one image: "
@@ -113,13 +127,14 @@ def sample(cfg: SampleConfig) -> int:
     from pathlib import Path
 
     import torch
-    from rich.progress import Progress
 
     from ambient_fast.files.atomic import check_output_place, claim_output, write_json
     from ambient_fast.files.checkpoints import load_network
     from ambient_fast.files.images import grid, load_png, save_png, to_uint8
     from ambient_fast.sampling.samplers import PerSeedGenerators, ambient_sample, sampling_sigmas
+    from ambient_fast.training.console import WorkProgress
     from ambient_fast.training.distributed import close_world, init_world
+    from ambient_fast.training.reporting import progress_per_evaluation, sampler_evaluations
 
     try:
         seeds = parse_seeds(cfg.seeds)
@@ -129,6 +144,14 @@ def sample(cfg: SampleConfig) -> int:
         loaded = load_network(cfg.net, cfg.training_options)
         # channels_last on GPUs: cuDNN's fast layout for bf16 convolutions (the fused kernels read either)
         model, codec, survival, clip = sampling_model(loaded, cfg, device, settings.memory_format)
+        C, R = model.img_channels // 2, model.img_resolution
+        check_memory(seeds_bytes(len(seeds), C, R), f"--seeds {cfg.seeds} ({len(seeds)} images of {C}x{R}x{R})",
+                     "sample fewer seeds at a time")
+        # The fast path pads every batch to --batch; the exact one samples at most the seeds given.
+        batch = cfg.batch if settings.fast else min(cfg.batch, len(seeds))
+        check_memory(sampling_bytes(batch, C, R, cfg.guidance_masks),
+                     f"--batch {cfg.batch} with --guidance-masks {cfg.guidance_masks} ({C}x{R}x{R} images)",
+                     "lower --batch or --guidance-masks", device=str(device))
         if model.label_dim and (cfg.class_index is None or not 0 <= cfg.class_index < model.label_dim):
             raise ValueError(f"this model is conditional on {model.label_dim} classes: pass --class in "
                              f"0..{model.label_dim - 1}")
@@ -153,8 +176,9 @@ def sample(cfg: SampleConfig) -> int:
         print(f"sampling {len(seeds)} images from {loaded.source} on {device} ({world.size} process(es)): "
               f"{cfg.steps} {cfg.solver} steps, survival {survival:.3f}, {cfg.guidance_masks} mask(s), "
               f"guidance {cfg.guidance}, {'fast' if fast else 'exact'} path ({settings.describe()})")
-    with Progress(disable=not world.is_main) as progress:
-        task = progress.add_task("sampling", total=len(mine))
+    # Progress in images, moved per network evaluation on the CPU (this rank's images: the ranks go at one pace).
+    evaluations = sampler_evaluations(cfg.steps, cfg.solver, cfg.guidance_masks if cfg.guidance else 1)
+    with WorkProgress("sampling", len(mine), "images", enabled=world.is_main) as progress:
         for start in range(0, len(mine), cfg.batch):
             batch_seeds = mine[start:start + cfg.batch]
             # The fast path pads every batch to --batch: one static shape, so the same kernels run
@@ -165,15 +189,16 @@ def sample(cfg: SampleConfig) -> int:
             if model.label_dim:
                 labels = torch.nn.functional.one_hot(torch.full((len(padded),), cfg.class_index),
                                                      model.label_dim).float().to(device)
-            images = ambient_sample(model, latents, masks, num_steps=cfg.steps, solver=cfg.solver,
-                                    guidance=cfg.guidance, class_labels=labels, S_churn=cfg.churn,
-                                    randn_like=generators.randn_like, clip=clip,
-                                    dtype=torch.float32 if cfg.float32 else torch.float64, fast=fast,
-                                    **sampling_sigmas(loaded))
+            with progress_per_evaluation(model, len(batch_seeds), evaluations,
+                                         lambda done: progress.update(completed=done), done=start):
+                images = ambient_sample(model, latents, masks, num_steps=cfg.steps, solver=cfg.solver,
+                                        guidance=cfg.guidance, class_labels=labels, S_churn=cfg.churn,
+                                        randn_like=generators.randn_like, clip=clip,
+                                        dtype=torch.float32 if cfg.float32 else torch.float64, fast=fast,
+                                        **sampling_sigmas(loaded))
             arrays = to_uint8(images) if codec is None else codec.images(images[: len(batch_seeds)])
             for seed, array in zip(batch_seeds, arrays):
                 save_png(array, out / f"{seed:06d}.png")
-            progress.advance(task, len(batch_seeds))
     world.barrier()
     if world.is_main:
         save_png(grid([load_png(out / f"{seed:06d}.png") for seed in seeds]), out / "grid.png")

@@ -1,11 +1,14 @@
 """`python -m ambient_fast.train`: train an ambient diffusion model on corrupted data.
 
 With no arguments: a complete small run on the built-in synthetic data set (a few minutes on a
-laptop CPU) that leaves a checkpoint, a grid of samples beside a grid of the corrupted training
-inputs, and `stats.jsonl`. With `--data DIR` (a set made by `python -m ambient_fast.prepare`): the
-real thing, unchanged under `torchrun --nproc_per_node=N` (FSDP2 by default, DDP on request; gloo
-on CPU). `--resume DIR` continues a run exactly. The options: ambient_fast.training.config; the trainer:
-ambient_fast.training.trainer.
+laptop CPU) that leaves a checkpoint, `overview.png` (labelled panels: corrupted training inputs,
+samples, their clean originals, and held-out images restored in one step with their PSNR),
+`stats.jsonl` and `log.txt`, and prints the commands to try next. With `--data DIR` (a set made
+by `python -m ambient_fast.prepare`): the real thing, unchanged under `torchrun
+--nproc_per_node=N` (FSDP2 by default, DDP on request; gloo on CPU). `--resume DIR` continues a
+run exactly (a finished one only when `--steps` grows). Exit status: 0 finished, 1 an error, 3
+interrupted by SIGTERM or Ctrl-C (its state saved: resume it). The options:
+ambient_fast.training.config; the trainer: ambient_fast.training.trainer.
 """
 import sys
 
@@ -38,13 +41,16 @@ def main(argv=None) -> int:
 
 def run(trainer_cls, cfg: TrainConfig, resume: bool, overwrite: bool) -> int:
     """Build the trainer and train; bad input, refused writes, a diverged run and missing optional
-    packages end with a message (exit status 1)."""
+    packages end with a message (exit status 1); an interrupted run exits with EXIT_INTERRUPTED.
+    Everything the console shows from here on goes to the run's log.txt too (main rank)."""
+    from ambient_fast.training.console import RunLog
     from ambient_fast.training.distributed import close_world
     from ambient_fast.training.trainer import TrainingDiverged
 
-    trainer = None
+    trainer, log = None, RunLog().open()
     try:
         trainer = trainer_cls(cfg, resume=resume, overwrite=overwrite)
+        log.attach(trainer.run_dir / "log.txt" if trainer.world.is_main else None)
         return trainer.train()
     except (ValueError, OSError, TrainingDiverged, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -58,6 +64,7 @@ def run(trainer_cls, cfg: TrainConfig, resume: bool, overwrite: bool) -> int:
         if trainer is not None:
             trainer.close()
         close_world()
+        log.close()
 
 
 if __name__ == "__main__":

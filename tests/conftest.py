@@ -14,6 +14,14 @@ import torch
 FIXTURES = Path(os.environ.get("AMBIENT_FAST_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`, the README's test command) each worker computes on one thread: two
+    workers of two threads each on CI's two cores would fight over them. Tests that compare with a
+    subprocess pass it this count (OMP_NUM_THREADS), so the comparison stays bitwise."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _interpreter_fixes():
     """The fixes Triton's interpreter needs beside its compiler in one process (the kernel tests

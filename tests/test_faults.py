@@ -38,6 +38,7 @@ from ambient_fast.restore import main as restore_main
 from ambient_fast.sample import main as sample_main
 from ambient_fast.data.synthetic import synthetic_dataset
 from ambient_fast.training.reporting import StatsLog
+from ambient_fast.training.config import EXIT_INTERRUPTED
 from ambient_fast.train import main as train_main
 from ambient_fast.training.trainer import SYNTHETIC_P, Trainer
 
@@ -220,7 +221,7 @@ def test_2_a_run_in_use_is_refused(tmp_path, capsys, synthetic):
                 code, _, err = run(capsys, train_main, *argv)
                 clear_error(code, err, run_dir, f"process {first.pid}")
             first.send_signal(signal.SIGTERM)
-            assert first.wait(timeout=120) == 0
+            assert first.wait(timeout=120) == EXIT_INTERRUPTED  # interrupted, not finished
         finally:
             first.kill()
     steps = logged_steps(run_dir)

@@ -8,14 +8,16 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 diffusers = pytest.importorskip("diffusers", reason="the [diffusers] extra is not installed (it is part of [test])")
 
 from ambient_fast.files.checkpoints import load_network  # noqa: E402
-from ambient_fast.data.synthetic import synthetic_dataset  # noqa: E402
+from ambient_fast.data.synthetic import clean_twin, synthetic_dataset  # noqa: E402
 from ambient_fast.networks.diffusers import DiffusersDenoiser, load_denoiser  # noqa: E402
 from ambient_fast.finetune import main  # noqa: E402
 from ambient_fast.training.config import FinetuneConfig  # noqa: E402
@@ -258,7 +260,12 @@ def test_sample_and_restore_clis_take_a_diffusers_directory(models, tmp_path):
 
     assert restore_main(["--net", str(run / "unet-ema"), "--input", str(models["data"]), "--out", str(tmp_path / "r"),
                          "--max-images", "4"]) == 0
-    assert json.loads((tmp_path / "r" / "restore.json").read_text())["psnr_restored"] > 0
+    report = json.loads((tmp_path / "r" / "restore.json").read_text())
+    # The report's PSNR, recomputed here from the written PNGs and the set's clean twin.
+    restored = np.stack([np.asarray(Image.open(tmp_path / "r" / f"{i:06d}.png")) for i in range(4)]).astype(np.float64)
+    clean = np.load(clean_twin(models["data"]) / "images.npy")[:4].transpose(0, 2, 3, 1).astype(np.float64)
+    mse = ((restored - clean) ** 2).reshape(4, -1).mean(1)
+    assert report["psnr_restored"] == pytest.approx(float(np.mean(10 * np.log10(255.0 ** 2 / mse))), abs=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------

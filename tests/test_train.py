@@ -1,10 +1,13 @@
 """The trainer: the default run end to end (shortened), exact resumption (one process; two ranks
 under torchrun with FSDP2 and DDP in tests/test_cuda_config.py, in CUDA's configuration), SIGTERM,
 roll-back on divergence, bad input."""
+import contextlib
 import copy
+import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ambient_fast.training.config import TrainConfig
+from ambient_fast.data.format import write_dataset
+from ambient_fast.data.synthetic import clean_twin
+from ambient_fast.evaluation.metrics import frechet_distance, pixel_features
+from ambient_fast.files.images import load_png
+from ambient_fast.training.config import EXIT_INTERRUPTED, TrainConfig
 from ambient_fast.data.batches import dali_available
 from ambient_fast.data.loader import make_loader
 from ambient_fast.train import main
@@ -43,25 +50,146 @@ def assert_same_weights(a, b):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def test_default_run_end_to_end(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["--out", str(run), *FAST]) == 0
-    printed = capsys.readouterr().out
-    for name in ("network-final.safetensors", "samples.png", "inputs.png", "overview.png", "stats.jsonl", "config.json"):
+def run_main(*argv):
+    """(exit status, stdout, stderr) of the train command's main() in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default run, shortened: (its folder, what it printed)."""
+    run = tmp_path_factory.mktemp("default") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AMBIENT_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        code, printed, err = run_main("--out", run, *FAST)
+    assert code == 0, err
+    return run, printed
+
+
+def test_default_run_end_to_end(default_run):
+    run, printed = default_run
+    for name in ("network-final.safetensors", "samples.png", "inputs.png", "overview.png", "stats.jsonl", "config.json",
+                 "log.txt"):
         assert (run / name).is_file(), name
-        assert name in printed or name in ("samples.png", "inputs.png", "config.json"), name
-    assert "kernels:" in printed and "parallel none" in printed
+        assert name in printed or name == "config.json", name
     assert len(state_dirs(run)) <= 2 and state_dirs(run)[-1].name.endswith("000000004")
     assert (run / "network-snapshot-000000002.safetensors").is_file()
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     assert stats[-1]["Progress/step"] == 4 and stats[-1]["Loss/loss"]["mean"] > 0
+    # The summary: a short labelled table first, the full detail in log.txt alone.
+    labels = [line.split()[0] for line in printed.splitlines()[:9]]
+    assert labels == ["data", "corruption", "model", "training", "parallelism", "precision", "settings", "kernels",
+                      "run"], printed[:2000]
+    assert "parallel none" in printed and "(the built-in synthetic set)" in printed
+    log = (run / "log.txt").read_text()
+    assert log.startswith("--- ") and "detail: " in log and "kernels:" in log and "detail: " not in printed
+    assert [line for line in printed.splitlines() if line not in log.splitlines()] == []  # all it showed
+    # Progress, then the pictures, PSNR and the next commands with the run's own paths.
+    assert "training: 4/4 steps (100%)" in printed and "sampling: 4/4 images (100%)" in printed
+    assert "held-out images restored in one step" in printed and "dB PSNR" in printed
+    data = synthetic_path(printed)
+    assert f"python -m ambient_fast.sample --net {run / 'network-final.safetensors'} --out samples" in printed
+    assert f"python -m ambient_fast.restore --net {run / 'network-final.safetensors'} --input {data}" in printed
+    assert f"python -m ambient_fast.evaluate --samples samples --reference {data}" in printed
+
+
+def synthetic_path(printed: str) -> str:
+    """The data set's path, from the summary's data row."""
+    return next(line.split()[1] for line in printed.splitlines() if line.startswith("data "))
+
+
+def test_overview_shows_inputs_samples_clean_and_restorations(default_run):
+    """overview.png: labelled panels of the images themselves, upscaled (nearest) to tiles a person can
+    see: the samples of samples.png among them, the held-out restorations below."""
+    run, _ = default_run
+    overview, samples = load_png(run / "overview.png"), load_png(run / "samples.png")
+    tile = samples[1:17, 1:17]  # samples.png's first image (16x16, a pixel of padding around)
+    big = np.repeat(np.repeat(tile, 4, axis=0), 4, axis=1)
+    corners = np.argwhere((overview[:-63, :-63] == big[0, 0]).all(axis=-1))
+    found = [(r, c) for r, c in corners if np.array_equal(overview[r:r + 64, c:c + 64], big)]
+    assert found, "the first sample, upscaled 4x, is not in overview.png"
+    top, left = found[0]
+    assert (overview[:top, left:left + 64] < 128).any(), "no label above the samples panel"
+    assert overview.shape[0] > 2 * (64 + 20)  # a second row of panels: the restorations
+
+
+def test_resuming_a_finished_run_does_nothing_unless_steps_grow(default_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(default_run[0], run)
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run.rglob("*")
+              if path.is_file() and path.name not in ("log.txt", ".lock")}
+    code, printed, err = run_main("--resume", run)
+    assert code == 0, err
+    assert "is finished (step 4 of --steps 4): nothing to do" in printed and "--steps 8" in printed
+    assert "sampling" not in printed and "training:" not in printed
+    after = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run.rglob("*")
+             if path.is_file() and path.name not in ("log.txt", ".lock")}
+    assert after == before  # no file written, none rewritten
+    assert (run / "log.txt").read_text().count("\n--- ") == 1  # the second session, appended
+    # A larger --steps trains a finished run further: test_resume_is_exact_in_one_process.
+
+
+def eval_grid_images(path, count: int, size: int = 16) -> np.ndarray:
+    """The images of an --eval-every grid (files.images.grid: a pixel of padding, near-square), uint8 (N, C, H, W)."""
+    picture, columns = load_png(path), math.ceil(math.sqrt(count))
+    tiles = [picture[1 + r * (size + 1): 1 + r * (size + 1) + size, 1 + c * (size + 1): 1 + c * (size + 1) + size]
+             for r, c in (divmod(i, columns) for i in range(count))]
+    return np.stack(tiles).transpose(0, 3, 1, 2)
+
+
+def test_tensorboard_and_evaluations_during_training(default_run, tmp_path):
+    """--log tensorboard --eval-every 2: stats.jsonl records the Fréchet distance of each grid's samples
+    against the held-out clean images; TensorBoard's own reader finds every scalar of stats.jsonl
+    with its values and the sample grids; and the training is bit for bit the default run's."""
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra is not installed: pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    code, printed, err = run_main("--out", run, *FAST, "--log", "tensorboard", "--eval-every", "2", "--eval-samples", "2",
+                                   "--sample-count", "2")
+    assert code == 0, err
+    assert_same_weights(final_weights(default_run[0]), final_weights(run))
+    assert "evaluation   every 2 steps: 2 samples" in printed and "Fréchet distance" in printed
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    evaluated = {line["Progress/step"]: line for line in stats if "Eval/frechet_distance" in line}
+    assert sorted(evaluated) == [2, 4]
+    held_out = np.load(clean_twin(Path(synthetic_path(printed))) / "held_out.npy")
+    for step, line in evaluated.items():
+        samples = eval_grid_images(run / f"eval-{step:09d}.png", 2)
+        assert line["Eval/frechet_distance"] == frechet_distance(pixel_features(samples), pixel_features(held_out))
+        assert line["Eval/samples"] == 2 and line["Eval/reference_floor"] > 0
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {name for line in stats for name in line if name != "timestamp"}
+    assert scalars <= set(events.Tags()["scalars"])
+    for name in scalars:
+        expected = {line["Progress/step"]: line[name]["mean"] if isinstance(line[name], dict) else line[name]
+                    for line in stats if name in line}
+        assert {event.step: event.value for event in events.Scalars(name)} == pytest.approx(expected, rel=1e-6), name
+    images = {tag: events.Images(tag) for tag in ("Eval/samples", "Samples/overview")}
+    assert [event.step for event in images["Eval/samples"]] == [2, 4] and images["Samples/overview"][-1].step == 4
+    overview = load_png(run / "overview.png")
+    assert (images["Samples/overview"][-1].height, images["Samples/overview"][-1].width) == overview.shape[:2]
+
+
+def test_evaluation_needs_clean_references_for_other_data(tmp_path):
+    data = tmp_path / "data"
+    images = np.random.default_rng(0).integers(0, 256, (8, 3, 16, 16), dtype=np.uint8)
+    write_dataset(data, images, np.ones(images.shape, bool), dict(kind="dust", p=0.5, delta=0.1, shared_channels=True))
+    code, _, err = run_main("--data", data, "--out", tmp_path / "run", *FAST, "--eval-every", "2")
+    assert code == 1 and err.startswith("error: --eval-reference") and "clean images" in err, err
+    assert not (tmp_path / "run" / "stats.jsonl").exists()  # refused before any step
 
 
 def test_resume_is_exact_in_one_process(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["--out", str(straight), *FAST, "--steps", "6"]) == 0
     assert main(["--out", str(resumed), *FAST, "--steps", "3"]) == 0
-    assert main(["--resume", str(resumed), "--steps", "6"]) == 0
+    assert main(["--resume", str(resumed), "--steps", "6"]) == 0  # a finished run, trained further
     assert_same_weights(final_weights(straight), final_weights(resumed))
 
 
@@ -133,14 +261,17 @@ def test_sigterm_writes_state_and_resume_finishes_exactly(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
     if "interrupted at step" not in out:
+        assert process.returncode == 0, err
         pytest.skip("the run finished before the signal arrived")
+    assert process.returncode == EXIT_INTERRUPTED, err  # a script tells it from a finished run (0) or an error (1)
     assert state_dirs(stopped), "no training state written on SIGTERM"
     resumed = subprocess.run([sys.executable, "-m", "ambient_fast.train", "--resume", str(stopped)], capture_output=True,
                              text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(final_weights(straight), final_weights(stopped))
+    log = (stopped / "log.txt").read_text()  # both sessions, the second appended
+    assert log.count("--- ") == 2 and log.index("interrupted at step") < log.index("done: 40 steps")
 
 
 def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path):
@@ -298,6 +429,7 @@ def test_training_is_bitwise_the_recorded_run(tmp_path, case):
     (["--delta", "1.5"], "--delta"),
     (["--batch", "6", "--batch-gpu", "4"], "--batch-gpu"),
     (["--resume", "/nonexistent/run"], "config.json"),
+    (["--eval-reference", "clean/"], "--eval-every"),
 ])
 def test_bad_input_errors(argv, message, capsys, tmp_path):
     out = [] if "--resume" in argv else ["--out", str(tmp_path / "run")]  # --resume trains in its own folder
@@ -359,3 +491,23 @@ def test_box_data_sets_train_with_a_second_box(tmp_path, kind, p):
     finally:
         trainer.close()
     assert main(["--data", str(data), "--out", str(tmp_path / "dust-B"), "--further", "dust", *FAST]) == 1
+
+
+def test_wandb_tracker_offline_resumes_its_run(tmp_path, monkeypatch):
+    """--log wandb (extra [wandb]; offline here: nothing leaves the machine): the run's W&B files land in
+    the run folder, and a resumed run continues the same W&B run."""
+    pytest.importorskip("wandb", reason="the [wandb] extra is not installed: pip install wandb")
+    from ambient_fast.training.tracking import WANDB_ID, open_tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for start in (0, 2):
+        tracker = open_tracker("wandb", tmp_path, {"steps": 4}, start)
+        tracker.log({"Loss/loss": {"mean": 1.5, "std": 0.1, "num": 2}, "Progress/step": start + 2, "timestamp": 0.0},
+                    step=start + 2)
+        tracker.image("Samples/overview", np.zeros((8, 8, 3), np.uint8), start + 2)
+        ids.append(tracker.run.id)
+        tracker.close()
+    assert ids[0] == ids[1] == (tmp_path / WANDB_ID).read_text().strip()
+    assert any(path.name.endswith(f"-{ids[0]}") for path in (tmp_path / "wandb").iterdir())

@@ -53,6 +53,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
+from ambient_fast.files import reading
 from ambient_fast.files.atomic import dumps_json, fsync_path, sha256_file, write_error
 from ambient_fast.files.places import DATASET_FORMAT, DATASET_META, is_dataset
 
@@ -68,6 +69,11 @@ VALUES, RECORDS, SIGMA_MAX = "values.npy", "records.npy", "sigma_max.npy"
 DATASET_FILES = (OBSERVED, MASKS, LABELS, VALUES, RECORDS, SIGMA_MAX, META)  # everything a data set folder holds
 RECORD = np.dtype([("masked", "u1"), ("sigma_n", "<f4"), ("sigma_min", "<f4")])
 CONTENT_DIGEST = "content_sha256"  # meta.json's checksum of its own other fields
+_INCIDENTAL = ("created", "source", CONTENT_DIGEST)  # meta.json's fields that do not change what trains
+# What meta.json may say, beyond which a number is refused rather than believed: images per set, the
+# side of an image (and its channels), classes (a one-hot label and the network's label embedding
+# are label_dim wide).
+MAX_IMAGES, MAX_SIDE, MAX_CLASSES = reading.MAX_IMAGES, 2 ** 16, 2 ** 20
 _CHECK_ROWS = 4096  # images per chunk when a whole array is scanned (bounded memory)
 _SPARE_BYTES = 1 << 20  # beyond the arrays: meta.json, directory entries, file-system blocks
 
@@ -196,25 +202,65 @@ class DatasetMeta:
 
     @classmethod
     def from_json(cls, data: dict, where: Path) -> "DatasetMeta":
+        """The metadata of meta.json's content `data`, every field checked for its type and range
+        (nothing rounded or truncated); DataError naming the field otherwise."""
         if data.get("format") != FORMAT:
             raise DataError(f"{where} is not an ambient-fast data set (format {data.get('format')!r}, "
                             f"expected {FORMAT!r})")
-        if data.get("version") not in READABLE:
+        if data.get("version") not in READABLE or isinstance(data.get("version"), bool):
             raise DataError(f"{where}: data-set format version {data.get('version')!r} is not supported "
                             f"(this ambient-fast reads versions {', '.join(map(str, READABLE))}); prepare the set again")
         try:
             records, windows, latent = data.get("records"), data.get("windows"), data.get("latent")
-            return cls(count=int(data["count"]), shape=tuple(int(v) for v in data["shape"]),
-                       label_dim=int(data["label_dim"]), corruption=dict(data["corruption"]),
-                       observed_fraction=float(data["observed_fraction"]),
-                       files={k: str(v["sha256"]) for k, v in data["files"].items()},
-                       source=str(data["source"]), created=str(data["created"]), version=int(data["version"]),
-                       values=bool(data.get("values", False)), records=None if records is None else dict(records),
-                       windows=None if windows is None else dict(windows), latent=None if latent is None else dict(latent))
-        except (KeyError, TypeError, ValueError) as error:
-            raise DataError(f"{where}: malformed meta.json ({type(error).__name__}: {error}); "
-                            "prepare the set again") from None
+            count = reading.integer(data["count"], "count", 1, MAX_IMAGES)
+            shape = tuple(reading.integer(v, "shape", 1, MAX_SIDE) for v in reading.sequence(data["shape"], "shape", 3))
+            files = reading.mapping(data["files"], "files")
+            meta = cls(count=count, shape=shape,
+                       label_dim=reading.integer(data["label_dim"], "label_dim", 0, MAX_CLASSES),
+                       corruption=reading.check_corruption(data["corruption"], "corruption"),
+                       observed_fraction=reading.number(data["observed_fraction"], "observed_fraction", 0, 1),
+                       files={name: _sha256(reading.mapping(entry, f"files.{name}").get("sha256"), f"files.{name}")
+                              for name, entry in files.items()},
+                       source=reading.text(data["source"], "source"), created=reading.text(data["created"], "created"),
+                       version=data["version"], values=reading.boolean(data.get("values", False), "values"),
+                       records=None if records is None else _check_records(records, count),
+                       windows=None if windows is None else _check_windows_summary(windows, count),
+                       latent=None if latent is None else reading.mapping(latent, "latent"))
+        except KeyError as error:
+            raise DataError(f"{where}: malformed meta.json (no {error}); prepare the set again") from None
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{where}: malformed meta.json ({error}); prepare the set again") from None
+        return meta
 
+
+def _sha256(value, what: str) -> str:
+    if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        raise ValueError(f"{what}.sha256 must be 64 hexadecimal digits, got {value!r}"[:200])
+    return value
+
+
+def _check_records(summary, count: int) -> dict:
+    """meta.json's records summary: counts of images in [0, count] that add up to count."""
+    summary = reading.mapping(summary, "records")
+    kinds = [reading.integer(summary.get(key), f"records.{key}", 0, count) for key in _COUNTS]
+    if sum(kinds[:4]) != count:
+        raise ValueError(f"records count {sum(kinds[:4])} images of {count}")
+    levels = summary.get("sigma_n_range")
+    if levels is not None:
+        low, high = (reading.number(v, "records.sigma_n_range", 0) for v in reading.sequence(levels, "records.sigma_n_range", 2))
+        if low > high:
+            raise ValueError(f"records.sigma_n_range must be [lowest, highest], got {levels}")
+    return dict(summary)
+
+
+def _check_windows_summary(summary, count: int) -> dict:
+    summary = reading.mapping(summary, "windows")
+    reading.integer(summary.get("with_sigma_max"), "windows.with_sigma_max", 0, count)
+    levels = summary.get("sigma_max_range")
+    if levels is not None:
+        for value in reading.sequence(levels, "windows.sigma_max_range", 2):
+            reading.number(value, "windows.sigma_max_range", 0)
+    return dict(summary)
 
 
 def _check_destination(dest: Path, overwrite: bool) -> None:
@@ -507,12 +553,17 @@ class CorruptedDataset:
     def __init__(self, path: Union[str, Path], verify: bool = False):
         self.path = Path(path)
         meta_path = self.path / META
+        kind = reading.special_kind(self.path) if self.path.exists() and not self.path.is_dir() else ""
+        kind = kind or reading.special_kind(meta_path)
+        if kind:
+            raise DataError(f"{self.path} is not an ambient-fast data set ({kind} where a folder with a {META} file "
+                            "should be)")
         if not meta_path.is_file():
             raise DataError(f"{self.path} is not an ambient-fast data set (no {META}); make one with "
                             "python -m ambient_fast.prepare")
         try:
             data = json.loads(meta_path.read_text())
-        except ValueError as error:
+        except (ValueError, UnicodeDecodeError) as error:
             raise DataError(f"{meta_path} is not valid JSON ({error}); prepare the set again") from None
         if not isinstance(data, dict):
             raise DataError(f"{meta_path} is not an ambient-fast data set's metadata; prepare the set again")
@@ -527,8 +578,8 @@ class CorruptedDataset:
                     SIGMA_MAX: (np.float32, (self.meta.count,))}
         for name in self.meta.array_files:
             try:
-                array = np.load(self.path / name, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as error:
+                array = np.load(reading.regular_file(self.path / name, "array file"), mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
                 raise DataError(f"{self.path / name} cannot be read ({error}); the data set is damaged") from None
             dtype, shape = expected[name]
             if array.dtype != dtype or array.shape != shape:
@@ -561,6 +612,13 @@ class CorruptedDataset:
     @property
     def label_dim(self) -> int:
         return self.meta.label_dim
+
+    @property
+    def checksum(self) -> str:
+        """sha256 of what a model trains on: meta.json's record of the arrays (their checksums), the
+        corruption, the shapes and counts; not when or from what description the set was made (a
+        set prepared again from the same images and seed has the same checksum)."""
+        return content_digest({key: value for key, value in self._meta_json.items() if key not in _INCIDENTAL})
 
     @property
     def corruption(self) -> dict:
@@ -654,7 +712,8 @@ class CorruptedDataset:
             observed_values = 0
             for start in range(0, len(self), _CHECK_ROWS):
                 rows = np.arange(start, min(start + _CHECK_ROWS, len(self)))
-                observed, masks, _ = self.get(rows)
+                observed, packed, _ = self.get_raw(rows)  # labels are checked below, not used
+                masks = unpack_masks(packed, self.shape)
                 observed_values += int(np.count_nonzero(masks))
                 if np.count_nonzero(observed[~masks]):
                     problems.append(f"{OBSERVED}: non-zero values where the mask is 0 (images {start}..)")

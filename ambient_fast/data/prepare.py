@@ -15,6 +15,10 @@ from ambient_fast.objective.corruption import make_operator
 from ambient_fast.data.format import RECORD, CorruptedDataset, DataError, DatasetWriter, corruption_record
 from ambient_fast.objective.seeds import derive_seed
 from ambient_fast.data.sources import ImageSource, mask_array, mask_folder, mask_rows, read_mask
+from ambient_fast.files import reading
+from ambient_fast.files.atomic import read_json
+from ambient_fast.files.reading import regular_file
+from ambient_fast.memory import check_memory
 from ambient_fast.options import CORRUPTIONS
 
 __all__ = ["prepare_corrupted", "import_masked", "mix_datasets", "prepare_latents", "prepare_crops",
@@ -77,41 +81,70 @@ def _chosen(source: ImageSource, max_size: Optional[int], indices) -> np.ndarray
     return chosen
 
 
-def sigma_min_values(spec, names: list[str], flag: str = "--sigma-min", absent: float = 0.0) -> Optional[np.ndarray]:
-    """float32 (len(names),) from --sigma-min (or `flag`): a number for every image, a .npy of one value
-    per image (in the source's order), a .json {image name: value} (images it leaves out: `absent`), or
-    the values themselves (an array, e.g. from `annotate`). None for no spec. DataError for a bad file,
-    a count that differs, or a negative or NaN value; infinite values only for --sigma-max (no bound)."""
+def sigma_min_values(spec, names: list[str], count: int, flag: str = "--sigma-min",
+                     absent: float = 0.0) -> Optional[np.ndarray]:
+    """float32 (count,) from --sigma-min (or `flag`, e.g. --sigma-max) for the first `count` of the
+    source's images `names`: a number for every image, a .npy of exactly one value per image of the
+    source (in its order: shape (len(names),), a real dtype), a .json {image name: value} (images it
+    leaves out: `absent`), or the `count` values themselves (an array, e.g. from `annotate`). None for
+    no spec. DataError for a file that is not a regular one, another shape or type, a name the source
+    does not hold, or a value that is negative, not finite (inf allowed where `absent` is: no bound),
+    or beyond float32's range; nothing is flattened, truncated or rounded to an integer."""
     if spec is None:
         return None
     path = Path(str(spec))
     if isinstance(spec, np.ndarray):
-        values = np.asarray(spec, np.float32).reshape(-1)
-        if len(values) != len(names):
-            raise DataError(f"{flag}: {len(values)} values for {len(names)} images")
+        values = np.asarray(spec, np.float64)
+        if values.shape != (count,):
+            raise DataError(f"{flag}: {values.shape} values for {count} images")
     else:
         try:
-            values = np.full(len(names), float(spec), np.float32)
+            values = np.full(len(names), float(spec), np.float64)
         except ValueError:
             if path.suffix == ".npy":
-                values = np.asarray(np.load(path, allow_pickle=False), np.float32).reshape(-1)
-                if len(values) < len(names):
-                    raise DataError(f"{flag} {path} holds {len(values)} values for {len(names)} images") from None
-                values = values[: len(names)]
+                values = _sigma_min_array(path, len(names), flag)
             elif path.suffix == ".json":
-                from ambient_fast.files.atomic import read_json
-
-                mapping = read_json(path)
-                unknown = sorted(set(mapping) - set(names))
-                if unknown:
-                    raise DataError(f"{flag} {path} names images the source does not hold: {unknown[:3]}") from None
-                values = np.array([float(mapping.get(name, absent)) for name in names], np.float32)
+                values = _sigma_min_mapping(path, names, flag, absent)
             else:
                 raise DataError(f"{flag} takes a number, a .npy or a .json file, got {spec!r}") from None
-    finite = np.isfinite(values) | (np.isposinf(values) if np.isinf(absent) else False)
-    if not (finite.all() and (values >= 0).all()):
-        raise DataError(f"{flag} values must be {'numbers (inf: no bound)' if np.isinf(absent) else 'finite'} and >= 0")
-    return values
+    stored = values.astype(np.float32)
+    unbounded = np.isposinf(values) if np.isinf(absent) else np.zeros(values.shape, bool)
+    good = (np.isfinite(stored) | unbounded) & (values >= 0)
+    if not good.all():
+        raise DataError(f"{flag} values must be {'numbers (inf: no bound)' if np.isinf(absent) else 'finite numbers'} "
+                        f">= 0 (and within float32's range), got {values[~good][:3].tolist()}")
+    return stored[:count]
+
+
+def _sigma_min_array(path: Path, count: int, flag: str = "--sigma-min") -> np.ndarray:
+    """float64 (count,) of a .npy of one noise level per image."""
+    try:
+        array = np.load(regular_file(path, flag), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
+        raise DataError(f"{flag} {path} cannot be read ({error})") from None
+    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise DataError(f"{flag} {path} holds {array.dtype} values; save real numbers (e.g. float32)")
+    if array.shape != (count,):
+        raise DataError(f"{flag} {path} has shape {array.shape}; it needs one value per image of the source: "
+                        f"shape ({count},)")
+    return array.astype(np.float64)
+
+
+def _sigma_min_mapping(path: Path, names: list[str], flag: str = "--sigma-min", absent: float = 0.0) -> np.ndarray:
+    """float64 (len(names),) of a .json {image name: noise level} (`absent` for the images it leaves out)."""
+    mapping = read_json(path)
+    if not isinstance(mapping, dict):
+        raise DataError(f"{flag} {path} must hold an object {{image name: noise level}}, got "
+                        f"{type(mapping).__name__}")
+    unknown = sorted(set(mapping) - set(names))
+    if unknown:
+        raise DataError(f"{flag} {path} names images the source does not hold: {unknown[:3]}")
+    try:
+        levels = {name: reading.number(value, f"{flag} {path}: the level of {name}", 0)
+                  for name, value in mapping.items()}
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    return np.array([levels.get(name, absent) for name in names], np.float64)
 
 
 def _records(masks: np.ndarray, sigma_n: float, sigma_min: Optional[np.ndarray]) -> np.ndarray:
@@ -184,7 +217,12 @@ def prepare_corrupted(source_path, dest, *, corruption: str = "dust", p: Optiona
         count = len(chosen)
         labels = None if labels is None else labels[chosen]
         side = _common_size(source, chosen, resolution)
-        minimum = sigma_min_values(sigma_min, [source.names[i] for i in chosen])
+        # A chunk's images, masks (the operator's float32 and bool) and stored rows; with noise, its
+        # float64 noise and values too.
+        check_memory(min(CHUNK, count) * source.channels * side * side * (11 + (26 if noise > 0 else 0)),
+                     f"images of {side}x{side}" + (" (--resolution)" if resolution is not None else ""),
+                     "choose a smaller --resolution")
+        minimum = sigma_min_values(sigma_min, source.names, count)
         shape = (source.channels, side, side)
         generator = torch.Generator().manual_seed(seed)
         noise_generator = torch.Generator().manual_seed(derive_seed(seed, _NOISE_STREAM))
@@ -228,7 +266,7 @@ def import_masked(source_path, masks_path, dest, *, delta: float = 0.1, max_size
         else:
             array, files = None, mask_folder(masks_path, source.names[:count])
         labels, label_dim = _labels_and_dim(source, count)
-        minimum = sigma_min_values(sigma_min, source.names[:count])
+        minimum = sigma_min_values(sigma_min, source.names, count)
         C = source.channels
         observed_values, shared = 0, True
         with DatasetWriter(dest, count=count, shape=(C, side, side), label_dim=label_dim, overwrite=overwrite,
@@ -274,13 +312,16 @@ def _same_latents(sets: "list[CorruptedDataset]") -> Optional[dict]:
 def mix_datasets(parts: "list[tuple[Path, Optional[int]]]", dest, *, overwrite: bool = False) -> Path:
     """Merge prepared sets into one: the first COUNT images of each (all for None), in the order
     given, every image keeping its record (masked or clean, its noise level, its sigma_min, its
-    sigma_max: inf in sets without windows). The sets must share resolution, channels and labels,
-    and be all pixels or all latents of one autoencoder; a set with noise makes the mixture store
-    float16 values (the others' as their exact levels). meta.json's corruption is
+    sigma_max: inf in sets without windows). Each set is verified first (`CorruptedDataset.verify`: a
+    damaged one is refused). The sets must share resolution, channels and labels, and be all pixels
+    or all latents of one autoencoder; a set with noise makes the mixture store float16 values (the
+    others' as their exact levels). meta.json's corruption is
     {"kind": "mix", "parts": [each set's path, count and corruption]}."""
     if not parts:
         raise DataError("prepare mix needs at least one SET")
     sets = [(CorruptedDataset(path), count) for path, count in parts]
+    for dataset, _ in sets:  # a damaged source must not become a mixture that verifies
+        dataset.verify()
     first = sets[0][0]
     for dataset, count in sets:
         if (dataset.shape, dataset.label_dim) != (first.shape, first.label_dim):
@@ -327,9 +368,8 @@ def prepare_latents(source_path, dest, autoencoder, *, resolution: Optional[int]
         labels, _ = _labels_and_dim(source, _count(source, max_size))
         chosen = _chosen(source, max_size, indices)
         _common_size(source, chosen, resolution)
-        names = [source.names[i] for i in chosen]
-        minimum = sigma_min_values(sigma_min, names)
-        maximum = sigma_min_values(sigma_max, names, flag="--sigma-max", absent=np.inf)
+        minimum = sigma_min_values(sigma_min, source.names, len(chosen))
+        maximum = sigma_min_values(sigma_max, source.names, len(chosen), flag="--sigma-max", absent=np.inf)
         return write_latent_dataset(dest, codec, lambda start, stop: source.read_all(chosen[start:stop], resolution),
                                     count=len(chosen), labels=None if labels is None else labels[chosen],
                                     sigma_min=minimum, sigma_max=maximum, source=source.describe(),

@@ -9,13 +9,16 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ambient_fast.data.format import DataError
+from ambient_fast.data.format import MAX_CLASSES, DataError
+from ambient_fast.files import reading
+from ambient_fast.files.reading import is_regular_file, special_kind
 
 __all__ = ["ImageSource", "image_extensions", "center_crop_resize", "mask_folder", "read_mask", "mask_array",
            "mask_rows"]
@@ -50,12 +53,23 @@ class ImageSource:
         extensions = image_extensions()
         self._zip: Optional[zipfile.ZipFile] = None
         if self.path.is_dir():
-            files = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
-        elif self.path.is_file() and zipfile.is_zipfile(self.path):
-            self._zip = zipfile.ZipFile(self.path)
+            entries = [p for p in self.path.rglob("*") if not p.is_dir()]
+            special = [p for p in entries if not is_regular_file(p) and (_is_image(p.name, extensions)
+                                                                         or p.name == LABELS_FILE)]
+            if special:
+                raise DataError(f"source {self.path}: {special[0].relative_to(self.path)} is "
+                                f"{special_kind(special[0]) or 'not a regular file'}, not an image file; "
+                                "move it out of the source")
+            files = [p.relative_to(self.path).as_posix() for p in entries if is_regular_file(p)]
+        elif is_regular_file(self.path) and zipfile.is_zipfile(self.path):
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError, EOFError) as error:
+                raise DataError(f"source {self.path} is a damaged zip file ({error})") from None
             files = [name for name in self._zip.namelist() if not name.endswith("/")]
         elif self.path.exists():
-            raise DataError(f"source {self.path} is neither a folder nor a zip file")
+            raise DataError(f"source {self.path} is neither a folder nor a zip file"
+                            + (f" (it is {special_kind(self.path)})" if special_kind(self.path) else ""))
         else:
             raise DataError(f"source {self.path} does not exist")
         self.names = sorted(name for name in files if _is_image(name, extensions))
@@ -80,9 +94,17 @@ class ImageSource:
         return f"{kind} {self.path.resolve()} ({len(self)} images)"
 
     def _read_bytes(self, name: str) -> bytes:
-        if self._zip is not None:
+        """A file's bytes; a zip member that fails its CRC, is cut short or cannot be decompressed is a
+        DataError naming it."""
+        if self._zip is None:
+            return (self.path / name).read_bytes()
+        try:
             return self._zip.read(name)
-        return (self.path / name).read_bytes()
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as error:
+            # BadZipFile: a bad CRC or header; zlib.error and EOFError: a damaged or truncated member;
+            # NotImplementedError: an unknown compression; RuntimeError: an encrypted member.
+            raise DataError(f"cannot read {name} from the zip {self.path}: {type(error).__name__}: {error}; the zip "
+                            "is damaged (or encrypted): make it again") from None
 
     def _open(self, name: str) -> Image.Image:
         """The image, opened lazily (a folder's file is read up to its header only); DataError
@@ -90,7 +112,7 @@ class ImageSource:
         try:
             if self._zip is None:
                 return Image.open(self.path / name)
-            return Image.open(io.BytesIO(self._zip.read(name)))
+            return Image.open(io.BytesIO(self._read_bytes(name)))
         except (UnidentifiedImageError, OSError) as error:
             raise DataError(f"cannot read image {name} in {self.path}: {error}") from None
 
@@ -106,24 +128,28 @@ class ImageSource:
     def _read_labels(self, files: set[str]) -> Optional[np.ndarray]:
         if LABELS_FILE not in files:
             return None
+        where = f"{self.path}/{LABELS_FILE}"
         try:
             entries = json.loads(self._read_bytes(LABELS_FILE)).get("labels")
         except (ValueError, AttributeError) as error:
-            raise DataError(f"{self.path}/{LABELS_FILE} is not valid JSON of the form "
+            raise DataError(f"{where} is not valid JSON of the form "
                             f'{{"labels": [[file, class], ...]}} ({error})') from None
         if entries is None:
             return None
+        table = {}
         try:
-            table = {str(name): int(label) for name, label in entries}
-        except (TypeError, ValueError):
-            raise DataError(f'{self.path}/{LABELS_FILE}: "labels" must be a list of [file, class index] pairs') from None
+            for entry in reading.sequence(entries, '"labels"'):
+                name, label = reading.sequence(entry, "each entry of \"labels\" ([file, class index])", 2)
+                name = reading.text(name, "an image name")
+                label = reading.integer(label, f"the class index of {name}", 0, MAX_CLASSES - 1)
+                if table.setdefault(name, label) != label:
+                    raise ValueError(f"{name} is labelled twice, as {table[name]} and {label}")
+        except ValueError as error:
+            raise DataError(f"{where}: {error}") from None
         missing = [name for name in self.names if name not in table]
         if missing:
-            raise DataError(f"{self.path}/{LABELS_FILE} has no label for {len(missing)} image(s), e.g. {missing[:3]}")
-        labels = np.array([table[name] for name in self.names], np.int64)
-        if labels.min() < 0:
-            raise DataError(f"{self.path}/{LABELS_FILE}: class indices must be >= 0, found {labels.min()}")
-        return labels
+            raise DataError(f"{where} has no label for {len(missing)} image(s), e.g. {missing[:3]}")
+        return np.array([table[name] for name in self.names], np.int64)
 
     def size_of(self, index: int) -> tuple[int, int]:
         """(H, W) of image `index`."""
@@ -240,9 +266,11 @@ def mask_array(path: Union[str, Path], source: ImageSource) -> np.ndarray:
     returns it memory-mapped, its shape checked; read rows with `mask_rows`."""
     path = Path(path)
     try:
-        masks = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as error:
+        masks = np.load(reading.regular_file(path, "--masks"), mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
         raise DataError(f"cannot read masks {path}: {error}") from None
+    if not (masks.dtype == np.bool_ or np.issubdtype(masks.dtype, np.integer) or np.issubdtype(masks.dtype, np.floating)):
+        raise DataError(f"masks {path} hold {masks.dtype} values; save them as an array of 0/1 numbers")
     if masks.ndim not in (3, 4):
         raise DataError(f"masks {path} must be (N, H, W) or (N, C, H, W), got shape {masks.shape}")
     if len(masks) != len(source):

@@ -42,8 +42,8 @@ def load_images(path, role: str) -> Images:
     path = Path(path)
     if path.is_file() and path.suffix == ".npy":
         try:
-            array = np.load(path)
-        except (OSError, ValueError) as error:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
             raise ValueError(f"{role} {path} cannot be read ({error})") from None
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] not in (1, 3):
             raise ValueError(f"{role} {path} holds {array.dtype} {array.shape}; expected uint8 (N, C, H, W), "

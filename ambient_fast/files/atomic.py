@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
 from ambient_fast.files.places import is_dataset, is_run_directory
+from ambient_fast.files.reading import regular_file
 
 PathLike = Union[str, Path]
 
@@ -125,7 +126,7 @@ def write_json(path: PathLike, value: Any) -> Path:
 
 def read_json(path: PathLike, advice: str = "") -> Any:
     """Parse the JSON file at `path`; a ValueError names the file, where it broke, and `advice`."""
-    path = Path(path)
+    path = regular_file(path, "the file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:

@@ -1,4 +1,5 @@
-"""Image files: tensors in [-1, 1] to uint8 PNGs and back, and grids for looking at many at once."""
+"""Image files: tensors in [-1, 1] to uint8 PNGs and back, and grids, labels and layouts for looking at
+many at once."""
 import math
 from pathlib import Path
 from typing import Sequence, Union
@@ -52,4 +53,49 @@ def grid(arrays: Sequence[np.ndarray], columns: int = 0, pad: int = 1, backgroun
     for index, array in enumerate(arrays):
         r, col = divmod(index, columns)
         out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = array
+    return out
+
+
+def upscale(array: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W, C) -> (factor H, factor W, C), each pixel a factor x factor block (nearest: no blur
+    invented between pixels)."""
+    return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+
+
+def labelled(array: np.ndarray, label: str, size: int = 14, background: int = 255) -> np.ndarray:
+    """(H, W, C) uint8 under a strip with `label` written in black, in PIL's default font (built into
+    Pillow: no font file), as wide as the image or the label."""
+    from PIL import ImageDraw, ImageFont, features
+
+    font = ImageFont.load_default(size) if features.check("freetype2") else ImageFont.load_default()
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), label, font=font)
+    pad = max(2, size // 3)
+    height, width = bottom + 2 * pad, max(array.shape[1], right + 2 * pad)
+    strip = Image.new("RGB", (width, height), (background,) * 3)
+    ImageDraw.Draw(strip).text((pad, pad), label, fill=(0, 0, 0), font=font)
+    strip = np.asarray(strip)[:, :, : array.shape[2]]  # greyscale images: one channel of it
+    body = np.full((array.shape[0], width, array.shape[2]), background, np.uint8)
+    body[:, : array.shape[1]] = array
+    return np.concatenate([strip, body], axis=0)
+
+
+def arrange(rows: Sequence[Sequence[np.ndarray]], gap: int = 12, background: int = 255) -> np.ndarray:
+    """Rows of (H, W, C) uint8 images, left-aligned, `gap` pixels apart, into one image."""
+    channels = rows[0][0].shape[2]
+    lines = []
+    for row in rows:
+        height = max(image.shape[0] for image in row)
+        parts = []
+        for image in row:
+            tile = np.full((height, image.shape[1] + gap, channels), background, np.uint8)
+            tile[: image.shape[0], : image.shape[1]] = image
+            parts.append(tile)
+        lines.append(np.concatenate(parts, axis=1)[:, :-gap])
+    width = max(line.shape[1] for line in lines)
+    out = np.full((sum(line.shape[0] for line in lines) + gap * (len(lines) - 1), width, channels), background,
+                  np.uint8)
+    top = 0
+    for line in lines:
+        out[top: top + line.shape[0], : line.shape[1]] = line
+        top += line.shape[0] + gap
     return out

@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ambient_fast.files.atomic import read_json
-from ambient_fast.options import (FINETUNE_WEIGHTINGS, FURTHER_KINDS, GATES, INPUT, LOADER_KINDS, OUTPUT,
+from ambient_fast.options import (FINETUNE_WEIGHTINGS, FURTHER_KINDS, GATES, INPUT, LOADER_KINDS, LOGGERS, OUTPUT,
                                   PARALLEL_KINDS, SEED_BOUNDS, Options, above, at_least, between, device_option, option)
+from ambient_fast.training.tracking import check_available
 
 __all__ = ["TrainConfig", "FinetuneConfig", "ARCHS", "EDM2", "PRESETS", "preset_for", "add_run_options",
-           "config_from_args"]
+           "config_from_args", "EXIT_INTERRUPTED"]
+
+# The exit status of a run stopped by SIGTERM or Ctrl-C after saving its state (1 stays an error's,
+# 0 a finished run's): a script can tell the three apart and resume the interrupted one.
+EXIT_INTERRUPTED = 3
 
 ARCHS = {  # --arch -> (model_type, architecture arguments that define it), the gated U-Nets
     "ddpmpp": ("SongUNet", dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
@@ -52,6 +57,7 @@ def preset_for(resolution: int) -> str:
 
 
 _ARCHITECTURE = dict(group="architecture")
+_GROUP_NORMALISED = ("ddpmpp", "ncsnpp", "adm")  # the architectures whose blocks use group normalisation
 _POSITIVE_LIST = ((lambda v: len(v) > 0 and all(isinstance(x, int) and x >= 1 for x in v)),
                   "a list of positive integers")
 _EMA_STDS = ((lambda v: all(0 < x < 0.2886 for x in v)), "relative standard deviations in (0, 0.2886), e.g. 0.05,0.1")
@@ -86,8 +92,11 @@ class TrainConfig(Options):
                                               default_text="the preset's", **_ARCHITECTURE)
     dropout: float = option(0.0, "dropout inside U-Net blocks", bounds=between(0, 1, high_open=True),
                             **_ARCHITECTURE)
-    delta: float = option(0.1, "further-corruption level (dust: probability that B hides an observed value; "
-                               "box kinds: the second box's relative side)", bounds=between(0, 1, high_open=True))
+    delta: Optional[float] = option(None, "further-corruption level (dust: probability that B hides an observed "
+                                          "value; box kinds: the second box's relative side)",
+                                    bounds=between(0, 1, high_open=True),
+                                    default_text="the data set's recorded delta (0.1 where it records none, and for "
+                                                 "the built-in set)")
     further: Optional[str] = option(None, "further corruption B (dust and imported masks also allow box)",
                                     choices=FURTHER_KINDS, default_text="the paper's for the data set's masks")
     ignore_noise: bool = option(False, "train noisy images as if they were clean (their noise level ignored): the "
@@ -139,6 +148,24 @@ class TrainConfig(Options):
     sample_count: int = option(64, "images in the final sample grid", bounds=at_least(1), resumable=True)
     verify_data: bool = option(True, "check the data set's checksums and content at start (off: very large sets)",
                                resumable=True)
+    log: str = option("none", "also send stats.jsonl's scalars and the sample grids to TensorBoard (OUT/tensorboard/) "
+                              "or Weights & Biases (online or offline as wandb is set up, e.g. WANDB_MODE=offline)",
+                      choices=LOGGERS, resumable=True)
+    eval_every: int = option(0, "steps between evaluations during training: a grid of --eval-samples samples of the "
+                                "EMA network (OUT/eval-STEP.png) and their Fréchet distance in pixels against "
+                                "--eval-reference, in stats.jsonl (0: none)", bounds=at_least(0), resumable=True)
+    eval_samples: int = option(256, "samples drawn at each evaluation (fixed seeds 0..N-1)", bounds=at_least(2),
+                               resumable=True)
+    eval_reference: Optional[str] = option(None, "clean reference images for --eval-every: a folder of PNGs or a "
+                                           "uint8 .npy (N, C, H, W)", role=INPUT, resumable=True,
+                                           default_text="the built-in set's held-out clean images (required for "
+                                                        "other data)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_available(self.log)
+        if self.eval_reference is not None and not self.eval_every:
+            raise ValueError("--eval-reference is only used with --eval-every N")
 
     def __post_init__(self):
         super().__post_init__()
@@ -166,6 +193,44 @@ class TrainConfig(Options):
         size = dict(PRESETS[self.preset or preset_for(resolution)])
         size.update({key: getattr(self, key) for key in SIZE_FIELDS if getattr(self, key) is not None})
         return size
+
+    def network_problems(self, resolution: int) -> "list[str]":
+        """What keeps the network these options describe from taking `resolution` x `resolution`
+        images, one line each naming the option to change ([] when nothing does). The U-Net halves
+        the images once per level after the first; attention goes at resolutions it has; group
+        normalisation splits every width into min(32, width / 4) groups."""
+        size = self.model_size(resolution)
+        mult, channels = size["channel_mult"], size["model_channels"]
+        levels, problems = len(mult), []
+        if resolution % 2 ** (levels - 1):
+            fits = max(n for n in range(1, levels + 1) if resolution % 2 ** (n - 1) == 0)
+            problems.append(f"--channel-mult {','.join(map(str, mult))} has {levels} levels, which halve the images "
+                            f"{levels - 1} times, but {resolution} is not divisible by {2 ** (levels - 1)}: give at most "
+                            f"{fits} level(s) with --channel-mult, or prepare the data at a resolution divisible by "
+                            f"{2 ** (levels - 1)}")
+        resolutions = [resolution >> level for level in range(levels)]
+        absent = [r for r in size["attn_resolutions"] if r not in resolutions]
+        if absent:
+            problems.append(f"--attn {','.join(map(str, absent))}: the network works at resolutions "
+                            f"{', '.join(map(str, resolutions))}; choose attention among them (--attn '' for none)")
+        if self.arch in _GROUP_NORMALISED:
+            widths = sorted({channels, *(channels * m for m in mult)})
+            unsplit = [w for w in widths if w < 4 or w % min(32, w // 4)]
+            if unsplit or channels % 2:
+                problems.append(f"--channels {channels} with --channel-mult {','.join(map(str, mult))} gives widths "
+                                f"{', '.join(map(str, widths))}; each must be even and split into min(32, width / 4) "
+                                "equal groups for group normalisation: use a multiple of 32 (e.g. "
+                                f"{max(32, channels // 32 * 32)}) for --channels")
+        return problems
+
+    def training_bytes(self, resolution: int, channels: int, micro_batch: int, ranks: int) -> int:
+        """The least device memory a step of this network needs on micro-batches of `micro_batch`
+        images, over `ranks` ranks (ambient_fast.memory.unet_training_bytes)."""
+        from ambient_fast.memory import unet_training_bytes
+
+        size = self.model_size(resolution)
+        return unet_training_bytes(micro_batch, channels, resolution, size["model_channels"], size["channel_mult"],
+                                   size["num_blocks"], ranks)
 
     def input_paths(self) -> "list[str]":
         """What the run reads: no output of it may land on these (the output guard)."""
@@ -205,6 +270,14 @@ class FinetuneConfig(TrainConfig):
         if self.data is None:
             raise ValueError("--data DIR (a prepared data set) is required: fine-tuning has no built-in set")
 
+    def network_problems(self, resolution: int) -> "list[str]":
+        """None from the options: the UNet is given (the fine-tuner checks that it takes the data's images)."""
+        return []
+
+    def training_bytes(self, resolution: int, channels: int, micro_batch: int, ranks: int) -> int:
+        """Not estimated from the options: the UNet is given, its size on disk."""
+        return 0
+
 
 # ----------------------------------------------------------------------------------------------
 # Command line: the config's fields, --resume and --overwrite.
@@ -213,7 +286,9 @@ class FinetuneConfig(TrainConfig):
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """--resume and --overwrite: how a run treats the folder it trains in (not part of its config)."""
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR up to --steps in total, with its "
-                        "saved options (only those marked resumable may change)")
+                        "saved options (only those marked resumable may change); a finished run does nothing unless "
+                        f"--steps grows. A run stopped by SIGTERM or Ctrl-C saves its state and exits with status "
+                        f"{EXIT_INTERRUPTED} (0: finished, 1: an error)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run in --out (only what a run writes; by default a non-empty --out is "
                              "refused)")

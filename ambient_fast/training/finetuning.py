@@ -15,6 +15,7 @@ class FinetuneTrainer(Trainer):
     """The trainer with a diffusers UNet (DiffusersDenoiser) in place of our own network."""
 
     command = "python -m ambient_fast.finetune"
+    final_name = "unet-ema"
 
     def build_model(self):
         cfg, dataset = self.cfg, self.dataset
@@ -32,6 +33,12 @@ class FinetuneTrainer(Trainer):
 
     def describe_model(self) -> str:
         return f"{self.net.describe()} from {self.cfg.unet}"
+
+    def network_from(self, state: dict):
+        """A DiffusersDenoiser of the run's UNet holding `state` (the denoiser's full weights), in eval mode."""
+        network = load_denoiser(self.cfg.unet, self.cfg.prompt_embeddings)
+        network.load_state_dict(state, strict=True)
+        return network.eval()
 
     def write_networks(self, final: bool) -> Path:
         """unet-ema-snapshot-NNNNNNNNN, or at the end unet-ema and unet (the trained weights)."""

@@ -27,10 +27,11 @@ from ambient_fast.files.places import RUN_CONFIG, RUN_LOCK
 
 LOCK, STATS, CONFIG = RUN_LOCK, "stats.jsonl", RUN_CONFIG
 # Everything a run writes (training states set aside as damaged included; unet* are the fine-tuner's
-# diffusers folders; phema holds the post-hoc EMA's snapshots).
-RUN_OUTPUT = re.compile(r"^(config\.json|stats\.jsonl|samples\.png|inputs\.png|overview\.png"
+# diffusers folders; eval-* the --eval-every grids; tensorboard, wandb* what --log writes; phema holds the
+# post-hoc EMA's snapshots).
+RUN_OUTPUT = re.compile(r"^(config\.json|stats\.jsonl|log\.txt|samples\.png|inputs\.png|overview\.png|eval-\d+\.png"
                         r"|network-(snapshot-\d+|final)\.safetensors|training-state-\d+(\.damaged-[0-9a-f]+)?"
-                        r"|unet|unet-ema(-snapshot-\d+)?|phema)$")
+                        r"|unet|unet-ema(-snapshot-\d+)?|tensorboard|wandb|wandb-id\.txt|phema)$")
 
 
 class RunInUse(ValueError):
@@ -54,6 +55,7 @@ class RunDirectory:
         option = "--resume" if resume else "--out"
         if not resume:  # before the folder and its lock are made
             check_output_place(self.path, option, inputs)
+        self.created = not self.path.exists()
         check_writable_dir(self.path, option)
         self._lock_fd: Optional[int] = None
         made_lock = not (self.path / LOCK).exists()
@@ -111,6 +113,14 @@ class RunDirectory:
             write_text(path, "".join(line + "\n" for line in kept))
             self.notes.append(f"{STATS}: dropped {len(lines) - len(kept)} line(s) logged after step {step} "
                               "(or torn) by the previous run")
+
+    def abandon(self) -> None:
+        """Release the lock and, when this run made the folder and wrote nothing into it but the lock
+        (it was refused during its set-up), remove both: a refused run leaves nothing behind."""
+        self.close()
+        if self.created and {entry.name for entry in self.path.iterdir()} <= {LOCK}:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self.path.rmdir()
 
     def close(self) -> None:
         """Release the lock; an empty lock file tells the next run this one ended cleanly."""

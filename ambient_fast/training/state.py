@@ -2,11 +2,18 @@
 position, every entry a tensor) through torch.distributed.checkpoint, sharded under FSDP2, one file
 set per run step. Nothing in it is unpickled as code.
 
-A state directory is written under a hidden temporary name, given `checksums.json` (the sha256 of
-each of its files, written last) and renamed into place once every rank has finished; the last
-`keep` are kept. Loading verifies the checksums and falls back to the newest state that is intact,
-setting damaged ones aside (renamed, never deleted). RNG states need no saving: every random draw
+A state directory is written under a hidden temporary name, given `identity.json` (what the state
+belongs to: the data set's checksum, the number of ranks and the micro-batch, the network's parameter
+shapes) and `checksums.json` (the sha256 of each of its files, written last), and renamed into place
+once every rank has finished; the last `keep` are kept. RNG states need no saving: every random draw
 derives from the run's position (ambient_fast.objective.seeds).
+
+Loading tells two kinds of refusal apart. A state that fails its checksums (or whose index could run
+code) is damaged: it is set aside (renamed `*.damaged-*`, never deleted) and the next older one is
+tried. A state that verifies but does not fit the present run (the data set changed, another number
+of ranks, another network) is incompatible: loading stops with `IncompatibleState`, saying what
+differs and how to go on, and the state stays as it is, so that the run resumes once the original
+conditions are back.
 
 DCP keeps its index (`.metadata`) as a pickle and would load it with `pickle.load`, and any
 non-tensor entry through `torch.load(weights_only=False)`: before loading, the index is read with an
@@ -32,7 +39,7 @@ from ambient_fast.files.atomic import dumps_json, fsync_path, read_json, sha256_
 
 PREFIX = "training-state-"
 STATE_NAME = re.compile(rf"^{PREFIX}\d{{9}}$")
-CHECKSUMS, METADATA = "checksums.json", ".metadata"
+CHECKSUMS, METADATA, IDENTITY = "checksums.json", ".metadata", "identity.json"
 EARLIER_FORMAT = "progress.json"  # states of earlier versions kept progress beside the tensors
 KEY = "trainer"  # the one entry of the checkpoint
 
@@ -57,9 +64,16 @@ def _quiet():
         yield
 
 
-def save_training_state(run_dir: Path, step: int, world: World, state: Stateful, keep: int = 2) -> Path:
-    """Write `state` (the trainer) as the state of `step` (collective: every rank calls it) and
-    return its directory. An OSError names the state directory when it cannot be written."""
+class IncompatibleState(ValueError):
+    """An intact training state that does not fit the present run; the message says what differs and
+    how to go on. The state is left as it is."""
+
+
+def save_training_state(run_dir: Path, step: int, world: World, state: Stateful, keep: int = 2,
+                        identity: "dict | None" = None) -> Path:
+    """Write `state` (the trainer) as the state of `step` (collective: every rank calls it) with
+    `identity` (what it belongs to, `describe_identity`'s fields) and return its directory. An
+    OSError names the state directory when it cannot be written."""
     run_dir = Path(run_dir)
     final = run_dir / f"{PREFIX}{step:09d}"
     tmp = run_dir / f".{final.name}.tmp"  # one name for every rank (files.TEMPORARY)
@@ -78,6 +92,8 @@ def save_training_state(run_dir: Path, step: int, world: World, state: Stateful,
     world.barrier()
     if world.is_main:
         try:
+            if identity is not None:
+                (tmp / IDENTITY).write_text(dumps_json(identity, indent=1))
             checksums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
             (tmp / CHECKSUMS).write_text(dumps_json(checksums, indent=1))
             for name in (CHECKSUMS, "."):
@@ -156,12 +172,50 @@ def load_training_state(state_dir: Path, state: Stateful) -> None:
         dcp.load({KEY: state}, checkpoint_id=str(state_dir))
 
 
-def load_newest_intact_state(run_dir: Path, world: World, state: Stateful) -> "tuple[Path, list[str]]":
-    """Load the newest state of the run that verifies and loads into `state` (collective).
+def _data_text(data: dict) -> str:
+    shape = "x".join(map(str, data.get("shape", ())))
+    return f"{data.get('images')} images of {shape}, checksum {str(data.get('checksum'))[:12]}"
 
-    Returns (its directory, one line per newer state refused: which, why, and the name it was set
-    aside under). FileNotFoundError when the run has no state; ValueError naming every refusal when
-    none is intact, or for a state of an earlier version (left as it is).
+
+def identity_differences(saved: dict, present: dict) -> "list[str]":
+    """How the run a state was saved by (`saved`, its identity.json) differs from the present one
+    (`present`), one phrase each, saying how to resume it; [] when it fits."""
+    differences = []
+    data, now = saved.get("data") or {}, present.get("data") or {}
+    if data.get("checksum") != now.get("checksum"):
+        differences.append(f"it trained on another data set at {data.get('path')} ({_data_text(data)}; now "
+                           f"{_data_text(now)}): put the original data set back there and resume")
+    if saved.get("ranks") != present.get("ranks"):
+        differences.append(f"it was saved by {saved.get('ranks')} rank(s) and this run has {present.get('ranks')}: "
+                           f"resume with {saved.get('ranks')} (torchrun --nproc_per_node={saved.get('ranks')} for "
+                           "more than one)")
+    network, now_network = saved.get("network") or {}, present.get("network") or {}
+    if network != now_network:
+        changed = sorted(set(network) ^ set(now_network)) + sorted(
+            name for name in set(network) & set(now_network) if network[name] != now_network[name])
+        shown = ", ".join(f"{name} {network.get(name, 'absent')} (now {now_network.get(name, 'absent')})"
+                          for name in changed[:2])
+        differences.append(f"its network differs in {len(changed)} parameter(s), e.g. {shown}: resume with the "
+                           "options and the version of ambient-fast that made it")
+    return differences
+
+
+def _incompatible(state_dir: Path, reasons: "list[str]") -> IncompatibleState:
+    return IncompatibleState(f"the training state {state_dir} is intact but does not fit this run: "
+                             + "; ".join(reasons) + ". Or start a new run on the present data and options (another "
+                             "--out, or --overwrite). The state is left as it is.")
+
+
+def load_newest_intact_state(run_dir: Path, world: World, state: Stateful,
+                             identity: "dict | None" = None) -> "tuple[Path, list[str]]":
+    """Load the newest state of the run that verifies into `state` (collective), after checking that
+    it fits the present run, whose `identity` it was saved with (`save_training_state`).
+
+    Returns (its directory, one line per newer state that was damaged: which, why, and the name it was
+    set aside under). FileNotFoundError when the run has no state; IncompatibleState (a ValueError)
+    for the newest intact state when it does not fit, or does not load (a state of an earlier
+    version, which kept no identity), leaving it as it is; ValueError naming every refusal when
+    none is intact, or for a state of an earlier version's format (left as it is).
     """
     refused = []
     for candidate in reversed(state_dirs(run_dir)):
@@ -171,11 +225,23 @@ def load_newest_intact_state(run_dir: Path, world: World, state: Stateful) -> "t
         problem = verify_state(candidate)
         if problem is None:
             try:
+                check_index(candidate)
+            except ValueError as error:
+                problem = str(error)
+        if problem is None:
+            saved = read_json(candidate / IDENTITY) if (candidate / IDENTITY).is_file() else None
+            if saved is not None and identity is not None:
+                differences = identity_differences(saved, identity)
+                if differences:
+                    raise _incompatible(candidate, differences)
+            try:
                 load_training_state(candidate, state)
                 return candidate, refused
             except (CheckpointException, OSError, ValueError, KeyError, RuntimeError) as error:
                 cause = _cause(error)
-                problem = f"it cannot be loaded ({type(cause).__name__}: {cause})"
+                # Its files are as written (they verify): what fails is the fit, not the state.
+                raise _incompatible(candidate, [f"it does not load into this run ({type(cause).__name__}: "
+                                                f"{cause})"]) from None
         aside = candidate.with_name(f"{candidate.name}.damaged-{uuid.uuid4().hex[:8]}")
         world.barrier()  # every rank has read it before it moves
         if world.is_main:

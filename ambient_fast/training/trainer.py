@@ -14,9 +14,11 @@ of the run's position, so `--resume` continues bit for bit on the same hardware.
 import contextlib
 import dataclasses
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,12 +26,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.checkpoint.stateful import Stateful
 
 from ambient_fast import kernels
-from ambient_fast.training import reporting
+from ambient_fast.training import console, reporting, tracking
 from ambient_fast.files.checkpoints import check_finite, save_network
-from ambient_fast.training.config import ARCHS, EDM2, TrainConfig
+from ambient_fast.files.loaded import LoadedNetwork
+from ambient_fast.training.config import ARCHS, EDM2, EXIT_INTERRUPTED, TrainConfig
 from ambient_fast.objective.corruption import training_operator
 from ambient_fast.training.distributed import init_world
 from ambient_fast.files.atomic import write_json
+from ambient_fast.memory import check_memory, sampling_bytes
 from ambient_fast.objective.edm2 import EDM2Objective, edm2_schedule
 from ambient_fast.objective.objective import AmbientObjective, EDMSchedule, NoiseSchedule, VPSchedule, unit_hidden_weight
 from ambient_fast.networks import EDM2Precond, EDMPrecond, VPPrecond
@@ -44,6 +48,7 @@ from ambient_fast.training.state import load_newest_intact_state, save_training_
 # Erasure probability of the built-in synthetic set: high enough that most of every training image is
 # missing, low enough that the default run learns the shapes within its few CPU minutes.
 SYNTHETIC_P = 0.6
+DEFAULT_DELTA = 0.1  # the further corruption of a data set that records none (and of the built-in set)
 # The counters a state holds beside the tensors of model, optimizer and EMA (as int64 / float64 tensors).
 _COUNTERS = ("step", "images_seen", "rollbacks", "skipped")
 _LOADER_FIELDS = ("epoch", "batch", "seed", "batch_size", "world_size", "size")
@@ -74,6 +79,7 @@ class Trainer(Stateful):
     """Builds data, model, optimiser and EMA from a TrainConfig, then trains, snapshots and resumes."""
 
     command = "python -m ambient_fast.train"  # how the user continues an interrupted run
+    final_name = "network-final.safetensors"  # what write_networks(final=True) writes in the run folder
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
         """`resume`: continue the run in cfg.out; otherwise start one there, which must be empty
@@ -89,16 +95,19 @@ class Trainer(Stateful):
                     if self.world.is_main else None)
         try:
             self.stop_requested = False
+            self.tracker = None  # the --log tracker while train() runs (main rank)
+            self._started = time.time()  # train() restarts it: the session's time in the final message
             self.step = self.images_seen = self.rollbacks = self.skipped = 0
             self.lr_factor = 1.0
             self._setup_data()
             self._setup_model()
             noise = self.dataset.has_noise and not cfg.ignore_noise
             self.sigma_bounds = self.dataset.sigma_bounds() if noise else self.dataset.records()["sigma_min"]
+            self._check_noise_levels()
             # An EDM2 network's loss is weighted by its own log-variance head.
             objective = EDM2Objective if isinstance(self.net, EDM2Precond) else AmbientObjective
             windows = self.dataset.sigma_max() if self.dataset.meta.windows is not None else None
-            self.objective = objective(self.schedule, training_operator(self.dataset.corruption, cfg.delta, cfg.further),
+            self.objective = objective(self.schedule, training_operator(self.dataset.corruption, self.delta, cfg.further),
                                        seed=cfg.seed, shape=self.dataset.shape, label_dim=self.dataset.label_dim,
                                        channels_last=self.settings.channels_last, bounds=self.sigma_bounds, noise=noise,
                                        sigma_max=windows)
@@ -110,6 +119,8 @@ class Trainer(Stateful):
             elif self.world.is_main:
                 write_json(self.run_dir / "config.json", dataclasses.asdict(cfg))
         except BaseException:
+            if self.run is not None:
+                self.run.abandon()  # a run refused at its set-up leaves no folder it made
             self.close()
             raise
 
@@ -130,10 +141,11 @@ class Trainer(Stateful):
             from ambient_fast.data.synthetic import synthetic_dataset
 
             root = Path(os.environ.get("AMBIENT_FAST_CACHE", Path.home() / ".cache" / "ambient-fast"))
+            delta = DEFAULT_DELTA if cfg.delta is None else cfg.delta
             if world.is_main:  # prepared once by the main rank, then opened by all
-                synthetic_dataset(root, p=SYNTHETIC_P, delta=cfg.delta)
+                synthetic_dataset(root, p=SYNTHETIC_P, delta=delta)
             world.barrier()
-            path = synthetic_dataset(root, p=SYNTHETIC_P, delta=cfg.delta)
+            path = synthetic_dataset(root, p=SYNTHETIC_P, delta=delta)
         else:
             path = Path(cfg.data)
         self.dataset = CorruptedDataset(path)
@@ -141,6 +153,7 @@ class Trainer(Stateful):
             from ambient_fast.data.latents import refuse_masks
 
             refuse_masks(self.dataset, f"--further {cfg.further}")
+        self.delta, self.delta_source = self._resolve_delta()
         if cfg.verify_data and world.is_main:
             try:
                 self.dataset.verify()
@@ -154,17 +167,34 @@ class Trainer(Stateful):
         if per_rank % micro:
             raise ValueError(f"--batch-gpu {micro} does not divide the per-rank batch {per_rank}")
         self.per_rank, self.micro, self.accumulation = per_rank, micro, per_rank // micro
+        self._check_memory()
         self.loader = make_loader(self.dataset, batch_size=micro, rank=world.rank, world_size=world.size,
                                   seed=cfg.seed, xflip=cfg.xflip, device=self.device, kind=self.settings.loader)
 
+    def _resolve_delta(self) -> "tuple[float, str]":
+        """(delta, where it came from): the data set's recorded corruption is what trains, its delta
+        included, unless --delta says otherwise."""
+        given, recorded = self.cfg.delta, self.dataset.corruption.get("delta")
+        if given is not None:
+            return given, "--delta" + (f"; the data set records {recorded}" if recorded not in (None, given) else "")
+        if recorded is not None:
+            return recorded, "the data set's"
+        return DEFAULT_DELTA, "the default; the data set records none"
+
     def _setup_model(self):
         cfg, device, settings = self.cfg, self.device, self.settings
+        resolution = self.dataset.resolution
+        problems = cfg.network_problems(resolution)
+        if problems:
+            raise ValueError(f"the model options do not make a network for the data's {resolution}x{resolution} "
+                             "images: " + "; ".join(problems))
         torch.manual_seed(stream_key(cfg.seed, Stream.INIT))  # the same initial weights on every rank
         try:
             self.net, self.schedule = self.build_model()
-        except (ValueError, RuntimeError, KeyError, IndexError) as error:
-            raise ValueError(f"the model options do not make a network for {self.dataset.resolution}x"
-                             f"{self.dataset.resolution} images: {type(error).__name__}: {error}") from None
+            self._check_network_takes_images()
+        except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as error:
+            raise ValueError(f"the model options do not make a network for {resolution}x{resolution} images: "
+                             f"{type(error).__name__}: {error}") from None
         # Contiguous parameters under every kind of parallelism; channels_last is the activations'
         # (ambient_fast.training.parallel: FSDP2 refuses channels_last parameters).
         self.net = self.net.to(device).train()
@@ -179,17 +209,90 @@ class Trainer(Stateful):
         # bf16 by autocast under every kind of parallelism (ambient_fast.training.parallel: one numerical policy)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
 
+    def _check_memory(self) -> None:
+        """Refuse, before anything is built, what the device surely cannot hold: a training step on
+        the micro-batch, and the final grid of --sample-count images sampled at once."""
+        C, R, _ = self.dataset.shape
+        device = str(self.device)
+        check_memory(self.cfg.training_bytes(R, C, self.micro, self.world.size),
+                     f"a step on micro-batches of {self.micro} {C}x{R}x{R} images with this network",
+                     "lower --batch-gpu (gradient accumulation) or --batch, or choose a smaller network", device)
+        check_memory(sampling_bytes(self.cfg.sample_count, C, R), f"--sample-count {self.cfg.sample_count}",
+                     "lower --sample-count", device)
+
+    def _check_network_takes_images(self) -> None:
+        """One image of the data's shape through the network, before anything is written: a shape
+        the network cannot take fails here, not at the first step. No gradient, eval mode (no
+        dropout), torch's generator restored: training is as if it had not run."""
+        C, R, _ = self.dataset.shape
+        channels = getattr(self.net, "img_channels", 2 * C)  # the observed image and its mask, as a rule
+        x = torch.zeros(1, channels, R, R, device=self.device)
+        labels = torch.zeros(1, self.dataset.label_dim, device=self.device) if self.dataset.label_dim else None
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            self.net.to(self.device).eval()
+            try:
+                self.net(x, torch.ones(1, device=self.device), labels)
+            finally:
+                self.net.train()
+
+    def _check_noise_levels(self) -> None:
+        """Refuse images whose lowest usable noise level (max(sigma_n, sigma_min)) reaches the largest
+        one the model samples from: they could never be trained on or sampled."""
+        from ambient_fast.files.loaded import LoadedNetwork
+        from ambient_fast.sampling.samplers import sampling_sigmas
+
+        largest = sampling_sigmas(LoadedNetwork(self.net))["sigma_max"]
+        above = self.sigma_bounds >= largest
+        if above.any():
+            raise ValueError(f"{int(above.sum())} image(s) of {self.dataset.path} have a noise level (sigma_n or "
+                             f"sigma_min, up to {float(self.sigma_bounds.max()):.4g}) at or above {largest:.4g}, the "
+                             "largest the model samples from: the model could never denoise them; prepare the data "
+                             "with lower levels (--noise, --sigma-min) or leave those images out")
+
     # What the step and the benchmarks read of the settings.
     parallel = property(lambda self: self.settings.parallel)
     bf16 = property(lambda self: self.settings.bf16)
     compiled = property(lambda self: self.settings.compile)
 
+    def summary_rows(self, evaluation: "Optional[reporting.TrainingEvaluation]" = None) -> "list[tuple[str, str]]":
+        """The short labelled summary printed at the start (`summary()`, the full detail, goes to log.txt)."""
+        cfg, data, settings = self.cfg, self.dataset, self.settings
+        corruption = dict(data.corruption)
+        kind = corruption.pop("kind", "none")
+        described = ", ".join(f"{name} {value}" for name, value in corruption.items())
+        missing = 1 - data.meta.observed_fraction
+        defaults = f" (defaults as on {self.target})" if self.target != self.device.type else ""
+        precision = "bf16 autocast over fp32 weights" if settings.bf16 else "fp32"
+        rows = [
+            ("data", f"{data.path}{' (the built-in synthetic set)' if cfg.data is None else ''}: {len(data):,} images "
+                     f"{data.channels}x{data.resolution}x{data.resolution}"),
+            ("corruption", f"{kind}{': ' + described if described else ''} ({missing:.0%} of values missing); "
+                           f"further corruption B: {self.objective.operator!r}"),
+            ("model", self.describe_model()),
+            ("training", f"{cfg.steps:,} steps of batch {cfg.batch} ({self.world.size} rank(s) x {self.accumulation} "
+                         f"x {self.micro}), lr {cfg.lr:g}, EMA half-life {cfg.ema:g} Mimg, seed {cfg.seed}"),
+            ("parallelism", f"{settings.parallel} ({self.world.size} process{'es' if self.world.size > 1 else ''} on "
+                            f"{self.device}){defaults}"),
+            ("precision", f"{precision}, TF32 {'on' if settings.tf32 else 'off'}"),
+            ("settings", settings.describe()),
+            ("kernels", kernels.active_path(self.device)),
+            ("run", f"{self.run_dir}" + (f" (resumed at step {self.step:,})" if self.step else "")
+                    + "; log.txt holds the full detail"),
+        ]
+        if evaluation is not None:
+            rows.append(("evaluation", f"every {cfg.eval_every:,} steps: {evaluation.describe()}"))
+        if cfg.log != "none":
+            rows.append(("tracking", f"{cfg.log}" + (f" (tensorboard --logdir {self.run_dir / tracking.TENSORBOARD_DIR})"
+                                                   if cfg.log == "tensorboard" else "")))
+        return rows
+
     def summary(self) -> str:
+        """Every detail of the run's set-up on one line (log.txt keeps it)."""
         defaults = f" (defaults as on {self.target})" if self.target != self.device.type else ""
         return (f"{self.describe_model()} | "
                 f"data {self.dataset.path} ({len(self.dataset)} images {self.dataset.resolution}x{self.dataset.resolution}, "
-                f"corruption {self.dataset.corruption}, delta {self.cfg.delta}) | {self.world.size} rank(s) on "
-                f"{self.device}: {self.settings.describe()}{defaults} | {self.loader.describe()} | "
+                f"corruption {self.dataset.corruption}, delta {self.delta}: {self.delta_source}) | "
+                f"{self.world.size} rank(s) on {self.device}: {self.settings.describe()}{defaults} | {self.loader.describe()} | "
                 f"{self.objective.describe()} | batch {self.cfg.batch} = {self.world.size} x {self.accumulation} x "
                 f"{self.micro} | kernels: {kernels.active_path(self.device)}")
 
@@ -235,73 +338,135 @@ class Trainer(Stateful):
         """What a saved network records of its training data: the data set's corruption, the delta
         it trained with, the lowest noise level any image trained at (`sigma_floor`: the sampler
         stops there) and, when some images had nothing hidden, the sampling survival 1."""
-        record = self.dataset.corruption | {"delta": self.cfg.delta, "sigma_floor": float(self.sigma_bounds.min())}
+        record = self.dataset.corruption | {"delta": self.delta, "sigma_floor": float(self.sigma_bounds.min())}
         if (self.dataset.records()["masked"] == 0).any():
             record["survival"] = 1.0
+        elif "p" not in record:  # a mixture of masked sets: the fraction the model saw, A's then B's
+            record["survival"] = self.dataset.meta.observed_fraction * (1 - self.delta)
         if self.dataset.is_latent:  # the sampler decodes through this autoencoder (data.latents.LatentCodec)
             record["latent"] = self.dataset.meta.latent
         return record
 
+    def network_from(self, state: dict) -> torch.nn.Module:
+        """A network of this run's kind holding `state` (full weights, as `_full_state_dict` gives them),
+        in eval mode on the CPU."""
+        from ambient_fast.networks import build_model
+
+        network = build_model(self.config_for_checkpoint)
+        network.load_state_dict(state, strict=True)
+        return network.eval()
+
+    def ema_network(self) -> Optional[torch.nn.Module]:
+        """The EMA's network as of this step (collective: every rank gathers the EMA); None on the
+        ranks other than the main one."""
+        state = self._full_state_dict(ema=True)
+        return self.network_from(state) if self.world.is_main else None
+
     def write_networks(self, final: bool) -> Path:
         """Write the EMA network of this step (collective: every rank calls it; the main rank writes)
         and return its path: a snapshot, or the final network at the end of the run."""
-        name = "network-final.safetensors" if final else f"network-snapshot-{self.step:09d}.safetensors"
+        name = self.final_name if final else f"network-snapshot-{self.step:09d}.safetensors"
         ema_state = self._full_state_dict(ema=True)
         path = self.run_dir / name
         check_finite(ema_state, path)  # on every rank (each holds the full EMA): all stop together
         if self.world.is_main:
-            save_network(path, self._network(ema_state), self.training_record(), step=self.step,
+            save_network(path, self.network_from(ema_state), self.training_record(), step=self.step,
                          images_seen=self.images_seen, config=dataclasses.asdict(self.cfg))
         return path
 
-    def write_samples(self, network_path: Path) -> Path:
-        """The final sample grids (main rank); returns overview.png's path."""
-        return reporting.sample_grids(network_path, self.dataset, self.run_dir, self.cfg.sample_count, self.device,
-                                      self.settings.memory_format)
+    def write_samples(self, network_path: Path, on_progress=None) -> "reporting.Pictures":
+        """The final pictures (main rank): samples, inputs and the labelled overview."""
+        return reporting.final_pictures(network_path, self.dataset, self.run_dir, self.cfg.sample_count, self.device,
+                                        self.settings.memory_format, on_progress)
 
     # -- the loop --------------------------------------------------------------------------------
 
     def train(self) -> int:
+        """Train up to `steps`, then finish (the final network and pictures). Returns the exit status:
+        0 when finished (or when the run was finished already: then nothing is done unless `steps`
+        grew), EXIT_INTERRUPTED when SIGTERM or Ctrl-C stopped it (its state saved)."""
         cfg, world = self.cfg, self.world
+        if self.step >= cfg.steps and (self.run_dir / self.final_name).exists():
+            if world.is_main:
+                print(f"{self.run_dir} is finished (step {self.step:,} of --steps {cfg.steps:,}): nothing to do. To "
+                      f"train it further, give a larger --steps: {self.command} --resume {shlex.quote(str(self.run_dir))} "
+                      f"--steps {2 * self.step}", flush=True)
+            return 0
+        self._started = time.time()
+        evaluation = self._evaluation() if cfg.eval_every and world.is_main else None
         if world.is_main:
-            print(self.summary(), flush=True)
+            console.print_rows(self.summary_rows(evaluation))
+            console.log_only(f"detail: {self.summary()}")
             for note in self.run.notes:
                 print(f"note: {note}", flush=True)
+            for warning in evaluation.warnings if evaluation is not None else ():
+                print(f"warning: --eval-every: {warning}", flush=True)
+            self.tracker = tracking.open_tracker(cfg.log, self.run_dir, dataclasses.asdict(cfg), self.step)
         handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         stats = reporting.StatsLog(self.run_dir / "stats.jsonl", world.is_main,
-                                   reduce=self._mean_over_ranks if world.size > 1 else None)
+                                   reduce=self._mean_over_ranks if world.size > 1 else None, tracker=self.tracker)
         tick = max(1, min(50, cfg.steps // 20))  # the logging interval: where the run reads the device
-        start_step, start_time = self.step, time.time()
+        evaluation_due = (lambda: bool(cfg.eval_every) and self.step % cfg.eval_every == 0)
+        logging_due = (lambda: self.step % tick == 0 or self.step == cfg.steps or evaluation_due())
+        start_step, start_time, self._paused = self.step, time.time(), 0.0
         try:
-            with reporting.progress_bar(world.is_main) as progress:
-                task = progress.add_task("training", total=cfg.steps, completed=self.step, info="")
+            with console.WorkProgress("training", cfg.steps, "steps", completed=self.step,
+                                      enabled=world.is_main) as progress:
                 while self.step < cfg.steps:
                     stats.add(self.train_step())
-                    log_step = self.step % tick == 0 or self.step == cfg.steps
+                    log_step = logging_due()
                     if log_step or self.step % cfg.snapshot_every == 0:
                         self.check_health()  # a roll-back due moves self.step back: the tests below see it
                     if self.step % cfg.snapshot_every == 0 and self.step < cfg.steps:
                         self.snapshot()
-                    if self.step % tick == 0 or self.step == cfg.steps:
-                        rate = (self.step - start_step) * cfg.batch / max(time.time() - start_time, 1e-9)
+                    progress.update(completed=self.step)  # before an evaluation: it shows the step it scores
+                    if logging_due():
+                        fields = self.evaluate(evaluation, progress) if evaluation_due() else {}
+                        rate = (self.step - start_step) * cfg.batch / max(time.time() - start_time - self._paused, 1e-9)
                         mean = stats.flush(**{"Progress/step": self.step, "Progress/kimg": self.images_seen / 1000,
                                               "Progress/lr": self.lr, "Progress/skipped_steps": self.skipped,
-                                              "Progress/rollbacks": self.rollbacks, "Timing/images_per_sec": rate})
-                        eta = (cfg.steps - self.step) * cfg.batch / max(rate, 1e-9)
-                        progress.update(task, info=f"loss {mean:.4g} | lr {self.lr:.2e} | {rate:.0f} img/s | "
-                                        f"ETA {eta:.0f} s{reporting.gpu_info(self.device)}")
-                    progress.update(task, completed=self.step)
+                                              "Progress/rollbacks": self.rollbacks, "Timing/images_per_sec": rate},
+                                           **fields)
+                        scored = fields.get("Eval/frechet_distance")
+                        progress.update(info=f"loss {mean:.4g} | lr {self.lr:.2e} | {rate:.0f} img/s"
+                                             + (f" | Fréchet distance {scored:.3g}" if scored is not None else "")
+                                             + reporting.gpu_info(self.device))
                     if self._should_stop(collective=log_step):
                         self.snapshot()
                         if world.is_main:
-                            print(f"interrupted at step {self.step}: state saved; continue with "
-                                  f"{self.command} --resume {self.run_dir}", flush=True)
-                        return 0
+                            print(f"interrupted at step {self.step}: state saved; continue with {self.command} "
+                                  f"--resume {shlex.quote(str(self.run_dir))} (exit status {EXIT_INTERRUPTED})",
+                                  flush=True)
+                        return EXIT_INTERRUPTED
             self.finish()
             return 0
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
+
+    def _evaluation(self) -> "reporting.TrainingEvaluation":
+        """--eval-every's reference and scorer (main rank), before any training."""
+        return reporting.TrainingEvaluation(self.cfg.eval_reference or str(self.dataset.path), self.cfg.eval_samples,
+                                            self.dataset.shape)
+
+    def evaluate(self, evaluation: "Optional[reporting.TrainingEvaluation]", progress: console.WorkProgress) -> dict:
+        """--eval-every's evaluation of the EMA network at this step (collective: every rank gathers the
+        EMA; the main rank samples and scores it): stats.jsonl's fields ({} on other ranks), the
+        grid in OUT/eval-STEP.png and to the tracker. Its time is left out of the img/s."""
+        began = time.time()
+        model = self.ema_network()
+        if evaluation is None:
+            return {}
+        loaded = LoadedNetwork(model, self.training_record(), f"the EMA at step {self.step}")
+        fields, picture = evaluation(loaded, self.device, self.run_dir / f"eval-{self.step:09d}.png", lambda done: progress.update(
+            info=f"evaluating: sampling {done:.0f}/{evaluation.count} images"))
+        if self.tracker is not None:
+            self.tracker.image("Eval/samples", picture, self.step)
+        self._paused += time.time() - began
+        return fields
 
     @property
     def lr(self) -> float:
@@ -413,7 +578,7 @@ class Trainer(Stateful):
             state = self._gathered(average)
             check_finite(state, directory / snapshot_name(images, std))
             if self.world.is_main:
-                save_snapshot(directory, self._network(state), images, std, self.training_record())
+                save_snapshot(directory, self.network_from(state), images, std, self.training_record())
 
     @contextlib.contextmanager
     def _dropout_stream(self):
@@ -492,10 +657,18 @@ class Trainer(Stateful):
         self._health = self._fresh_health()
         self.loader.load_state_dict({name: int(progress[f"loader_{name}"]) for name in _LOADER_FIELDS})
 
+    def state_identity(self) -> dict:
+        """What a training state of this run belongs to (ambient_fast.training.state): the data set
+        (its checksum, count and shape), the number of ranks, the network's parameter shapes."""
+        data = dict(path=str(self.dataset.path), checksum=self.dataset.checksum, images=len(self.dataset),
+                    shape=list(self.dataset.shape))
+        return dict(data=data, ranks=self.world.size,
+                    network={name: list(p.shape) for name, p in self.net.named_parameters()})
+
     def _load_newest_state(self) -> Path:
-        """Load the newest intact training state (collective), report the newer ones refused, and
-        return its directory."""
-        state, refused = load_newest_intact_state(self.run_dir, self.world, self)
+        """Load the newest intact training state (collective), report the newer ones refused as
+        damaged, and return its directory; IncompatibleState when it does not fit this run."""
+        state, refused = load_newest_intact_state(self.run_dir, self.world, self, self.state_identity())
         if self.world.is_main:
             for line in refused:
                 print(line, flush=True)
@@ -525,16 +698,9 @@ class Trainer(Stateful):
             out[name] = value.detach().float().cpu()
         return out
 
-    def _network(self, state: dict) -> torch.nn.Module:
-        """A network of this run's config with the weights `state` (full, on CPU), in eval mode."""
-        from ambient_fast.networks import build_model
-
-        network = build_model(self.config_for_checkpoint)
-        network.load_state_dict(state, strict=True)
-        return network.eval()
-
     def _save_state(self) -> Path:
-        return save_training_state(self.run_dir, self.step, self.world, self, keep=self.cfg.keep)
+        return save_training_state(self.run_dir, self.step, self.world, self, keep=self.cfg.keep,
+                                   identity=self.state_identity())
 
     def snapshot(self):
         self.check_health()  # never save a state that a roll-back due would have replaced
@@ -542,15 +708,37 @@ class Trainer(Stateful):
         self._save_state()
 
     def finish(self):
+        """The end of the run: its training state, the final network, and (main rank) the pictures, a
+        list of what was written and the commands to try next."""
         self.check_health()
         state = self._save_state()
         final = self.write_networks(final=True)
-        if self.world.is_main:
-            overview = self.write_samples(final)
-            print(f"done: {self.step} steps, {self.images_seen} images ({self.skipped} skipped steps)\n"
-                  f"  network (EMA):   {final}\n  samples/inputs:  {overview}\n"
-                  f"  stats:           {self.run_dir / 'stats.jsonl'}\n  training state:  {state}",
-                  flush=True)
+        if not self.world.is_main:
+            return
+        with console.WorkProgress("sampling", self.cfg.sample_count, "images") as progress:
+            pictures = self.write_samples(final, lambda done: progress.update(completed=done))
+        if self.tracker is not None:
+            self.tracker.image("Samples/overview", pictures.overview_array, self.step)
+        restored = ""
+        if pictures.psnr_restored is not None:
+            restored = (f"; held-out images restored in one step: {pictures.psnr_restored:.1f} dB PSNR, "
+                        f"{pictures.psnr_corrupted:.1f} dB as corrupted")
+        data = shlex.quote(str(self.dataset.path))
+        net, run = shlex.quote(str(final)), self.run_dir
+        reference = data if self.cfg.data is None else "CLEAN_IMAGES/   # a folder of clean images of the kind"
+        print(f"done: {self.step:,} steps, {self.images_seen:,} images ({self.skipped} skipped steps) in "
+              f"{console.duration(time.time() - self._started)}\n"
+              f"  overview:        {pictures.overview}  (training inputs / samples"
+              f"{' / clean originals' if self.cfg.data is None else ''}{restored})\n"
+              f"  network (EMA):   {final}\n  samples/inputs:  {pictures.samples}, {run / 'inputs.png'}\n"
+              f"  stats:           {run / 'stats.jsonl'}\n  log:             {run / 'log.txt'}\n"
+              f"  training state:  {state}\n"
+              f"next:\n"
+              f"  python -m ambient_fast.sample --net {net} --out samples --seeds 0-63\n"
+              f"  python -m ambient_fast.restore --net {net} --input {data} --out restored\n"
+              f"  python -m ambient_fast.evaluate --samples samples --reference {reference}"
+              + (f"\n  tensorboard --logdir {shlex.quote(str(run / tracking.TENSORBOARD_DIR))}"
+                 if self.cfg.log == "tensorboard" else ""), flush=True)
 
     # -- signals ---------------------------------------------------------------------------------
 
