@@ -166,9 +166,6 @@ class TrainConfig(Options):
         check_available(self.log)
         if self.eval_reference is not None and not self.eval_every:
             raise ValueError("--eval-reference is only used with --eval-every N")
-
-    def __post_init__(self):
-        super().__post_init__()
         if self.arch == EDM2:
             given = [flag for flag, wrong in (("--precond vp", self.precond != "edm"),
                                               (f"--gate {self.gate}", self.gate != "sigmoid")) if wrong]
