@@ -270,7 +270,7 @@ class Trainer(Stateful):
                            f"further corruption B: {self.objective.operator!r}"),
             ("model", self.describe_model()),
             ("training", f"{cfg.steps:,} steps of batch {cfg.batch} ({self.world.size} rank(s) x {self.accumulation} "
-                         f"x {self.micro}), lr {cfg.lr:g}, EMA half-life {cfg.ema:g} Mimg, seed {cfg.seed}"),
+                         f"x {self.micro}), lr {cfg.recipe('lr'):g}, EMA half-life {cfg.ema:g} Mimg, seed {cfg.seed}"),
             ("parallelism", f"{settings.parallel} ({self.world.size} process{'es' if self.world.size > 1 else ''} on "
                             f"{self.device}){defaults}"),
             ("precision", f"{precision}, TF32 {'on' if settings.tf32 else 'off'}"),
