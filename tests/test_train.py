@@ -8,10 +8,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +67,7 @@ def default_run(tmp_path_factory):
     return run, printed
 
 
-def test_default_run_end_to_end(default_run):
+def test_default_run_end_to_end(default_run, tmp_path):
     run, printed = default_run
     for name in ("network-final.safetensors", "samples.png", "inputs.png", "overview.png", "stats.jsonl", "config.json",
                  "log.txt"):
@@ -78,7 +76,19 @@ def test_default_run_end_to_end(default_run):
     assert len(state_dirs(run)) <= 2 and state_dirs(run)[-1].name.endswith("000000004")
     assert (run / "network-snapshot-000000002.safetensors").is_file()
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
-    assert stats[-1]["Progress/step"] == 4 and stats[-1]["Loss/loss"]["mean"] > 0
+    assert stats[-1]["Progress/step"] == 4
+    # The logged losses are the steps' own: a trainer of the run's configuration, stepped here, computes them.
+    trainer = Trainer(TrainConfig(**{**json.loads((run / "config.json").read_text()), "out": str(tmp_path / "again")}))
+    try:
+        losses = [trainer.train_step().item() for _ in range(4)]
+    finally:
+        trainer.close()
+    logged = [(line["Progress/step"], line["Loss/loss"]) for line in stats if "Loss/loss" in line]
+    assert logged[-1][0] == 4
+    for (previous, _), (step, loss) in zip([(0, None)] + logged, logged):
+        window = losses[previous:step]  # the steps since the previous line
+        assert loss["num"] == len(window) and loss["mean"] == pytest.approx(np.mean(window), rel=1e-6)
+        assert loss["std"] == pytest.approx(np.std(window, ddof=1) if len(window) > 1 else 0.0, rel=1e-5)
     # The summary: a short labelled table first, the full detail in log.txt alone.
     labels = [line.split()[0] for line in printed.splitlines()[:9]]
     assert labels == ["data", "corruption", "model", "training", "parallelism", "precision", "settings", "kernels",
@@ -240,38 +250,50 @@ def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
     assert "lr" in capsys.readouterr().err
 
 
+# The stopped run of the SIGTERM test: the train command whose process signals itself at the end of a
+# given step (argv[1]), so that the signal arrives at a known step however fast the machine is.
+SIGNAL_AT_STEP = """
+import os, signal, sys
+from ambient_fast.train import main
+from ambient_fast.training.trainer import Trainer
+
+at, step = int(sys.argv[1]), Trainer.train_step
+
+def step_then_signal(self):
+    loss = step(self)
+    if self.step == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return loss
+
+Trainer.train_step = step_then_signal
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigterm_writes_state_and_resume_finishes_exactly(tmp_path):
-    """A run stopped by SIGTERM and resumed ends where one run straight through ends. Both sides run in
-    fresh processes with one thread count: the count (or an allocator's history) can change a CPU
-    kernel's last bits."""
+    """A run stopped by SIGTERM at step 3 (sent by its own process, so never too late) exits with
+    EXIT_INTERRUPTED, and resumed ends where one run straight through ends. Both sides run in fresh
+    processes with one thread count: the count (or an allocator's history) can change a CPU kernel's
+    last bits."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    args = [*FAST, "--steps", "40", "--snapshot-every", "1000"]
+    args = [*FAST, "--steps", "8", "--snapshot-every", "1000"]
 
-    def start(out, *extra):
-        return subprocess.Popen([sys.executable, "-m", "ambient_fast.train", "--out", str(out), *args, *extra],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    def run(*command):
+        return subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, timeout=300)
 
-    first = start(straight)
-    first.communicate(timeout=300)
-    assert first.returncode == 0
-    process = start(stopped)
-    deadline = time.time() + 120
-    while not (stopped / "stats.jsonl").is_file() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    if "interrupted at step" not in out:
-        assert process.returncode == 0, err
-        pytest.skip("the run finished before the signal arrived")
-    assert process.returncode == EXIT_INTERRUPTED, err  # a script tells it from a finished run (0) or an error (1)
-    assert state_dirs(stopped), "no training state written on SIGTERM"
-    resumed = subprocess.run([sys.executable, "-m", "ambient_fast.train", "--resume", str(stopped)], capture_output=True,
-                             text=True, env=env, timeout=300)
+    first = run("-m", "ambient_fast.train", "--out", str(straight), *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    interrupted = run("-c", SIGNAL_AT_STEP, "3", "--out", str(stopped), *args)
+    assert interrupted.returncode == EXIT_INTERRUPTED, interrupted.stderr[-3000:]  # not 0 (finished) nor 1 (error)
+    assert "interrupted at step 3: state saved" in interrupted.stdout
+    assert [state.name for state in state_dirs(stopped)] == ["training-state-000000003"]
+    assert not (stopped / "network-final.safetensors").exists()
+    resumed = run("-m", "ambient_fast.train", "--resume", str(stopped))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(final_weights(straight), final_weights(stopped))
     log = (stopped / "log.txt").read_text()  # both sessions, the second appended
-    assert log.count("--- ") == 2 and log.index("interrupted at step") < log.index("done: 40 steps")
+    assert log.count("--- ") == 2 and log.index("interrupted at step 3") < log.index("done: 8 steps")
 
 
 def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path):
