@@ -30,9 +30,10 @@ EXAMPLES = (
 
 
 def parser():
-    """The trainer's options without those that define our own networks, and the fine-tuner's."""
+    """The trainer's options without those that define our own networks or write them (post-hoc EMA
+    snapshots), and the fine-tuner's."""
     return build_parser(FinetuneConfig, prog="python -m ambient_fast.finetune", description=__doc__.split("\n\n")[0],
-                        examples=EXAMPLES, leave_out=("architecture",), extras=add_run_options)
+                        examples=EXAMPLES, leave_out=("architecture", "posthoc_ema"), extras=add_run_options)
 
 
 def main(argv=None) -> int:

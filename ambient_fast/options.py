@@ -223,10 +223,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _parse_list(text: str) -> list:
+    """'2,2,2' -> [2, 2, 2], '0.05,0.1' -> [0.05, 0.1]: integers where they are, other numbers as floats (the
+    field's check says which it takes)."""
+    def number(v: str):
+        try:
+            return int(v)
+        except ValueError:
+            return float(v)
+
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return [number(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 2,2,2, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 2,2,2, got {text!r}") from None
 
 
 def _shown(value: Any) -> str:

@@ -1,9 +1,11 @@
 """`python -m ambient_fast.sample --net PATH --out DIR --seeds 0-63`: generate images from an ambient
-model (ours, a published reference snapshot, or a fine-tuned diffusers UNet).
+model (ours, a published reference snapshot, a fine-tuned diffusers UNet, or an EDM2 network).
 
 One PNG per seed, each a function of its seed alone (not of its batch or rank; under torchrun the
 seeds are split over the ranks), grid.png and sampling.json (the settings and the images written).
-The samplers live in ambient_fast.sampling.
+A plain EDM2 network (NVlabs/edm2's, which takes the image alone) samples with a mask of ones; a
+model trained on latents (its training record names the autoencoder) samples latents, unclipped,
+and decodes them (ambient_fast.data.latents). The samplers live in ambient_fast.sampling.
 """
 import collections
 import re
@@ -20,6 +22,7 @@ EXAMPLES = (
     "python -m ambient_fast.sample --net runs/ambient --out samples --seeds 0-63",
     "python -m ambient_fast.sample --net published-run/network-snapshot-004000.pkl --out samples --seeds 0-999",
     "python -m ambient_fast.sample --net runs/ambient --out guided --guidance-masks 4 --guidance 0.05",
+    "python -m ambient_fast.sample --net edm2-img512-s-2147483-0.130.pkl --autoencoder sd-vae/ --out samples --class 1",
     "torchrun --nproc_per_node=8 -m ambient_fast.sample --net runs/celeba --out samples --seeds 0-49999",
 )
 
@@ -68,6 +71,10 @@ class SampleConfig(Options):
                                 required=True, role=INPUT)
     training_options: Optional[str] = option(None, "training_options.json of a reference snapshot", role=INPUT,
                                              default_text="the one beside the snapshot")
+    autoencoder: Optional[str] = option(None, "the diffusers AutoencoderKL folder that decodes a latent model's "
+                                        "samples (a plain EDM2 latent network: with EDM2's SD-VAE scaling)",
+                                        role=INPUT, default_text="the one the model's training record names; none for "
+                                        "pixel models")
     out: str = option("samples", "output folder: one PNG per seed, grid.png and sampling.json", role=OUTPUT)
     overwrite: bool = overwrite_option("the samples of an earlier sampling")
     seeds: str = option("0-63", "seeds, one image each, e.g. 0-63 or 1,4,9-12")
@@ -136,10 +143,7 @@ def sample(cfg: SampleConfig) -> int:
         settings = sampling_settings(cfg, device)
         loaded = load_network(cfg.net, cfg.training_options)
         # channels_last on GPUs: cuDNN's fast layout for bf16 convolutions (the fused kernels read either)
-        model = loaded.model.to(device, memory_format=settings.memory_format)
-        survival = cfg.survival if cfg.survival is not None else loaded.survival
-        if survival is None:
-            raise ValueError("the checkpoint does not record its training corruption; pass --survival")
+        model, codec, survival, clip = sampling_model(loaded, cfg, device, settings.memory_format)
         C, R = model.img_channels // 2, model.img_resolution
         check_memory(seeds_bytes(len(seeds), C, R), f"--seeds {cfg.seeds} ({len(seeds)} images of {C}x{R}x{R})",
                      "sample fewer seeds at a time")
@@ -189,10 +193,11 @@ def sample(cfg: SampleConfig) -> int:
                                          lambda done: progress.update(completed=done), done=start):
                 images = ambient_sample(model, latents, masks, num_steps=cfg.steps, solver=cfg.solver,
                                         guidance=cfg.guidance, class_labels=labels, S_churn=cfg.churn,
-                                        randn_like=generators.randn_like,
+                                        randn_like=generators.randn_like, clip=clip,
                                         dtype=torch.float32 if cfg.float32 else torch.float64, fast=fast,
                                         **sampling_sigmas(loaded))
-            for seed, array in zip(batch_seeds, to_uint8(images)):
+            arrays = to_uint8(images) if codec is None else codec.images(images[: len(batch_seeds)])
+            for seed, array in zip(batch_seeds, arrays):
                 save_png(array, out / f"{seed:06d}.png")
     world.barrier()
     if world.is_main:
@@ -200,10 +205,45 @@ def sample(cfg: SampleConfig) -> int:
         write_json(out / "sampling.json", dict(
             net=str(loaded.source), seeds=cfg.seeds, images=[f"{seed:06d}.png" for seed in seeds], steps=cfg.steps,
             solver=cfg.solver, survival=survival, guidance_masks=cfg.guidance_masks, guidance=cfg.guidance,
-            churn=cfg.churn, class_index=cfg.class_index, **sampling_sigmas(loaded)))
+            churn=cfg.churn, class_index=cfg.class_index, **sampling_sigmas(loaded),
+            **({} if codec is None else {"autoencoder": str(codec.folder)})))
         print(f"wrote {len(seeds)} images and {out / 'grid.png'}")
     close_world()
     return 0
+
+
+def sampling_model(loaded, cfg: SampleConfig, device, memory_format):
+    """(the ambient denoiser to sample with, the LatentCodec that decodes its samples or None, the
+    sampling mask's survival, whether to clamp each prediction to [-1, 1]) for a loaded network;
+    ValueError for options that do not fit it. Ambient pixel models clamp, as the reference's sampler
+    does; latents and plain EDM2 networks do not, as EDM2's sampler does not (`edm2_sample`)."""
+    from ambient_fast.data.latents import LatentCodec
+    from ambient_fast.networks import EDM2Precond
+    from ambient_fast.sampling.edm2 import plain_denoiser
+
+    model = loaded.model.to(device, memory_format=memory_format)
+    survival = cfg.survival if cfg.survival is not None else loaded.survival
+    plain = isinstance(model, EDM2Precond) and not model.ambient
+    if plain:  # takes the image alone: no mask to sample with
+        if cfg.survival not in (None, 1.0) or cfg.guidance_masks > 1:
+            raise ValueError("a plain EDM2 network takes no mask: drop --survival and --guidance-masks")
+        model, survival = plain_denoiser(model), 1.0
+    if survival is None:
+        raise ValueError("the checkpoint does not record its training corruption; pass --survival")
+    record = loaded.corruption.get("latent")
+    codec = None
+    if record is not None:
+        codec = LatentCodec.from_record(record, cfg.autoencoder, device, what=f"the training latents of {cfg.net}")
+    elif cfg.autoencoder is not None:
+        codec = LatentCodec.load(cfg.autoencoder, device=device)  # EDM2's SD-VAE scaling
+    channels = model.img_channels // 2
+    if codec is not None and codec.channels != channels:
+        raise ValueError(f"the network makes {channels}-channel samples, the autoencoder in {codec.folder} decodes "
+                         f"{codec.channels}-channel latents: give the autoencoder the model was trained with")
+    if codec is None and channels not in (1, 3):
+        raise ValueError(f"the network makes {channels}-channel samples, which are not images: if they are latents, "
+                         "give --autoencoder DIR (the diffusers AutoencoderKL that decodes them)")
+    return model, codec, survival, codec is None and not plain
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ Which settings are run. A specialisation depends on dtypes, layouts, shapes and 
   (`ambient_input_workloads`);
 - the loss kernels see the image shape;
 - the sampler kernel sees the state dtype, the clipping, the solver stage and the layout.
+EDM2 (`--arch edm2`) reaches the same kernels through its objective (the ambient input, the draws,
+the loss; its U-Net has no gated convolution): a training step in each precision and layout on a
+pixel set, one on a latent-shaped set (4 channels of float16 values, full masks, noise-level windows:
+the draws take the PyTorch path there, the per-value pass stays fused), and the samplers on the
+trained network (`edm2_workloads`).
 The two pairs of training flags act on different kernels, so the four combinations of each pair
 run side by side (`SETTINGS`), in both layouts, at each resolution. `--compile` launches a subset
 of what an uncompiled step launches (Inductor generates its own kernels inside the compiled
@@ -107,12 +112,54 @@ def training_workloads(work: Path, mode: str) -> Iterator[Tuple[str, Callable[[]
         yield label, step
 
 
-def sample_paths(net: torch.nn.Module, resolution: int) -> None:
+def latent_shaped_set(folder: Path, resolution: int, count: int = 2):
+    """A set shaped as 4-channel latents: float16 values, full masks, sigma_min and sigma_max per image.
+    Its latent record names no autoencoder: training reads only the values (decoding is the sampler's)."""
+    from ambient_fast.data.format import RECORD, write_dataset
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((count, 4, resolution, resolution)).astype(np.float16)
+    observed = np.clip(np.round((values.astype(np.float64) + 1) * 127.5), 0, 255).astype(np.uint8)
+    records = np.zeros(count, RECORD)
+    records["sigma_min"] = 0.05
+    latent = {"folder": "none", "config_sha256": "", "scaling": {}, "pixel_shape": [3, 8 * resolution, 8 * resolution]}
+    return write_dataset(folder, observed, np.ones(values.shape, bool), {"kind": "none", "p": 0.0, "delta": 0.0,
+                         "shared_channels": True}, values=values, records=records,
+                         sigma_max=np.full(count, 2.0, np.float32), latent=latent, source="aot")
+
+
+def edm2_workloads(work: Path, mode: str) -> Iterator[Tuple[str, Callable[[], None]]]:
+    """An EDM2 training step per (precision, layout) on a pixel set and one per precision on a
+    latent-shaped set, then the samplers on the network it trained."""
+    from ambient_fast.training.config import TrainConfig
+    from ambient_fast.training.trainer import Trainer
+
+    resolution = max(RESOLUTIONS[mode])
+    size = dict(QUICK_SIZE, channel_mult=[1, 2], attn_resolutions=[]) if mode == "quick" else dict(preset="edm2-s")
+    cases = [(kind, precision, channels_last) for kind in ("pixels", "latents") for precision in ("bf16", "fp32")
+             for channels_last in ((True, False) if kind == "pixels" else (False,))]
+    for kind, precision, channels_last in cases:
+        def step(kind=kind, precision=precision, channels_last=channels_last):
+            data = work / f"edm2-{kind}-{resolution}"
+            if not data.exists():
+                (random_set if kind == "pixels" else latent_shaped_set)(data, resolution, *([True] if kind == "pixels" else []))
+            config = TrainConfig(data=str(data), out=tempfile.mkdtemp(dir=work), device="cpu", compile=False, batch=2,
+                                 steps=1, arch="edm2", precision=precision, channels_last=channels_last, **size)
+            with contextlib.redirect_stdout(None):
+                trainer = Trainer(config)
+                trainer.train_step()
+            net = trainer.net.eval()
+            sample_paths(net, net.img_resolution, net.img_channels // 2)
+
+        yield f"train edm2 {kind} {resolution}x{resolution} {'channels_last' if channels_last else 'NCHW'} {precision}", step
+
+
+def sample_paths(net: torch.nn.Module, resolution: int, channels: int = 3) -> None:
     """Every path of `ambient_sample`: exact (float64, the default, and float32, `--float32`), without
     clipping, and fast."""
     from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs
 
-    latents, masks = seeded_inputs([0], (3, resolution, resolution), 1, 0.5, False, "cpu")
+    latents, masks = seeded_inputs([0], (channels, resolution, resolution), 1, 0.5, False, "cpu")
     with torch.no_grad():
         for options in (dict(), dict(dtype=torch.float32), dict(clip=False), dict(fast=True)):
             ambient_sample(net, latents, masks, num_steps=SAMPLE_STEPS, **options)
@@ -197,8 +244,8 @@ def record(mode: str, console: Console):
     from ambient_fast.kernels import aot
 
     with tempfile.TemporaryDirectory(prefix="ambient-fast-aot-") as work, aot.record_launches(TARGETS) as recorder:
-        workloads = [*training_workloads(Path(work), mode), *published_workloads(mode), *ambient_input_workloads(mode),
-                     *benchmark_workloads(mode)]
+        workloads = [*training_workloads(Path(work), mode), *edm2_workloads(Path(work), mode), *published_workloads(mode),
+                     *ambient_input_workloads(mode), *benchmark_workloads(mode)]
         for index, (label, run) in enumerate(workloads, 1):
             start = time.perf_counter()
             recorder.label = label

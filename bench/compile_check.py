@@ -1,12 +1,19 @@
 """torch.compile of the training step, checked on this machine: `python bench/compile_check.py`.
 
-For the CIFAR-10 (32x32) and 64x64 configurations, builds the trainer as `--compile` does (every
-U-Net block compiled with Inductor, static shapes), runs a few training steps and reports: the
-compile time (first step), the time of the later steps, the number of compiled graphs, how many of
-the blocks ran compiled in the last forward pass (all of them, or some fell back to eager: dynamo's
-recompile limit), the recompile-limit messages dynamo logged, and the first step's loss against an
-eager trainer's on the same batch. Exit status 1 if a block ran eagerly, the limit was hit or the
-losses differ beyond float32 rounding.
+For the CIFAR-10 (32x32) and 64x64 configurations (`--arch edm2`: EDM2-S at ImageNet-64's size),
+builds the trainer as `--compile` does (every U-Net block compiled with Inductor, static shapes),
+runs a few training steps and reports: the compile time (first step), the time of the later steps,
+the number of compiled graphs, how many of the blocks ran compiled in the last forward pass (all of
+them, or some fell back to eager: dynamo's recompile limit), the recompile-limit messages dynamo
+logged, and the first step's loss against an eager trainer's on the same batch. Exit status 1 if a
+block ran eagerly, the limit was hit or the losses differ beyond float32 rounding.
+
+Fusion (`--arch edm2`): one EDM2 encoder block in training mode, forward and backward compiled
+with Inductor, against its forward's ATen operations (`make_fx`): the generated kernels (each a
+fused loop nest) and the library calls (convolutions, matrix products) in Inductor's output code.
+Few generated kernels for many elementwise operations is the evidence that Inductor fuses EDM2's
+elementwise chains (mp_silu, mp_sum, the gains, the normalisations) itself: no hand-written kernel
+is needed there.
 
 Full width by default (the published configurations; minutes on a CPU, mostly Inductor's compile);
 `--quick`: one block per resolution and 16 channels (tests/test_compile.py runs that).
@@ -27,7 +34,8 @@ from rich.console import Console  # noqa: E402
 
 import _harness as harness  # noqa: E402
 
-RESOLUTIONS = (32, 64)
+RESOLUTIONS = {"ddpmpp": (32, 64), "edm2": (64,)}
+PRESET = {"ddpmpp": {}, "edm2": dict(preset="edm2-s")}  # the resolution's own preset, or EDM2-S
 QUICK_SIZE = dict(model_channels=16, num_blocks=1)
 STEPS = 3
 LOSS_TOLERANCE = 1e-3  # relative: Inductor reorders float32 arithmetic
@@ -82,7 +90,7 @@ def dynamo_limit_messages():
         logger.removeHandler(handler)
 
 
-def check(resolution: int, size: dict, work: Path, steps: int = STEPS) -> dict:
+def check(resolution: int, size: dict, work: Path, steps: int = STEPS, arch: str = "ddpmpp") -> dict:
     """Train `steps` steps compiled and one eager on the same data; return the figures."""
     from aot import random_set
     from ambient_fast.training.parallel import compile_each
@@ -94,7 +102,7 @@ def check(resolution: int, size: dict, work: Path, steps: int = STEPS) -> dict:
 
     def trainer(name):
         config = TrainConfig(data=str(data), out=str(work / f"{name}-{resolution}"), device="cpu", compile=False,
-                             batch=2, steps=steps, **size)
+                             batch=2, steps=steps, arch=arch, **{**PRESET[arch], **size})
         with contextlib.redirect_stdout(None):
             return Trainer(config)
 
@@ -117,6 +125,38 @@ def check(resolution: int, size: dict, work: Path, steps: int = STEPS) -> dict:
                 loss=losses[0], eager_loss=eager_loss)
 
 
+def edm2_block_fusion(channels: int = 32, resolution: int = 16) -> dict:
+    """One EDM2 encoder block (training mode, `channels` wide, with its embedding), forward and backward
+    compiled with Inductor: its forward's ATen operations and what Inductor's output code calls."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ambient_fast.networks.edm2 import Block
+
+    torch.manual_seed(0)
+    block = Block(channels, channels, 2 * channels, flavor="enc", resample_mode="keep").train()
+    for module in block.modules():  # as the trainer compiles EDM2: the weights normalised by a step of their own
+        if hasattr(module, "normalize_in_forward"):
+            module.normalize_in_forward = False
+    x, emb = torch.randn(4, channels, resolution, resolution), torch.randn(4, 2 * channels)
+
+    def step(x, emb):
+        block(x, emb).square().sum().backward()
+
+    operations = [node for node in make_fx(lambda x, emb: block(x, emb))(x, emb).graph.nodes
+                  if node.op == "call_function"]
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(torch.compile(step), x, emb)
+    torch._dynamo.reset()
+    code = "\n".join(codes)
+    kernels = re.findall(r"^(\w+) = async_compile\.", code, re.M)  # each generated kernel's definition
+    library = sorted(set(re.findall(r"extern_kernels\.(\w+)", code)))
+    return dict(operations=len(operations), kinds=sorted({str(node.target) for node in operations}),
+                kernels=kernels, library=library)
+
+
 def passed(result: dict) -> bool:
     same_loss = abs(result["loss"] - result["eager_loss"]) <= LOSS_TOLERANCE * abs(result["eager_loss"])
     return result["compiled_calls"] == result["blocks"] and not result["limit_messages"] and same_loss
@@ -125,6 +165,8 @@ def passed(result: dict) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_check_arguments(parser, "one block per resolution, 16 channels")
+    parser.add_argument("--arch", choices=tuple(RESOLUTIONS), default="ddpmpp",
+                        help="DDPM++ (CIFAR-10 and 64x64 configurations) or EDM2 (EDM2-S at 64x64)")
     args = parser.parse_args(argv)
     console = Console()
     size = QUICK_SIZE if args.quick else {}
@@ -132,27 +174,38 @@ def main(argv=None) -> int:
               "recompile-limit messages", "loss compiled / eager", "check"]
     rows, failed = [], False
     with tempfile.TemporaryDirectory(prefix="ambient-fast-compile-") as work:
-        for resolution in RESOLUTIONS:
-            console.print(f"{resolution}x{resolution}: {STEPS} compiled steps and 1 eager ...")
-            result = check(resolution, size, Path(work))
+        for resolution in RESOLUTIONS[args.arch]:
+            console.print(f"{args.arch} {resolution}x{resolution}: {STEPS} compiled steps and 1 eager ...")
+            result = check(resolution, size, Path(work), arch=args.arch)
             ok = passed(result)
             failed |= not ok
-            rows.append([f"{resolution}x{resolution}" + (" (quick)" if args.quick else ""), str(result["blocks"]),
-                         str(result["compiled_calls"]), str(result["graphs"]), f"{result['compile_s']:.1f}",
+            rows.append([f"{args.arch} {resolution}x{resolution}" + (" (quick)" if args.quick else ""),
+                         str(result["blocks"]), str(result["compiled_calls"]), str(result["graphs"]),
+                         f"{result['compile_s']:.1f}",
                          f"{result['step_s']:.2f}", str(len(result["limit_messages"])),
                          f"{result['loss']:.6g} / {result['eager_loss']:.6g}", "ok" if ok else "FAIL"])
     harness.print_table(console, "torch.compile of the training step (Inductor, CPU)", header, rows,
                         left=("config", "check"))
+    fusion = []
+    if args.arch == "edm2":
+        result = edm2_block_fusion()
+        fusion = [f"Fusion: one EDM2 encoder block (32 channels, 16x16, training mode; the weight normalisation a "
+                  f"step of its own, as the trainer has it), forward and backward under Inductor: its forward has "
+                  f"{result['operations']} ATen operations ({', '.join(result['kinds'])}); Inductor's code for "
+                  f"forward and backward has {len(result['kernels'])} generated kernels "
+                  f"({', '.join(result['kernels'])}) and calls the libraries for {', '.join(result['library'])}."]
+        console.print(fusion[0])
     if not args.no_report:
         device = torch.device("cpu")
-        path = harness.report_path(args.results, "compile" + ("-quick" if args.quick else ""), device)
+        name = "compile" + ("" if args.arch == "ddpmpp" else f"-{args.arch}") + ("-quick" if args.quick else "")
+        path = harness.report_path(args.results, name, device)
         command = "python bench/compile_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
         harness.write_report(path, f"torch.compile of the training step, {harness.today()}", [
             harness.environment_section(device, command.strip()),
             "Every U-Net block compiled as `--compile` does (Inductor, static shapes), batch 2. 'compiled in last "
             "forward': compiled graphs called in the last step's forward pass (one per block when every block runs "
             "compiled). First step: tracing and Inductor's compile included.",
-            "\n".join(harness.markdown_table(header, rows))])
+            "\n".join(harness.markdown_table(header, rows)), *fusion])
         console.print(f"wrote {path}")
     return 1 if failed else 0
 

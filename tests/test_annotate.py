@@ -76,3 +76,36 @@ def test_recovered_levels_order_the_blur_strengths():
     levels = [np.exp(np.mean(np.log(sigma_min[count * k:count * (k + 1)]))) for k in range(len(strengths))]
     assert levels[1] > 1.1 * levels[0] and levels[2] > 1.1 * levels[1], levels
     assert levels[2] > 1.5 * levels[0], levels
+
+
+def test_prepare_annotate_writes_the_poor_images_with_their_levels(tmp_path, capsys):
+    """`prepare annotate` on folders of PNGs: clean images, and copies blurred weakly and strongly (the
+    poor folder's sorted order: weak first). Every poor image is written with its sigma_min in its
+    record, and the strongly blurred ones get the higher levels."""
+    from ambient_fast.data.format import CorruptedDataset
+    from ambient_fast.prepare import main as prepare
+
+    rng = np.random.default_rng(0)
+    count = 32
+    images = fields(3 * count, 16, rng)
+    clean, poor = tmp_path / "clean", tmp_path / "poor"
+    clean.mkdir(), poor.mkdir()
+    for i, image in enumerate(images[:count]):
+        image.save(clean / f"{i:03d}.png")
+    for k, (name, radius) in enumerate((("a_weak", 0.4), ("b_strong", 3.0))):
+        for i, image in enumerate(images[count * (k + 1):count * (k + 2)]):
+            image.filter(ImageFilter.GaussianBlur(radius)).save(poor / f"{name}{i:03d}.png")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small run fastest on one thread
+    try:
+        code = prepare(["annotate", "--clean", str(clean), "--poor", str(poor), "--dest", str(tmp_path / "set"),
+                        "--steps", "200", "--trials", "16", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, capsys.readouterr().err
+    assert f"sigma_min of {2 * count} of {2 * count} poor images" in capsys.readouterr().out
+    dataset = CorruptedDataset(tmp_path / "set", verify=True)
+    sigma_min = dataset.records()["sigma_min"]
+    assert len(dataset) == 2 * count and (sigma_min > 0).all() and (dataset.records()["masked"] == 0).all()
+    weak, strong = (np.exp(np.mean(np.log(sigma_min[count * k:count * (k + 1)]))) for k in range(2))
+    assert strong > 1.5 * weak, (weak, strong)

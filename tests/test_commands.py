@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_fast import convert, evaluate, finetune, prepare, restore, sample, train
+from ambient_fast import convert, ema, evaluate, finetune, prepare, restore, sample, train
 from ambient_fast.data.format import write_dataset
 from ambient_fast.evaluation.metrics import frechet_distance, pixel_features
 from ambient_fast.files.atomic import write_json
@@ -41,6 +41,13 @@ COMMANDS = {
     "prepare": (prepare.main, prepare.parser, prepare.PrepareConfig, ["--source", "src", "--dest", "set", "--p", "0.5"]),
     "prepare mix": (prepare.main, lambda: prepare.parser("mix"), prepare.MixConfig, ["mix", "--dest", "set", "a"]),
     "prepare verify": (prepare.main, lambda: prepare.parser("verify"), prepare.VerifyConfig, ["verify", "set"]),
+    "prepare latents": (prepare.main, lambda: prepare.parser("latents"), prepare.LatentsConfig,
+                        ["latents", "--source", "src", "--dest", "set", "--autoencoder", "vae"]),
+    "prepare crops": (prepare.main, lambda: prepare.parser("crops"), prepare.CropsConfig,
+                      ["crops", "--source", "src", "--dest", "set", "--crop", "4"]),
+    "prepare annotate": (prepare.main, lambda: prepare.parser("annotate"), prepare.AnnotateConfig,
+                         ["annotate", "--clean", "good", "--poor", "poor", "--dest", "set"]),
+    "ema": (ema.main, ema.parser, ema.EmaConfig, ["--run", "run", "--std", "0.1", "--out", "net.safetensors"]),
 }
 
 
@@ -156,7 +163,9 @@ def test_numbers_are_checked_at_parse(name, tmp_path, monkeypatch):
 
 
 def _required_values(config_cls):
-    values = {f.name: "x.safetensors" if f.name == "out" else ["x"] if f.metadata.get("nargs") else "x"
+    numbers = {int: 1, float: 0.1}  # inside every required number's range (prepare crops --crop, ema --std)
+    values = {f.name: "x.safetensors" if f.name == "out" else ["x"] if f.metadata.get("nargs") else
+              numbers.get(numeric_type(config_cls, f), "x")
               for f in dataclasses.fields(config_cls) if f.metadata.get("required")}
     return {**values, "data": "x"} if config_cls is FinetuneConfig else values
 

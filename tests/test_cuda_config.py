@@ -256,6 +256,26 @@ def test_posterior_restore_runs_the_fast_path(data, tmp_path, cuda_defaults_on_c
         assert (fast - exact).abs().max() <= 8 and (fast - exact).abs().mean() <= 1
 
 
+@runs_cuda_values("train", *ALL_TRAINING)
+def test_train_edm2_under_fsdp2_compiled_in_bf16_resumes_exactly(data, tmp_path, cuda_defaults_on_cpu):
+    """EDM2 (its forced weight normalisation a step of its own, its scalar gains outside FSDP2's shards,
+    its log-variance head in the root) trains on 2 ranks with CUDA's configuration, --compile and bf16
+    included; a resumed run ends bit for bit where the run ended, post-hoc EMA snapshots included."""
+    run = tmp_path / "run"
+    out = torchrun("ambient_fast.train", "--data", str(data), "--out", str(run), "--arch", "edm2", *TINY,
+                   "--channel-mult", "1", *STEPS, "--ema-snapshot-kimg", "0.008", "--channels-last", "--compile",
+                   "--precision", "bf16")
+    assert "2 rank(s)" in out and "parallel fsdp" in out and "EDM2 U-Net" in out
+    assert_ran_with_cuda_values(out, "train", ALL_TRAINING)
+    straight = load_file(str(run / "network-final.safetensors"))
+    snapshots = {path.name: load_file(str(path)) for path in (run / "phema").iterdir()}
+    assert len(snapshots) == 2 * 2  # 2 profiles at 8 and 16 images
+    cut_back_and_resume(run, "ambient_fast.train", step=2)
+    assert_same_tensors(straight, load_file(str(run / "network-final.safetensors")))
+    for name, tensors in snapshots.items():
+        assert_same_tensors(tensors, load_file(str(run / "phema" / name)))
+
+
 # Compiled and with the kernels interpreted above: here eager, with the kernels' references (the
 # interpreter costs seconds per run of the eager network's gated convolutions).
 DDP_VALUES = tuple(name for name in ALL_TRAINING if name not in ("compile", "fused_kernels"))

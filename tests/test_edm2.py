@@ -433,3 +433,16 @@ def test_bad_arguments():
         tiny()(ambient_input(1), torch.tensor([1.0]), augment_labels=torch.zeros(1, 9))
     with pytest.raises(ValueError, match="label_dim"):
         edm2_from_reference(dict(img_resolution=8, img_channels=3), {})
+
+
+def test_edm2_run_folder_needs_the_file_of_one_ema_length(tmp_path):
+    """An EDM2 run folder holds one snapshot per EMA length, none of them the run's network: with two
+    lengths, loading the folder names them and asks for the file; with one, its newest loads."""
+    original = (fixture_folder("edm2_tiny") / "snapshot.pkl").read_bytes()
+    for name in ("network-snapshot-0000100-0.050.pkl", "network-snapshot-0000200-0.050.pkl"):
+        (tmp_path / name).write_bytes(original)
+    assert isinstance(load_network(tmp_path).model, EDM2Precond)
+    (tmp_path / "network-snapshot-0000200-0.100.pkl").write_bytes(original)
+    with pytest.raises(ValueError, match=r"2 EMA lengths \(0\.050, 0\.100\): give the file"):
+        load_network(tmp_path)
+    assert load_network(tmp_path / "network-snapshot-0000200-0.100.pkl").source.endswith("0.100.pkl")

@@ -1,6 +1,8 @@
 """One numerical policy for FSDP2 and a single process: fp32 parameters, bf16 by autocast. Two FSDP2
 ranks (gloo, CPU) compute the network's output bitwise as one process does, also for VP noise labels
-near 999, which FSDP2's own bf16 casting of inputs rounded to steps of 4."""
+near 999, which FSDP2's own bf16 casting of inputs rounded to steps of 4. Under FSDP2, the gradients of
+every parameter of an EDM2 network, its log-variance head outside the U-Net included, are those of one
+process on the whole batch."""
 import os
 import subprocess
 import sys
@@ -10,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ambient_fast.training.distributed import World
-from ambient_fast.networks import VPPrecond
+from ambient_fast.networks import EDM2Precond, VPPrecond
 from ambient_fast.training.parallel import parallelize
 
 from conftest import TINY_ARCHITECTURES, free_port
@@ -68,3 +70,62 @@ def test_fsdp_computes_what_one_process_computes(tmp_path):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         here = parallelize(net, "none", World(0, 1, 0), torch.device("cpu"), compile_blocks=False)(x, sigma)
     torch.testing.assert_close(here, want, rtol=2e-2, atol=2e-2)
+
+
+GRADIENT_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from ambient_fast.training.distributed import close_world, init_world
+    from ambient_fast.training.parallel import parallelize
+    sys.path.insert(0, {tests!r})
+    from test_parallel import edm2_loss, edm2_model_and_batch
+
+    world, device = init_world("cpu")
+    net, x, sigma = edm2_model_and_batch()
+    half = len(x) // world.size
+    model = parallelize(net, "fsdp", world, device, compile_blocks=False)
+    edm2_loss(model, x[world.rank * half:(world.rank + 1) * half], sigma[world.rank * half:(world.rank + 1) * half]).backward()
+    grads = {{name: p.grad.full_tensor() if hasattr(p.grad, 'full_tensor') else p.grad
+              for name, p in model.named_parameters()}}
+    if world.is_main:
+        torch.save(grads, {path!r})
+    close_world()
+""")
+
+
+def edm2_model_and_batch():
+    """A tiny ambient EDM2 network (weights normalised as a step of their own, as the trainer has it)
+    and a batch of 4."""
+    torch.manual_seed(0)
+    net = EDM2Precond(img_resolution=8, img_channels=6, ambient=True, model_channels=8, channel_mult=[1],
+                      num_blocks=1, attn_resolutions=[])
+    net.normalize_in_forward(False)
+    net.normalize_weights_()
+    return net, torch.randn(4, 6, 8, 8), torch.tensor([0.05, 0.5, 2.0, 20.0])
+
+
+def edm2_loss(model, x, sigma):
+    """The mean over images of an uncertainty-weighted loss: both outputs, the image and the log-variance."""
+    from ambient_fast.objective.edm2 import uncertainty_weighted
+
+    D, logvar = model(x, sigma, return_logvar=True)
+    return uncertainty_weighted((D[:, :3] - x[:, :3]).square().sum((1, 2, 3)), logvar, 1.0).mean()
+
+
+def test_fsdp_reduces_the_gradients_of_edm2s_log_variance_head(tmp_path):
+    """Two FSDP2 ranks, each with half the batch: every gradient, the log-variance head's included
+    (outside the U-Net: before the whole model was the root, its gradient stayed each rank's own) and
+    the scalar gains' (which FSDP2 cannot shard: it refused the network before), is the gradient one
+    process computes on the whole batch."""
+    script, path = tmp_path / "gradients.py", tmp_path / "gradients.pt"
+    script.write_text(GRADIENT_SCRIPT.format(tests=str(Path(__file__).parent), path=str(path)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                             str(free_port()), str(script)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(path)
+    net, x, sigma = edm2_model_and_batch()
+    edm2_loss(net, x, sigma).backward()
+    want = {name: p.grad for name, p in net.named_parameters()}
+    assert got.keys() == want.keys() and any(name.startswith("logvar_linear") for name in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -140,3 +140,27 @@ def test_crop_examples_are_masked_images_with_their_window(tmp_path):
     dataset = CorruptedDataset(write_dataset(tmp_path / "crops", observed, masks, {"kind": "box"}, records=records,
                                              sigma_max=sigma_max), verify=True)
     np.testing.assert_array_equal(dataset.sigma_max(), sigma_max)
+
+
+def test_prepare_crops_writes_every_crop_with_its_level(tmp_path, capsys):
+    """`prepare crops` on a folder of two 16x16 PNGs, crops of 8: four crops each, in place in unobserved
+    images, every one with sigma_max 1.0 (half the side), the set's kind keep_patch; a crop as large
+    as the image is refused."""
+    from PIL import Image
+
+    from ambient_fast.prepare import main as prepare
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    (tmp_path / "src").mkdir()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(tmp_path / "src" / f"{i}.png")
+    assert prepare(["crops", "--source", str(tmp_path / "src"), "--dest", str(tmp_path / "set"), "--crop", "8"]) == 0
+    assert "8 with sigma_max (1)" in capsys.readouterr().out
+    dataset = CorruptedDataset(tmp_path / "set", verify=True)
+    assert len(dataset) == 8 and dataset.corruption["kind"] == "keep_patch" and dataset.corruption["p"] == 0.5
+    np.testing.assert_array_equal(dataset.sigma_max(), np.ones(8, np.float32))
+    observed, masks, _ = dataset.get(np.arange(8))
+    assert (masks.sum((1, 2, 3)) == 3 * 8 * 8).all()
+    np.testing.assert_array_equal(observed[5][:, :8, 8:], pixels[1].transpose(2, 0, 1)[:, :8, 8:])
+    assert prepare(["crops", "--source", str(tmp_path / "src"), "--dest", str(tmp_path / "whole"), "--crop", "16"]) == 1
+    assert "--crop must lie in 1..15" in capsys.readouterr().err

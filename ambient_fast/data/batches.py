@@ -25,7 +25,8 @@ class RawBatch(NamedTuple):
     mirror image and mask left-right; labels: int64 (B,) class indices, or None for a set without
     labels; position: the first image's position in the run; masked: uint8 (B,), 1 where A hides
     something (the image gets a further corruption); sigma_n: float32 (B,) its noise level (0:
-    none); sigma_min: float32 (B,) the level below which it must not train (0: none).
+    none); sigma_min: float32 (B,) the level below which it must not train (0: none); sigma_max:
+    float32 (B,) the level above which it must not train (inf: none), None in a set without windows.
     """
 
     observed: Tensor
@@ -36,6 +37,7 @@ class RawBatch(NamedTuple):
     masked: Optional[Tensor] = None
     sigma_n: Optional[Tensor] = None
     sigma_min: Optional[Tensor] = None
+    sigma_max: Optional[Tensor] = None
 
     def nbytes(self) -> int:
         """Bytes this batch moved to the device."""
@@ -142,14 +144,25 @@ class Loader(ABC):
 
     # -- the bytes of a batch
 
+    @property
+    def has_labels(self) -> bool:
+        return self.dataset.label_dim > 0
+
+    @property
+    def has_windows(self) -> bool:
+        """Whether the set stores each image's sigma_max (sigma_max.npy)."""
+        return self.dataset.meta.windows is not None
+
     def host_arrays(self, epoch: int, batch: int) -> "list[np.ndarray]":
         """The arrays of a batch as both loaders move them, in RawBatch's order (labels left out when
-        the set has none): values, mask bits, flips, [labels], masked, sigma_n, sigma_min."""
+        the set has none, sigma_max when it has no windows): values, mask bits, flips, [labels],
+        masked, sigma_n, sigma_min, [sigma_max]."""
         stored = self.dataset.get_stored(self.indices(epoch, batch))
         records = stored.records
         arrays = [stored.values, stored.packed, self.flips(epoch, batch)]
-        arrays += [] if stored.labels is None else [stored.labels]
+        arrays += [stored.labels] if self.has_labels else []
         arrays += [records["masked"], records["sigma_n"], records["sigma_min"]]
+        arrays += [stored.sigma_max] if self.has_windows else []
         return [np.ascontiguousarray(a) for a in arrays]
 
     def batch_on_device(self, tensors: "list[Tensor]", epoch: int, batch: int) -> RawBatch:
@@ -157,9 +170,13 @@ class Loader(ABC):
         waiting on CUDA, unless they are there already)."""
         if self.device.type == "cuda" and not tensors[0].is_cuda:
             tensors = [t.pin_memory() for t in tensors]
-        tensors = [t.to(self.device, non_blocking=True) for t in tensors]
-        labels = tensors[3] if len(tensors) == 7 else None
-        return RawBatch(*tensors[:3], labels, self.position(epoch, batch), *tensors[-3:])
+        moved = iter([t.to(self.device, non_blocking=True) for t in tensors])
+        observed, mask_bits, flips = next(moved), next(moved), next(moved)
+        labels = next(moved) if self.has_labels else None
+        masked, sigma_n, sigma_min = next(moved), next(moved), next(moved)
+        sigma_max = next(moved) if self.has_windows else None
+        return RawBatch(observed, mask_bits, flips, labels, self.position(epoch, batch), masked, sigma_n, sigma_min,
+                        sigma_max)
 
     def describe(self) -> str:
         """One line: kind, sizes, device."""

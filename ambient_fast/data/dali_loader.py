@@ -49,8 +49,10 @@ class DaliLoader(Loader):
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
         cursor = [self.epoch, self.batch]
-        dtypes = [types.FLOAT16 if self.dataset.has_noise else types.UINT8, types.UINT8, types.UINT8]
-        dtypes += ([types.INT64] if self.dataset.label_dim else []) + [types.UINT8, types.FLOAT, types.FLOAT]
+        # float16 values in a set with noisy images or latents, uint8 levels otherwise
+        dtypes = [types.FLOAT16 if self.dataset.meta.values else types.UINT8, types.UINT8, types.UINT8]
+        dtypes += ([types.INT64] if self.has_labels else []) + [types.UINT8, types.FLOAT, types.FLOAT]
+        dtypes += [types.FLOAT] if self.has_windows else []
 
         def source():
             epoch, batch = cursor

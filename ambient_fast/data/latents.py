@@ -87,8 +87,9 @@ class LatentCodec:
     """A diffusers AutoencoderKL with the latent scaling (module docstring): `encode` uint8 pixels to
     final latents, `decode` final latents to uint8 pixels.
 
-    Build it with `LatentCodec.load(folder)`; `record()` is what a latent set's meta.json keeps, and
-    `LatentCodec.for_dataset(dataset, folder)` checks an autoencoder against that record before decoding.
+    Build it with `LatentCodec.load(folder)`; `record()` is what a latent set's meta.json keeps (and a
+    network trained on the set, in its training record), and `LatentCodec.from_record(record)` (or
+    `for_dataset`) loads the autoencoder it names, checked against it, to decode.
     """
 
     def __init__(self, vae: torch.nn.Module, folder: Path, scaling: Optional[LatentScaling] = None,
@@ -113,18 +114,30 @@ class LatentCodec:
         return cls(_load_autoencoder(folder).to(device), folder, scaling, batch)
 
     @classmethod
-    def for_dataset(cls, dataset: CorruptedDataset, folder: Union[str, Path], device="cpu") -> "LatentCodec":
-        """The codec of a latent set: the autoencoder in `folder` (checked against the set's record: the same
-        config) with the set's scaling."""
+    def from_record(cls, record: dict, folder: Union[str, Path, None] = None, device="cpu",
+                    what: str = "the latents") -> "LatentCodec":
+        """The codec a latent record describes (`record()`, kept by a latent set and by a network trained
+        on one): the autoencoder in `folder` (default: the folder the record names), checked against the
+        record (the same config), with the record's scaling. `what` names the record's owner in errors."""
+        folder = Path(record["folder"] if folder is None else folder)
+        scaling = LatentScaling(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["scaling"].items()})
+        try:
+            codec = cls.load(folder, scaling, device)
+        except DataError as error:
+            raise DataError(f"{error} ({what} were encoded by the autoencoder in {record['folder']}: give its folder "
+                            "if it moved)") from None
+        if codec.config_digest() != record["config_sha256"]:
+            raise DataError(f"the autoencoder in {folder} is not the one {what} were encoded with (its config differs; "
+                            f"the record names {record['folder']}); give that autoencoder's folder")
+        return codec
+
+    @classmethod
+    def for_dataset(cls, dataset: CorruptedDataset, folder: Union[str, Path, None] = None,
+                    device="cpu") -> "LatentCodec":
+        """The codec of a latent set (`from_record` of its meta.json's record)."""
         if not dataset.is_latent:
             raise DataError(f"{dataset.path} holds pixels, not latents: it needs no autoencoder")
-        record = dataset.meta.latent
-        codec = cls.load(folder, LatentScaling(**{k: tuple(v) if isinstance(v, list) else v
-                                                  for k, v in record["scaling"].items()}), device)
-        if codec.config_digest() != record["config_sha256"]:
-            raise DataError(f"the autoencoder in {folder} is not the one {dataset.path} was encoded with (its "
-                            f"config differs; the set names {record['folder']}); give that autoencoder's folder")
-        return codec
+        return cls.from_record(dataset.meta.latent, folder, device, what=f"the latents of {dataset.path}")
 
     def config_digest(self) -> str:
         return hashlib.sha256((self.folder / "config.json").read_bytes()).hexdigest()
@@ -157,6 +170,11 @@ class LatentCodec:
             x = torch.from_numpy(pixels[start:start + self.batch]).to(device, torch.float32) / 255
             parts.append(self.vae.encode(x).latent_dist.mean.to(torch.float32))
         return self.scaling.to_final(torch.cat(parts)).cpu()
+
+    def images(self, latents: torch.Tensor) -> np.ndarray:
+        """Final latents (N, c, h, w) -> (N, H, W, 3) uint8 images, the layout PNGs and grids take
+        (`ambient_fast.files.images`)."""
+        return self.decode(latents).transpose(0, 2, 3, 1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -21,7 +21,8 @@ from ambient_fast.files.reading import regular_file
 from ambient_fast.memory import check_memory
 from ambient_fast.options import CORRUPTIONS
 
-__all__ = ["prepare_corrupted", "import_masked", "mix_datasets", "summary"]
+__all__ = ["prepare_corrupted", "import_masked", "mix_datasets", "prepare_latents", "prepare_crops",
+           "prepare_annotated", "summary"]
 _NOISE_STREAM = 1  # the noise's generator is seeded apart from the masks' one
 CHUNK = 256           # images decoded, corrupted and written at a time
 PROGRESS_FROM = 1024  # show a progress bar from this many images on
@@ -35,17 +36,18 @@ def _progress(total: int):
                     console=Console(stderr=True), disable=total < PROGRESS_FROM)
 
 
-def _common_size(source: ImageSource, count: int, resolution: Optional[int]) -> int:
-    """The side of the square images to write; DataError when they are not all the same square
-    size and no --resolution was given."""
+def _common_size(source: ImageSource, count, resolution: Optional[int]) -> int:
+    """The side of the square images to write (the first `count` of the source, or the indices given
+    as `count`); DataError when they are not all the same square size and no --resolution was given."""
     if resolution is not None:
         if resolution < 1:
             raise DataError(f"--resolution must be a positive integer, got {resolution}")
         return resolution
-    sizes = {source.size_of(i) for i in range(count)}
+    chosen = range(count) if isinstance(count, int) else count
+    sizes = {source.size_of(i) for i in chosen}
     if len(sizes) > 1:
         examples = {}
-        for i in range(count):
+        for i in chosen:
             examples.setdefault(source.size_of(i), source.names[i])
         shown = ", ".join(f"{name} {w}x{h}" for (h, w), name in list(examples.items())[:3])
         raise DataError(f"images have {len(sizes)} different sizes ({shown}); pass --resolution R to "
@@ -68,61 +70,81 @@ def _labels_and_dim(source: ImageSource, count: int) -> tuple[Optional[np.ndarra
     return labels, 0 if labels is None else int(labels.max()) + 1
 
 
-def sigma_min_values(spec, names: list[str], count: int) -> Optional[np.ndarray]:
-    """float32 (count,) from --sigma-min for the first `count` of the source's images `names`: a number
-    for every image, a .npy of exactly one value per image of the source (in its order: shape
-    (len(names),), a real dtype), or a .json {image name: value} (images it leaves out: 0). None for
-    no spec. DataError for a file that is not a regular one, another shape or type, a name the
-    source does not hold, or a value that is negative, not finite, or beyond float32's range; nothing
-    is flattened, truncated or rounded to an integer."""
+def _chosen(source: ImageSource, max_size: Optional[int], indices) -> np.ndarray:
+    """int64 indices of the images to write: the first max_size (all without), or of those, `indices`."""
+    count = _count(source, max_size)
+    if indices is None:
+        return np.arange(count)
+    chosen = np.asarray(indices, np.int64).reshape(-1)
+    if not len(chosen) or chosen.min() < 0 or chosen.max() >= count:
+        raise DataError(f"no images to write, or indices outside the {count} images of {source.describe()}")
+    return chosen
+
+
+def sigma_min_values(spec, names: list[str], count: int, flag: str = "--sigma-min",
+                     absent: float = 0.0) -> Optional[np.ndarray]:
+    """float32 (count,) from --sigma-min (or `flag`, e.g. --sigma-max) for the first `count` of the
+    source's images `names`: a number for every image, a .npy of exactly one value per image of the
+    source (in its order: shape (len(names),), a real dtype), a .json {image name: value} (images it
+    leaves out: `absent`), or the `count` values themselves (an array, e.g. from `annotate`). None for
+    no spec. DataError for a file that is not a regular one, another shape or type, a name the source
+    does not hold, or a value that is negative, not finite (inf allowed where `absent` is: no bound),
+    or beyond float32's range; nothing is flattened, truncated or rounded to an integer."""
     if spec is None:
         return None
     path = Path(str(spec))
-    try:
-        values = np.full(len(names), float(spec), np.float64)
-    except ValueError:
-        if path.suffix == ".npy":
-            values = _sigma_min_array(path, len(names))
-        elif path.suffix == ".json":
-            values = _sigma_min_mapping(path, names)
-        else:
-            raise DataError(f"--sigma-min takes a number, a .npy or a .json file, got {spec!r}") from None
+    if isinstance(spec, np.ndarray):
+        values = np.asarray(spec, np.float64)
+        if values.shape != (count,):
+            raise DataError(f"{flag}: {values.shape} values for {count} images")
+    else:
+        try:
+            values = np.full(len(names), float(spec), np.float64)
+        except ValueError:
+            if path.suffix == ".npy":
+                values = _sigma_min_array(path, len(names), flag)
+            elif path.suffix == ".json":
+                values = _sigma_min_mapping(path, names, flag, absent)
+            else:
+                raise DataError(f"{flag} takes a number, a .npy or a .json file, got {spec!r}") from None
     stored = values.astype(np.float32)
-    if not (np.isfinite(values).all() and (values >= 0).all() and np.isfinite(stored).all()):
-        raise DataError(f"--sigma-min values must be finite numbers >= 0 (and within float32's range), got "
-                        f"{values[~(np.isfinite(stored) & (values >= 0))][:3].tolist()}")
+    unbounded = np.isposinf(values) if np.isinf(absent) else np.zeros(values.shape, bool)
+    good = (np.isfinite(stored) | unbounded) & (values >= 0)
+    if not good.all():
+        raise DataError(f"{flag} values must be {'numbers (inf: no bound)' if np.isinf(absent) else 'finite numbers'} "
+                        f">= 0 (and within float32's range), got {values[~good][:3].tolist()}")
     return stored[:count]
 
 
-def _sigma_min_array(path: Path, count: int) -> np.ndarray:
+def _sigma_min_array(path: Path, count: int, flag: str = "--sigma-min") -> np.ndarray:
     """float64 (count,) of a .npy of one noise level per image."""
     try:
-        array = np.load(regular_file(path, "--sigma-min"), allow_pickle=False)
+        array = np.load(regular_file(path, flag), allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
-        raise DataError(f"--sigma-min {path} cannot be read ({error})") from None
+        raise DataError(f"{flag} {path} cannot be read ({error})") from None
     if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise DataError(f"--sigma-min {path} holds {array.dtype} values; save real numbers (e.g. float32)")
+        raise DataError(f"{flag} {path} holds {array.dtype} values; save real numbers (e.g. float32)")
     if array.shape != (count,):
-        raise DataError(f"--sigma-min {path} has shape {array.shape}; it needs one value per image of the source: "
+        raise DataError(f"{flag} {path} has shape {array.shape}; it needs one value per image of the source: "
                         f"shape ({count},)")
     return array.astype(np.float64)
 
 
-def _sigma_min_mapping(path: Path, names: list[str]) -> np.ndarray:
-    """float64 (len(names),) of a .json {image name: noise level} (0 for the images it leaves out)."""
+def _sigma_min_mapping(path: Path, names: list[str], flag: str = "--sigma-min", absent: float = 0.0) -> np.ndarray:
+    """float64 (len(names),) of a .json {image name: noise level} (`absent` for the images it leaves out)."""
     mapping = read_json(path)
     if not isinstance(mapping, dict):
-        raise DataError(f"--sigma-min {path} must hold an object {{image name: noise level}}, got "
+        raise DataError(f"{flag} {path} must hold an object {{image name: noise level}}, got "
                         f"{type(mapping).__name__}")
     unknown = sorted(set(mapping) - set(names))
     if unknown:
-        raise DataError(f"--sigma-min {path} names images the source does not hold: {unknown[:3]}")
+        raise DataError(f"{flag} {path} names images the source does not hold: {unknown[:3]}")
     try:
-        levels = {name: reading.number(value, f"--sigma-min {path}: the level of {name}", 0)
+        levels = {name: reading.number(value, f"{flag} {path}: the level of {name}", 0)
                   for name, value in mapping.items()}
     except ValueError as error:
         raise DataError(str(error)) from None
-    return np.array([levels.get(name, 0.0) for name in names], np.float64)
+    return np.array([levels.get(name, absent) for name in names], np.float64)
 
 
 def _records(masks: np.ndarray, sigma_n: float, sigma_min: Optional[np.ndarray]) -> np.ndarray:
@@ -157,14 +179,16 @@ def noisy_values(images: np.ndarray, masks: np.ndarray, sigma_n: float,
 def prepare_corrupted(source_path, dest, *, corruption: str = "dust", p: Optional[float] = None, delta: float = 0.1,
                       shared_channels: bool = False, resolution: Optional[int] = None,
                       max_size: Optional[int] = None, seed: int = 0, overwrite: bool = False, noise: float = 0.0,
-                      sigma_min=None) -> Path:
+                      sigma_min=None, indices=None) -> Path:
     """Corrupt the images of `source_path` with a mask operator (or none), optionally noise them
     first (`noise`: sigma_n on the [-1, 1] scale), and write the data set.
 
     Masks are drawn from one torch.Generator seeded with `seed`, CHUNK images at a time, in the
     source's sorted order, the noise from another seeded from `seed` too: the same inputs and seed
     give the same data set (and the same masks with or without noise). `sigma_min`: see
-    `sigma_min_values`. Raises DataError (bad input) or ValueError (the operator's parameters).
+    `sigma_min_values` (one value per image written). `indices`: write only these of the source's
+    images (in this order; e.g. those `annotate` found a level for). Raises DataError (bad input) or
+    ValueError (the operator's parameters).
     """
     if corruption not in CORRUPTIONS:
         raise DataError(f"--corruption {corruption!r} does not produce masks; choose one of {CORRUPTIONS}")
@@ -188,14 +212,16 @@ def prepare_corrupted(source_path, dest, *, corruption: str = "dust", p: Optiona
     if noise > 0:
         record["sigma_n"] = noise
     with ImageSource(source_path) as source:
-        count = _count(source, max_size)
-        side = _common_size(source, count, resolution)
+        labels, label_dim = _labels_and_dim(source, _count(source, max_size))
+        chosen = _chosen(source, max_size, indices)
+        count = len(chosen)
+        labels = None if labels is None else labels[chosen]
+        side = _common_size(source, chosen, resolution)
         # A chunk's images, masks (the operator's float32 and bool) and stored rows; with noise, its
         # float64 noise and values too.
         check_memory(min(CHUNK, count) * source.channels * side * side * (11 + (26 if noise > 0 else 0)),
                      f"images of {side}x{side}" + (" (--resolution)" if resolution is not None else ""),
                      "choose a smaller --resolution")
-        labels, label_dim = _labels_and_dim(source, count)
         minimum = sigma_min_values(sigma_min, source.names, count)
         shape = (source.channels, side, side)
         generator = torch.Generator().manual_seed(seed)
@@ -206,7 +232,7 @@ def prepare_corrupted(source_path, dest, *, corruption: str = "dust", p: Optiona
             task = progress.add_task("prepare", total=count)
             for start in range(0, count, CHUNK):
                 rows = range(start, min(start + CHUNK, count))
-                images = source.read_all(rows, resolution)
+                images = source.read_all(chosen[rows.start:rows.stop], resolution)
                 if operator is None:
                     masks = np.ones(images.shape, bool)
                 else:  # A depends only on the generator, not on the pixels
@@ -265,12 +291,31 @@ def import_masked(source_path, masks_path, dest, *, delta: float = 0.1, max_size
             return writer.commit(record, source.describe())
 
 
+def _same_latents(sets: "list[CorruptedDataset]") -> Optional[dict]:
+    """The latent record of sets to mix (None for pixel sets); DataError when latent and pixel sets are
+    mixed, or latents of different autoencoders or scalings (where the autoencoder's folder is aside)."""
+    latent = [dataset for dataset in sets if dataset.is_latent]
+    if not latent:
+        return None
+    if len(latent) < len(sets):
+        pixels = next(dataset for dataset in sets if not dataset.is_latent)
+        raise DataError(f"{latent[0].path} holds latents and {pixels.path} pixels: a mixture is one or the other "
+                        "(encode the pixel set with prepare latents first)")
+    same = lambda record: {key: value for key, value in record.items() if key != "folder"}
+    for dataset in latent[1:]:
+        if same(dataset.meta.latent) != same(latent[0].meta.latent):
+            raise DataError(f"{dataset.path} and {latent[0].path} hold latents of different autoencoders or scalings: "
+                            "mix latents of one autoencoder")
+    return latent[0].meta.latent
+
+
 def mix_datasets(parts: "list[tuple[Path, Optional[int]]]", dest, *, overwrite: bool = False) -> Path:
     """Merge prepared sets into one: the first COUNT images of each (all for None), in the order
-    given, every image keeping its record (masked or clean, its noise level, its sigma_min). Each
-    set is verified first (`CorruptedDataset.verify`: a damaged one is refused). The sets must
-    share resolution, channels and labels; a set with noise makes the mixture store float16 values
-    (the others' as their exact levels). meta.json's corruption is
+    given, every image keeping its record (masked or clean, its noise level, its sigma_min, its
+    sigma_max: inf in sets without windows). Each set is verified first (`CorruptedDataset.verify`: a
+    damaged one is refused). The sets must share resolution, channels and labels, and be all pixels
+    or all latents of one autoencoder; a set with noise makes the mixture store float16 values (the
+    others' as their exact levels). meta.json's corruption is
     {"kind": "mix", "parts": [each set's path, count and corruption]}."""
     if not parts:
         raise DataError("prepare mix needs at least one SET")
@@ -284,24 +329,122 @@ def mix_datasets(parts: "list[tuple[Path, Optional[int]]]", dest, *, overwrite: 
                             f"{first.path} {first.shape} with {first.label_dim}: mix sets of one shape and labels")
         if count is not None and not 1 <= count <= len(dataset):
             raise DataError(f"{dataset.path}: COUNT must lie in [1, {len(dataset)}], got {count}")
+    latent = _same_latents([dataset for dataset, _ in sets])
     counts = [len(dataset) if count is None else count for dataset, count in sets]
     noise = any(dataset.has_noise for dataset, _ in sets)
+    windows = any(dataset.meta.windows is not None for dataset, _ in sets)
     with DatasetWriter(dest, count=sum(counts), shape=first.shape, label_dim=first.label_dim, overwrite=overwrite,
-                       values=noise, records=True) as writer:
+                       values=noise or latent is not None, records=True, sigma_max=windows, latent=latent) as writer:
         for (dataset, _), count in zip(sets, counts):
             for start in range(0, count, CHUNK):
                 rows = np.arange(start, min(start + CHUNK, count))
                 observed, masks, _ = dataset.get(rows)
                 stored = dataset.get_stored(rows)
                 values = None
-                if noise:
+                if latent is not None:
+                    values = stored.values
+                elif noise:
                     values = stored.values if dataset.has_noise else level_values(stored.values, masks)
-                writer.append(observed, masks, stored.labels, values, stored.records)
+                writer.append(observed, masks, stored.labels, values, stored.records,
+                              dataset.sigma_max(rows) if windows else None)
         record = {"kind": "mix", "delta": first.corruption.get("delta", 0.1),
                   "parts": [{"path": str(dataset.path.resolve()), "count": count, **dataset.corruption}
                             for (dataset, _), count in zip(sets, counts)]}
         return writer.commit(record, "mix of " + ", ".join(f"{dataset.path} ({count})"
                                                            for (dataset, _), count in zip(sets, counts)))
+
+
+def prepare_latents(source_path, dest, autoencoder, *, resolution: Optional[int] = None,
+                    max_size: Optional[int] = None, sigma_min=None, sigma_max=None, overwrite: bool = False,
+                    device="cpu", indices=None) -> Path:
+    """Encode the images of `source_path` with the diffusers AutoencoderKL in the folder `autoencoder`
+    (EDM2's scaling of the SD VAE) and write them as a latent data set (`ambient_fast.data.latents`),
+    with per-image sigma_min and sigma_max (see `sigma_min_values`; sigma_max: inf where none) and
+    the source's labels. `indices`: only these images (as in `prepare_corrupted`)."""
+    from ambient_fast.data.latents import LatentCodec, write_latent_dataset
+
+    codec = LatentCodec.load(autoencoder, device=device)
+    with ImageSource(source_path) as source:
+        labels, _ = _labels_and_dim(source, _count(source, max_size))
+        chosen = _chosen(source, max_size, indices)
+        _common_size(source, chosen, resolution)
+        minimum = sigma_min_values(sigma_min, source.names, len(chosen))
+        maximum = sigma_min_values(sigma_max, source.names, len(chosen), flag="--sigma-max", absent=np.inf)
+        return write_latent_dataset(dest, codec, lambda start, stop: source.read_all(chosen[start:stop], resolution),
+                                    count=len(chosen), labels=None if labels is None else labels[chosen],
+                                    sigma_min=minimum, sigma_max=maximum, source=source.describe(),
+                                    overwrite=overwrite, chunk=CHUNK)
+
+
+def prepare_crops(source_path, dest, crop: int, *, stride: int = 0, delta: float = 0.1,
+                  resolution: Optional[int] = None, max_size: Optional[int] = None, overwrite: bool = False) -> Path:
+    """Cut every image of `source_path` into crops of side `crop` (on a grid of step `stride`, default
+    `crop`) and write each in place in an otherwise unobserved image, with Ambient-o's sigma_max for
+    its size (`ambient_fast.data.crops`: the numbers and why). The masks keep one square each, so the
+    set's kind is keep_patch (p = 1 - crop / R): B keeps a sub-square of each crop (--delta; 0 shows
+    the network the whole crop). Labels follow their image."""
+    from ambient_fast.data.crops import crop_examples
+
+    with ImageSource(source_path) as source:
+        count = _count(source, max_size)
+        side = _common_size(source, count, resolution)
+        if not 0 < crop < side:
+            raise DataError(f"--crop must lie in 1..{side - 1} for {side}x{side} images (a crop of the whole image is "
+                            "the image: prepare it without crops)")
+        labels, label_dim = _labels_and_dim(source, count)
+        per_image = len(crop_examples(np.zeros((1, side, side), np.uint8), crop, stride)[0])
+        total = count * per_image
+        with DatasetWriter(dest, count=total, shape=(source.channels, side, side), label_dim=label_dim,
+                           overwrite=overwrite, sigma_max=True) as writer, _progress(total) as progress:
+            task = progress.add_task("crops", total=total)
+            for index in range(count):
+                observed, masks, sigma_max = crop_examples(source.read(index, resolution), crop, stride)
+                writer.append(observed, masks, None if labels is None else np.full(len(masks), labels[index]),
+                              sigma_max=sigma_max)
+                progress.advance(task, len(masks))
+            record = {"kind": "keep_patch", "p": round(1 - crop / side, 9), "delta": delta, "shared_channels": True,
+                      "crop": crop, "stride": stride or crop, "sigma_max": float(sigma_max[0])}
+            return writer.commit(record, f"{source.describe()}, crops of {crop} pixels, step {stride or crop}")
+
+
+def _as_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, C, R, R) -> float32 on [-1, 1] (the training input's levels)."""
+    from ambient_fast.kernels import LEVELS
+
+    return LEVELS[torch.from_numpy(images).long()]
+
+
+def prepare_annotated(clean_path, poor_path, dest, *, resolution: Optional[int] = None,
+                      max_size: Optional[int] = None, autoencoder=None, steps: int = 400, trials: int = 8,
+                      seed: int = 0, overwrite: bool = False, device="cpu") -> "tuple[Path, np.ndarray]":
+    """Find each poor image's sigma_min by comparing it with the clean images under noise
+    (`ambient_fast.data.annotate`: a noise-conditioned classifier of the two groups, trained `steps`
+    steps), then write the poor images with those levels: as pixels (the --sigma-min path of
+    `prepare_corrupted`, nothing masked) or, with `autoencoder`, as latents (`prepare_latents`).
+    Images the classifier tells apart even at the top of its grid (sigma_min inf) could never train
+    and are left out. Returns (the set's path, every poor image's sigma_min, inf for those left out)."""
+    from ambient_fast.data.annotate import annotate
+
+    with ImageSource(clean_path) as clean, ImageSource(poor_path) as poor:
+        clean_rows, poor_rows = np.arange(_count(clean, max_size)), np.arange(_count(poor, max_size))
+        side = resolution or _common_size(poor, len(poor_rows), None)
+        if clean.channels != poor.channels:
+            raise DataError(f"{clean.describe()} holds {clean.channels}-channel images, {poor.describe()} "
+                            f"{poor.channels}-channel ones: annotate images of one kind")
+        _common_size(clean, len(clean_rows), side)
+        levels = annotate(_as_float(clean.read_all(clean_rows, side)), _as_float(poor.read_all(poor_rows, side)),
+                          steps=steps, trials=trials, seed=seed)
+    kept = np.flatnonzero(np.isfinite(levels))
+    if not len(kept):
+        raise DataError("the classifier tells every poor image apart from the clean ones up to the top of its grid "
+                        "of levels: none of them could train (are they images of another kind?)")
+    if autoencoder is not None:
+        path = prepare_latents(poor_path, dest, autoencoder, resolution=side, max_size=max_size,
+                               sigma_min=levels[kept], overwrite=overwrite, device=device, indices=kept)
+    else:
+        path = prepare_corrupted(poor_path, dest, corruption="none", resolution=side, max_size=max_size,
+                                 sigma_min=levels[kept], overwrite=overwrite, indices=kept)
+    return path, levels
 
 
 def summary(dataset: CorruptedDataset, headline: str) -> str:
@@ -315,9 +458,17 @@ def summary(dataset: CorruptedDataset, headline: str) -> str:
         kinds = (f"\n  records     {meta.records['clean']} clean, {meta.records['masked']} masked, "
                  f"{meta.records['noisy']} noisy, {meta.records['masked_noisy']} masked and noisy; noise level "
                  f"{levels}; {meta.records['with_sigma_min']} with sigma_min")
+    if meta.windows is not None:
+        bounded = meta.windows["sigma_max_range"]
+        kinds += (f"\n  windows     {meta.windows['with_sigma_max']} with sigma_max"
+                  + (f" ({' to '.join(dict.fromkeys(f'{v:.4g}' for v in bounded))})" if bounded else ""))
+    if meta.latent is not None:
+        kinds += (f"\n  latents     of {'x'.join(map(str, meta.latent['pixel_shape']))} images by the autoencoder in "
+                  f"{meta.latent['folder']}")
     return "\n".join([
         f"{headline}: {dataset.path} (format version {meta.version})",
-        f"  images      {meta.count} x {C}x{R}x{R} " + ("float16 values and uint8 previews" if meta.values else
+        f"  images      {meta.count} x {C}x{R}x{R} " + ("float16 latents and uint8 previews" if meta.latent else
+                                                        "float16 values and uint8 previews" if meta.values else
                                                         "uint8 (observed A*x only)"),
         f"  labels      {f'{meta.label_dim} classes' if meta.label_dim else 'none'}",
         f"  corruption  {meta.corruption}" + kinds,

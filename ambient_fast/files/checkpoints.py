@@ -16,6 +16,7 @@ without executing anything by `ambient_fast.files.reference`.
 import hashlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -173,16 +174,27 @@ def _load_safetensors(path: Path) -> LoadedNetwork:
     return LoadedNetwork(model.eval(), corruption, str(path), extra)
 
 
+# An EDM2 run's snapshot: network-snapshot-<kimg>-<EMA length>.pkl, one file per tracked EMA length.
+EDM2_SNAPSHOT = re.compile(r"^network-snapshot-(\d+)-(\d+\.\d+)\.pkl$")
+
+
 def run_network(folder: Path) -> Optional[Path]:
     """The network a run folder holds: ours (network-final.safetensors, else the newest
-    network-snapshot-*.safetensors), else a reference run's newest network-snapshot-*.pkl; None."""
+    network-snapshot-*.safetensors), else a reference run's newest network-snapshot-*.pkl; None.
+    An EDM2 run's snapshots come in several EMA lengths, none of them the network: ValueError naming
+    them when there is more than one, so that the file is given."""
     final = folder / "network-final.safetensors"
     if final.is_file():
         return final
     for pattern in ("network-snapshot-*.safetensors", "network-snapshot-*.pkl"):
         snapshots = sorted(folder.glob(pattern))  # zero-padded step numbers: sorted by step
-        if snapshots:
-            return snapshots[-1]
+        if not snapshots:
+            continue
+        lengths = sorted({match.group(2) for match in map(EDM2_SNAPSHOT.match, (p.name for p in snapshots)) if match})
+        if len(lengths) > 1:
+            raise ValueError(f"{folder} holds EDM2 snapshots of {len(lengths)} EMA lengths ({', '.join(lengths)}): "
+                             f"give the file of the one to use, e.g. {snapshots[-1]}")
+        return snapshots[-1]
     return None
 
 

@@ -116,8 +116,11 @@ class MPConv(torch.nn.Module):
 
     @torch.no_grad()
     def normalize_weight_(self) -> None:
-        """Forced weight normalisation as a step of its own: weight <- normalize(weight), in place."""
-        self.weight.copy_(normalize(self.weight.to(_compute_dtype(self.weight.dtype))))
+        """Forced weight normalisation as a step of its own: weight <- normalize(weight), in place. A weight
+        sharded by FSDP2 (a DTensor split along its output channels) is normalised shard by shard: each
+        output channel's row lies whole on one rank."""
+        weight = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
+        weight.copy_(normalize(weight.to(_compute_dtype(weight.dtype))))
 
     def forward(self, x: torch.Tensor, gain: Union[float, torch.Tensor] = 1) -> torch.Tensor:
         """x (N, in_channels, H, W) or (N, in_channels) -> (N, out_channels, ...). A 0-dim tensor `gain`

@@ -21,7 +21,8 @@ from typing import Union
 
 import torch
 
-from ambient_fast.objective.objective import EDMSchedule
+from ambient_fast.data.batches import RawBatch
+from ambient_fast.objective.objective import AmbientObjective, EDMSchedule, graded_loss
 
 # (P_mean, P_std) of EDM2's presets: ImageNet-64 in pixels, ImageNet-512 in SD-VAE latents.
 EDM2_NOISE_LEVELS = {"pixels": (-0.8, 1.6), "latents": (-0.4, 1.0)}
@@ -53,3 +54,16 @@ def uncertainty_weighted(loss: torch.Tensor, logvar: torch.Tensor, graded: Union
     logvar = logvar.reshape(-1).to(torch.float32)
     graded = torch.as_tensor(graded, dtype=torch.float32, device=loss.device)
     return loss.to(torch.float32) * torch.exp(-logvar) + graded * logvar
+
+
+class EDM2Objective(AmbientObjective):
+    """The ambient objective of an EDM2 network (`EDM2Precond`, ambient layout): the same draws and
+    per-image loss, uncertainty-weighted by the network's log-variance head at each image's level
+    (module docstring), graded over the values of A. `objective(model, raw)` is each image's
+    objective (N,) float32."""
+
+    def __call__(self, model, raw: RawBatch) -> torch.Tensor:
+        batch = self.inputs(raw)
+        D, logvar = model(batch.net_input, batch.sigma, batch.labels, return_logvar=True)
+        loss = graded_loss(D, batch, self.schedule, self.norm)
+        return uncertainty_weighted(loss, logvar, batch.A.sum((1, 2, 3)))

@@ -16,10 +16,11 @@ The draws, each a function of the image's position in the run (ambient_fast.obje
 - its own Philox words (IMAGE stream) give its noise level sigma and the words of its further
   corruption. sigma comes from the schedule's distribution (`NoiseSchedule`) restricted to the levels
   the image may train at: above its noise level sigma_n (a noisy image) and its sigma_min (an image
-  marked as degraded in a way we do not model); every level for the others. It is drawn by the
-  inverse of the distribution's tail function, which also says how much of the distribution lies
-  there (tails rather than distribution functions keep the precision where the bound leaves little
-  mass);
+  marked as degraded in a way we do not model), and below its sigma_max in a set with noise-level
+  windows (a crop: `ambient_fast.objective.windows`, whose docstring gives the weights); every level
+  for the others. It is drawn by the inverse of the distribution's tail function, which also says how
+  much of the distribution lies there (tails rather than distribution functions keep the precision
+  where the bound leaves little mass);
 - the data set's mask operator (`ambient_fast.objective.corruption.training_operator`: the paper's B
   for its kind of masks, or an allowed `--further` override) turns those words into B: a coin per
   value, or one box per image (placed relative to A's own box for fixed_box and keep_patch); images
@@ -71,10 +72,11 @@ from ambient_fast.kernels.image_draws import (DISCRETE_LEVELS, EDM_LEVELS, VP_LE
                                               image_draws)
 from ambient_fast.objective.corruption import FurtherDraw, FurtherKind, MaskOperator
 from ambient_fast.objective.seeds import Stream, bits24, centred_uniform, philox, stream_key
+from ambient_fast.objective.windows import NoiseWindows
 from ambient_fast.options import FINETUNE_WEIGHTINGS
 
 __all__ = ["NoiseSchedule", "EDMSchedule", "VPSchedule", "DiscreteVPSchedule", "unit_hidden_weight",
-           "TrainingBatch", "training_batch", "ambient_loss", "AmbientObjective", "FULL_WEIGHT_FROM"]
+           "TrainingBatch", "training_batch", "ambient_loss", "graded_loss", "AmbientObjective", "FULL_WEIGHT_FROM"]
 
 FULL_WEIGHT_FROM = 0.5  # a noisy image weighs fully where 1 - sigma_n^2 / sigma^2 >= this (module docstring)
 
@@ -255,11 +257,16 @@ def ambient_loss(model, batch: TrainingBatch, schedule: NoiseSchedule, norm: int
         norm: 2 (squared error) or 1 (absolute error).
         augment_labels: passed to `model`.
     """
+    return graded_loss(model(batch.net_input, batch.sigma, batch.labels, augment_labels), batch, schedule, norm)
+
+
+def graded_loss(D: Tensor, batch: TrainingBatch, schedule: NoiseSchedule, norm: int = 2) -> Tensor:
+    """`ambient_loss` of the network's output D (N, >= C, H, W) (its first C channels the denoised image)."""
     C = batch.y.shape[1]
+    D = D[:, :C]
     sigma = batch.sigma.reshape(-1, 1, 1, 1)
     scale = batch.weight.reshape(-1, 1, 1, 1)
     weight = schedule.weight(sigma) * scale
-    D = model(batch.net_input, batch.sigma, batch.labels, augment_labels)[:, :C]
     # masked_loss: one fused pass on GPU (loss and its gradient)
     if schedule.hidden_weight is None:
         return kernels.masked_loss(D, batch.y, batch.A, weight, norm)
@@ -293,20 +300,29 @@ class AmbientObjective:
         noise: whether the set holds noisy images (their Tweedie targets); False also trains
             noisy images as if clean (the naive baseline: their sigma_n ignored).
         norm: 2 (squared error) or 1 (absolute error), as `ambient_loss` takes it.
+        sigma_max: every image's highest usable level (`CorruptedDataset.sigma_max`, inf: none) in a
+            set with noise-level windows, or None. Then each image's level is drawn inside its window
+            (`ambient_fast.objective.windows`: the lower bound as above, the mixture weight mass over
+            the share of the set whose window holds the level), the batch must carry `sigma_max`, and
+            the per-image draws take the PyTorch path on every device (the fused kernel knows lower
+            bounds only); the per-value pass stays fused.
     """
 
     def __init__(self, schedule: NoiseSchedule, operator: MaskOperator, *, seed: int, shape: Tuple[int, int, int],
                  label_dim: int = 0, channels_last: bool = False, bounds: Optional[np.ndarray] = None,
-                 noise: bool = False, norm: int = 2):
+                 noise: bool = False, norm: int = 2, sigma_max: Optional[np.ndarray] = None):
         if norm not in (1, 2):
             raise ValueError(f"norm must be 1 (L1) or 2 (L2), got {norm!r}")
         self.schedule, self.operator, self.noise, self.norm = schedule, operator, bool(noise), norm
         self.shape, self.label_dim, self.channels_last = tuple(shape), int(label_dim), bool(channels_last)
         self.image_key = stream_key(seed, Stream.IMAGE)
         self.value_key = stream_key(seed, Stream.ELEMENT)
-        self.bounds = None
+        self.bounds = self.windows = None
         self._kernel_tables = {}  # device -> _KernelTables
-        if bounds is not None and np.any(bounds > 0):
+        if sigma_max is not None:
+            low = np.zeros(len(sigma_max)) if bounds is None else bounds
+            self.windows = NoiseWindows(schedule, low, sigma_max)
+        elif bounds is not None and np.any(bounds > 0):
             self.bounds = torch.from_numpy(np.sort(np.asarray(bounds, np.float64)))
             never = int(np.sum(schedule.tail(self.bounds).numpy() <= 0))
             if never:
@@ -324,7 +340,7 @@ class AmbientObjective:
         N = raw.observed.shape[0]
         shape = (N, *self.shape)
         device = raw.observed.device
-        if N and kernels.use_fused(raw.observed):
+        if N and kernels.use_fused(raw.observed) and self.windows is None:
             spec, on_device = self.operator.further_spec(shape), self._on(device)
             sigma, weight, noise_std, tweedie, drawn, labels = image_draws(
                 key=self.image_key, position=raw.position, count=N, device=device, distribution=on_device.distribution,
@@ -380,23 +396,33 @@ class AmbientObjective:
         sigma_n = raw.sigma_n.to(torch.float64) if self.noise and raw.sigma_n is not None else zeros
         sigma_min = raw.sigma_min.to(torch.float64) if raw.sigma_min is not None else zeros
         bound = torch.maximum(sigma_n, sigma_min)
-        sigma, mass = self.schedule.sigma_above(bound, u)
-        # Strictly above the bound in float32 too: sigma^2 - sigma_n^2 stays positive.
-        bound32 = bound.to(torch.float32)
-        sigma = torch.maximum(sigma, torch.nextafter(bound32, torch.full_like(bound32, float("inf"))))
-        if self.bounds is None:
-            weight = torch.ones_like(sigma)
+        if self.windows is not None:
+            if raw.sigma_max is None:
+                raise ValueError("this objective trains noise-level windows: the batch must carry each image's "
+                                 "sigma_max (a loader of a set with sigma_max.npy)")
+            # strictly inside (bound, sigma_max) in float32 too; the weight is mass / share
+            sigma, weight = self.windows.draw(bound, raw.sigma_max, u)
         else:
-            if self.bounds.device != u.device:  # moved once, not every step
-                self.bounds = self.bounds.to(u.device)
-            share = torch.searchsorted(self.bounds, sigma.to(torch.float64)) / len(self.bounds)
-            weight = (mass / share).to(torch.float32)
+            sigma, weight = self._sigma_above(bound, u)
         if not self.noise:
             return sigma, weight, sigma, None
         variance = sigma.to(torch.float64) ** 2 - sigma_n ** 2
         kept_share = variance / sigma.to(torch.float64) ** 2  # 1 - sigma_n^2 / sigma^2
         weight = weight * ((kept_share / FULL_WEIGHT_FROM) ** 2).clamp(max=1).to(torch.float32)
         return sigma, weight, variance.sqrt().to(torch.float32), (sigma_n ** 2 / variance.sqrt()).to(torch.float32)
+
+    def _sigma_above(self, bound: Tensor, u: Tensor) -> Tuple[Tensor, Tensor]:
+        """(sigma, weight) float32 (N,): a level above each image's bound (N,) float64 and its mixture weight."""
+        sigma, mass = self.schedule.sigma_above(bound, u)
+        # Strictly above the bound in float32 too: sigma^2 - sigma_n^2 stays positive.
+        bound32 = bound.to(torch.float32)
+        sigma = torch.maximum(sigma, torch.nextafter(bound32, torch.full_like(bound32, float("inf"))))
+        if self.bounds is None:
+            return sigma, torch.ones_like(sigma)
+        if self.bounds.device != u.device:  # moved once, not every step
+            self.bounds = self.bounds.to(u.device)
+        share = torch.searchsorted(self.bounds, sigma.to(torch.float64)) / len(self.bounds)
+        return sigma, (mass / share).to(torch.float32)
 
     def one_hot(self, labels: Optional[Tensor], count: int, device) -> Tensor:
         """(count, label_dim) float32 conditioning from class indices (or none)."""
@@ -408,4 +434,6 @@ class AmbientObjective:
         """One line for the run's summary: which further corruption, where it is drawn, the records."""
         records = "" if self.bounds is None and not self.noise else \
             f", sigma above each image's noise level / sigma_min{' (Tweedie targets)' if self.noise else ''}"
+        if self.windows is not None:
+            records += ", sigma inside each image's noise-level window (sigma_max)"
         return f"B of {self.operator!r} where A hides something, drawn with the noise from the stored bytes in one pass{records}"

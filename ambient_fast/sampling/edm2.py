@@ -12,6 +12,18 @@ import torch
 from ambient_fast.sampling.samplers import ambient_sample
 
 
+def plain_denoiser(net: torch.nn.Module) -> "PlainDenoiser":
+    """The PlainDenoiser of `net`, made once and kept on it: the fast path's CUDA graphs are cached per
+    module (`ambient_fast.sampling.graphs`), so every call must pass the same wrapper, or each would
+    capture its graph anew. Kept outside the module tree (no submodule, nothing in its state dict); the
+    reference cycle net -> wrapper -> net is garbage-collected with the network."""
+    wrapper = net.__dict__.get("_plain_denoiser")
+    if wrapper is None:
+        wrapper = PlainDenoiser(net)
+        object.__setattr__(net, "_plain_denoiser", wrapper)  # plain attribute, not nn.Module's registration
+    return wrapper
+
+
 class PlainDenoiser(torch.nn.Module):
     """A denoiser of the image alone, `net(x (N, C, H, W), sigma, class_labels)`, behind the ambient
     interface: it takes cat([A_hat * x, A_hat]) (N, 2C, H, W), passes the image half and ignores the mask
@@ -40,11 +52,11 @@ def edm2_sample(net: torch.nn.Module, noise: torch.Tensor, class_labels: Optiona
         noise: (N, C, H, W) standard normal latents, one per image (per seed).
         class_labels: (N, label_dim) or None.
         num_steps, sigma_min, sigma_max, rho: EDM's noise-level discretisation; dtype: the state's dtype.
-        options: further keywords of `ambient_sample` (S_churn and its companions, solver, fast; with
-            fast=True each call captures its CUDA graph anew, the wrapper around `net` being new).
+        options: further keywords of `ambient_sample` (S_churn and its companions, solver, fast: its CUDA
+            graph is captured at the first call and replayed by later ones of the same shapes).
     Returns:
         (N, C, H, W) samples in `dtype`.
     """
     masks = torch.ones((1, *noise.shape), dtype=dtype, device=noise.device)
-    return ambient_sample(PlainDenoiser(net), noise, masks, num_steps=num_steps, sigma_min=sigma_min,
+    return ambient_sample(plain_denoiser(net), noise, masks, num_steps=num_steps, sigma_min=sigma_min,
                           sigma_max=sigma_max, rho=rho, class_labels=class_labels, clip=False, dtype=dtype, **options)

@@ -16,27 +16,37 @@ from ambient_fast.options import (FINETUNE_WEIGHTINGS, FURTHER_KINDS, GATES, INP
                                   PARALLEL_KINDS, SEED_BOUNDS, Options, above, at_least, between, device_option, option)
 from ambient_fast.training.tracking import check_available
 
-__all__ = ["TrainConfig", "FinetuneConfig", "ARCHS", "PRESETS", "preset_for", "add_run_options", "config_from_args",
-           "EXIT_INTERRUPTED"]
+__all__ = ["TrainConfig", "FinetuneConfig", "ARCHS", "EDM2", "PRESETS", "preset_for", "add_run_options",
+           "config_from_args", "EXIT_INTERRUPTED"]
 
 # The exit status of a run stopped by SIGTERM or Ctrl-C after saving its state (1 stays an error's,
 # 0 a finished run's): a script can tell the three apart and resume the interrupted one.
 EXIT_INTERRUPTED = 3
 
-ARCHS = {  # --arch -> (model_type, architecture arguments that define it)
+ARCHS = {  # --arch -> (model_type, architecture arguments that define it), the gated U-Nets
     "ddpmpp": ("SongUNet", dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
                                 channel_mult_noise=1, resample_filter=[1, 1])),
     "ncsnpp": ("SongUNet", dict(embedding_type="fourier", encoder_type="residual", decoder_type="standard",
                                 channel_mult_noise=2, resample_filter=[1, 3, 3, 1])),
     "adm": ("DhariwalUNet", {}),
 }
-# Model sizes by name: tiny for the built-in 16x16 set, EDM's CIFAR-10 configuration and the one of
-# the published 64x64 models (AFHQ, CelebA-HQ).
+EDM2 = "edm2"  # --arch edm2: EDM2's magnitude-preserving U-Net (networks.edm2) and its training recipe
+# Model sizes by name (every architecture takes them): tiny for the built-in 16x16 set, EDM's CIFAR-10
+# configuration, the one of the published 64x64 models (AFHQ, CelebA-HQ), and EDM2-S (EDM2's
+# ImageNet-64 and ImageNet-512 small network).
 PRESETS = {
     "tiny": dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8]),
     "cifar10": dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16]),
     "celeba64": dict(model_channels=128, channel_mult=[1, 2, 2, 2], num_blocks=4, attn_resolutions=[16]),
+    "edm2-s": dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8]),
 }
+# EDM2's recipe where a run does not say otherwise (Karras et al. 2024; NVlabs/edm2's ImageNet-64 S
+# preset): reference learning rate 0.01 (Adam betas 0.9, 0.99), its decay from 35,000 batches of 2,048
+# images on, and the two post-hoc EMA profiles it tracks. The gated U-Nets keep EDM's Adam, 2e-3 and
+# no decay, and track no post-hoc EMA unless asked.
+EDM2_RECIPE = dict(lr=1e-2, betas=(0.9, 0.99), lr_decay_kimg=35000 * 2048 / 1000, ema_stds=[0.05, 0.10])
+GATED_RECIPE = dict(lr=2e-3, betas=(0.9, 0.999), lr_decay_kimg=0.0, ema_stds=[])
+SNAPSHOTS_PER_RUN = 20  # post-hoc EMA snapshots over a run by default
 _PRESET_BY_RESOLUTION = {16: "tiny", 32: "cifar10", 64: "celeba64"}
 SIZE_FIELDS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions")
 
@@ -48,7 +58,9 @@ def preset_for(resolution: int) -> str:
 
 _ARCHITECTURE = dict(group="architecture")
 _GROUP_NORMALISED = ("ddpmpp", "ncsnpp", "adm")  # the architectures whose blocks use group normalisation
-_POSITIVE_LIST = ((lambda v: len(v) > 0 and all(x >= 1 for x in v)), "a list of positive integers")
+_POSITIVE_LIST = ((lambda v: len(v) > 0 and all(isinstance(x, int) and x >= 1 for x in v)),
+                  "a list of positive integers")
+_EMA_STDS = ((lambda v: all(0 < x < 0.2886 for x in v)), "relative standard deviations in (0, 0.2886), e.g. 0.05,0.1")
 
 
 @dataclass
@@ -58,7 +70,8 @@ class TrainConfig(Options):
     data: Optional[str] = option(None, "prepared data set (python -m ambient_fast.prepare)", role=INPUT,
                                  default_text="the built-in synthetic set")
     out: str = option("runs/ambient", "run directory (checkpoints, samples, stats.jsonl)", role=OUTPUT)
-    arch: str = option("ddpmpp", "network architecture", choices=tuple(ARCHS), **_ARCHITECTURE)
+    arch: str = option("ddpmpp", "network architecture (edm2: EDM2's magnitude-preserving U-Net and its recipe)",
+                       choices=(*ARCHS, EDM2), **_ARCHITECTURE)
     precond: str = option("edm", "preconditioning and noise schedule", choices=("edm", "vp"), **_ARCHITECTURE)
     mask_aware: bool = option(True, "mask-aware preconditioning (hidden pixels: c_skip 0, c_out sigma_data)",
                               negative="--reference-precond", **_ARCHITECTURE)
@@ -74,7 +87,7 @@ class TrainConfig(Options):
     num_blocks: Optional[int] = option(None, "blocks per resolution", flag="--blocks", bounds=at_least(1),
                                        default_text="the preset's", **_ARCHITECTURE)
     attn_resolutions: Optional[list] = option(None, "resolutions with attention, e.g. 16 (empty: none)", flag="--attn",
-                                              check=((lambda v: all(x >= 1 for x in v)),
+                                              check=((lambda v: all(isinstance(x, int) and x >= 1 for x in v)),
                                                      "a list of positive resolutions"),
                                               default_text="the preset's", **_ARCHITECTURE)
     dropout: float = option(0.0, "dropout inside U-Net blocks", bounds=between(0, 1, high_open=True),
@@ -94,11 +107,24 @@ class TrainConfig(Options):
                         bounds=at_least(1))
     batch_gpu: Optional[int] = option(None, "per-rank micro-batch (gradient accumulation)", bounds=at_least(1),
                                       default_text="batch / ranks")
-    lr: float = option(2e-3, "peak learning rate", bounds=above(0))
+    lr: Optional[float] = option(None, "peak (reference) learning rate", bounds=above(0),
+                                 default_text="2e-3; edm2: 1e-2")
     lr_rampup_kimg: float = option(1.0, "learning-rate ramp-up, thousands of images", flag="--lr-rampup",
                                    bounds=at_least(0))
+    lr_decay_kimg: Optional[float] = option(None, "decay the learning rate as 1 / sqrt(images) after this many "
+                                            "thousand images (EDM2's schedule; 0: no decay)", flag="--lr-decay",
+                                            bounds=at_least(0), default_text="none; edm2: 71680, EDM2's 35,000 "
+                                            "batches of 2,048")
     ema: float = option(0.5, "EMA half-life, millions of images (0: no averaging)", bounds=at_least(0))
     ema_rampup: float = option(0.05, "EMA half-life ramp-up ratio", bounds=at_least(0))
+    ema_stds: Optional[list] = option(None, "post-hoc EMA: the relative standard deviations of the power-function "
+                                      "profiles tracked, snapshots in RUN/phema (python -m ambient_fast.ema builds any "
+                                      "other length from them; empty: none)", check=_EMA_STDS,
+                                      default_text="none; edm2: 0.05,0.1, EDM2's", group="posthoc_ema")
+    ema_snapshot_kimg: Optional[float] = option(None, "post-hoc EMA: thousands of images between snapshots of the "
+                                                "profiles", bounds=above(0), resumable=True,
+                                                default_text=f"1/{SNAPSHOTS_PER_RUN} of the run, --steps x --batch / "
+                                                f"{SNAPSHOTS_PER_RUN * 1000}", group="posthoc_ema")
     steps: int = option(1000, "total optimiser steps", bounds=at_least(1), resumable=True)
     seed: int = option(0, "global seed", bounds=SEED_BOUNDS)
     xflip: bool = option(False, "mirror image and mask together, at random")
@@ -140,6 +166,24 @@ class TrainConfig(Options):
         check_available(self.log)
         if self.eval_reference is not None and not self.eval_every:
             raise ValueError("--eval-reference is only used with --eval-every N")
+        if self.arch == EDM2:
+            given = [flag for flag, wrong in (("--precond vp", self.precond != "edm"),
+                                              (f"--gate {self.gate}", self.gate != "sigmoid")) if wrong]
+            if given:
+                raise ValueError(f"EDM2 networks have EDM's preconditioning and no gated convolutions: drop "
+                                 f"{' and '.join(given)}")
+
+    def recipe(self, name: str):
+        """The run's lr, betas, lr_decay_kimg or ema_stds: the given value, else its architecture's
+        (EDM2_RECIPE for edm2, GATED_RECIPE for the others)."""
+        given = getattr(self, name, None)
+        return given if given is not None else (EDM2_RECIPE if self.arch == EDM2 else GATED_RECIPE)[name]
+
+    def ema_snapshot_images(self) -> int:
+        """Images between post-hoc EMA snapshots (at least one batch)."""
+        kimg = self.ema_snapshot_kimg
+        images = kimg * 1000 if kimg is not None else self.steps * self.batch / SNAPSHOTS_PER_RUN
+        return max(int(round(images)), 1)
 
     def model_size(self, resolution: int) -> dict:
         """The network's size for images of `resolution`: the preset's, with the given fields over it."""

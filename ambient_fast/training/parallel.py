@@ -1,5 +1,13 @@
 """Parallelism applied to a built model, in a fixed order: the activations' memory format, then
-torch.compile per U-Net block, then FSDP2 per block and the U-Net root; or DDP; or nothing.
+torch.compile per U-Net block, then FSDP2 per block and the model as the root; or DDP; or nothing.
+
+The root is the whole model, not its U-Net: parameters outside the U-Net (EDM2's log-variance head,
+`EDM2Precond.logvar_linear`) must be sharded too, or FSDP2 would not reduce their gradients and each
+rank's copy would drift apart (tests/test_parallel.py compares two ranks with one process). FSDP2
+cannot shard a 0-dim parameter (EDM2's gains, `emb_gain` and `out_gain`, scalars as in the published
+snapshots): those stay whole on every rank, left out of FSDP2, and a hook averages their gradients over
+the ranks as they are accumulated (`replicate_gradients`; averaging each micro-batch's gradient is
+averaging their sum).
 
 One numerical policy for every kind: fp32 parameters, bf16 computation by autocast (the trainer's),
 gradients reduced in fp32. FSDP2 therefore gathers fp32 parameters and casts nothing itself: with a
@@ -52,13 +60,28 @@ def parallelize(model: torch.nn.Module, kind: str, world: World, device: torch.d
     if kind == "fsdp":
         mesh = init_device_mesh(device.type, (world.size,))
         policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)  # see the module docstring
+        scalars = {param for param in model.parameters() if param.ndim == 0}  # FSDP2 shards along a dimension
         for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(unet, mesh=mesh, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=scalars)
+        fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=scalars)  # the root: all outside the blocks
+        replicate_gradients(scalars, world.size)
         return model
     if kind == "ddp":
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return model
+
+
+def replicate_gradients(params, ranks: int) -> None:
+    """Average the gradients of `params` (whole on every rank, outside FSDP2) over the ranks, each
+    time backward accumulates into them: the rank's copies stay equal, as FSDP2's reduced shards do.
+    A SUM then a division, which every backend has (gloo has no AVG); no read of the device. The
+    collectives run in autograd's order, the same on every rank."""
+    def average(param: torch.Tensor) -> None:
+        torch.distributed.all_reduce(param.grad)
+        param.grad.div_(ranks)
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(average)
 
 
 CONVOLUTIONS = (Conv2d, torch.nn.Conv2d, torch.nn.ConvTranspose2d)  # ours, and those of diffusers' UNets
@@ -103,5 +126,5 @@ def gradient_sync(model: torch.nn.Module, kind: str, enabled: bool):
     if kind == "ddp" and not enabled:
         return model.no_sync()
     if kind == "fsdp":
-        model.model.set_requires_gradient_sync(enabled)
+        model.set_requires_gradient_sync(enabled)  # the root and every block under it
     return contextlib.nullcontext()

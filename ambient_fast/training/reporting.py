@@ -116,7 +116,9 @@ def draw_samples(loaded, model: torch.nn.Module, seeds: Sequence[int], device: t
                  on_progress: Optional[Progress] = None) -> np.ndarray:
     """Samples of `model` (a `LoadedNetwork`'s, `loaded` saying what it trained on), one per seed, each
     a function of its seed alone: the fixed-mask sampler at the training survival, SAMPLE_STEPS Heun
-    steps. Returns uint8 (N, H, W, C); `on_progress` is told the images done as it goes."""
+    steps. Returns uint8 (N, H, W, C); `on_progress` is told the images done as it goes. A model
+    trained on latents samples them unclamped and decodes them through the autoencoder its training
+    record names."""
     from ambient_fast.files.images import to_uint8
     from ambient_fast.sampling.samplers import ambient_sample, sampling_sigmas, seeded_inputs
 
@@ -127,10 +129,19 @@ def draw_samples(loaded, model: torch.nn.Module, seeds: Sequence[int], device: t
     labels: Optional[torch.Tensor] = None
     if model.label_dim:
         labels = torch.eye(model.label_dim, device=device)[torch.arange(len(latents)) % model.label_dim]
+    codec = _codec(loaded, device)
     with progress_per_evaluation(model, len(latents), sampler_evaluations(SAMPLE_STEPS), on_progress or (lambda _: None)):
         images = ambient_sample(model, latents, masks, num_steps=SAMPLE_STEPS, class_labels=labels,
-                                **sampling_sigmas(loaded))
-    return to_uint8(images)
+                                clip=codec is None, **sampling_sigmas(loaded))
+    return to_uint8(images) if codec is None else codec.images(images)
+
+
+def _codec(loaded, device: torch.device):
+    """The LatentCodec that decodes a latent model's samples (`loaded.corruption["latent"]`), else None."""
+    from ambient_fast.data.latents import LatentCodec
+
+    record = loaded.corruption.get("latent")
+    return None if record is None else LatentCodec.from_record(record, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,8 +216,14 @@ def final_pictures(network_path: Path, dataset, out: Path, count: int, device: t
     loaded = load_network(network_path)
     model = loaded.model.to(device, memory_format=memory_format)
     samples = draw_samples(loaded, model, range(count), device, on_progress)
-    observed, _, _ = dataset.get(np.arange(min(count, len(dataset))))
-    inputs = observed.transpose(0, 2, 3, 1)
+    shown_inputs = np.arange(min(count, len(dataset)))
+    if dataset.is_latent:  # decoded by the set's autoencoder
+        from ambient_fast.data.latents import LatentCodec
+
+        stored = torch.from_numpy(dataset.get_stored(shown_inputs).values.astype(np.float32))
+        inputs = LatentCodec.for_dataset(dataset, device=device).images(stored)
+    else:
+        inputs = dataset.get(shown_inputs)[0].transpose(0, 2, 3, 1)
     pictures = Pictures(overview=out / "overview.png", samples=out / "samples.png")
     save_png(grid(list(samples)), pictures.samples)
     save_png(grid(list(inputs)), out / "inputs.png")

@@ -27,10 +27,11 @@ from ambient_fast.files.places import RUN_CONFIG, RUN_LOCK
 
 LOCK, STATS, CONFIG = RUN_LOCK, "stats.jsonl", RUN_CONFIG
 # Everything a run writes (training states set aside as damaged included; unet* are the fine-tuner's
-# diffusers folders; eval-* the --eval-every grids; tensorboard, wandb* what --log writes).
+# diffusers folders; eval-* the --eval-every grids; tensorboard, wandb* what --log writes; phema holds the
+# post-hoc EMA's snapshots).
 RUN_OUTPUT = re.compile(r"^(config\.json|stats\.jsonl|log\.txt|samples\.png|inputs\.png|overview\.png|eval-\d+\.png"
                         r"|network-(snapshot-\d+|final)\.safetensors|training-state-\d+(\.damaged-[0-9a-f]+)?"
-                        r"|unet|unet-ema(-snapshot-\d+)?|tensorboard|wandb|wandb-id\.txt)$")
+                        r"|unet|unet-ema(-snapshot-\d+)?|tensorboard|wandb|wandb-id\.txt|phema)$")
 
 
 class RunInUse(ValueError):

@@ -29,14 +29,17 @@ from ambient_fast import kernels
 from ambient_fast.training import console, reporting, tracking
 from ambient_fast.files.checkpoints import check_finite, save_network
 from ambient_fast.files.loaded import LoadedNetwork
-from ambient_fast.training.config import ARCHS, EXIT_INTERRUPTED, TrainConfig
+from ambient_fast.training.config import ARCHS, EDM2, EXIT_INTERRUPTED, TrainConfig
 from ambient_fast.objective.corruption import training_operator
 from ambient_fast.training.distributed import init_world
 from ambient_fast.files.atomic import write_json
 from ambient_fast.memory import check_memory, sampling_bytes
+from ambient_fast.objective.edm2 import EDM2Objective, edm2_schedule
 from ambient_fast.objective.objective import AmbientObjective, EDMSchedule, NoiseSchedule, VPSchedule, unit_hidden_weight
-from ambient_fast.networks import EDMPrecond, VPPrecond
+from ambient_fast.networks import EDM2Precond, EDMPrecond, VPPrecond
 from ambient_fast.training.parallel import gradient_sync, parallelize
+from ambient_fast.training.posthoc_ema import PowerFunctionEMA, save_snapshot, snapshot_name
+from ambient_fast.training.schedule import edm2_learning_rate
 from ambient_fast.training.run_dir import RunDirectory
 from ambient_fast.training.settings import defaults_target, resolve_training
 from ambient_fast.objective.seeds import Stream, stream_key
@@ -59,6 +62,18 @@ def synthetic_root() -> Path:
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor (FSDP2 shards parameters, their optimizer state and the EMA)."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _gated_lerp_(averages: dict, params: dict, weight: float, counts: torch.Tensor) -> None:
+    """averages <- lerp(averages, params, weight) where `counts` (0-d bool on the device), else as they
+    were: selected rather than moved with a weight of 0, which would turn an average of -0.0 into +0.0.
+    Both dicts map the parameters' names to tensors (this rank's shards under FSDP2)."""
+    with torch.no_grad():
+        names = list(params)
+        old = [_local(averages[n]) for n in names]
+        moved = torch._foreach_lerp(old, [_local(params[n].detach()) for n in names], weight)
+        for before, after in zip(old, moved):
+            torch.where(counts, after, before, out=before)
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,10 +109,13 @@ class Trainer(Stateful):
             noise = self.dataset.has_noise and not cfg.ignore_noise
             self.sigma_bounds = self.dataset.sigma_bounds() if noise else self.dataset.records()["sigma_min"]
             self._check_noise_levels()
-            self.objective = AmbientObjective(self.schedule, training_operator(self.dataset.corruption, self.delta,
-                                                                               cfg.further),
-                                              seed=cfg.seed, shape=self.dataset.shape, label_dim=self.dataset.label_dim,
-                                              channels_last=self.settings.channels_last, bounds=self.sigma_bounds, noise=noise)
+            # An EDM2 network's loss is weighted by its own log-variance head.
+            objective = EDM2Objective if isinstance(self.net, EDM2Precond) else AmbientObjective
+            windows = self.dataset.sigma_max() if self.dataset.meta.windows is not None else None
+            self.objective = objective(self.schedule, training_operator(self.dataset.corruption, self.delta, cfg.further),
+                                       seed=cfg.seed, shape=self.dataset.shape, label_dim=self.dataset.label_dim,
+                                       channels_last=self.settings.channels_last, bounds=self.sigma_bounds, noise=noise,
+                                       sigma_max=windows)
             # What the device counts of the steps (`_count_step`), int64: the skipped steps, the streak
             # of them, whether a roll-back is due (0/1), and the steps run since it fell due.
             self._health = torch.zeros(4, dtype=torch.int64, device=self.device)
@@ -136,6 +154,10 @@ class Trainer(Stateful):
         else:
             path = Path(cfg.data)
         self.dataset = CorruptedDataset(path)
+        if cfg.further is not None:
+            from ambient_fast.data.latents import refuse_masks
+
+            refuse_masks(self.dataset, f"--further {cfg.further}")
         self.delta, self.delta_source = self._resolve_delta()
         if cfg.verify_data and world.is_main:
             try:
@@ -185,8 +207,10 @@ class Trainer(Stateful):
                                  channels_last=settings.channels_last)
         self.params = {name: p for name, p in self.net.named_parameters()}
         self.ema = {name: p.detach().clone() for name, p in self.params.items()}
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                          fused=settings.fused_optimizer)
+        stds = cfg.recipe("ema_stds")
+        self.posthoc_ema = PowerFunctionEMA(self.params, stds) if stds else None
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.recipe("lr"), betas=cfg.recipe("betas"),
+                                          eps=1e-8, fused=settings.fused_optimizer)
         # bf16 by autocast under every kind of parallelism (ambient_fast.training.parallel: one numerical policy)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
 
@@ -251,7 +275,7 @@ class Trainer(Stateful):
                            f"further corruption B: {self.objective.operator!r}"),
             ("model", self.describe_model()),
             ("training", f"{cfg.steps:,} steps of batch {cfg.batch} ({self.world.size} rank(s) x {self.accumulation} "
-                         f"x {self.micro}), lr {cfg.lr:g}, EMA half-life {cfg.ema:g} Mimg, seed {cfg.seed}"),
+                         f"x {self.micro}), lr {cfg.recipe('lr'):g}, EMA half-life {cfg.ema:g} Mimg, seed {cfg.seed}"),
             ("parallelism", f"{settings.parallel} ({self.world.size} process{'es' if self.world.size > 1 else ''} on "
                             f"{self.device}){defaults}"),
             ("precision", f"{precision}, TF32 {'on' if settings.tf32 else 'off'}"),
@@ -280,9 +304,20 @@ class Trainer(Stateful):
     # -- the model family: what ambient_fast.finetune's FinetuneTrainer overrides -----------------
 
     def build_model(self) -> "tuple[torch.nn.Module, NoiseSchedule]":
-        """The denoiser (an AmbientPrecond: `net(x, sigma, labels)`, with `blocks()` for parallelize)
-        and its noise schedule (the objective's levels and weights), from the config and the data set."""
+        """The denoiser (an AmbientPrecond or EDM2Precond: `net(x, sigma, labels)`, with `blocks()` for
+        parallelize) and its noise schedule (the objective's levels and weights), from the config and
+        the data set (a latent set's shape is its latents')."""
         cfg = self.cfg
+        if cfg.arch == EDM2:
+            net = EDM2Precond(img_resolution=self.dataset.resolution, img_channels=2 * self.dataset.channels,
+                              label_dim=self.dataset.label_dim, ambient=True, mask_aware=cfg.mask_aware,
+                              dropout=cfg.dropout, **cfg.model_size(self.dataset.resolution))
+            # Forced weight normalisation as a step of its own (`train_step`), not inside the forward:
+            # compiled blocks stay whole graphs, and FSDP2 would drop a write to its gathered weights.
+            net.normalize_in_forward(False)
+            self.config_for_checkpoint = net.config
+            hidden_weight = unit_hidden_weight(net) if cfg.hidden_weight == "unit" else None
+            return net, edm2_schedule(latent=self.dataset.is_latent, hidden_weight=hidden_weight)
         model_type, arch_kwargs = ARCHS[cfg.arch]
         precond = EDMPrecond if cfg.precond == "edm" else VPPrecond
         net = precond(img_resolution=self.dataset.resolution, img_channels=2 * self.dataset.channels,
@@ -295,6 +330,11 @@ class Trainer(Stateful):
 
     def describe_model(self) -> str:
         params = sum(p.numel() for p in self.net.parameters())
+        if isinstance(self.net, EDM2Precond):
+            ema = self.cfg.recipe("ema_stds")
+            return (f"{self.net.describe()}, EDM2's recipe (lr {self.cfg.recipe('lr'):g}, decay after "
+                    f"{self.cfg.recipe('lr_decay_kimg'):g} kimg, uncertainty-weighted loss"
+                    + (f", post-hoc EMA {','.join(f'{v:g}' for v in ema)})" if ema else ")"))
         return (f"{self.cfg.arch} ({params / 1e6:.2f} M params, gate {self.cfg.gate}, "
                 f"{'mask-aware' if self.cfg.mask_aware else 'reference'} {self.cfg.precond} preconditioning, "
                 f"hidden-pixel weight {self.cfg.hidden_weight})")
@@ -308,6 +348,8 @@ class Trainer(Stateful):
             record["survival"] = 1.0
         elif "p" not in record:  # a mixture of masked sets: the fraction the model saw, A's then B's
             record["survival"] = self.dataset.meta.observed_fraction * (1 - self.delta)
+        if self.dataset.is_latent:  # the sampler decodes through this autoencoder (data.latents.LatentCodec)
+            record["latent"] = self.dataset.meta.latent
         return record
 
     def network_from(self, state: dict) -> torch.nn.Module:
@@ -431,13 +473,18 @@ class Trainer(Stateful):
 
     @property
     def lr(self) -> float:
-        rampup = self.cfg.lr_rampup_kimg * 1000
-        return self.cfg.lr * self.lr_factor * (min(self.images_seen / rampup, 1.0) if rampup > 0 else 1.0)
+        """The learning rate of the step from `images_seen` on: a linear ramp-up over lr_rampup_kimg, then
+        1 / sqrt decay after lr_decay_kimg (EDM2's schedule; none by default for the gated U-Nets)."""
+        cfg = self.cfg
+        return edm2_learning_rate(self.images_seen, cfg.batch, cfg.recipe("lr") * self.lr_factor,
+                                  cfg.recipe("lr_decay_kimg") * 1000 / cfg.batch, cfg.lr_rampup_kimg * 1000)
 
     def train_step(self) -> torch.Tensor:
         """One optimiser step over `batch` images, with no read of the device: `forward_backward`, then
         the update. Returns this rank's mean objective per image (a 0-d tensor on the device; NaN for a
         step that will be rolled back: reading it is left to the reporting)."""
+        if isinstance(self.net, EDM2Precond):
+            self.net.normalize_weights_()  # EDM2's forced weight normalisation (build_model)
         self.optimizer.zero_grad(set_to_none=True)
         with self._dropout_stream():
             loss = self.forward_backward()
@@ -508,20 +555,33 @@ class Trainer(Stateful):
                         torch.where(counts.to(t.device), _local(t), _local(t).new_zeros(()), out=_local(t))
 
     def _update_ema(self, counts: torch.Tensor) -> None:
-        """EMA of the weights, kept as it was where the step does not count (`counts`, 0-d bool on the
-        device). Selected rather than moved with a weight of 0, which would turn an EMA value of -0.0
-        into +0.0."""
+        """EMA of the weights, and the post-hoc EMA's profiles, kept as they were where the step does
+        not count (`counts`, 0-d bool on the device); a post-hoc EMA snapshot when the step crosses
+        its interval (`_snapshot_posthoc_ema`)."""
         cfg = self.cfg
         halflife = cfg.ema * 1e6
         if cfg.ema_rampup:
             halflife = min(halflife, self.images_seen * cfg.ema_rampup)
-        beta = 0.5 ** (cfg.batch / max(halflife, 1e-8))
-        with torch.no_grad():
-            names = list(self.params)
-            ema = [_local(self.ema[n]) for n in names]
-            moved = torch._foreach_lerp(ema, [_local(self.params[n].detach()) for n in names], 1 - beta)
-            for old, new in zip(ema, moved):
-                torch.where(counts, new, old, out=old)
+        _gated_lerp_(self.ema, self.params, 1 - 0.5 ** (cfg.batch / max(halflife, 1e-8)), counts)
+        if self.posthoc_ema is not None:
+            after = self.images_seen + cfg.batch  # the count this step brings the run to
+            for average, beta in zip(self.posthoc_ema.averages, self.posthoc_ema.betas(after, cfg.batch)):
+                _gated_lerp_(average, self.params, 1 - beta, counts)
+            if PowerFunctionEMA.snapshot_due(self.images_seen, after, cfg.ema_snapshot_images()):
+                self._snapshot_posthoc_ema(after)
+
+    def _snapshot_posthoc_ema(self, images: int) -> None:
+        """Write each post-hoc EMA profile as a snapshot into RUN/phema (collective: every rank gathers;
+        the main rank writes). A step whose roll-back falls due later only repeats the snapshots of its
+        image counts: they are written again, with the same names, by the steps that replace it."""
+        directory = self.run_dir / "phema"
+        if self.world.is_main:
+            directory.mkdir(exist_ok=True)
+        for std, average in zip(self.posthoc_ema.stds, self.posthoc_ema.averages):
+            state = self._gathered(average)
+            check_finite(state, directory / snapshot_name(images, std))
+            if self.world.is_main:
+                save_snapshot(directory, self.network_from(state), images, std, self.training_record())
 
     @contextlib.contextmanager
     def _dropout_stream(self):
@@ -578,7 +638,10 @@ class Trainer(Stateful):
         progress = {name: torch.tensor(getattr(self, name), dtype=torch.int64) for name in _COUNTERS}
         progress["lr_factor"] = torch.tensor(self.lr_factor, dtype=torch.float64)
         progress.update({f"loader_{name}": torch.tensor(loader[name], dtype=torch.int64) for name in _LOADER_FIELDS})
-        return {"model": model_state, "optimizer": optim_state["state"], "ema": self.ema, "progress": progress}
+        state = {"model": model_state, "optimizer": optim_state["state"], "ema": self.ema, "progress": progress}
+        if self.posthoc_ema is not None:
+            state["posthoc_ema"] = self.posthoc_ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         _, optim_state = get_state_dict(self.net, self.optimizer, options=StateDictOptions(strict=True))
@@ -588,6 +651,8 @@ class Trainer(Stateful):
             for name, value in state["ema"].items():
                 if value is not self.ema[name]:
                     self.ema[name].copy_(value)
+            if self.posthoc_ema is not None:
+                self.posthoc_ema.load_state_dict(state["posthoc_ema"])
         progress = state["progress"]
         for name in _COUNTERS:
             setattr(self, name, int(progress[name]))
@@ -624,9 +689,14 @@ class Trainer(Stateful):
     def _full_state_dict(self, ema: bool) -> dict:
         """Full (unsharded) weights and buffers on CPU, the EMA's or the trained ones, gathered on
         every rank (collective)."""
+        return self._gathered(self.ema if ema else {})
+
+    def _gathered(self, averages: dict) -> dict:
+        """The network's full (unsharded) state on CPU, float32, with the parameters in `averages` (name ->
+        tensor, e.g. an EMA's) in place of the trained ones; gathered on every rank (collective)."""
         out = {}
         for name, value in self.net.state_dict().items():
-            value = self.ema.get(name, value) if ema else value
+            value = averages.get(name, value)
             value = value.full_tensor() if hasattr(value, "full_tensor") else value
             out[name] = value.detach().float().cpu()
         return out
