@@ -15,8 +15,8 @@ def science():
 
 def test_quick_pipeline_writes_its_report(science, tmp_path):
     results = tmp_path / "results"
-    argv = ["--quick", "--variants", "ambient", "--steps", "2", "--samples", "8", "--work", str(tmp_path / "work"),
-            "--results", str(results)]
+    argv = ["--quick", "--variants", "ambient", "--steps", "2", "--samples", "8", "--classifier-steps", "3",
+            "--work", str(tmp_path / "work"), "--results", str(results)]
     assert science.main(argv) == 0
     report = (results / "science-quick.md").read_text()
     assert "| 0.8 | ambient |" in report and "Floor:" in report
@@ -70,8 +70,8 @@ def test_memorization_reports_every_snapshot(science, tmp_path):
 def test_noisy_pipeline_writes_its_report(science, tmp_path):
     """--noisy at a toy size: every row trains, samples and scores; the mixtures hold what they say."""
     results = tmp_path / "results"
-    argv = ["--noisy", "--quick", "--steps", "2", "--samples", "8", "--work", str(tmp_path / "work"),
-            "--results", str(results)]
+    argv = ["--noisy", "--quick", "--steps", "2", "--samples", "8", "--classifier-steps", "3",
+            "--work", str(tmp_path / "work"), "--results", str(results)]
     assert science.main(argv) == 0
     saved = json.loads((results / "science-noisy-quick.json").read_text())
     assert [row["model"] for row in saved["rows"]] == list(science.MIXTURE_ROWS)
