@@ -88,6 +88,7 @@ GRADIENT_SCRIPT = textwrap.dedent("""
               for name, p in model.named_parameters()}}
     if world.is_main:
         torch.save(grads, {path!r})
+    torch.distributed.barrier()  # no rank tears gloo down while the other still works (an abort once, under load)
     close_world()
 """)
 
