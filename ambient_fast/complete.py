@@ -6,7 +6,7 @@ with the current model; the fast path on CUDA), trains the model further on the 
 prepared set with nothing hidden, trained as clean data, warm-started from the current weights) and
 records the round: images/s of the posterior sampling, a samples grid, and the Fréchet distance of
 unconditional samples to clean held-out images when there are some. Every round is resumable:
-`--resume` continues wherever an interruption (SIGTERM, Ctrl-C, a crash) left it. The rounds:
+`--resume` continues wherever an interruption (SIGTERM, Ctrl-C: exit status 3; a crash) left it. The rounds:
 ambient_fast.training.completion.
 """
 import sys
@@ -90,6 +90,7 @@ def main(argv=None, rounds_cls=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     from ambient_fast.training.completion import CompletionInterrupted, CompletionRounds
+    from ambient_fast.training.config import EXIT_INTERRUPTED
 
     cfg, data, held_out, synthetic, device, fast = prepared
     hint = f"python -m ambient_fast.complete --out {cfg.out} --resume"
@@ -97,8 +98,8 @@ def main(argv=None, rounds_cls=None) -> int:
     try:
         reports = rounds.run()
     except CompletionInterrupted as stop:
-        print(f"{stop}: what finished is kept; continue with {hint}", flush=True)
-        return 0
+        print(f"{stop}: what finished is kept; continue with {hint} (exit status {EXIT_INTERRUPTED})", flush=True)
+        return EXIT_INTERRUPTED  # as train's: a script tells an interrupted run from a finished one (0)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from ambient_fast.complete import main as complete_main
 from ambient_fast.files.checkpoints import save_network
 from ambient_fast.networks import EDMPrecond
 from ambient_fast.training.completion import CompletionRounds, WarmStartTrainer
+from ambient_fast.training.config import EXIT_INTERRUPTED
 from ambient_fast.training.trainer import SYNTHETIC_P
 
 from conftest import TINY_ARCHITECTURES
@@ -80,7 +81,7 @@ def test_rounds_resume_after_a_crash_and_a_sigterm(start, reference, tmp_path, m
 
     monkeypatch.setattr(WarmStartTrainer, "train_step", train_step)
     capsys.readouterr()
-    assert complete_main(["--out", str(interrupted), "--resume"]) == 0
+    assert complete_main(["--out", str(interrupted), "--resume"]) == EXIT_INTERRUPTED
     assert "round 2: training interrupted at step 2 of 3" in capsys.readouterr().out
     assert not (interrupted / "round-2" / "run" / "network-final.safetensors").exists()
     assert complete_main(["--out", str(interrupted), "--resume"]) == 0
