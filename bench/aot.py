@@ -310,7 +310,9 @@ def run(mode: str, console: Console, results_dir: Path = None) -> int:
     if results_dir is not None:
         import triton
 
-        path = Path(results_dir) / f"aot-triton-{triton.__version__}-{harness.today()}.md"
+        # The quick set's report is named apart: it must never replace the full set's of the same day.
+        suffix = "-quick" if mode == "quick" else ""
+        path = Path(results_dir) / f"aot-triton-{triton.__version__}-{harness.today()}{suffix}.md"
         command = "python bench/aot.py " + " ".join(sys.argv[1:])
         harness.write_report(path, f"Ahead-of-time compile of the fused kernels, {harness.today()}", [
             harness.environment_section(torch.device("cpu"), command.strip()).replace(
