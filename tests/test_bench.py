@@ -134,6 +134,35 @@ def test_training_variants_and_report(train, stand_in, tmp_path):
     assert inspection.profile.busy_us == pytest.approx(sum(us for _, _, us in inspection.profile.rows))
 
 
+def test_edm2_configurations(train, stand_in, tmp_path, monkeypatch):
+    """--configs edm2-64,edm2-latent-64 at --tiny, with --reference-repo: EDM2 networks trained by (a)
+    and (b) (on the pixel set (a) takes the reference's host-side masks, on the latent set our loader),
+    a (c) row saying the authors' code has no EDM2 and timing nothing, in a report of their own. For CI's
+    time, at 16x16 rather than 64x64, sampling 2 steps rather than 18, against a stated peak instead of
+    the CPU's measured one (26 s on one thread): numbers here; the paths are the same."""
+    for name in ("edm2-64", "edm2-latent-64"):
+        monkeypatch.setitem(train.CONFIGS, name, train.CONFIGS[name]._replace(resolution=16))
+    monkeypatch.setattr(train, "SAMPLER_STEPS", 2)
+    monkeypatch.setattr(train.harness, "bf16_matmul_peak", lambda device: 1e12)
+    assert train.main(["--tiny", "--configs", "edm2-64,edm2-latent-64", "--scaling", "none", "--windows", "1",
+                       "--reference-repo", str(stand_in), "--results", str(tmp_path)]) == 0
+    assert not list(tmp_path.glob("train-cpu-*.md"))  # the day's DDPM++ record stays
+    report = next(tmp_path.glob("train-edm2-cpu-*.md")).read_text()
+    pixels, latents = report.split("## EDM2-S at ImageNet-64's size")[1].split("## EDM2-S on 64x64x4 latents")
+    for section, channels in ((pixels, 3), (latents, 4)):
+        assert "(tiny: --tiny), batch 2" in section and "- model: EDM2 U-Net (" in section
+        rows = {row[0]: row for row in (line.split(" | ") for line in section.splitlines() if line.startswith("| ("))}
+        assert list(rows) == ["| (a) reference settings", "| (b) fast path", "| (c) authors' code"]
+        assert float(rows["| (a) reference settings"][1]) > 0 and float(rows["| (b) fast path"][1]) > 0
+        assert rows["| (c) authors' code"][1:-1] == ["none: no EDM2 there", *["-"] * 5, "n/a"]
+        assert "- (c) authors' code: not run: giannisdaras/ambient-diffusion has no EDM2 network" in section
+        assert "AMBIENT_FAST_KERNELS=0" in section and "(b) / (c)" not in section
+    assert "loader: host (per-image numpy masks)" in pixels
+    assert "loader: torch (a latent set has no masks for the reference's host-side path)" in latents
+    gflops = [float(re.search(r"batch 2, ([\d.]+) GFLOP/image", part).group(1)) for part in (pixels, latents)]
+    assert gflops[1] > gflops[0] > 0  # the same network on 4 channels in and out instead of 3
+
+
 def test_compile_lines(train):
     """A compiled variant's compile time is its first step less its median step; a recompile while
     timing is called out (the windows then include compilation)."""
@@ -188,9 +217,10 @@ def test_a_failing_reference_is_reported_not_raised(train, stand_in, tmp_path):
 
 
 def test_train_command_line_errors(train, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train.main(["--configs", "48"])
-    assert "--configs" in capsys.readouterr().err
+    for configs in ("48", "32,edm2"):
+        with pytest.raises(SystemExit):
+            train.main(["--configs", configs])
+        assert "--configs takes names among 32, 64, edm2-64, edm2-latent-64" in capsys.readouterr().err
     for flags in (["--scaling", "0"], ["--warmup", "0"], ["--windows", "0"], ["--quick", "--tiny"]):
         with pytest.raises(SystemExit):
             train.main(flags)
