@@ -325,20 +325,53 @@ def test_host_syncs_need_cuda(profile):
     assert profile.describe_syncs(Counter({"trainer.py:278": 1, "loss.py:9": 2})) == "3 (loss.py:9 x2, trainer.py:278 x1)"
 
 
-def test_the_kernel_alone_case_is_what_a_step_launches(kernel_bench):
+@pytest.mark.parametrize("config, objective", [("ddpmpp", "AmbientObjective"), ("edm2-64", "EDM2Objective"),
+                                               ("edm2-latent-64", "EDM2Objective")])
+def test_the_kernel_alone_case_is_what_a_step_launches(kernel_bench, config, objective):
     """bench/kernels.py times the ambient-input kernel on the arguments a training step passes it: the
-    kernel alone writes exactly what the whole AmbientObjective.inputs call returns."""
+    kernel alone writes exactly what the whole call of the configuration's objective returns (a latent
+    set's: float16 values, its windows)."""
     from ambient_fast import kernels
 
-    raw = kernel_bench.stored_batch(3, 3, 8, 8, torch.device("cpu"))
-    inputs = kernel_bench.training_inputs((3, 8, 8))
+    config = kernel_bench.KERNEL_CONFIGS[config]
+    C = config.shape[0]
+    raw = (kernel_bench.latent_batch if config.latent else kernel_bench.stored_batch)(3, C, 8, 8, torch.device("cpu"))
+    inputs = kernel_bench.training_inputs((C, 8, 8), config.edm2, raw if config.latent else None)
+    assert type(inputs.__self__).__name__ == objective
     args, kwargs = kernel_bench.kernel_arguments(inputs, raw)
     alone, whole = kernels.ambient_input(*args, **kwargs), inputs(raw)
     for name in ("net_input", "A", "A_hat", "y"):
         assert torch.equal(getattr(alone, name), getattr(whole, name)), name
-    cases = kernel_bench.ambient_input_cases(3 * 3 * 64 * 64, 0.1, torch.device("cpu"))
-    assert [case.op for case in cases] == ["ambient_input kernel", "AmbientObjective.inputs call"]
+    cases = kernel_bench.ambient_input_cases(3 * C * 64 * 64, 0.1, torch.device("cpu"), config)
+    assert [case.op for case in cases] == ["ambient_input kernel", f"{objective}.inputs call"]
     assert cases[0].bytes == cases[1].bytes and all(case.check() == 0 for case in cases)
+    value_bytes = 2 if config.latent else 1  # float16 latents, uint8 levels
+    assert cases[0].bytes == 3 * C * 64 * 64 * (value_bytes + 20) + 3 * C * 64 * 64 // 8 + 3
+
+
+def test_edm2_kernel_cases_in_the_interpreter(kernel_bench, tmp_path, monkeypatch):
+    """`bench/kernels.py --configs edm2-64,edm2-latent-64` on a CPU: EDM2's ambient input (the kernel
+    alone and EDM2Objective.inputs; uint8 values with dust masks, float16 latents with windows) and its
+    uncertainty-weighted loss, each in Triton's interpreter against its PyTorch reference, in a report
+    of their own, and nothing of DDPM++'s. For CI's time at 16x16 rather than 64x64 (the interpreter
+    runs a block at a time): the same kernels and paths."""
+    for name in ("edm2-64", "edm2-latent-64"):
+        config = kernel_bench.KERNEL_CONFIGS[name]
+        monkeypatch.setitem(kernel_bench.KERNEL_CONFIGS, name, config._replace(shape=(config.shape[0], 16, 16)))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # run_cpu sets it as well; monkeypatch removes it afterwards
+    assert kernel_bench.main(["--configs", "edm2-64,edm2-latent-64", "--results", str(tmp_path)]) == 0
+    assert not list(tmp_path.glob("kernels-cpu-*.md"))  # the day's DDPM++ record stays
+    report = next(tmp_path.glob("kernels-edm2-cpu-*.md")).read_text()
+    assert "Path: Triton interpreter (TRITON_INTERPRET=1)" in report
+    rows = [line.split(" | ") for line in report.splitlines() if line.endswith(("| ok |", "| FAIL |"))]
+    assert [(row[0], row[1], row[-1]) for row in rows] == [
+        ("| masked_loss fwd+bwd", "fp32 L2 (3,3,16,16) slice, EDM2 uncertainty-weighted", "ok |"),
+        ("| ambient_input kernel", "the kernel alone: stored uint8 + bits (3,3,16,16) -> fp32", "ok |"),
+        ("| EDM2Objective.inputs call", "a training step's whole call: stored uint8 + bits (3,3,16,16) -> fp32", "ok |"),
+        ("| masked_loss fwd+bwd", "fp32 L2 (2,4,16,16) slice, EDM2 uncertainty-weighted", "ok |"),
+        ("| ambient_input kernel", "the kernel alone: stored float16 + bits (2,4,16,16) -> fp32, windows", "ok |"),
+        ("| EDM2Objective.inputs call", "a training step's whole call: stored float16 + bits (2,4,16,16) -> fp32, "
+                                        "windows", "ok |")]
 
 
 GPU_CHECK = BENCH / "gpu_check.sh"
