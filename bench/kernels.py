@@ -154,7 +154,8 @@ def masked_loss_cases(numel: int, size_mb: float, device, config: KernelConfig =
     output = torch.randn(N, 2 * C, H, W, device=device)
     D = output[:, :C].detach().requires_grad_(True)  # the image channels of a network output
     y = torch.rand(N, C, H, W, device=device) * 2 - 1
-    A = torch.ones(N, C, H, W, device=device) if config.latent else (torch.rand(N, C, H, W, device=device) < 0.6).float()
+    A = (torch.ones(N, C, H, W, device=device) if config.latent  # a latent set's masks are full
+         else (torch.rand(N, C, H, W, device=device) < 0.6).float())
     weight = torch.rand(N, device=device) + 0.5
     logvar = torch.randn(N, 1, 1, 1, device=device).requires_grad_(True)
     dloss = torch.ones(N, device=device)
@@ -424,7 +425,8 @@ def run_gpu(sizes_mb, configs, console: Console, results: Path) -> int:
               "vs compile", "check"]
     harness.print_table(console, f"fused kernels on {name} (copy {copy:.0f} GB/s)", header, rows,
                         left=("op", "case", "check"))
-    launches = ", ".join(f"{name} {ambient_input_launches(max(sizes_mb), KERNEL_CONFIGS[name])}" for name in configs)
+    launches = ", ".join(f"{config} {ambient_input_launches(max(sizes_mb), KERNEL_CONFIGS[config])}"
+                         for config in configs)
     launch_line = (f"Device operations (kernels, copies, memsets; torch.profiler) that one ambient-input call of a "
                    f"training step (AmbientObjective.inputs, EDM2Objective.inputs) launches at {max(sizes_mb):g} MB: "
                    f"{launches}; target (DESIGN.md) at most 3 (a set with noise-level windows draws its levels with "

@@ -2,9 +2,9 @@
 variants (ours in the reference settings and the fast path, and the authors' code imported from a
 checkout, here a stand-in with its API), their timing windows, the FLOP count, the profiler table and
 its kernel groups, the host-sync count, the batch scaling, the samplers and their agreement, the
-ambient-input cases of the kernel benchmark, the reports, the command-line errors, and the GPU check
-(bench/gpu_check.sh): its parts' limits, its CPU rehearsal, and what a part killed midway leaves.
-Nothing here looks at a time."""
+ambient-input cases of the kernel benchmark, the EDM2 configurations of both benchmarks (pixels and
+latents), the reports, the command-line errors, and the GPU check (bench/gpu_check.sh): its parts'
+limits, its CPU rehearsal, and what a part killed midway leaves. Nothing here looks at a time."""
 import importlib.util
 import os
 import re
@@ -367,7 +367,8 @@ def test_edm2_kernel_cases_in_the_interpreter(kernel_bench, tmp_path, monkeypatc
     assert [(row[0], row[1], row[-1]) for row in rows] == [
         ("| masked_loss fwd+bwd", "fp32 L2 (3,3,16,16) slice, EDM2 uncertainty-weighted", "ok |"),
         ("| ambient_input kernel", "the kernel alone: stored uint8 + bits (3,3,16,16) -> fp32", "ok |"),
-        ("| EDM2Objective.inputs call", "a training step's whole call: stored uint8 + bits (3,3,16,16) -> fp32", "ok |"),
+        ("| EDM2Objective.inputs call", "a training step's whole call: stored uint8 + bits (3,3,16,16) -> fp32",
+         "ok |"),
         ("| masked_loss fwd+bwd", "fp32 L2 (2,4,16,16) slice, EDM2 uncertainty-weighted", "ok |"),
         ("| ambient_input kernel", "the kernel alone: stored float16 + bits (2,4,16,16) -> fp32, windows", "ok |"),
         ("| EDM2Objective.inputs call", "a training step's whole call: stored float16 + bits (2,4,16,16) -> fp32, "
