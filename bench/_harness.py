@@ -94,6 +94,25 @@ def parse_resolutions(parser, text: str, allowed, flag: str) -> "list[int]":
     parser.error(f"{flag} takes resolutions among {sorted(allowed)}, comma-separated; got {text!r}")
 
 
+def parse_list(parser, text: str, flag: str, allowed=None) -> list:
+    """Comma-separated names among `allowed` if given, else positive integers; 'none' or '' for none."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    items = [v.strip() for v in text.split(",")]
+    if allowed is not None:
+        if all(v in allowed for v in items):
+            return items
+    else:
+        try:
+            values = [int(v) for v in items]
+            if all(v >= 1 for v in values):
+                return values
+        except ValueError:
+            pass
+    parser.error(f"{flag} takes {'names among ' + ', '.join(allowed) if allowed else 'positive integers'}, "
+                 f"comma-separated, or none; got {text!r}")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -4,11 +4,11 @@ Runs the code that launches the fused Triton kernels on a GPU, on this machine's
 launch recorded instead of run (`ambient_fast.kernels.aot`): a training step of the built-in 16x16
 configuration, of the CIFAR-10 (32x32) and of the 64x64 one in each setting that changes what a
 kernel sees, the samplers (exact in float64 and float32, fast) on each trained model and on the
-published models, and the kernel benchmark's calls (`bench/kernels.py --sizes 64`, what
-`bench/gpu_check.sh` runs). Then every distinct specialisation is compiled to cubin for sm_80 and
-sm_90 with Triton's compiler and its bundled ptxas, and the report gives, per kernel and target,
-the count, the largest register use, spills and shared memory, and every failure with the
-compiler's message. Exit status 1 if any specialisation fails.
+published models, and the kernel benchmark's calls (`bench/kernels.py --sizes 64`, all of its
+configurations; `bench/gpu_check.sh` runs the DDPM++ one). Then every distinct specialisation is
+compiled to cubin for sm_80 and sm_90 with Triton's compiler and its bundled ptxas, and the report
+gives, per kernel and target, the count, the largest register use, spills and shared memory, and
+every failure with the compiler's message. Exit status 1 if any specialisation fails.
 
 Which settings are run. A specialisation depends on dtypes, layouts, shapes and constexpr flags:
 - the gated-activation kernels see the precision (bf16 or fp32), the gate (sigmoid or double
@@ -224,7 +224,7 @@ def ambient_input_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]
 
 
 def benchmark_workloads(mode: str) -> Iterator[Tuple[str, Callable[[], None]]]:
-    """The fused calls of `bench/kernels.py` at the size `bench/gpu_check.sh` runs."""
+    """The fused calls of `bench/kernels.py`, every configuration, at the size `bench/gpu_check.sh` runs."""
     import kernels as kernel_bench
 
     size = KERNEL_BENCH_MB[mode]

@@ -27,7 +27,8 @@
 #            and (b) the fast path at batch 128 (and (c) with --reference-repo), 2 warm-up steps and 3
 #            windows of 5 steps each; compile time; a profiler table and the host syncs of one step of
 #            (b) and of one sampler call
-#   kernels  (part 2, 70) python bench/kernels.py --sizes 64
+#   kernels  (part 2, 70) python bench/kernels.py --sizes 64 --configs ddpmpp (its EDM2 configurations'
+#            six more compiles would not fit the limit: run them on their own, --configs edm2-64,edm2-latent-64)
 #   sample   (part 2, 85) python bench/sample.py --resolutions 64 (batch 256, the target's)
 #   scaling  (part 2, 125) python bench/train.py --configs none --scaling 128,256,512: (b) at each batch
 # The limits, reasoned from what was measured on a 2-core CPU and from an H100/H200's speed (no GPU
@@ -131,7 +132,7 @@ step_table() {
             "train|180|$py bench/train.py --configs 32 --scaling none $train_sizes --results $results $reference_flag" ;;
         2) printf '%s\n' \
             "setup|20|setup_step" \
-            "kernels|70|$py bench/kernels.py --sizes 64 --results $results" \
+            "kernels|70|$py bench/kernels.py --sizes 64 --configs ddpmpp --results $results" \
             "sample|85|$py bench/sample.py --resolutions 64 $sizes --results $results" \
             "scaling|125|$py bench/train.py --configs none $( ((rehearsal)) || echo '--scaling 128,256,512 ')$train_sizes --results $results" ;;
     esac

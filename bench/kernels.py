@@ -8,7 +8,19 @@ output is checked against the eager result before it is timed. The ambient input
 kernel alone, on the arguments a training step passes it, against the copy ceiling; and beside it
 the whole call a step makes (AmbientObjective.inputs: the per-image draws around the kernel), whose device
 operations are counted with torch.profiler (DESIGN.md: at most three). The table is printed and
-saved as markdown in bench/results/kernels-<device>-<date>.md (or --results DIR).
+saved as markdown in bench/results/kernels-<device>-<date>.md (or --results DIR; kernels-edm2-... for
+a run of EDM2 configurations only, so that it does not replace the day's DDPM++ record).
+
+The configurations (--configs, comma-separated; default all three):
+  ddpmpp          DDPM++'s kernels: the gated activation at (N, 128, 32, 32) in both layouts, and the
+                  loss, the ambient input (uint8 values, dust masks, EDM's levels) and the sampler step
+                  at (N, 3, 64, 64);
+  edm2-64         EDM2-S at ImageNet-64's size (its U-Net has no gated convolution): the ambient input of
+                  `EDM2Objective` (uint8 values, dust masks, EDM2's pixel levels) and its loss, the
+                  masked loss uncertainty-weighted by the log-variance head, at (N, 3, 64, 64);
+  edm2-latent-64  EDM2 on 64x64x4 latents: the same at (N, 4, 64, 64), on float16 values with full
+                  masks, each image's level drawn inside its noise-level window (those draws take the
+                  PyTorch path on every device; the per-value pass is the kernel).
 
 Without a GPU the timings mean nothing: the script says so, runs the correctness checks in
 Triton's interpreter at small sizes instead, writes them to the same report, and exits 0 when
@@ -21,7 +33,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Callable, List, NamedTuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -38,13 +50,28 @@ import _profile as profile  # noqa: E402
 
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.kernels._utils import triton_available  # noqa: E402
-from ambient_fast.objective.corruption import make_operator  # noqa: E402
+from ambient_fast.objective.corruption import make_operator, training_operator  # noqa: E402
 from ambient_fast.data.batches import RawBatch  # noqa: E402
+from ambient_fast.objective.edm2 import EDM2Objective, edm2_schedule, uncertainty_weighted  # noqa: E402
 from ambient_fast.objective.objective import AmbientObjective, EDMSchedule  # noqa: E402
 from ambient_fast.kernels.gated_activation import gated_backward, gated_forward  # noqa: E402
 from ambient_fast.kernels.sampler_step import sampler_step_launch  # noqa: E402
 
 SIZES_MB = (1, 8, 64, 256)
+
+
+class KernelConfig(NamedTuple):
+    """A configuration of --configs (module docstring): the (C, H, W) of its ambient input and loss."""
+
+    shape: Tuple[int, int, int]
+    edm2: bool    # EDM2's objective (its levels, the uncertainty-weighted loss); else DDPM++'s kernels, all four
+    latent: bool  # float16 latents, full masks, noise-level windows; else uint8 values with dust masks
+
+
+KERNEL_CONFIGS = {"ddpmpp": KernelConfig((3, 64, 64), edm2=False, latent=False),
+                  "edm2-64": KernelConfig((3, 64, 64), edm2=True, latent=False),
+                  "edm2-latent-64": KernelConfig((4, 64, 64), edm2=True, latent=True)}
+DDPMPP = KERNEL_CONFIGS["ddpmpp"]
 
 
 class Case(NamedTuple):
@@ -117,30 +144,44 @@ def gated_cases(numel: int, size_mb: float, device, channels_last: bool) -> List
                  0.05)]  # a, g, dout read, da, dg written
 
 
-def masked_loss_cases(numel: int, size_mb: float, device) -> List[Case]:
-    C, H, W = 3, 64, 64
+def masked_loss_cases(numel: int, size_mb: float, device, config: KernelConfig = DDPMPP) -> List[Case]:
+    """The loss of a training step on the image channels of a network output, forward and backward:
+    the masked loss alone, or EDM2's (the masked loss uncertainty-weighted by the log-variance head,
+    `ambient_fast.objective.edm2.uncertainty_weighted`: its gradient also reaches the head's output).
+    A latent set's masks are full."""
+    C, H, W = config.shape
     N = max(1, numel // (C * H * W))
     output = torch.randn(N, 2 * C, H, W, device=device)
     D = output[:, :C].detach().requires_grad_(True)  # the image channels of a network output
     y = torch.rand(N, C, H, W, device=device) * 2 - 1
-    A = (torch.rand(N, C, H, W, device=device) < 0.6).float()
+    A = (torch.ones(N, C, H, W, device=device) if config.latent  # a latent set's masks are full
+         else (torch.rand(N, C, H, W, device=device) < 0.6).float())
     weight = torch.rand(N, device=device) + 0.5
+    logvar = torch.randn(N, 1, 1, 1, device=device).requires_grad_(True)
     dloss = torch.ones(N, device=device)
     reference = kernels.masked_loss_reference
     compiled = lazy_compile(reference)
 
     def run(fn):
         loss = fn(D, y, A, weight)
-        return loss, torch.autograd.grad(loss, D, dloss)[0]
+        if not config.edm2:
+            return loss, torch.autograd.grad(loss, D, dloss)[0]
+        loss = uncertainty_weighted(loss, logvar, A.sum((1, 2, 3)))
+        return (loss, *torch.autograd.grad(loss, (D, logvar), dloss))
 
     def check():
-        (loss, grad), (ref_loss, ref_grad) = run(kernels.masked_loss), run(reference)
-        return max(_max_err(loss, ref_loss, relative=True), _max_err(grad, ref_grad))
+        # The loss and the head's gradient are sums over the image's values: relative; dD per value: absolute.
+        fused, want = run(kernels.masked_loss), run(reference)
+        errors = [_max_err(fused[0], want[0], relative=True), _max_err(fused[1], want[1])]
+        if config.edm2:
+            errors.append(_max_err(fused[2], want[2], relative=True))
+        return max(errors)
 
     elem = N * C * H * W * 4
+    detail = f"fp32 L2 ({N},{C},{H},{W}) slice" + (", EDM2 uncertainty-weighted" if config.edm2 else "")
     # forward reads D, y, A and writes dloss/dD; backward reads it and writes the scaled gradient
-    return [Case("masked_loss fwd+bwd", f"fp32 L2 ({N},{C},{H},{W}) slice", size_mb, 6 * elem,
-                 lambda: run(reference), lambda: run(compiled), lambda: run(kernels.masked_loss), check, 1e-4)]
+    return [Case("masked_loss fwd+bwd", detail, size_mb, 6 * elem, lambda: run(reference), lambda: run(compiled),
+                 lambda: run(kernels.masked_loss), check, 1e-4)]
 
 
 def stored_batch(N: int, C: int, H: int, W: int, device) -> RawBatch:
@@ -154,11 +195,29 @@ def stored_batch(N: int, C: int, H: int, W: int, device) -> RawBatch:
     return RawBatch(observed, bits, flips, None, 12345, torch.ones(N, dtype=torch.uint8, device=device), zeros, zeros)
 
 
-def training_inputs(shape):
-    """The trainer's ambient input for a dust data set of images of `shape` (EDM's sigma):
-    `AmbientObjective.inputs`."""
-    return AmbientObjective(EDMSchedule(), make_operator("dust", p=0.2, delta=0.1, shared_channels=True),
-                            seed=7, shape=shape).inputs
+def latent_batch(N: int, C: int, H: int, W: int, device) -> RawBatch:
+    """A batch of a latent set as a loader delivers it: float16 values, every mask bit set (latents have
+    no masks) and nothing hidden, no flips, each image's noise-level window (sigma_min 0.05, sigma_max
+    2, as bench/aot.py's latent-shaped set)."""
+    values = torch.randn(N, C, H, W, device=device).to(torch.float16)
+    bits = torch.full((N, -(-C * H * W // 8)), 255, dtype=torch.uint8, device=device)
+    zeros = torch.zeros(N, device=device)
+    return RawBatch(values, bits, zeros.to(torch.uint8), None, 12345, zeros.to(torch.uint8), zeros,
+                    torch.full((N,), 0.05, device=device), torch.full((N,), 2.0, device=device))
+
+
+def training_inputs(shape, edm2: bool = False, windows: Optional[RawBatch] = None):
+    """The trainer's ambient input (`AmbientObjective.inputs`; `EDM2Objective`'s for edm2) for a set of
+    images of `shape`, made as the trainer makes it: a dust set with EDM's levels (EDM2's pixel levels
+    for edm2), or, given `windows` (a batch whose records are the set's), a latent set: EDM2's latent
+    levels, no masks (the operator of a set that hides nothing), each image inside its window."""
+    objective = EDM2Objective if edm2 else AmbientObjective
+    schedule = edm2_schedule(latent=windows is not None) if edm2 else EDMSchedule()
+    if windows is None:
+        return objective(schedule, make_operator("dust", p=0.2, delta=0.1, shared_channels=True), seed=7,
+                         shape=shape).inputs
+    return objective(schedule, training_operator({"kind": "none"}, 0.0), seed=7, shape=shape,
+                     bounds=windows.sigma_min.cpu().numpy(), sigma_max=windows.sigma_max.cpu().numpy()).inputs
 
 
 def kernel_arguments(inputs, raw: RawBatch) -> "tuple[tuple, dict]":
@@ -181,16 +240,16 @@ def kernel_arguments(inputs, raw: RawBatch) -> "tuple[tuple, dict]":
     return calls[0]
 
 
-def ambient_input_cases(numel: int, size_mb: float, device) -> List[Case]:
+def ambient_input_cases(numel: int, size_mb: float, device, config: KernelConfig = DDPMPP) -> List[Case]:
     """The ambient input of a training step on a loader's batch, twice: the kernel alone (the
     arguments a step passes it; eager: its PyTorch reference), and the whole call a step makes
     (ambient_fast.objective.objective.AmbientObjective.inputs: the per-image draws, sigma and the kernel; eager:
     the same with the references). Both move the same bytes; the second's distance from the first is
     what the draws around the kernel cost. Compiled: torch.compile of the eager sequence."""
-    C, H, W = 3, 64, 64
+    C, H, W = config.shape
     N = max(1, numel // (C * H * W))
-    raw = stored_batch(N, C, H, W, device)
-    inputs = training_inputs((C, H, W))
+    raw = (latent_batch if config.latent else stored_batch)(N, C, H, W, device)
+    inputs = training_inputs((C, H, W), config.edm2, raw if config.latent else None)
     args, kwargs = kernel_arguments(inputs, raw)
 
     def kernel():
@@ -216,17 +275,21 @@ def ambient_input_cases(numel: int, size_mb: float, device) -> List[Case]:
     # Compiled: traces the reference (the dispatch never fuses while compiling).
     compiled_kernel, compiled_call = lazy_compile(kernels.ambient_input), lazy_compile(inputs)
     elem = N * C * H * W
-    traffic = elem * (1 + 4 * 2 + 4 * 3) + raw.mask_bits.numel() + N  # stored values, bits, flips; net input, A_hat, A, y
-    shape = f"stored uint8 + bits ({N},{C},{H},{W}) -> fp32"
+    # stored values, bits, flips read; net input, A_hat, A, y written
+    traffic = elem * (raw.observed.element_size() + 4 * 2 + 4 * 3) + raw.mask_bits.numel() + N
+    values = "float16" if config.latent else "uint8"
+    shape = f"stored {values} + bits ({N},{C},{H},{W}) -> fp32" + (", windows" if config.latent else "")
+    call_name = f"{'EDM2Objective' if config.edm2 else 'AmbientObjective'}.inputs call"
     return [Case("ambient_input kernel", f"the kernel alone: {shape}", size_mb, traffic, eager(kernel),
                  lambda: compiled_kernel(*args, **kwargs), kernel, check(kernel), 1e-5),
-            Case("AmbientObjective.inputs call", f"a training step's whole call: {shape}", size_mb, traffic, eager(call),
+            Case(call_name, f"a training step's whole call: {shape}", size_mb, traffic, eager(call),
                  lambda: compiled_call(raw), call, check(call), 1e-5)]
 
 
-def ambient_input_launches(size_mb: float) -> int:
-    """Device kernels one AmbientObjective.inputs call launches at `size_mb` on CUDA (DESIGN.md: at most three)."""
-    case = ambient_input_cases(int(size_mb * 2 ** 20) // 4, size_mb, torch.device("cuda"))[1]
+def ambient_input_launches(size_mb: float, config: KernelConfig) -> int:
+    """Device kernels one AmbientObjective.inputs call of `config` launches at `size_mb` on CUDA (DESIGN.md: at
+    most three)."""
+    case = ambient_input_cases(int(size_mb * 2 ** 20) // 4, size_mb, torch.device("cuda"), config)[1]
     case.fused()  # built and compiled before it is counted
     return sum(count for _, count, _ in profile.profile_call(case.fused, torch.device("cuda")).rows)
 
@@ -280,14 +343,19 @@ def sampler_cases(numel: int, size_mb: float, device) -> List[Case]:
                  fused, check, 1e-9)]
 
 
-def cases_of_size(size_mb: float, device) -> List[Case]:
+def cases_of_size(size_mb: float, device, configs=tuple(KERNEL_CONFIGS)) -> List[Case]:
+    """The cases of the configurations named (KERNEL_CONFIGS), `size_mb` each."""
     numel = int(size_mb * 2 ** 20) // 4
     cases = []
-    for channels_last in (False, True):
-        cases += gated_cases(numel, size_mb, device, channels_last)
-    cases += masked_loss_cases(numel, size_mb, device)
-    cases += ambient_input_cases(numel, size_mb, device)
-    cases += sampler_cases(numel, size_mb, device)
+    for name in configs:
+        config = KERNEL_CONFIGS[name]
+        if not config.edm2:  # EDM2's U-Net has no gated convolution; the sampler step is timed at DDPM++'s shape
+            for channels_last in (False, True):
+                cases += gated_cases(numel, size_mb, device, channels_last)
+        cases += masked_loss_cases(numel, size_mb, device, config)
+        cases += ambient_input_cases(numel, size_mb, device, config)
+        if not config.edm2:
+            cases += sampler_cases(numel, size_mb, device)
     return cases
 
 
@@ -326,14 +394,19 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / median_ms(lambda: dst.copy_(src)) / 1e6
 
 
-def run_gpu(sizes_mb, console: Console, results: Path) -> int:
+def report_kind(configs) -> str:
+    """The report's name: kernels, or kernels-edm2 for EDM2 configurations only (module docstring)."""
+    return "kernels-edm2" if all(KERNEL_CONFIGS[name].edm2 for name in configs) else "kernels"
+
+
+def run_gpu(sizes_mb, configs, console: Console, results: Path) -> int:
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     copy = copy_bandwidth()
     console.print(f"{name}: copy bandwidth {copy:.0f} GB/s; timing {len(sizes_mb)} sizes ...")
     rows, failures = [], []
     for size_mb in sizes_mb:
-        for case in cases_of_size(size_mb, device):
+        for case in cases_of_size(size_mb, device, configs):
             err = case.check()
             ok = err <= case.tolerance
             if not ok:
@@ -352,12 +425,15 @@ def run_gpu(sizes_mb, console: Console, results: Path) -> int:
               "vs compile", "check"]
     harness.print_table(console, f"fused kernels on {name} (copy {copy:.0f} GB/s)", header, rows,
                         left=("op", "case", "check"))
-    launches = ambient_input_launches(max(sizes_mb))
-    launch_line = (f"One AmbientObjective.inputs call at {max(sizes_mb):g} MB launches {launches} device operations (kernels, "
-                   "copies, memsets; torch.profiler); target (DESIGN.md) at most 3.")
+    launches = ", ".join(f"{config} {ambient_input_launches(max(sizes_mb), KERNEL_CONFIGS[config])}"
+                         for config in configs)
+    launch_line = (f"Device operations (kernels, copies, memsets; torch.profiler) that one ambient-input call of a "
+                   f"training step (AmbientObjective.inputs, EDM2Objective.inputs) launches at {max(sizes_mb):g} MB: "
+                   f"{launches}; target (DESIGN.md) at most 3 (a set with noise-level windows draws its levels with "
+                   "PyTorch: module docstring).")
     console.print(launch_line, highlight=False, soft_wrap=True)
     command = "python bench/kernels.py " + " ".join(sys.argv[1:])
-    path = harness.report_path(results, "kernels", device)
+    path = harness.report_path(results, report_kind(configs), device)
     harness.write_report(path, f"Fused kernels on {name}, {harness.today()}", [
         harness.environment_section(device, command.strip()),
         f"Copy bandwidth (256 MB device copy, same run): {copy:.0f} GB/s. "
@@ -379,7 +455,7 @@ def run_gpu(sizes_mb, console: Console, results: Path) -> int:
 # CPU: correctness only, in the interpreter
 
 
-def run_cpu(console: Console, results: Path) -> int:
+def run_cpu(configs, console: Console, results: Path) -> int:
     """The correctness checks of every case in Triton's interpreter at small sizes, with the fixes the
     interpreter needs in a process that imported Triton without it (ambient_fast.kernels.interpreter)."""
     from ambient_fast.kernels import interpreter
@@ -390,7 +466,7 @@ def run_cpu(console: Console, results: Path) -> int:
     header = ["op", "case", "max error", "tolerance", "check"]
     rows = []
     with interpreter.fixes():
-        for case in cases_of_size(0.01, torch.device("cpu")):
+        for case in cases_of_size(0.01, torch.device("cpu"), configs):
             err = case.check()
             rows.append([case.op, case.detail, f"{err:.3g}", f"{case.tolerance:g}", "ok" if err <= case.tolerance else "FAIL"])
     harness.print_table(console, f"fused kernels vs eager PyTorch, Triton interpreter on {platform.processor() or 'CPU'}",
@@ -398,7 +474,7 @@ def run_cpu(console: Console, results: Path) -> int:
     harness.print_table(console, "bytes per image of the ambient input", BYTES_HEADER, bytes_per_image())
     console.print(f"path: {kernels.active_path('cpu')}")
     device = torch.device("cpu")
-    path = harness.report_path(results, "kernels", device)
+    path = harness.report_path(results, report_kind(configs), device)
     harness.write_report(path, f"Fused kernels in Triton's interpreter, {harness.today()}", [
         harness.environment_section(device, ("python bench/kernels.py " + " ".join(sys.argv[1:])).strip()),
         "Correctness only: each case's fused kernel, interpreted, against its eager PyTorch sequence at 0.01 MB. "
@@ -413,15 +489,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES_MB)),
                         help="sizes in MB (elements x 4 bytes), comma-separated (default 1,8,64,256)")
+    parser.add_argument("--configs", default=",".join(KERNEL_CONFIGS), help=f"configurations, of "
+                        f"{', '.join(KERNEL_CONFIGS)} (module docstring; default all)")
     parser.add_argument("--results", type=Path, default=harness.RESULTS, help="folder of the markdown report")
     args = parser.parse_args(argv)
+    configs = harness.parse_list(parser, args.configs, "--configs", KERNEL_CONFIGS)
+    if not configs:
+        parser.error("--configs names no configuration")
     console = Console()
     if not triton_available():
         console.print("Triton is not installed: nothing to benchmark.")
         return 1
     if not GPU:
-        return run_cpu(console, args.results)
-    return run_gpu([float(s) for s in args.sizes.split(",")], console, args.results)
+        return run_cpu(configs, console, args.results)
+    return run_gpu([float(s) for s in args.sizes.split(",")], configs, console, args.results)
 
 
 if __name__ == "__main__":

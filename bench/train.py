@@ -1,8 +1,16 @@
 """Training throughput against the reference settings and the authors' code: `python bench/train.py`.
 
-For the CIFAR-10 configuration (DDPM++, gated, 32x32, channel_mult [2,2,2]) and the 64x64 one
-([1,2,2,2]), at the batch per GPU given (--batch; default 128 at 32x32 and 64 at 64x64), one run
-times the full training step (batch, loss, backward, clipping, Adam, EMA) of
+The configurations (--configs, comma-separated; default all four):
+  32              the CIFAR-10 configuration: DDPM++, gated, 32x32, channel_mult [2,2,2], batch 128;
+  64              the 64x64 one: DDPM++, gated, channel_mult [1,2,2,2], batch 64;
+  edm2-64         EDM2-S (`--arch edm2 --preset edm2-s`, EDM2's ImageNet-64 size) on 64x64 RGB images with
+                  dust masks, the same kind of set as the DDPM++ rows, EDM2's pixel noise levels, batch 64;
+  edm2-latent-64  EDM2-S on a 64x64x4 latent-shaped set: float16 values, full masks, each image inside
+                  its noise-level window (as `prepare latents` and `prepare crops` make them; no
+                  autoencoder is needed: training reads only the values), EDM2's latent levels, batch 64.
+At the batch per GPU given (--batch, or the configuration's), one run times the full training step
+(batch, loss, backward, clipping, Adam, EMA; for EDM2 also its forced weight normalisation and the
+post-hoc EMA profiles) of
 
   (a) reference settings: our trainer as the reference ran: fp32, TF32 off, eager, NCHW, the fused
       kernels off (AMBIENT_FAST_KERNELS=0), each image's masks made on the host with numpy, one image at a
@@ -15,7 +23,10 @@ times the full training step (batch, loss, backward, clipping, Adam, EMA) of
       its `training.networks.EDMPrecond` and `training.loss.AmbientLoss`, imported from that
       checkout, in the step of its training loop (fp32, TF32 off, the network compiled on CUDA as
       its loop does, NaN guard, clipping, Adam, EMA), on the same batches as (a). Nothing of it is
-      copied here; the benchmark runs without it.
+      copied here; the benchmark runs without it. It has no EDM2 network: the EDM2 tables say so
+      in a (c) row of their own, with nothing timed.
+For EDM2, (a) is our trainer with its EDM2 objective in the reference settings; on the latent set it
+keeps our loader, since the reference's host-side masks have nothing to act on there (no masks).
 
 Timing: the first step alone (compilation, cuDNN's autotuning and the allocator's growth happen
 there), the rest of --warmup untimed, then --windows timing windows of --steps steps each. Per row:
@@ -29,12 +40,13 @@ table grouped by kernel name: bench/_profile.py documents the groups) and the ho
 and of one sampler call (the fast sampler as `python -m ambient_fast.sample` runs it, on the same
 architecture), counted with torch.cuda.set_sync_debug_mode (CUDA only).
 
-Batch scaling (--scaling, default 128,256,512): (b) at 32x32 at each batch, its images/s, spread and
-peak memory, the speed-up over the first batch with both sides.
+Batch scaling (--scaling, default 128,256,512): (b) at 32x32 (DDPM++) at each batch, its images/s,
+spread and peak memory, the speed-up over the first batch with both sides.
 
 The tables are printed and written as markdown to bench/results/train-<device>-<date>.md (or --results
-DIR; train-scaling-<device>-<date>.md for a run of the scaling alone, --configs none), after each
-section, so that a run cut short keeps what it measured.
+DIR; train-edm2-<device>-<date>.md for a run of EDM2 configurations only, so that it does not replace
+the day's DDPM++ record; train-scaling-<device>-<date>.md for a run of the scaling alone, --configs
+none), after each section, so that a run cut short keeps what it measured.
 
 Targets (DESIGN.md, one H100): (b) at least 8x (a) at 32x32, and at least 40% of the bf16 peak; no host
 sync in a steady-state step. On a CPU the figures cannot judge them; `--quick` runs small models there
@@ -61,31 +73,52 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import _harness as harness  # noqa: E402
 import _profile as profile  # noqa: E402
+from aot import latent_shaped_set  # noqa: E402
 from ambient_fast import kernels  # noqa: E402
 from ambient_fast.data.format import CorruptedDataset, write_dataset  # noqa: E402
 from ambient_fast.data.batches import Loader  # noqa: E402
+from ambient_fast.objective.edm2 import edm2_loss  # noqa: E402
 from ambient_fast.objective.objective import NoiseSchedule, ambient_loss, training_batch  # noqa: E402
 from ambient_fast.networks import build_model  # noqa: E402
 from ambient_fast.sampling.samplers import ambient_sample, seeded_inputs  # noqa: E402
-from ambient_fast.training.config import ARCHS, PRESETS, TrainConfig, preset_for  # noqa: E402
+from ambient_fast.training.config import ARCHS, EDM2, PRESETS, TrainConfig, preset_for  # noqa: E402
 from ambient_fast.training.trainer import Trainer  # noqa: E402
 
-CONFIGS = {32: "CIFAR-10 config: DDPM++ 32x32, channel_mult [2,2,2]",
-           64: "64x64 config: DDPM++, channel_mult [1,2,2,2]"}
-DEFAULT_BATCH = {32: 128, 64: 64}
-# Per size (--quick, --tiny, or neither): model-size overrides of the resolution's preset, and the run's
-# defaults. --quick: the same architectures, narrow and shallow, so that a 2-core CPU runs them in
-# seconds; --tiny: the smallest (gpu_check's rehearsal). sample_batch: the images of the sampler call
-# whose host syncs are counted (the sampling command's default batch, 64, in the full run).
+
+class Config(NamedTuple):
+    """A configuration of --configs (module docstring)."""
+
+    title: str
+    resolution: int
+    arch: str     # TrainConfig.arch
+    latent: bool  # a latent-shaped set (4 channels of float16 values, windows, no masks), else RGB with masks
+    batch: int    # the batch per GPU by default
+
+
+CONFIGS = {
+    "32": Config("CIFAR-10 config: DDPM++ 32x32, channel_mult [2,2,2]", 32, "ddpmpp", False, 128),
+    "64": Config("64x64 config: DDPM++, channel_mult [1,2,2,2]", 64, "ddpmpp", False, 64),
+    "edm2-64": Config("EDM2-S at ImageNet-64's size: 64x64 RGB, dust masks", 64, EDM2, False, 64),
+    "edm2-latent-64": Config("EDM2-S on 64x64x4 latents: float16 values, noise-level windows, no masks", 64, EDM2,
+                             True, 64),
+}
+# Per size (--quick, --tiny, or neither): model-size overrides of the configuration's preset
+# (`model_size`), and the run's defaults. --quick: the same architectures, narrow and shallow, so that
+# a 2-core CPU runs them in seconds; --tiny: the smallest (gpu_check's rehearsal). sample_batch: the
+# images of the sampler call whose host syncs are counted (the sampling command's default batch, 64,
+# in the full run).
 SIZES = {
     "full": dict(size={}, batch=None, steps=10, windows=3, warmup=5, scaling="128,256,512", sample_batch=64),
     "quick": dict(size=dict(model_channels=32, num_blocks=1), batch=4, steps=3, windows=2, warmup=2, scaling="4,8",
                   sample_batch=4),
     "tiny": dict(size=harness.TINY_SIZE, batch=2, steps=1, windows=2, warmup=1, scaling="2,4", sample_batch=2),
 }
-SCALING_RESOLUTION = 32
+# EDM2's blocks narrower than one attention head (64 channels) have no attention: the tiny EDM2 is
+# this wide, so that its lower resolution (2 x 32 channels) keeps one.
+EDM2_TINY_CHANNELS = 32
+SCALING_CONFIG = "32"  # the configuration of the batch scaling
 P, DELTA = 0.6, 0.1  # dust corruption of the benchmark's data; the step's cost does not depend on them
-LR = 2e-3
+LR = 2e-3  # the reference loop's (c): EDM's, as our trainer's default for the gated U-Nets (EDM2 keeps its own)
 # The reference loop's EMA decay depends on the images seen; its cost does not. A fixed one will do.
 EMA_BETA = 0.999
 SAMPLER_STEPS = 18  # the sampling command's default
@@ -103,6 +136,16 @@ def corrupted_set(folder: Path, resolution: int, count: int) -> CorruptedDataset
     observed = (rng.integers(0, 256, (count, 3, resolution, resolution), dtype=np.uint8) * masks).astype(np.uint8)
     corruption = {"kind": "dust", "p": P, "delta": DELTA, "shared_channels": True}
     return CorruptedDataset(write_dataset(folder / f"data-{resolution}", observed, masks, corruption, source="bench"))
+
+
+def benchmark_set(folder: Path, setup: "Setup") -> CorruptedDataset:
+    """The set a configuration trains on: `corrupted_set`, or for a latent configuration `count` random
+    4-channel float16 latents, each with a noise-level window (bench/aot.py's `latent_shaped_set`).
+    Four batches, at least 16 images."""
+    count = max(4 * setup.batch, 16)
+    if setup.latent:
+        return CorruptedDataset(latent_shaped_set(folder / f"latents-{setup.resolution}", setup.resolution, count))
+    return corrupted_set(folder, setup.resolution, count)
 
 
 class HostMasks(NamedTuple):
@@ -147,16 +190,18 @@ def host_loader(dataset: CorruptedDataset, batch: int, device: torch.device) -> 
     return HostMaskLoader(dataset, batch, device)
 
 
-def host_objective(schedule: NoiseSchedule) -> Callable[[torch.nn.Module, HostMasks], torch.Tensor]:
+def host_objective(schedule: NoiseSchedule, arch: str) -> Callable[[torch.nn.Module, HostMasks], torch.Tensor]:
     """The reference's objective on host-made masks: sigma and the noise drawn on the device with
     torch's generator (sigma from the schedule's distribution), the network input made from them,
-    graded by our loss."""
+    graded by our loss (an EDM2 network's: uncertainty-weighted by its log-variance head)."""
+    loss = edm2_loss if arch == EDM2 else ambient_loss
+
     def objective(model: torch.nn.Module, batch: HostMasks) -> torch.Tensor:
         n = len(batch.y)
         u = torch.rand(n, device=batch.y.device, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
         sigma, _ = schedule.sigma_above(torch.zeros(n, device=batch.y.device), u)
         inputs = training_batch(batch.y, batch.A, batch.A_hat, sigma, torch.randn_like(batch.y), batch.labels)
-        return ambient_loss(model, inputs, schedule)
+        return loss(model, inputs, schedule)
     return objective
 
 
@@ -200,8 +245,26 @@ class Setup(NamedTuple):
     steps: int    # per timing window
     windows: int
     warmup: int   # untimed steps, the first (timed alone) included
-    size: dict    # model-size overrides of the resolution's preset (--quick, --tiny); empty: the published one
+    size: dict    # model-size overrides of the preset (--quick, --tiny: `model_size`); empty: the published one
     device: torch.device
+    arch: str = "ddpmpp"  # TrainConfig.arch: DDPM++ at the resolution's preset, or EDM2-S
+    latent: bool = False  # train on a latent-shaped set (`benchmark_set`)
+
+    @property
+    def channels(self) -> int:
+        """Channels of the set's images: 4 latent channels, or RGB."""
+        return 4 if self.latent else 3
+
+
+def model_size(mode: str, config: Config) -> dict:
+    """The model-size overrides of `config`'s preset at size `mode` (SIZES): --tiny's attention goes
+    at the lower of its two resolutions, whatever the configuration's preset says."""
+    size = dict(SIZES[mode]["size"])
+    if mode == "tiny":
+        size["attn_resolutions"] = [config.resolution // 2]
+        if config.arch == EDM2:
+            size["model_channels"] = EDM2_TINY_CHANNELS
+    return size
 
 
 class Timing(NamedTuple):
@@ -243,20 +306,28 @@ def time_steps(step: Callable[[], object], setup: Setup) -> Timing:
 class Row(NamedTuple):
     variant: str
     settings: str
-    timing: Optional[Timing]  # None: the variant failed (see settings)
+    timing: Optional[Timing]  # None: the variant failed or does not exist (see settings)
     memory: str
+    untimed: str = "-"  # what the table says in place of images/s where there is no timing
+
+
+# The authors' code trains DDPM++, NCSN++ and ADM only: an EDM2 table says so instead of timing anything.
+NO_EDM2_REFERENCE = Row("(c) authors' code", "not run: giannisdaras/ambient-diffusion has no EDM2 network", None, "n/a",
+                        "none: no EDM2 there")
 
 
 def our_trainer(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> Trainer:
     """Our Trainer on `data`: its defaults (fast) or the reference settings; the caller holds
-    `reference_settings()` around construction and steps for the latter."""
+    `reference_settings()` around construction and steps for the latter. A latent set keeps our loader
+    and objective in the reference settings (the module docstring says why)."""
     options = {} if fast else dict(precision="fp32", compile=False, tf32=False, channels_last=False, loader="torch")
+    architecture = dict(arch=EDM2, preset="edm2-s") if setup.arch == EDM2 else dict(arch=setup.arch)
     cfg = TrainConfig(data=str(data.path), out=str(out), batch=setup.batch, steps=10 ** 9, snapshot_every=10 ** 9,
-                      device=str(setup.device), lr=LR, **setup.size, **options)
+                      device=str(setup.device), **architecture, **setup.size, **options)
     trainer = Trainer(cfg)
-    if not fast:
+    if not fast and not setup.latent:
         trainer.loader = host_loader(data, setup.batch, setup.device)
-        trainer.objective = host_objective(trainer.schedule)
+        trainer.objective = host_objective(trainer.schedule, setup.arch)
     return trainer
 
 
@@ -268,30 +339,38 @@ def run_ours(setup: Setup, data: CorruptedDataset, out: Path, fast: bool) -> "tu
         timing = time_steps(trainer.train_step, setup)
         settings = (f"{'bf16' if trainer.bf16 else 'fp32'}, compile {'on' if trainer.compiled else 'off'}, "
                     f"{'channels_last' if trainer.settings.channels_last else 'NCHW'}, {harness.tf32_state(setup.device)}; "
-                    f"kernels: {kernels.active_path(setup.device)}; loader: {trainer.loader.kind}")
+                    f"kernels: {kernels.active_path(setup.device)}; loader: {trainer.loader.kind}"
+                    + (" (a latent set has no masks for the reference's host-side path)" if setup.latent and not fast
+                       else ""))
     row = Row("(b) fast path" if fast else "(a) reference settings", settings, timing, harness.peak_memory(setup.device))
     return row, trainer
 
 
-def sampler_call(config: dict, resolution: int, batch: int, device: torch.device) -> Callable[[], object]:
-    """One call of the sampler as `python -m ambient_fast.sample` makes it on `device` (its memory
-    format and path, 18 Heun steps, `batch` images) on a fresh model of `config` (the trainer's
+def sampler_call(config: dict, setup: Setup, batch: int) -> Callable[[], object]:
+    """One call of the sampler as `python -m ambient_fast.sample` makes it on the setup's device (its
+    memory format and path, 18 Heun steps, `batch` images) on a fresh model of `config` (the trainer's
     compiled blocks would recompile for it), after one untimed call (the fast path captures its
-    CUDA graph there, once per network and shape)."""
+    CUDA graph there, once per network and shape). A latent model samples as the command samples one
+    (`ambient_fast.sample.sampling_model`): full masks (its set hid nothing) and no clamping."""
+    device = setup.device
     memory_format, fast = harness.cli_sampling(device)
     net = build_model(config).to(device, memory_format=memory_format).eval()
-    latents, masks = seeded_inputs(range(batch), (3, resolution, resolution), 1, (1 - P) * (1 - DELTA), False, device)
+    survival = 1.0 if setup.latent else (1 - P) * (1 - DELTA)
+    shape = (setup.channels, setup.resolution, setup.resolution)
+    latents, masks = seeded_inputs(range(batch), shape, 1, survival, False, device)
 
     def call():
-        return ambient_sample(net, latents, masks, num_steps=SAMPLER_STEPS, fast=fast)
+        return ambient_sample(net, latents, masks, num_steps=SAMPLER_STEPS, clip=not setup.latent, fast=fast)
 
     call()
     return call
 
 
 class Inspection(NamedTuple):
-    """One step of (b) looked into: where its time goes, and its and a sampler call's host syncs."""
+    """One step of (b) looked into: the network it trains, where its time goes, and its and a sampler
+    call's host syncs."""
 
+    model: str  # the trainer's description of its network and recipe
     profile: profile.ProfileTable
     step_syncs: Optional[dict]
     sampler_syncs: Optional[dict]
@@ -300,9 +379,9 @@ class Inspection(NamedTuple):
 
 def inspect_step(trainer: Trainer, setup: Setup, sample_batch: int) -> Inspection:
     step = trainer.train_step
-    sample = sampler_call(trainer.net.config, setup.resolution, sample_batch, setup.device)
-    return Inspection(profile.profile_call(step, setup.device), profile.host_syncs(step, setup.device),
-                      profile.host_syncs(sample, setup.device), sample_batch)
+    sample = sampler_call(trainer.net.config, setup, sample_batch)
+    return Inspection(trainer.describe_model(), profile.profile_call(step, setup.device),
+                      profile.host_syncs(step, setup.device), profile.host_syncs(sample, setup.device), sample_batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +451,7 @@ def run_reference(setup: Setup, data: CorruptedDataset, reference) -> Row:
             loader = host_loader(data, setup.batch, setup.device)
             timing = time_steps(lambda: step(loader.next()), setup)
         except Exception as error:  # an optional comparison: report it and keep the rows already measured
-            return Row("(c) authors' code", f"FAILED: {type(error).__name__}: {error}", None, "n/a")
+            return Row("(c) authors' code", f"FAILED: {type(error).__name__}: {error}", None, "n/a", "failed (below)")
         settings = (f"fp32, compile {'on' if setup.device.type == 'cuda' else 'off (CPU)'}, "
                     f"{harness.tf32_state(setup.device)}; loader: {loader.kind}")
     return Row("(c) authors' code", settings, timing, harness.peak_memory(setup.device))
@@ -384,7 +463,7 @@ def run_reference(setup: Setup, data: CorruptedDataset, reference) -> Row:
 
 def measure(setup: Setup, work: Path, sample_batch: int, reference=None) -> "tuple[List[Row], float, Inspection]":
     """The rows of one configuration, its FLOPs per image and the inspection of a step of (b)."""
-    data = corrupted_set(work, setup.resolution, count=max(4 * setup.batch, 16))
+    data = benchmark_set(work, setup)
     baseline, trainer = run_ours(setup, data, work / "a", fast=False)
     trainer.close()
     del trainer
@@ -396,16 +475,18 @@ def measure(setup: Setup, work: Path, sample_batch: int, reference=None) -> "tup
     del trainer
     gc.collect()
     rows = [baseline, fast]
-    if reference is not None:
+    if setup.arch == EDM2:
+        rows.append(NO_EDM2_REFERENCE)
+    elif reference is not None:
         rows.append(run_reference(setup, data, reference))
         gc.collect()
     torch._dynamo.reset()  # the next configuration compiles afresh
-    return rows, flops_per_image(config, setup.resolution), inspection
+    return rows, flops_per_image(config, setup.resolution, setup.channels), inspection
 
 
 def measure_batch(setup: Setup, work: Path) -> Row:
     """(b) at `setup.batch`, compiled afresh."""
-    data = corrupted_set(work, setup.resolution, count=max(4 * setup.batch, 16))
+    data = benchmark_set(work, setup)
     row, trainer = run_ours(setup, data, work / f"b-{setup.batch}", fast=True)
     trainer.close()
     del trainer
@@ -432,7 +513,7 @@ def table_rows(rows: List[Row], flops: float, peak: float) -> "list[list[str]]":
     for row in rows:
         timing = row.timing
         if timing is None:
-            out.append([row.variant, "-", "-", "-", "-", "-", "-", row.memory, "-"])
+            out.append([row.variant, row.untimed, "-", "-", "-", "-", "-", row.memory, "-"])
             continue
         model = flops * timing.images_per_s
         out.append([row.variant, f"{timing.images_per_s:.4g}", spread_text(timing), f"{timing.step_s:.4g}",
@@ -441,13 +522,14 @@ def table_rows(rows: List[Row], flops: float, peak: float) -> "list[list[str]]":
     return out
 
 
-def target_lines(resolution: int, rows: List[Row], flops: float, peak: float, gpu: bool) -> "list[str]":
+def target_lines(targets: bool, rows: List[Row], flops: float, peak: float, gpu: bool) -> "list[str]":
+    """The ratios below a table; `targets`: with DESIGN.md's targets (the CIFAR-10 configuration's)."""
     a, b = rows[0].timing, rows[1].timing
     verdict = "" if gpu else " (not judged: CPU)"
     lines = [f"- (b) / (a): {harness.ratio(b.images_per_s, a.images_per_s)} images/s"
-             + (f"; target >= 8x{verdict}" if resolution == 32 else ""),
+             + (f"; target >= 8x{verdict}" if targets else ""),
              f"- (b) model FLOP/s / bf16 peak: {flops * b.images_per_s / 1e12:.4g} / {peak / 1e12:.4g} TFLOP/s = "
-             f"{100 * flops * b.images_per_s / peak:.3g}%" + (f"; target >= 40%{verdict}" if resolution == 32 else "")]
+             f"{100 * flops * b.images_per_s / peak:.3g}%" + (f"; target >= 40%{verdict}" if targets else "")]
     if len(rows) > 2 and rows[2].timing is not None:
         lines.append(f"- (b) / (c): {harness.ratio(b.images_per_s, rows[2].timing.images_per_s)} images/s")
     return lines + [f"- {row.variant}: {row.settings}" for row in rows]
@@ -488,31 +570,18 @@ def scaling_rows(rows: List[Row]) -> "list[list[str]]":
              harness.ratio(row.timing.images_per_s, first.images_per_s)] for row in rows]
 
 
-def parse_list(parser, text: str, flag: str, allowed=None) -> "list[int]":
-    """Comma-separated positive integers (among `allowed` if given); 'none' or '' for none."""
-    if text.strip().lower() in ("", "none"):
-        return []
-    try:
-        values = [int(v) for v in text.split(",")]
-        if all(v >= 1 for v in values) and (allowed is None or all(v in allowed for v in values)):
-            return values
-    except ValueError:
-        pass
-    parser.error(f"{flag} takes {'values among ' + str(sorted(allowed)) if allowed else 'positive integers'}, "
-                 f"comma-separated, or none; got {text!r}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="32,64", help="resolutions to run, of 32 and 64, or none (default 32,64)")
-    parser.add_argument("--batch", type=int, help="batch per GPU (default 128 at 32x32, 64 at 64x64; --quick: 4; "
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"configurations to run, of {', '.join(CONFIGS)} "
+                        f"(module docstring), or none (default {','.join(CONFIGS)})")
+    parser.add_argument("--batch", type=int, help="batch per GPU (default 128 at 32x32, 64 for the others; --quick: 4; "
                         "--tiny: 2)")
     parser.add_argument("--steps", type=int, help="steps per timing window (default 10; --quick: 3; --tiny: 1)")
     parser.add_argument("--windows", type=int, help="timing windows per variant (default 3; --quick, --tiny: 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps first, the first step (compilation) included "
                         "(default 5; --quick: 2; --tiny: 1)")
-    parser.add_argument("--scaling", help="batches of (b) at 32x32 for the batch scaling, or none (default 128,256,512; "
-                        "--quick: 4,8; --tiny: 2,4)")
+    parser.add_argument("--scaling", help="batches of (b) at 32x32 (DDPM++) for the batch scaling, or none (default "
+                        "128,256,512; --quick: 4,8; --tiny: 2,4)")
     parser.add_argument("--reference-repo", type=Path,
                         help="a checkout of giannisdaras/ambient-diffusion: time its code too")
     harness.add_common_arguments(parser, "small models and batches: checks that it all runs")
@@ -520,8 +589,8 @@ def main(argv=None) -> int:
     console = Console()
     mode = harness.size_mode(args)
     defaults = SIZES[mode]
-    resolutions = parse_list(parser, args.configs, "--configs", CONFIGS)
-    scaling = parse_list(parser, args.scaling if args.scaling is not None else defaults["scaling"], "--scaling")
+    names = harness.parse_list(parser, args.configs, "--configs", CONFIGS)
+    scaling = harness.parse_list(parser, args.scaling if args.scaling is not None else defaults["scaling"], "--scaling")
     steps, windows, warmup = (getattr(args, name) if getattr(args, name) is not None else defaults[name]
                               for name in ("steps", "windows", "warmup"))
     if (args.batch is not None and args.batch < 1) or steps < 1 or windows < 1 or warmup < 1:
@@ -543,30 +612,37 @@ def main(argv=None) -> int:
     sections = [harness.environment_section(device, command.strip()),
                 f"bf16 matmul peak, measured in this run: {peak / 1e12:.4g} TFLOP/s ({'8192' if gpu else '1024'}^3 "
                 "products). FLOPs per image: forward + backward, torch.utils.flop_counter. Each step: batch, loss, "
-                "backward, clipping, Adam, EMA. Models: (a) and (b) our defaults (sigmoid gate, mask-aware "
-                "preconditioning), (c) the reference's (double sigmoid, its preconditioning); the same FLOPs (gates "
-                "and preconditioning are elementwise, not counted). Timing: the first step alone, "
-                f"{warmup} warm-up steps in all, then {windows} windows of {steps} steps; images/s is the median "
-                "window's, spread (max - min) / median of the windows."
-                + (f" Models narrowed to {defaults['size']}, not the published sizes." if defaults["size"] else "")]
-    path = harness.report_path(args.results, "train" if resolutions else "train-scaling", device)
+                "backward, clipping, Adam, EMA (EDM2: also its forced weight normalisation and post-hoc EMA "
+                "profiles). Models: (a) and (b) our defaults (DDPM++: sigmoid gate; mask-aware preconditioning), (c) "
+                "the reference's (double sigmoid, its preconditioning); the same FLOPs (gates and preconditioning are "
+                f"elementwise, not counted). Timing: the first step alone, {warmup} warm-up steps in all, then "
+                f"{windows} windows of {steps} steps; images/s is the median window's, spread (max - min) / median "
+                "of the windows."
+                + (" Models narrowed, not the published sizes: over each configuration's preset, "
+                   + "; ".join(f"{name} {model_size(mode, CONFIGS[name])}" for name in names or [SCALING_CONFIG]) + "."
+                   if mode != "full" else "")]
+    edm2_only = bool(names) and all(CONFIGS[name].arch == EDM2 for name in names)
+    kind = "train-edm2" if edm2_only else "train" if names else "train-scaling"  # module docstring
+    path = harness.report_path(args.results, kind, device)
 
     def write(*more: str) -> None:
         harness.write_report(path, f"Training throughput on {harness.device_name(device)}, {harness.today()}",
                              [*sections, *more])
 
-    def setup(resolution: int, batch: int) -> Setup:
-        return Setup(resolution, batch, steps, windows, warmup, defaults["size"], device)
+    def setup(config: Config, batch: int) -> Setup:
+        return Setup(config.resolution, batch, steps, windows, warmup, model_size(mode, config), device, config.arch,
+                     config.latent)
 
-    for resolution in resolutions:
-        batch = args.batch or defaults["batch"] or DEFAULT_BATCH[resolution]
-        console.print(f"{CONFIGS[resolution]}, batch {batch}: {warmup} + {windows} x {steps} steps per variant ...")
+    for name in names:
+        config = CONFIGS[name]
+        batch = args.batch or defaults["batch"] or config.batch
+        console.print(f"{config.title}, batch {batch}: {warmup} + {windows} x {steps} steps per variant ...")
         with tempfile.TemporaryDirectory() as work:
-            rows, flops, inspection = measure(setup(resolution, batch), Path(work), defaults["sample_batch"], reference)
+            rows, flops, inspection = measure(setup(config, batch), Path(work), defaults["sample_batch"], reference)
         rows_text = table_rows(rows, flops, peak)
-        title = f"{CONFIGS[resolution]}{narrowed}, batch {batch}, {flops / 1e9:.4g} GFLOP/image"
+        title = f"{config.title}{narrowed}, batch {batch}, {flops / 1e9:.4g} GFLOP/image"
         harness.print_table(console, title, HEADER, rows_text, left=("variant",))
-        lines = target_lines(resolution, rows, flops, peak, gpu)
+        lines = [f"- model: {inspection.model}", *target_lines(name == "32", rows, flops, peak, gpu)]
         profile_title = (f"One step of (b) under torch.profiler, {'device kernels' if gpu else 'CPU operators (self time)'}"
                          " grouped by name (bench/_profile.py)")
         profile_text = profile.profile_rows(inspection.profile)
@@ -580,12 +656,12 @@ def main(argv=None) -> int:
         write()
 
     if scaling:
-        title = f"Batch scaling of (b), {CONFIGS[SCALING_RESOLUTION]}{narrowed}"
+        title = f"Batch scaling of (b), {CONFIGS[SCALING_CONFIG].title}{narrowed}"
         console.print(f"{title}: batches {', '.join(map(str, scaling))} ...")
         rows = []
         for batch in scaling:
             with tempfile.TemporaryDirectory() as work:
-                rows.append(measure_batch(setup(SCALING_RESOLUTION, batch), Path(work)))
+                rows.append(measure_batch(setup(CONFIGS[SCALING_CONFIG], batch), Path(work)))
             # After each batch, so that a run cut short keeps the batches it measured.
             write(f"## {title}", "\n".join(harness.markdown_table(SCALING_HEADER, scaling_rows(rows))))
         harness.print_table(console, title, SCALING_HEADER, scaling_rows(rows), left=("batch",))

@@ -2,9 +2,9 @@
 variants (ours in the reference settings and the fast path, and the authors' code imported from a
 checkout, here a stand-in with its API), their timing windows, the FLOP count, the profiler table and
 its kernel groups, the host-sync count, the batch scaling, the samplers and their agreement, the
-ambient-input cases of the kernel benchmark, the reports, the command-line errors, and the GPU check
-(bench/gpu_check.sh): its parts' limits, its CPU rehearsal, and what a part killed midway leaves.
-Nothing here looks at a time."""
+ambient-input cases of the kernel benchmark, the EDM2 configurations of both benchmarks (pixels and
+latents), the reports, the command-line errors, and the GPU check (bench/gpu_check.sh): its parts'
+limits, its CPU rehearsal, and what a part killed midway leaves. Nothing here looks at a time."""
 import importlib.util
 import os
 import re
@@ -134,6 +134,35 @@ def test_training_variants_and_report(train, stand_in, tmp_path):
     assert inspection.profile.busy_us == pytest.approx(sum(us for _, _, us in inspection.profile.rows))
 
 
+def test_edm2_configurations(train, stand_in, tmp_path, monkeypatch):
+    """--configs edm2-64,edm2-latent-64 at --tiny, with --reference-repo: EDM2 networks trained by (a)
+    and (b) (on the pixel set (a) takes the reference's host-side masks, on the latent set our loader),
+    a (c) row saying the authors' code has no EDM2 and timing nothing, in a report of their own. For CI's
+    time, at 16x16 rather than 64x64, sampling 2 steps rather than 18, against a stated peak instead of
+    the CPU's measured one (26 s on one thread): numbers here; the paths are the same."""
+    for name in ("edm2-64", "edm2-latent-64"):
+        monkeypatch.setitem(train.CONFIGS, name, train.CONFIGS[name]._replace(resolution=16))
+    monkeypatch.setattr(train, "SAMPLER_STEPS", 2)
+    monkeypatch.setattr(train.harness, "bf16_matmul_peak", lambda device: 1e12)
+    assert train.main(["--tiny", "--configs", "edm2-64,edm2-latent-64", "--scaling", "none", "--windows", "1",
+                       "--reference-repo", str(stand_in), "--results", str(tmp_path)]) == 0
+    assert not list(tmp_path.glob("train-cpu-*.md"))  # the day's DDPM++ record stays
+    report = next(tmp_path.glob("train-edm2-cpu-*.md")).read_text()
+    pixels, latents = report.split("## EDM2-S at ImageNet-64's size")[1].split("## EDM2-S on 64x64x4 latents")
+    for section, channels in ((pixels, 3), (latents, 4)):
+        assert "(tiny: --tiny), batch 2" in section and "- model: EDM2 U-Net (" in section
+        rows = {row[0]: row for row in (line.split(" | ") for line in section.splitlines() if line.startswith("| ("))}
+        assert list(rows) == ["| (a) reference settings", "| (b) fast path", "| (c) authors' code"]
+        assert float(rows["| (a) reference settings"][1]) > 0 and float(rows["| (b) fast path"][1]) > 0
+        assert rows["| (c) authors' code"][1:-1] == ["none: no EDM2 there", *["-"] * 5, "n/a"]
+        assert "- (c) authors' code: not run: giannisdaras/ambient-diffusion has no EDM2 network" in section
+        assert "AMBIENT_FAST_KERNELS=0" in section and "(b) / (c)" not in section
+    assert "loader: host (per-image numpy masks)" in pixels
+    assert "loader: torch (a latent set has no masks for the reference's host-side path)" in latents
+    gflops = [float(re.search(r"batch 2, ([\d.]+) GFLOP/image", part).group(1)) for part in (pixels, latents)]
+    assert gflops[1] > gflops[0] > 0  # the same network on 4 channels in and out instead of 3
+
+
 def test_compile_lines(train):
     """A compiled variant's compile time is its first step less its median step; a recompile while
     timing is called out (the windows then include compilation)."""
@@ -188,9 +217,10 @@ def test_a_failing_reference_is_reported_not_raised(train, stand_in, tmp_path):
 
 
 def test_train_command_line_errors(train, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train.main(["--configs", "48"])
-    assert "--configs" in capsys.readouterr().err
+    for configs in ("48", "32,edm2"):
+        with pytest.raises(SystemExit):
+            train.main(["--configs", configs])
+        assert "--configs takes names among 32, 64, edm2-64, edm2-latent-64" in capsys.readouterr().err
     for flags in (["--scaling", "0"], ["--warmup", "0"], ["--windows", "0"], ["--quick", "--tiny"]):
         with pytest.raises(SystemExit):
             train.main(flags)
@@ -295,20 +325,54 @@ def test_host_syncs_need_cuda(profile):
     assert profile.describe_syncs(Counter({"trainer.py:278": 1, "loss.py:9": 2})) == "3 (loss.py:9 x2, trainer.py:278 x1)"
 
 
-def test_the_kernel_alone_case_is_what_a_step_launches(kernel_bench):
+@pytest.mark.parametrize("config, objective", [("ddpmpp", "AmbientObjective"), ("edm2-64", "EDM2Objective"),
+                                               ("edm2-latent-64", "EDM2Objective")])
+def test_the_kernel_alone_case_is_what_a_step_launches(kernel_bench, config, objective):
     """bench/kernels.py times the ambient-input kernel on the arguments a training step passes it: the
-    kernel alone writes exactly what the whole AmbientObjective.inputs call returns."""
+    kernel alone writes exactly what the whole call of the configuration's objective returns (a latent
+    set's: float16 values, its windows)."""
     from ambient_fast import kernels
 
-    raw = kernel_bench.stored_batch(3, 3, 8, 8, torch.device("cpu"))
-    inputs = kernel_bench.training_inputs((3, 8, 8))
+    config = kernel_bench.KERNEL_CONFIGS[config]
+    C = config.shape[0]
+    raw = (kernel_bench.latent_batch if config.latent else kernel_bench.stored_batch)(3, C, 8, 8, torch.device("cpu"))
+    inputs = kernel_bench.training_inputs((C, 8, 8), config.edm2, raw if config.latent else None)
+    assert type(inputs.__self__).__name__ == objective
     args, kwargs = kernel_bench.kernel_arguments(inputs, raw)
     alone, whole = kernels.ambient_input(*args, **kwargs), inputs(raw)
     for name in ("net_input", "A", "A_hat", "y"):
         assert torch.equal(getattr(alone, name), getattr(whole, name)), name
-    cases = kernel_bench.ambient_input_cases(3 * 3 * 64 * 64, 0.1, torch.device("cpu"))
-    assert [case.op for case in cases] == ["ambient_input kernel", "AmbientObjective.inputs call"]
+    cases = kernel_bench.ambient_input_cases(3 * C * 64 * 64, 0.1, torch.device("cpu"), config)
+    assert [case.op for case in cases] == ["ambient_input kernel", f"{objective}.inputs call"]
     assert cases[0].bytes == cases[1].bytes and all(case.check() == 0 for case in cases)
+    value_bytes = 2 if config.latent else 1  # float16 latents, uint8 levels
+    assert cases[0].bytes == 3 * C * 64 * 64 * (value_bytes + 20) + 3 * C * 64 * 64 // 8 + 3
+
+
+def test_edm2_kernel_cases_in_the_interpreter(kernel_bench, tmp_path, monkeypatch):
+    """`bench/kernels.py --configs edm2-64,edm2-latent-64` on a CPU: EDM2's ambient input (the kernel
+    alone and EDM2Objective.inputs; uint8 values with dust masks, float16 latents with windows) and its
+    uncertainty-weighted loss, each in Triton's interpreter against its PyTorch reference, in a report
+    of their own, and nothing of DDPM++'s. For CI's time at 16x16 rather than 64x64 (the interpreter
+    runs a block at a time): the same kernels and paths."""
+    for name in ("edm2-64", "edm2-latent-64"):
+        config = kernel_bench.KERNEL_CONFIGS[name]
+        monkeypatch.setitem(kernel_bench.KERNEL_CONFIGS, name, config._replace(shape=(config.shape[0], 16, 16)))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # run_cpu sets it as well; monkeypatch removes it afterwards
+    assert kernel_bench.main(["--configs", "edm2-64,edm2-latent-64", "--results", str(tmp_path)]) == 0
+    assert not list(tmp_path.glob("kernels-cpu-*.md"))  # the day's DDPM++ record stays
+    report = next(tmp_path.glob("kernels-edm2-cpu-*.md")).read_text()
+    assert "Path: Triton interpreter (TRITON_INTERPRET=1)" in report
+    rows = [line.split(" | ") for line in report.splitlines() if line.endswith(("| ok |", "| FAIL |"))]
+    assert [(row[0], row[1], row[-1]) for row in rows] == [
+        ("| masked_loss fwd+bwd", "fp32 L2 (3,3,16,16) slice, EDM2 uncertainty-weighted", "ok |"),
+        ("| ambient_input kernel", "the kernel alone: stored uint8 + bits (3,3,16,16) -> fp32", "ok |"),
+        ("| EDM2Objective.inputs call", "a training step's whole call: stored uint8 + bits (3,3,16,16) -> fp32",
+         "ok |"),
+        ("| masked_loss fwd+bwd", "fp32 L2 (2,4,16,16) slice, EDM2 uncertainty-weighted", "ok |"),
+        ("| ambient_input kernel", "the kernel alone: stored float16 + bits (2,4,16,16) -> fp32, windows", "ok |"),
+        ("| EDM2Objective.inputs call", "a training step's whole call: stored float16 + bits (2,4,16,16) -> fp32, "
+                                        "windows", "ok |")]
 
 
 GPU_CHECK = BENCH / "gpu_check.sh"

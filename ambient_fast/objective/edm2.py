@@ -22,7 +22,7 @@ from typing import Union
 import torch
 
 from ambient_fast.data.batches import RawBatch
-from ambient_fast.objective.objective import AmbientObjective, EDMSchedule, graded_loss
+from ambient_fast.objective.objective import AmbientObjective, EDMSchedule, NoiseSchedule, TrainingBatch, graded_loss
 
 # (P_mean, P_std) of EDM2's presets: ImageNet-64 in pixels, ImageNet-512 in SD-VAE latents.
 EDM2_NOISE_LEVELS = {"pixels": (-0.8, 1.6), "latents": (-0.4, 1.0)}
@@ -56,14 +56,25 @@ def uncertainty_weighted(loss: torch.Tensor, logvar: torch.Tensor, graded: Union
     return loss.to(torch.float32) * torch.exp(-logvar) + graded * logvar
 
 
+def edm2_loss(model, batch: TrainingBatch, schedule: NoiseSchedule, norm: int = 2) -> torch.Tensor:
+    """Each image's EDM2 objective (N,) float32 on a TrainingBatch (`ambient_loss`'s counterpart): the
+    ambient loss of the network's output, uncertainty-weighted by its log-variance head at the image's
+    level (module docstring), graded over the values of A.
+
+    Args:
+        model: an ambient `EDM2Precond`, `model(x (N, 2C, H, W), sigma (N,), labels, return_logvar=True)`.
+        batch: from `AmbientObjective.inputs`, or `training_batch` for given tensors.
+        schedule: lambda and the hidden weight; norm: 2 (squared error) or 1 (absolute error).
+    """
+    D, logvar = model(batch.net_input, batch.sigma, batch.labels, return_logvar=True)
+    loss = graded_loss(D, batch, schedule, norm)
+    return uncertainty_weighted(loss, logvar, batch.A.sum((1, 2, 3)))
+
+
 class EDM2Objective(AmbientObjective):
-    """The ambient objective of an EDM2 network (`EDM2Precond`, ambient layout): the same draws and
-    per-image loss, uncertainty-weighted by the network's log-variance head at each image's level
-    (module docstring), graded over the values of A. `objective(model, raw)` is each image's
-    objective (N,) float32."""
+    """The ambient objective of an EDM2 network (`EDM2Precond`, ambient layout): the same draws as
+    `AmbientObjective`, graded by `edm2_loss`. `objective(model, raw)` is each image's objective (N,)
+    float32."""
 
     def __call__(self, model, raw: RawBatch) -> torch.Tensor:
-        batch = self.inputs(raw)
-        D, logvar = model(batch.net_input, batch.sigma, batch.labels, return_logvar=True)
-        loss = graded_loss(D, batch, self.schedule, self.norm)
-        return uncertainty_weighted(loss, logvar, batch.A.sum((1, 2, 3)))
+        return edm2_loss(model, self.inputs(raw), self.schedule, self.norm)
