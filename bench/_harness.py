@@ -209,10 +209,17 @@ def peak_memory(device: torch.device) -> str:
             f"{torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GiB")
 
 
-def bf16_matmul_peak(device: torch.device) -> float:
-    """FLOP/s of a square bf16 matrix product on `device` (n = 8192 on a GPU, 1024 on the CPU),
-    the best of a few timed products after warm-up: the yardstick for model FLOP utilisation."""
-    n = 8192 if device.type == "cuda" else 1024
+def peak_matrix_size(device: torch.device, mode: str) -> int:
+    """n of `bf16_matmul_peak`'s products: 8192 on a GPU, 1024 on the CPU, 256 at --tiny on the CPU
+    (where the figures mean nothing and a CPU without bf16 instructions took 26 s for 1024)."""
+    if device.type == "cuda":
+        return 8192
+    return 256 if mode == "tiny" else 1024
+
+
+def bf16_matmul_peak(device: torch.device, n: int) -> float:
+    """FLOP/s of a square n x n bf16 matrix product on `device`, the best of a few timed products
+    after warm-up: the yardstick for model FLOP utilisation."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     repeats = 10 if device.type == "cuda" else 2

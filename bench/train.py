@@ -605,12 +605,13 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     if not gpu:
         console.print(f"[bold yellow]{harness.CPU_CAVEAT}[/]")
-    peak = harness.bf16_matmul_peak(device)
+    peak_n = harness.peak_matrix_size(device, mode)
+    peak = harness.bf16_matmul_peak(device, peak_n)
     console.print(f"{harness.device_name(device)}: bf16 matmul peak (measured) {peak / 1e12:.4g} TFLOP/s")
     command = "python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     narrowed = harness.SIZE_TITLES[mode]
     sections = [harness.environment_section(device, command.strip()),
-                f"bf16 matmul peak, measured in this run: {peak / 1e12:.4g} TFLOP/s ({'8192' if gpu else '1024'}^3 "
+                f"bf16 matmul peak, measured in this run: {peak / 1e12:.4g} TFLOP/s ({peak_n}^3 "
                 "products). FLOPs per image: forward + backward, torch.utils.flop_counter. Each step: batch, loss, "
                 "backward, clipping, Adam, EMA (EDM2: also its forced weight normalisation and post-hoc EMA "
                 "profiles). Models: (a) and (b) our defaults (DDPM++: sigmoid gate; mask-aware preconditioning), (c) "
