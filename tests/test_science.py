@@ -67,20 +67,63 @@ def test_memorization_reports_every_snapshot(science, tmp_path):
     assert "| 3 |" in report and (results / "science-memorization-memorization.png").is_file()
 
 
-def test_noisy_pipeline_writes_its_report(science, tmp_path):
-    """--noisy at a toy size: every row trains, samples and scores; the mixtures hold what they say."""
-    results = tmp_path / "results"
+def test_noisy_pipeline_writes_its_report(science, tmp_path, monkeypatch):
+    """--noisy at a toy size: every row trains, samples and scores; the mixtures hold what they say.
+    Then --edm2 on one row in the same --work: the DDPM++ model and its scores are reused, and an EDM2
+    network of about DDPM++'s parameter count trains with EDM2's recipe beside it, scored with the
+    trainer's EMA and with the post-hoc EMA reconstructed from its profiles."""
+    # One image in each run's own final grid rather than 16 (a third of this test's time; it is not scored).
+    monkeypatch.setattr(science, "RUN_GRID_IMAGES", 1)
+    work, results = tmp_path / "work", tmp_path / "results"
     argv = ["--noisy", "--quick", "--steps", "2", "--samples", "8", "--classifier-steps", "3",
-            "--work", str(tmp_path / "work"), "--results", str(results)]
+            "--work", str(work), "--results", str(results)]
     assert science.main(argv) == 0
     saved = json.loads((results / "science-noisy-quick.json").read_text())
     assert [row["model"] for row in saved["rows"]] == list(science.MIXTURE_ROWS)
     report = (results / "science-noisy-quick.md").read_text()
-    assert "| 100% noisy, ambient | 4096 |" in report and (results / "science-noisy-quick-samples.png").is_file()
+    assert "| 100% noisy, ambient | DDPM++ (1.41 M) | 4096 |" in report
+    assert (results / "science-noisy-quick-samples.png").is_file()
     from ambient_fast.data.format import CorruptedDataset
 
-    mixture = CorruptedDataset(science.mixture_set(tmp_path / "work" / "data", 0.1, 0.9, 0.0, 4096), verify=True)
+    mixture = CorruptedDataset(science.mixture_set(work / "data", 0.1, 0.9, 0.0, 4096), verify=True)
     assert {k: mixture.meta.records[k] for k in ("clean", "noisy", "masked")} == {"clean": 410, "noisy": 3686, "masked": 0}
+
+    row = "10% clean + 90% masked (p 0.8), ambient"
+    monkeypatch.setattr(science, "MIXTURE_ROWS", {row: science.MIXTURE_ROWS[row]})
+    assert science.main([*argv, "--edm2"]) == 0
+    edm2 = json.loads((results / "science-noisy-edm2-quick.json").read_text())["rows"]
+    posthoc = f"EDM2, post-hoc EMA {science.POSTHOC_STD:g}"
+    assert [(r["model"], r["network"]) for r in edm2] == [(row, "DDPM++"), (row, "EDM2"), (row, posthoc)]
+    assert edm2[0] == next(r for r in saved["rows"] if r["model"] == row)  # reused, not retrained
+    # The EDM2 run's recipe: EDM2's decay at its ImageNet-64 share of this run's 2 x 16 images.
+    (run,) = work.glob("mixture-*-edm2-steps2-*")
+    config = json.loads((run / "config.json").read_text())
+    assert (config["arch"], config["model_channels"]) == ("edm2", 44)
+    assert config["lr_decay_kimg"] == pytest.approx(2 * 16 / 1000 * 35000 / 524288)
+    # Its size, counted on a network built here: within 5% of DDPM++'s recorded count.
+    from ambient_fast.networks import EDM2Precond
+
+    built = EDM2Precond(img_resolution=16, img_channels=6, ambient=True, model_channels=44, channel_mult=[1, 2],
+                        num_blocks=1, attn_resolutions=[8])
+    assert edm2[1]["parameters"] == edm2[2]["parameters"] == sum(p.numel() for p in built.parameters())
+    assert abs(edm2[1]["parameters"] / edm2[0]["parameters"] - 1) < 0.05
+    # The post-hoc row samples the reconstruction of that length; its distance, recomputed with scipy.
+    from safetensors import safe_open
+
+    reconstructed = run / f"posthoc-ema-{science.POSTHOC_STD:g}" / science.FINAL_NETWORK
+    with safe_open(str(reconstructed), framework="pt") as file:
+        assert f'"std": {science.POSTHOC_STD}' in "".join(file.metadata().values())
+    samples = np.load(reconstructed.parent / "science-samples-8-seed0.npy")
+    held_out = science.held_out_images(work / "data", science.GRID_IMAGES)
+    assert edm2[2]["frechet_distance"] == pytest.approx(scipy_frechet(samples, held_out), rel=1e-6)
+    report = (results / "science-noisy-edm2-quick.md").read_text()
+    assert f"| {row} | {edm2[0]['frechet_distance']:.2f} / {edm2[0]['feature_frechet']:.1f} |" in report
+    assert "- EDM2 scores lower than DDPM++ on" in report
+
+
+def test_edm2_rows_belong_to_noisy(science):
+    with pytest.raises(SystemExit):
+        science.main(["--quick", "--edm2"])
 
 
 def test_posterior_experiments_write_their_reports(science, tmp_path, monkeypatch):
