@@ -1,5 +1,5 @@
 """The paper's central claims at laptop scale: `python bench/science.py [--quick] [--memorization | --noisy [--edm2] |
---restoration | --completion]`.
+--restoration | --completion | --annotation]`.
 
 On the built-in synthetic distribution (ambient_fast.data.synthetic: one coloured rectangle on a
 black or gradient background, 16x16; its clean distribution is known exactly) the same model is
@@ -33,6 +33,10 @@ science-noisy.md (science-noisy-quick.md with --quick). With --edm2 every row al
 network (issue 24, item 7: --arch edm2 with EDM2's recipe, sized to DDPM++'s parameter count) on the
 same set with the same steps and seeds, scored with the trainer's EMA and with EDM2's post-hoc EMA,
 beside the DDPM++ row (science-noisy-edm2[-quick].md).
+
+--annotation (issue 24, item 7) runs `prepare annotate` on the synthetic images against copies blurred
+and JPEG-compressed with PIL at known strengths (and unaltered copies, the control), and reports the
+recovered sigma_min per strength and its rank correlation with the strength (science-annotation.md).
 
 Every row is also scored in a feature space that penalises smoothing and noise alike: the features
 of a small classifier trained on fresh clean synthetic images to recognise what decides each image
@@ -543,6 +547,177 @@ def network_comparison(rows) -> "list[str]":
 
 
 # ----------------------------------------------------------------------------------------------
+# Annotation (--annotation): does `prepare annotate` recover known corruption strengths? (issue 24, item 7)
+
+
+ANNOTATION_SEED = 2000   # data seed of its images (neither the grid's training, held-out nor fresh images)
+ANNOTATION_IMAGES = 128  # poor images per strength and in the control (each a different scene); clean: CLEAN_FACTOR x
+ANNOTATION_STEPS = 400   # prepare annotate's default classifier training
+
+
+def jpeg(image: "Image.Image", quality: int, subsampling: str) -> "Image.Image":
+    """`image` after a round trip through PIL's JPEG encoder at `quality` with chroma `subsampling`."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def gaussian_blur(image: "Image.Image", radius: float) -> "Image.Image":
+    from PIL import ImageFilter
+
+    return image.filter(ImageFilter.GaussianBlur(radius))
+
+
+# kind -> (what the strength is, strengths from weak to strong, the corruption). The blur radii are
+# tests/test_annotate.py's; the JPEG qualities span light to heavy compression, once with PIL's default
+# 4:2:0 chroma, which halves the colour resolution at every quality (on these 16x16 images of coloured
+# rectangles that alone is a large loss), and once with chroma kept whole (4:4:4), where the quality is
+# the only strength. Strength 0 of every kind is the control: unaltered images, which no classifier
+# can tell from clean ones, so their sigma_min should be the grid's lowest.
+CORRUPTIONS = {
+    "blur": ("PIL Gaussian blur, radius (pixels)", (0.4, 1.2, 3.0), gaussian_blur),
+    "jpeg 4:2:0": ("PIL JPEG, quality (PIL's default 4:2:0 chroma)", (90, 50, 10),
+                   lambda image, quality: jpeg(image, quality, "4:2:0")),
+    "jpeg 4:4:4": ("PIL JPEG, quality (4:4:4 chroma)", (90, 50, 10), lambda image, quality: jpeg(image, quality, "4:4:4")),
+}
+# Clean images per poor image of one strength. Its classifier draws 32 clean images a step, 400 steps:
+# with as few clean images as one strength's poor ones it sees each about 100 times and tells the
+# unaltered control from them more often (the blur set, 128 images a strength, classifier seeds 0, 1,
+# 2: the control's median sigma_min 1.05, 0.74, 0.01 with 128 clean images; 0.65, 0.01, 0.01 with 512).
+CLEAN_FACTOR = 4
+
+
+def annotation_sets(root: Path, n: int) -> "tuple[dict[str, Path], dict[str, list]]":
+    """Folders of PNGs (written once): 'clean', CLEAN_FACTOR x n images, and per kind of CORRUPTIONS n
+    unaltered images (named 0-*) then n per strength (1-*, 2-*, ...: the sorted order prepare reads is
+    the strengths' order), every image a different synthetic scene; and per kind the mean PSNR of each
+    strength's images against their unaltered scenes (None for the control)."""
+    from PIL import Image
+
+    from ambient_fast.files.images import save_png
+
+    per_kind = 4 * n  # the control and 3 strengths
+    scenes = clean_images(CLEAN_FACTOR * n + len(CORRUPTIONS) * per_kind, RESOLUTION, ANNOTATION_SEED)
+    scenes = scenes.transpose(0, 2, 3, 1)  # (N, H, W, C), PIL's layout
+    groups = {"clean": scenes[:CLEAN_FACTOR * n]}
+    psnrs = {}
+    for index, (kind, (_, strengths, corrupt)) in enumerate(CORRUPTIONS.items()):
+        first = CLEAN_FACTOR * n + index * per_kind
+        sources = scenes[first:first + per_kind]
+        poor, psnrs[kind] = sources.copy(), [None]  # the control: unaltered
+        for k, strength in enumerate(strengths, 1):
+            group = slice(k * n, (k + 1) * n)
+            poor[group] = [np.asarray(corrupt(Image.fromarray(image), strength)) for image in sources[group]]
+            psnrs[kind].append(float(psnr(poor[group], sources[group]).mean()))
+        groups[kind] = poor
+    folders = {}
+    for name, images in groups.items():
+        folder = folders[name] = root / f"{name.replace(' ', '-').replace(':', '')}-n{len(images)}"
+        done = folder.with_name(folder.name + ".done")  # a folder cut short by an interruption is written again
+        if not done.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images):
+                save_png(image, folder / (f"{i:05d}.png" if name == "clean" else f"{i // n}-{i % n:05d}.png"))
+            done.write_text("")
+    return folders, psnrs
+
+
+def rank_correlation(x, y) -> float:
+    """Spearman's rank correlation: the Pearson correlation of the ranks, tied values given their mean
+    rank (inf ranks above every number). NaN where either side is constant."""
+    def ranks(values):
+        values = np.asarray(values, np.float64)
+        order = np.argsort(values, kind="stable")
+        rank = np.empty(len(values))
+        rank[order] = np.arange(len(values))
+        _, tie, counts = np.unique(values, return_inverse=True, return_counts=True)
+        return (np.bincount(tie, rank) / counts)[tie]
+
+    a, b = ranks(x), ranks(y)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def annotation_rows(args) -> "tuple[list[dict], dict, dict]":
+    """Annotate each kind's poor folder against the clean one with `prepare annotate`
+    (prepare_annotated), once per classifier seed. Returns rows per (kind, strength), every image's
+    levels ({kind: {seed: array}}, inf for an image told apart at every level) and each kind's rank
+    correlation of the levels with the strength ({kind: [one per seed]})."""
+    from ambient_fast.data.prepare import prepare_annotated
+
+    n, steps = args.annotation_images, args.annotation_steps
+    root = args.work / "annotation"
+    folders, psnrs = annotation_sets(root, n)
+    rows, levels, correlations = [], {}, {}
+    for kind, (_, strengths, _) in CORRUPTIONS.items():
+        strength_of = np.repeat(np.arange(1 + len(strengths)), n)  # each poor image's strength index, 0 the control
+        levels[kind] = {}
+        for seed in range(args.annotation_seeds):
+            dest = root / f"{folders[kind].name}-steps{steps}-seed{seed}"
+            found = cached(root / f"{dest.name}.json", lambda: [
+                None if not np.isfinite(v) else float(v) for v in
+                prepare_annotated(folders["clean"], folders[kind], dest, steps=steps, seed=seed, overwrite=True)[1]])
+            levels[kind][seed] = np.array([np.inf if v is None else v for v in found])
+        for k, strength in enumerate(("none (control)", *strengths)):
+            per_seed = [found[strength_of == k] for found in levels[kind].values()]
+            rows.append(dict(kind=kind, strength=strength, images=n, psnr=psnrs[kind][k],
+                             median=[float(np.median(v)) for v in per_seed],
+                             left_out=[float(np.isinf(v).mean()) for v in per_seed]))
+        correlations[kind] = [rank_correlation(strength_of, found) for found in levels[kind].values()]
+        print(json.dumps(dict(kind=kind, rows=rows[-len(strengths) - 1:], rank_correlation=correlations[kind])),
+              flush=True)
+    return rows, levels, correlations
+
+
+def annotation_report(args, rows, levels, correlations, elapsed: float) -> Path:
+    from ambient_fast.data.annotate import GRID_POINTS, SIGMA_RANGE, THRESHOLD
+
+    stem = "science-annotation"
+    args.results.mkdir(parents=True, exist_ok=True)
+    n, seeds = args.annotation_images, args.annotation_seeds
+
+    def cells(values, fmt="{:.3g}") -> str:
+        return " / ".join("inf" if np.isinf(v) else fmt.format(v) for v in values)
+
+    lines = [*report_header("Annotation at laptop scale: sigma_min of known corruptions", elapsed),
+             f"- Data: built-in synthetic images, {RESOLUTION}x{RESOLUTION} RGB (data seed {ANNOTATION_SEED}): "
+             f"{CLEAN_FACTOR * n} clean images; per corruption, {n} unaltered images (the control) and {n} per "
+             "strength, corrupted with PIL, every image a different scene. "
+             + "; ".join(f"{kind}: {what} {', '.join(map(str, strengths))}"
+                         for kind, (what, strengths, _) in CORRUPTIONS.items()) + ".",
+             f"- Annotation: `prepare annotate` (ambient_fast.data.prepare.prepare_annotated) of each corruption's "
+             f"{4 * n} poor images against the clean ones: its classifier trained {args.annotation_steps} steps of "
+             f"batch 64, {GRID_POINTS} levels log-spaced over {SIGMA_RANGE[0]:g}..{SIGMA_RANGE[1]:g} (the [-1, 1] "
+             f"scale), threshold {THRESHOLD:g}; once per classifier seed ({', '.join(map(str, range(seeds)))}), "
+             "figures given per seed (seed 0 / 1 / ...). Left out: images the classifier tells apart at every "
+             "level (sigma_min inf). PSNR: the corrupted images against their unaltered scenes, mean.",
+             "- Rank correlation: Spearman's, of sigma_min with the strength's order (control 0, then weak to strong) "
+             f"over the corruption's {4 * n} images; 1 would be levels that order the strengths perfectly.", "",
+             "| corruption | strength | PSNR (dB) | images | median sigma_min | share left out |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        quality = "- (unaltered)" if row["psnr"] is None else f"{row['psnr']:.1f}"
+        lines.append(f"| {row['kind']} | {row['strength']} | {quality} | {row['images']} | {cells(row['median'])} | "
+                     f"{cells(row['left_out'], '{:.2f}')} |")
+    lines += ["", "| corruption | rank correlation of sigma_min with strength |", "| --- | --- |"]
+    lines += [f"| {kind} | {cells(values, '{:.2f}')} |" for kind, values in correlations.items()]
+    lines.append("")
+    path = args.results / f"{stem}.md"
+    write_text(path, "\n".join(lines))
+    write_json(args.results / f"{stem}.json", dict(
+        rows=rows, rank_correlation=correlations, images=n, steps=args.annotation_steps,
+        strengths={kind: list(strengths) for kind, (_, strengths, _) in CORRUPTIONS.items()},
+        sigma_min={kind: {str(seed): [None if np.isinf(v) else float(v) for v in found] for seed, found in by.items()}
+                   for kind, by in levels.items()}))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
 # Posterior sampling (--restoration) and completion rounds (--completion): issue 23, item 4
 
 
@@ -853,6 +1028,15 @@ def main(argv=None) -> int:
     parser.add_argument("--edm2", action="store_true", help="with --noisy: an EDM2 network of DDPM++'s parameter count "
                         "beside every DDPM++ row, trained with EDM2's recipe and scored with the trainer's EMA and "
                         f"EDM2's post-hoc EMA {POSTHOC_STD:g}")
+    parser.add_argument("--annotation", action="store_true", help="only the annotation experiment (prepare annotate "
+                        "on copies blurred and JPEG-compressed at known strengths)")
+    parser.add_argument("--annotation-images", type=int, default=ANNOTATION_IMAGES,
+                        help=f"poor images per strength, and unaltered ones; {CLEAN_FACTOR}x as many clean images "
+                        f"(default {ANNOTATION_IMAGES})")
+    parser.add_argument("--annotation-steps", type=int, default=ANNOTATION_STEPS,
+                        help=f"training steps of prepare annotate's classifier (default {ANNOTATION_STEPS}, its own)")
+    parser.add_argument("--annotation-seeds", type=int, default=3,
+                        help="classifier seeds, each a separate annotation (default 3)")
     parser.add_argument("--p", type=lambda t: [float(v) for v in t.split(",")], help="corruption levels (default 0.6,0.8,0.9)")
     parser.add_argument("--variants", type=lambda t: t.split(","), help=f"of {', '.join(VARIANTS)} (default all)")
     parser.add_argument("--steps", type=int, default=2000, help="training steps per model (default 2000)")
@@ -899,6 +1083,10 @@ def main(argv=None) -> int:
     if args.completion:
         rows, grids = completion_rows(args, settings)
         print(f"wrote {completion_report(args, settings, rows, grids, time.time() - start)}")
+        return 0
+    if args.annotation:
+        rows, levels, correlations = annotation_rows(args)
+        print(f"wrote {annotation_report(args, rows, levels, correlations, time.time() - start)}")
         return 0
     if args.noisy:
         if args.quick:

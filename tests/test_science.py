@@ -126,6 +126,47 @@ def test_edm2_rows_belong_to_noisy(science):
         science.main(["--quick", "--edm2"])
 
 
+def test_annotation_reports_the_levels_prepare_annotate_found(science, tmp_path):
+    """--annotation at a toy size: every poor image's sigma_min is the one `prepare annotate` wrote
+    into its data set, and the table's medians and rank correlations are those of these levels
+    (recomputed here, the correlation with scipy). The corruptions grow as their strengths say (the
+    PSNR of each strength below the weaker one's)."""
+    stats = pytest.importorskip("scipy.stats", reason="scipy (part of [test]) recomputes the rank correlation")
+    from ambient_fast.data.format import CorruptedDataset
+
+    n, work, results = 6, tmp_path / "work", tmp_path / "results"
+    assert science.main(["--annotation", "--annotation-images", str(n), "--annotation-steps", "5",
+                         "--annotation-seeds", "1", "--work", str(work), "--results", str(results)]) == 0
+    saved = json.loads((results / "science-annotation.json").read_text())
+    assert list(saved["sigma_min"]) == list(science.CORRUPTIONS)
+    for kind, (_, strengths, _) in science.CORRUPTIONS.items():
+        levels = np.array([np.inf if v is None else v for v in saved["sigma_min"][kind]["0"]])
+        assert levels.shape == (4 * n,)
+        (dest,) = work.glob(f"annotation/{kind.replace(' ', '-').replace(':', '')}-n{4 * n}-steps5-seed0")
+        np.testing.assert_array_equal(CorruptedDataset(dest).records()["sigma_min"], levels[np.isfinite(levels)])
+        rows = [row for row in saved["rows"] if row["kind"] == kind]
+        assert [row["strength"] for row in rows] == ["none (control)", *strengths]
+        for k, row in enumerate(rows):
+            assert row["median"] == [pytest.approx(float(np.median(levels[k * n:(k + 1) * n])))]
+        strength = np.repeat(np.arange(4), n)
+        expected = stats.spearmanr(strength, np.where(np.isinf(levels), 1e9, levels)).statistic
+        assert saved["rank_correlation"][kind] == [pytest.approx(expected)]
+        psnrs = [row["psnr"] for row in rows[1:]]
+        assert rows[0]["psnr"] is None and psnrs == sorted(psnrs, reverse=True) and psnrs[-1] < 30
+    assert "| jpeg 4:4:4 | 10 |" in (results / "science-annotation.md").read_text()
+
+
+def test_rank_correlation_against_scipy(science):
+    """Spearman's with ties (a few strengths, levels on a grid) and inf, as scipy computes it."""
+    stats = pytest.importorskip("scipy.stats", reason="scipy (part of [test]) is the reference")
+    rng = np.random.default_rng(0)
+    strength = np.repeat(np.arange(4), 25)
+    levels = rng.choice([0.01, 0.3, 1.0, 2.2, np.inf], size=100) * (1 + (strength > 1))
+    finite = np.where(np.isinf(levels), 1e9, levels)  # scipy ranks inf as the largest too; kept finite for clarity
+    assert science.rank_correlation(strength, levels) == pytest.approx(stats.spearmanr(strength, finite).statistic)
+    assert np.isnan(science.rank_correlation(strength, np.ones(100)))
+
+
 def test_posterior_experiments_write_their_reports(science, tmp_path, monkeypatch):
     """--restoration and --completion at a toy size, with tiny random networks in place of the grid's
     trained ones (what is tested is the experiments' definitions, not the trainer's): every method
