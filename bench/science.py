@@ -425,7 +425,9 @@ def run_mixtures(args, settings: Settings, archs=("ddpmpp",)) -> "tuple[list[dic
     held_out = held_out_images(data_root, GRID_IMAGES)
     features = FeatureScores(feature_scorer(args.work, args.classifier_steps), held_out)
     rows, grids = [], {}
-    for name, ((clean, noisy, masked, n), options) in MIXTURE_ROWS.items():
+    for number, (name, ((clean, noisy, masked, n), options)) in enumerate(MIXTURE_ROWS.items(), 1):
+        if args.rows and number not in args.rows:
+            continue
         data = mixture_set(data_root, clean, noisy, masked, n)
         slug = name.replace("%", "pc").replace(" ", "-").replace(",", "").replace("(", "").replace(")", "").replace("+", "and")
         # Copies of the clean training images (all of them a model saw unnoised and unmasked).
@@ -1028,6 +1030,9 @@ def main(argv=None) -> int:
     parser.add_argument("--edm2", action="store_true", help="with --noisy: an EDM2 network of DDPM++'s parameter count "
                         "beside every DDPM++ row, trained with EDM2's recipe and scored with the trainer's EMA and "
                         f"EDM2's post-hoc EMA {POSTHOC_STD:g}")
+    parser.add_argument("--rows", type=lambda t: [int(v) for v in t.split(",")],
+                        help=f"with --noisy: only these rows, numbered from 1 in the table's order (1 to "
+                        f"{len(MIXTURE_ROWS)}; default all)")
     parser.add_argument("--annotation", action="store_true", help="only the annotation experiment (prepare annotate "
                         "on copies blurred and JPEG-compressed at known strengths)")
     parser.add_argument("--annotation-images", type=int, default=ANNOTATION_IMAGES,
@@ -1071,6 +1076,8 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or any(not 0 < p < 1 for p in ps):
         parser.error(f"--variants among {list(VARIANTS)} and --p in (0, 1); got {variants}, {ps}")
+    if args.rows and (not args.noisy or not set(args.rows) <= set(range(1, len(MIXTURE_ROWS) + 1))):
+        parser.error(f"--rows goes with --noisy and numbers rows 1 to {len(MIXTURE_ROWS)}; got {args.rows}")
     if args.edm2 and not args.noisy:
         parser.error("--edm2 adds EDM2 rows to --noisy only (its masked mixture row stands for the masked grid, "
                      "whose 2,000-step models take about 4 minutes each on 2 cores)")

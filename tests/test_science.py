@@ -69,7 +69,7 @@ def test_memorization_reports_every_snapshot(science, tmp_path):
 
 def test_noisy_pipeline_writes_its_report(science, tmp_path, monkeypatch):
     """--noisy at a toy size: every row trains, samples and scores; the mixtures hold what they say.
-    Then --edm2 on one row in the same --work: the DDPM++ model and its scores are reused, and an EDM2
+    Then --edm2 on one row (--rows) in the same --work: the DDPM++ model and its scores are reused, and an EDM2
     network of about DDPM++'s parameter count trains with EDM2's recipe beside it, scored with the
     trainer's EMA and with the post-hoc EMA reconstructed from its profiles."""
     # One image in each run's own final grid rather than 16 (a third of this test's time; it is not scored).
@@ -89,8 +89,8 @@ def test_noisy_pipeline_writes_its_report(science, tmp_path, monkeypatch):
     assert {k: mixture.meta.records[k] for k in ("clean", "noisy", "masked")} == {"clean": 410, "noisy": 3686, "masked": 0}
 
     row = "10% clean + 90% masked (p 0.8), ambient"
-    monkeypatch.setattr(science, "MIXTURE_ROWS", {row: science.MIXTURE_ROWS[row]})
-    assert science.main([*argv, "--edm2"]) == 0
+    assert list(science.MIXTURE_ROWS)[5] == row
+    assert science.main([*argv, "--edm2", "--rows", "6"]) == 0
     edm2 = json.loads((results / "science-noisy-edm2-quick.json").read_text())["rows"]
     posthoc = f"EDM2, post-hoc EMA {science.POSTHOC_STD:g}"
     assert [(r["model"], r["network"]) for r in edm2] == [(row, "DDPM++"), (row, "EDM2"), (row, posthoc)]
@@ -121,9 +121,11 @@ def test_noisy_pipeline_writes_its_report(science, tmp_path, monkeypatch):
     assert "- EDM2 scores lower than DDPM++ on" in report
 
 
-def test_edm2_rows_belong_to_noisy(science):
+def test_edm2_and_rows_belong_to_noisy(science):
     with pytest.raises(SystemExit):
         science.main(["--quick", "--edm2"])
+    with pytest.raises(SystemExit):
+        science.main(["--noisy", "--rows", "9"])
 
 
 def test_annotation_reports_the_levels_prepare_annotate_found(science, tmp_path):
