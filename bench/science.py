@@ -1,4 +1,5 @@
-"""The paper's central claims at laptop scale: `python bench/science.py [--quick] [--memorization | --noisy]`.
+"""The paper's central claims at laptop scale: `python bench/science.py [--quick] [--memorization | --noisy [--edm2] |
+--restoration | --completion | --annotation]`.
 
 On the built-in synthetic distribution (ambient_fast.data.synthetic: one coloured rectangle on a
 black or gradient background, 16x16; its clean distribution is known exactly) the same model is
@@ -28,7 +29,14 @@ similarity of samples to the training set (the paper's Figure 6), at the end and
 Gaussian noise of level 0.2) and masked images (ambient_fast.objective.objective: noisy images only above their
 noise level, with Tweedie targets): 100% clean; 10% clean only; 10% clean + 90% noisy, ambiently and
 naively (the noise ignored); 100% noisy; 10% clean + 90% masked (p 0.8). Its report goes to
-science-noisy.md (science-noisy-quick.md with --quick).
+science-noisy.md (science-noisy-quick.md with --quick). With --edm2 every row also trains an EDM2
+network (issue 24, item 7: --arch edm2 with EDM2's recipe, sized to DDPM++'s parameter count) on the
+same set with the same steps and seeds, scored with the trainer's EMA and with EDM2's post-hoc EMA,
+beside the DDPM++ row (science-noisy-edm2[-quick].md).
+
+--annotation (issue 24, item 7) runs `prepare annotate` on the synthetic images against copies blurred
+and JPEG-compressed with PIL at known strengths (and unaltered copies, the control), and reports the
+recovered sigma_min per strength and its rank correlation with the strength (science-annotation.md).
 
 Every row is also scored in a feature space that penalises smoothing and noise alike: the features
 of a small classifier trained on fresh clean synthetic images to recognise what decides each image
@@ -82,6 +90,7 @@ FINAL_NETWORK = "network-final.safetensors"
 FINAL_NETWORKS = (FINAL_NETWORK, "unet-ema")  # the end of a run: ours, and a fine-tuned diffusers UNet's (bench/finetune.py)
 GRID_IMAGES = 4096  # training images of the grid; its held-out twin is the reference set of every score
 HIDDEN_WEIGHT_P = 0.8  # the only p at which the default grid compares hidden-pixel weights
+RUN_GRID_IMAGES = 16  # images of each run's own final sample grid (the trainer's overview.png; not scored)
 
 
 class Variant(NamedTuple):
@@ -156,7 +165,7 @@ def train_run(run: Path, data: "Path | None", settings: Settings, **options) -> 
         print(f"reusing {final}", flush=True)
         return final
     cfg = TrainConfig(data=str(data), out=str(run), steps=settings.steps, batch=settings.batch, seed=settings.seed,
-                      snapshot_every=max(settings.steps // 4, 1), sample_count=16, **options)
+                      snapshot_every=max(settings.steps // 4, 1), sample_count=RUN_GRID_IMAGES, **options)
     resume = (run / "config.json").is_file()
     trainer = Trainer(cfg, resume=resume)
     try:
@@ -361,33 +370,89 @@ def mixture_set(data_root: Path, clean: float, noisy: float, masked: float, n: i
                                          f"{NOISE_LEVEL:g}, {counts[2]} masked at p {MIX_P:g}; seed {DATA_SEED})")
 
 
-def run_mixtures(args, settings: Settings) -> "tuple[list[dict], dict[str, np.ndarray]]":
-    """Train, sample and score every row of MIXTURE_ROWS (same model, steps and seeds)."""
+# The networks of the --noisy rows. EDM2 keeps the tiny preset's levels, blocks and attention, with its
+# width raised from 32 to 44 so that it has about DDPM++ tiny's parameters (counted: DDPM++ 1.41 M; EDM2
+# 0.72 M at width 32, 1.37 M at 44): the comparison is then of networks and recipes, not of capacity.
+EDM2_CHANNELS = 44
+# EDM2's learning rate decays from t_ref on; EDM2-S on ImageNet-64 sets t_ref at 35,000 of its 524,288
+# batches of 2,048 (1,073,741 kimg). The trainer's default t_ref (71,680 kimg) lies far beyond a laptop
+# run, so the rows keep EDM2's proportion of the run instead.
+EDM2_DECAY_SHARE = 35000 / 524288
+POSTHOC_STD = 0.075  # the post-hoc EMA length of EDM2-S ImageNet-64's published network (edm2-img64-s-1073741-0.075)
+
+
+class Network(NamedTuple):
+    """One network scored from a --noisy run: its label and which average of the run's weights it is."""
+    label: str
+    posthoc_std: "float | None" = None  # the post-hoc EMA of this length; None: the trainer's EMA (network-final)
+
+
+NETWORKS = {  # --noisy's architectures (--arch) -> the networks scored from each of their runs
+    "ddpmpp": (Network("DDPM++"),),
+    "edm2": (Network("EDM2"), Network(f"EDM2, post-hoc EMA {POSTHOC_STD:g}", POSTHOC_STD)),
+}
+
+
+def arch_options(arch: str, settings: Settings) -> dict:
+    """The trainer options of `arch`'s runs beyond the rows' own (DDPM++: the defaults)."""
+    if arch == "ddpmpp":
+        return {}
+    decay_kimg = settings.steps * settings.batch / 1000 * EDM2_DECAY_SHARE
+    return dict(arch="edm2", model_channels=EDM2_CHANNELS, lr_decay_kimg=decay_kimg)
+
+
+def posthoc_network(run: Path, std: float) -> Path:
+    """The post-hoc EMA of length `std` at the end of `run`, reconstructed once from its profiles
+    (python -m ambient_fast.ema) into a folder of its own, so that its samples and scores are kept
+    apart from the trainer's EMA's (the folder's network-final is the final network of that average)."""
+    from ambient_fast.training.posthoc_ema import reconstruct
+
+    path = run / f"posthoc-ema-{std:g}" / FINAL_NETWORK
+    if not path.is_file():
+        path.parent.mkdir(exist_ok=True)
+        reconstruct(run / "phema", std, path)
+    return path
+
+
+def parameter_count(network: Path) -> int:
+    return sum(p.numel() for p in load_network(network).model.parameters())
+
+
+def run_mixtures(args, settings: Settings, archs=("ddpmpp",)) -> "tuple[list[dict], dict[str, np.ndarray]]":
+    """Train, sample and score every row of MIXTURE_ROWS (same steps and seeds) with every network of
+    NETWORKS[arch] for each of `archs`."""
     data_root = args.work / "data"
     held_out = held_out_images(data_root, GRID_IMAGES)
     features = FeatureScores(feature_scorer(args.work, args.classifier_steps), held_out)
     rows, grids = [], {}
-    for name, ((clean, noisy, masked, n), options) in MIXTURE_ROWS.items():
+    for number, (name, ((clean, noisy, masked, n), options)) in enumerate(MIXTURE_ROWS.items(), 1):
+        if args.rows and number not in args.rows:
+            continue
         data = mixture_set(data_root, clean, noisy, masked, n)
         slug = name.replace("%", "pc").replace(" ", "-").replace(",", "").replace("(", "").replace(")", "").replace("+", "and")
-        run = args.work / f"mixture-{slug}-steps{settings.steps}-batch{settings.batch}-seed{settings.seed}"
-        network = train_run(run, data, settings, **options)
-        samples = cached_samples(network, settings)
         # Copies of the clean training images (all of them a model saw unnoised and unmasked).
         clean_seen = clean_images(n, RESOLUTION, DATA_SEED)[: int(round(clean * n))]
-        copies = None
-        if len(clean_seen):
-            similarity, _ = nearest_neighbour_similarity(samples, clean_seen)
-            copies = dict(clean_images=len(clean_seen), copy_share=float((similarity > 0.95).mean()),
-                          median_similarity=float(np.median(similarity)))
-        row = dict(model=name, images=n, **cached(run / f"science-score-{settings.samples}.json",
-                                                   lambda: score(samples, held_out)),
-                   copies=copies, training_seconds=training_seconds(run))
-        row.update(cached(run / f"science-features-{settings.samples}-c{args.classifier_steps}.json",
-                          lambda: features(samples)))
-        rows.append(row)
-        grids[name] = samples[:64]
-        print(json.dumps(row), flush=True)
+        for arch in archs:
+            tag = "" if arch == "ddpmpp" else f"-{arch}"  # DDPM++'s runs keep the folders they had before --edm2
+            run = args.work / f"mixture-{slug}{tag}-steps{settings.steps}-batch{settings.batch}-seed{settings.seed}"
+            final = train_run(run, data, settings, **options, **arch_options(arch, settings))
+            for net in NETWORKS[arch]:
+                network = final if net.posthoc_std is None else posthoc_network(run, net.posthoc_std)
+                samples = cached_samples(network, settings)
+                copies = None
+                if len(clean_seen):
+                    similarity, _ = nearest_neighbour_similarity(samples, clean_seen)
+                    copies = dict(clean_images=len(clean_seen), copy_share=float((similarity > 0.95).mean()),
+                                  median_similarity=float(np.median(similarity)))
+                row = dict(model=name, network=net.label, parameters=parameter_count(network), images=n,
+                           **cached(network.parent / f"science-score-{settings.samples}.json",
+                                    lambda: score(samples, held_out)),
+                           copies=copies, training_seconds=training_seconds(run))
+                row.update(cached(network.parent / f"science-features-{settings.samples}-c{args.classifier_steps}.json",
+                                  lambda: features(samples)))
+                rows.append(row)
+                grids[name if len(archs) == 1 else f"{name} ({net.label})"] = samples[:64]
+                print(json.dumps(row), flush=True)
     return rows, grids
 
 
@@ -401,7 +466,8 @@ def report_header(title: str, elapsed: float) -> "list[str]":
 
 
 def mixture_report(args, settings: Settings, rows, grids, elapsed: float) -> Path:
-    stem = "science-noisy" + ("-quick" if args.quick else "")
+    edm2 = any(row["network"] != "DDPM++" for row in rows)
+    stem = "science-noisy" + ("-edm2" if edm2 else "") + ("-quick" if args.quick else "")
     args.results.mkdir(parents=True, exist_ok=True)
     # The floor: as many new images of the distribution as a model's samples, scored as its samples are.
     fresh = clean_images(settings.samples, RESOLUTION, FRESH_SEED)
@@ -419,18 +485,33 @@ def mixture_report(args, settings: Settings, rows, grids, elapsed: float) -> Pat
              f"- Training: DDPM++ (the default 16x16 size), {settings.steps} steps of batch {settings.batch}, seed "
              f"{settings.seed}, for every row; {settings.samples} samples per model, 18 Heun steps, unmasked "
              "(every model saw images A hides nothing of); the 100% noisy model's sampler stops at sigma "
-             f"{NOISE_LEVEL:g}, the lowest level it trained at. Naive: the noisy images trained as if clean.", "",
-             "- Feature scores: the attribute classifier's features (see bench/science.py's docstring), "
-             "against the held-out images; recognised = every attribute's top probability above 0.9.", "",
-             f"| model | images | Fréchet distance (pixels) | palette fraction | {FEATURE_HEADER} | copies of its clean "
-             "images | published FID (CIFAR-10, sigma_n 0.2) | training |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{NOISE_LEVEL:g}, the lowest level it trained at. Naive: the noisy images trained as if clean.", ""]
+    if edm2:
+        lines += [f"- EDM2 (`--arch edm2`): the tiny preset's two levels, one block per level and attention at 8x8, "
+                  f"width {EDM2_CHANNELS} rather than 32 so that its parameters (counted in the table) about match "
+                  "DDPM++'s; EDM2's recipe: Adam (0.9, 0.99) at reference rate 0.01, decaying as 1 / sqrt(t) from "
+                  f"{settings.steps * settings.batch / 1000 * EDM2_DECAY_SHARE:.2f} kimg on (the share of the run "
+                  "EDM2-S trains on ImageNet-64 before its decay: 35,000 of 524,288 batches), the loss weighted by "
+                  "its log-variance head, EDM2's noise levels (ln sigma ~ N(-0.8, 1.6^2), ImageNet-64's); the same "
+                  "data, steps, batch, seed, learning-rate ramp-up (1 kimg), trainer EMA "
+                  "and sampler as DDPM++. Rows 'EDM2' sample the trainer's EMA (as DDPM++'s do); 'EDM2, post-hoc "
+                  f"EMA {POSTHOC_STD:g}' the same run's post-hoc EMA of relative length {POSTHOC_STD:g} (EDM2-S "
+                  "ImageNet-64's published choice), reconstructed from the profiles 0.05 and 0.10 it tracked "
+                  "(python -m ambient_fast.ema).", ""]
+    lines += ["- Feature scores: the attribute classifier's features (see bench/science.py's docstring), "
+              "against the held-out images; recognised = every attribute's top probability above 0.9.", "",
+              f"| model | network (parameters) | images | Fréchet distance (pixels) | palette fraction | {FEATURE_HEADER} "
+              "| copies of its clean images | published FID (CIFAR-10, sigma_n 0.2) | training |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         seconds, copies = row.get("training_seconds"), row.get("copies")
         copied = "-" if copies is None else f"{100 * copies['copy_share']:.1f}% (of {copies['clean_images']})"
-        lines.append(f"| {row['model']} | {row['images']} | {row['frechet_distance']:.2f} | {row['palette_fraction']:.3f} | "
+        lines.append(f"| {row['model']} | {row['network']} ({row['parameters'] / 1e6:.2f} M) | {row['images']} | "
+                     f"{row['frechet_distance']:.2f} | {row['palette_fraction']:.3f} | "
                      f"{feature_cells(row)} | {copied} | {published.get(row['model'], '-')} | "
                      f"{'?' if seconds is None else f'{seconds / 60:.1f} min'} |")
+    if edm2:
+        lines += ["", *network_comparison(rows)]
     lines += ["", f"Floor: {settings.samples} new clean images of the distribution, scored like a model's samples "
               f"(against the same 4,096 held-out images), give Fréchet distance {floor['frechet_distance']:.2f} and "
               f"palette fraction {floor['palette_fraction']:.3f}, feature scores {feature_cells(floor)}: what a model "
@@ -441,6 +522,200 @@ def mixture_report(args, settings: Settings, rows, grids, elapsed: float) -> Pat
     write_text(path, "\n".join(lines))
     write_text(args.results / f"{stem}.json", json.dumps(dict(rows=rows, settings=settings._asdict(),
                                                               floor=floor), indent=1))
+    return path
+
+
+def network_comparison(rows) -> "list[str]":
+    """The Fréchet distances of each row's networks side by side (pixels / features), and how many rows
+    each EDM2 network scores lower than DDPM++ on (a count, not a significance: one seed per model)."""
+    labels = list(dict.fromkeys(row["network"] for row in rows))
+    by_model = {}
+    for row in rows:
+        by_model.setdefault(row["model"], {})[row["network"]] = row
+    lines = ["Fréchet distances side by side, pixels / features (lower is better):", "",
+             "| model | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
+    for model, scored in by_model.items():
+        lines.append(f"| {model} | " + " | ".join(
+            f"{scored[label]['frechet_distance']:.2f} / {scored[label]['feature_frechet']:.1f}" if label in scored
+            else "-" for label in labels) + " |")
+    lines.append("")
+    for label in labels[1:]:
+        pairs = [(scored["DDPM++"], scored[label]) for scored in by_model.values() if {"DDPM++", label} <= set(scored)]
+        lower = {key: sum(other[key] < ddpmpp[key] for ddpmpp, other in pairs)
+                 for key in ("frechet_distance", "feature_frechet")}
+        lines.append(f"- {label} scores lower than DDPM++ on {lower['frechet_distance']} of {len(pairs)} rows in pixels "
+                     f"and {lower['feature_frechet']} of {len(pairs)} in features.")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Annotation (--annotation): does `prepare annotate` recover known corruption strengths? (issue 24, item 7)
+
+
+ANNOTATION_SEED = 2000   # data seed of its images (neither the grid's training, held-out nor fresh images)
+ANNOTATION_IMAGES = 128  # poor images per strength and in the control (each a different scene); clean: CLEAN_FACTOR x
+ANNOTATION_STEPS = 400   # prepare annotate's default classifier training
+
+
+def jpeg(image: "Image.Image", quality: int, subsampling: str) -> "Image.Image":
+    """`image` after a round trip through PIL's JPEG encoder at `quality` with chroma `subsampling`."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def gaussian_blur(image: "Image.Image", radius: float) -> "Image.Image":
+    from PIL import ImageFilter
+
+    return image.filter(ImageFilter.GaussianBlur(radius))
+
+
+# kind -> (what the strength is, strengths from weak to strong, the corruption). The blur radii are
+# tests/test_annotate.py's; the JPEG qualities span light to heavy compression, once with PIL's default
+# 4:2:0 chroma, which halves the colour resolution at every quality (on these 16x16 images of coloured
+# rectangles that alone is a large loss), and once with chroma kept whole (4:4:4), where the quality is
+# the only strength. Strength 0 of every kind is the control: unaltered images, which no classifier
+# can tell from clean ones, so their sigma_min should be the grid's lowest.
+CORRUPTIONS = {
+    "blur": ("PIL Gaussian blur, radius (pixels)", (0.4, 1.2, 3.0), gaussian_blur),
+    "jpeg 4:2:0": ("PIL JPEG, quality (PIL's default 4:2:0 chroma)", (90, 50, 10),
+                   lambda image, quality: jpeg(image, quality, "4:2:0")),
+    "jpeg 4:4:4": ("PIL JPEG, quality (4:4:4 chroma)", (90, 50, 10), lambda image, quality: jpeg(image, quality, "4:4:4")),
+}
+# Clean images per poor image of one strength. Its classifier draws 32 clean images a step, 400 steps:
+# with as few clean images as one strength's poor ones it sees each about 100 times and tells the
+# unaltered control from them more often (the blur set, 128 images a strength, classifier seeds 0, 1,
+# 2: the control's median sigma_min 1.05, 0.74, 0.01 with 128 clean images; 0.65, 0.01, 0.01 with 512).
+CLEAN_FACTOR = 4
+
+
+def annotation_sets(root: Path, n: int) -> "tuple[dict[str, Path], dict[str, list]]":
+    """Folders of PNGs (written once): 'clean', CLEAN_FACTOR x n images, and per kind of CORRUPTIONS n
+    unaltered images (named 0-*) then n per strength (1-*, 2-*, ...: the sorted order prepare reads is
+    the strengths' order), every image a different synthetic scene; and per kind the mean PSNR of each
+    strength's images against their unaltered scenes (None for the control)."""
+    from PIL import Image
+
+    from ambient_fast.files.images import save_png
+
+    per_kind = 4 * n  # the control and 3 strengths
+    scenes = clean_images(CLEAN_FACTOR * n + len(CORRUPTIONS) * per_kind, RESOLUTION, ANNOTATION_SEED)
+    scenes = scenes.transpose(0, 2, 3, 1)  # (N, H, W, C), PIL's layout
+    groups = {"clean": scenes[:CLEAN_FACTOR * n]}
+    psnrs = {}
+    for index, (kind, (_, strengths, corrupt)) in enumerate(CORRUPTIONS.items()):
+        first = CLEAN_FACTOR * n + index * per_kind
+        sources = scenes[first:first + per_kind]
+        poor, psnrs[kind] = sources.copy(), [None]  # the control: unaltered
+        for k, strength in enumerate(strengths, 1):
+            group = slice(k * n, (k + 1) * n)
+            poor[group] = [np.asarray(corrupt(Image.fromarray(image), strength)) for image in sources[group]]
+            psnrs[kind].append(float(psnr(poor[group], sources[group]).mean()))
+        groups[kind] = poor
+    folders = {}
+    for name, images in groups.items():
+        folder = folders[name] = root / f"{name.replace(' ', '-').replace(':', '')}-n{len(images)}"
+        done = folder.with_name(folder.name + ".done")  # a folder cut short by an interruption is written again
+        if not done.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images):
+                save_png(image, folder / (f"{i:05d}.png" if name == "clean" else f"{i // n}-{i % n:05d}.png"))
+            done.write_text("")
+    return folders, psnrs
+
+
+def rank_correlation(x, y) -> float:
+    """Spearman's rank correlation: the Pearson correlation of the ranks, tied values given their mean
+    rank (inf ranks above every number). NaN where either side is constant."""
+    def ranks(values):
+        values = np.asarray(values, np.float64)
+        order = np.argsort(values, kind="stable")
+        rank = np.empty(len(values))
+        rank[order] = np.arange(len(values))
+        _, tie, counts = np.unique(values, return_inverse=True, return_counts=True)
+        return (np.bincount(tie, rank) / counts)[tie]
+
+    a, b = ranks(x), ranks(y)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def annotation_rows(args) -> "tuple[list[dict], dict, dict]":
+    """Annotate each kind's poor folder against the clean one with `prepare annotate`
+    (prepare_annotated), once per classifier seed. Returns rows per (kind, strength), every image's
+    levels ({kind: {seed: array}}, inf for an image told apart at every level) and each kind's rank
+    correlation of the levels with the strength ({kind: [one per seed]})."""
+    from ambient_fast.data.prepare import prepare_annotated
+
+    n, steps = args.annotation_images, args.annotation_steps
+    root = args.work / "annotation"
+    folders, psnrs = annotation_sets(root, n)
+    rows, levels, correlations = [], {}, {}
+    for kind, (_, strengths, _) in CORRUPTIONS.items():
+        strength_of = np.repeat(np.arange(1 + len(strengths)), n)  # each poor image's strength index, 0 the control
+        levels[kind] = {}
+        for seed in range(args.annotation_seeds):
+            dest = root / f"{folders[kind].name}-steps{steps}-seed{seed}"
+            found = cached(root / f"{dest.name}.json", lambda: [
+                None if not np.isfinite(v) else float(v) for v in
+                prepare_annotated(folders["clean"], folders[kind], dest, steps=steps, seed=seed, overwrite=True)[1]])
+            levels[kind][seed] = np.array([np.inf if v is None else v for v in found])
+        for k, strength in enumerate(("none (control)", *strengths)):
+            per_seed = [found[strength_of == k] for found in levels[kind].values()]
+            rows.append(dict(kind=kind, strength=strength, images=n, psnr=psnrs[kind][k],
+                             median=[float(np.median(v)) for v in per_seed],
+                             left_out=[float(np.isinf(v).mean()) for v in per_seed]))
+        correlations[kind] = [rank_correlation(strength_of, found) for found in levels[kind].values()]
+        print(json.dumps(dict(kind=kind, rows=rows[-len(strengths) - 1:], rank_correlation=correlations[kind])),
+              flush=True)
+    return rows, levels, correlations
+
+
+def annotation_report(args, rows, levels, correlations, elapsed: float) -> Path:
+    from ambient_fast.data.annotate import GRID_POINTS, SIGMA_RANGE, THRESHOLD
+
+    stem = "science-annotation"
+    args.results.mkdir(parents=True, exist_ok=True)
+    n, seeds = args.annotation_images, args.annotation_seeds
+
+    def cells(values, fmt="{:.3g}") -> str:
+        return " / ".join("inf" if np.isinf(v) else fmt.format(v) for v in values)
+
+    lines = [*report_header("Annotation at laptop scale: sigma_min of known corruptions", elapsed),
+             f"- Data: built-in synthetic images, {RESOLUTION}x{RESOLUTION} RGB (data seed {ANNOTATION_SEED}): "
+             f"{CLEAN_FACTOR * n} clean images; per corruption, {n} unaltered images (the control) and {n} per "
+             "strength, corrupted with PIL, every image a different scene. "
+             + "; ".join(f"{kind}: {what} {', '.join(map(str, strengths))}"
+                         for kind, (what, strengths, _) in CORRUPTIONS.items()) + ".",
+             f"- Annotation: `prepare annotate` (ambient_fast.data.prepare.prepare_annotated) of each corruption's "
+             f"{4 * n} poor images against the clean ones: its classifier trained {args.annotation_steps} steps of "
+             f"batch 64, {GRID_POINTS} levels log-spaced over {SIGMA_RANGE[0]:g}..{SIGMA_RANGE[1]:g} (the [-1, 1] "
+             f"scale), threshold {THRESHOLD:g}; once per classifier seed ({', '.join(map(str, range(seeds)))}), "
+             "figures given per seed (seed 0 / 1 / ...). Left out: images the classifier tells apart at every "
+             "level (sigma_min inf). PSNR: the corrupted images against their unaltered scenes, mean.",
+             "- Rank correlation: Spearman's, of sigma_min with the strength's order (control 0, then weak to strong) "
+             f"over the corruption's {4 * n} images; 1 would be levels that order the strengths perfectly.", "",
+             "| corruption | strength | PSNR (dB) | images | median sigma_min | share left out |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        quality = "- (unaltered)" if row["psnr"] is None else f"{row['psnr']:.1f}"
+        lines.append(f"| {row['kind']} | {row['strength']} | {quality} | {row['images']} | {cells(row['median'])} | "
+                     f"{cells(row['left_out'], '{:.2f}')} |")
+    lines += ["", "| corruption | rank correlation of sigma_min with strength |", "| --- | --- |"]
+    lines += [f"| {kind} | {cells(values, '{:.2f}')} |" for kind, values in correlations.items()]
+    lines.append("")
+    path = args.results / f"{stem}.md"
+    write_text(path, "\n".join(lines))
+    write_json(args.results / f"{stem}.json", dict(
+        rows=rows, rank_correlation=correlations, images=n, steps=args.annotation_steps,
+        strengths={kind: list(strengths) for kind, (_, strengths, _) in CORRUPTIONS.items()},
+        sigma_min={kind: {str(seed): [None if np.isinf(v) else float(v) for v in found] for seed, found in by.items()}
+                   for kind, by in levels.items()}))
     return path
 
 
@@ -752,6 +1027,21 @@ def main(argv=None) -> int:
     parser.add_argument("--noisy", action="store_true", help="only the noisy-image and mixture experiment (with "
                         "--quick: 600 steps and 128 samples a model, about 12 min on 2 cores)")
     parser.add_argument("--no-memorization", action="store_true", help="the grid without the memorization experiment")
+    parser.add_argument("--edm2", action="store_true", help="with --noisy: an EDM2 network of DDPM++'s parameter count "
+                        "beside every DDPM++ row, trained with EDM2's recipe and scored with the trainer's EMA and "
+                        f"EDM2's post-hoc EMA {POSTHOC_STD:g}")
+    parser.add_argument("--rows", type=lambda t: [int(v) for v in t.split(",")],
+                        help=f"with --noisy: only these rows, numbered from 1 in the table's order (1 to "
+                        f"{len(MIXTURE_ROWS)}; default all)")
+    parser.add_argument("--annotation", action="store_true", help="only the annotation experiment (prepare annotate "
+                        "on copies blurred and JPEG-compressed at known strengths)")
+    parser.add_argument("--annotation-images", type=int, default=ANNOTATION_IMAGES,
+                        help=f"poor images per strength, and unaltered ones; {CLEAN_FACTOR}x as many clean images "
+                        f"(default {ANNOTATION_IMAGES})")
+    parser.add_argument("--annotation-steps", type=int, default=ANNOTATION_STEPS,
+                        help=f"training steps of prepare annotate's classifier (default {ANNOTATION_STEPS}, its own)")
+    parser.add_argument("--annotation-seeds", type=int, default=3,
+                        help="classifier seeds, each a separate annotation (default 3)")
     parser.add_argument("--p", type=lambda t: [float(v) for v in t.split(",")], help="corruption levels (default 0.6,0.8,0.9)")
     parser.add_argument("--variants", type=lambda t: t.split(","), help=f"of {', '.join(VARIANTS)} (default all)")
     parser.add_argument("--steps", type=int, default=2000, help="training steps per model (default 2000)")
@@ -786,6 +1076,11 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or any(not 0 < p < 1 for p in ps):
         parser.error(f"--variants among {list(VARIANTS)} and --p in (0, 1); got {variants}, {ps}")
+    if args.rows and (not args.noisy or not set(args.rows) <= set(range(1, len(MIXTURE_ROWS) + 1))):
+        parser.error(f"--rows goes with --noisy and numbers rows 1 to {len(MIXTURE_ROWS)}; got {args.rows}")
+    if args.edm2 and not args.noisy:
+        parser.error("--edm2 adds EDM2 rows to --noisy only (its masked mixture row stands for the masked grid, "
+                     "whose 2,000-step models take about 4 minutes each on 2 cores)")
     settings = Settings(args.steps, args.batch, args.samples, args.seed)
     start = time.time()
     if args.restoration:
@@ -796,10 +1091,14 @@ def main(argv=None) -> int:
         rows, grids = completion_rows(args, settings)
         print(f"wrote {completion_report(args, settings, rows, grids, time.time() - start)}")
         return 0
+    if args.annotation:
+        rows, levels, correlations = annotation_rows(args)
+        print(f"wrote {annotation_report(args, rows, levels, correlations, time.time() - start)}")
+        return 0
     if args.noisy:
         if args.quick:
             settings = settings._replace(steps=min(args.steps, 600), samples=min(args.samples, 128))
-        rows, grids = run_mixtures(args, settings)
+        rows, grids = run_mixtures(args, settings, ("ddpmpp", "edm2") if args.edm2 else ("ddpmpp",))
         print(f"wrote {mixture_report(args, settings, rows, grids, time.time() - start)}")
         return 0
     rows, grids = ([], {}) if args.memorization else run_grid(args, settings, ps, variants)
