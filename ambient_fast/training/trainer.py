@@ -210,7 +210,10 @@ class Trainer(Stateful):
         stds = cfg.recipe("ema_stds")
         self.posthoc_ema = PowerFunctionEMA(self.params, stds) if stds else None
         self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.recipe("lr"), betas=cfg.recipe("betas"),
-                                          eps=1e-8, fused=settings.fused_optimizer)
+                                          eps=1e-8, fused=settings.fused_optimizer,
+                                          # CPU's default is one tensor at a time: the same arithmetic,
+                                          # bit for bit, in ~180 times fewer calls
+                                          foreach=None if settings.fused_optimizer else True)
         # bf16 by autocast under every kind of parallelism (ambient_fast.training.parallel: one numerical policy)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
 
@@ -543,16 +546,20 @@ class Trainer(Stateful):
                 del self.optimizer.grad_scale, self.optimizer.found_inf
             return
         state = self.optimizer.state
-        before = [(t, _local(t).clone()) for p in self.params.values() for t in (p, *state.get(p, {}).values())]
-        kept = {id(t) for t, _ in before}
+        held = [t for p in self.params.values() for t in (p, *state.get(p, {}).values())]
+        kept = [_local(t) for t in held]
+        # One call copies them all: the default run's network has ~180 parameters, each with two
+        # moments and a step counter, and a clone per tensor cost about as much as the Adam step.
+        before = torch._foreach_clone(kept)
         self.optimizer.step()
+        flag = {device: counts.to(device) for device in {t.device for t in kept}}  # step counters: the CPU
         with torch.no_grad():
-            for t, old in before:
-                torch.where(counts.to(old.device), _local(t), old, out=_local(t))
+            for t, old in zip(kept, before):
+                torch.where(flag[t.device], t, old, out=t)
+            existing = {id(t) for t in held}
             for p in self.params.values():  # state this step created (the first): as if never made
-                for t in state[p].values():
-                    if id(t) not in kept:
-                        torch.where(counts.to(t.device), _local(t), _local(t).new_zeros(()), out=_local(t))
+                for t in map(_local, (t for t in state[p].values() if id(t) not in existing)):
+                    torch.where(counts.to(t.device), t, t.new_zeros(()), out=t)
 
     def _update_ema(self, counts: torch.Tensor) -> None:
         """EMA of the weights, and the post-hoc EMA's profiles, kept as they were where the step does
