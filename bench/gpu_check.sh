@@ -29,7 +29,7 @@
 #            (b) and of one sampler call
 #   kernels  (part 2, 70) python bench/kernels.py --sizes 64 --configs ddpmpp (its EDM2 configurations'
 #            six more compiles would not fit the limit: run them on their own, --configs edm2-64,edm2-latent-64)
-#   sample   (part 2, 85) python bench/sample.py --resolutions 64 (batch 256, the target's)
+#   sample   (part 2, 85) python bench/sample.py --resolutions 64 (batch 256, the target's; the rehearsal samples at 32)
 #   scaling  (part 2, 125) python bench/train.py --configs none --scaling 128,256,512: (b) at each batch
 # The limits, reasoned from what was measured on a 2-core CPU and from an H100/H200's speed (no GPU
 # run of this script has been recorded yet): Inductor compiles the 14 graphs of the CIFAR-10
@@ -114,9 +114,12 @@ if ((rehearsal)); then
     # without anything being wrong with the script (the sample step took 86 s of its 85 at a load of 4
     # on a 2-core CPU without AVX-512). The rehearsal gives each step four times its limit.
     limit_factor=4
+    # Sampling at 32x32 rather than the GPU's 64x64: the same paths at a quarter of the pixels (the fast
+    # sampler's bf16 network took 87 s of the rehearsal at 64x64 on a 2-core CPU without AVX-512).
+    sample_resolution=32
 else
     limit_factor=1
-    sizes=""; train_sizes="--steps 5 --windows 3 --warmup 2"; label="gpu-check"
+    sizes=""; train_sizes="--steps 5 --windows 3 --warmup 2"; label="gpu-check"; sample_resolution=64
 fi
 reference_flag=""
 [[ -n "$reference_repo" ]] && reference_flag="--reference-repo $(printf %q "$(cd "$reference_repo" && pwd)")"
@@ -133,7 +136,7 @@ step_table() {
         2) printf '%s\n' \
             "setup|20|setup_step" \
             "kernels|70|$py bench/kernels.py --sizes 64 --configs ddpmpp --results $results" \
-            "sample|85|$py bench/sample.py --resolutions 64 $sizes --results $results" \
+            "sample|85|$py bench/sample.py --resolutions $sample_resolution $sizes --results $results" \
             "scaling|125|$py bench/train.py --configs none $( ((rehearsal)) || echo '--scaling 128,256,512 ')$train_sizes --results $results" ;;
     esac
 }

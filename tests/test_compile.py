@@ -105,11 +105,14 @@ def test_no_graph_break_in_the_blocks_or_the_loss():
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("resolution", [32, 64])
-def test_compiled_training_runs_every_block_and_matches_eager(resolution, tmp_path):
-    """The trainer's --compile path with Inductor (narrow: one block per resolution): no crash, no
-    recompile-limit message, every block compiled, the first loss as the eager trainer's."""
-    result = compile_check.check(resolution, compile_check.QUICK_SIZE, tmp_path, steps=2)
-    assert result["compiled_calls"] == result["blocks"]
+def test_compiled_training_runs_every_block_and_matches_eager(tmp_path):
+    """The trainer's --compile path with Inductor on the built-in preset (16x16, 16 channels wide):
+    every kind of DDPM++ block once or twice (two resolutions, attention at the lower, resampling,
+    channel changes), no crash, no recompile-limit message, every block compiled, the first loss as
+    the eager trainer's. The published structures' many blocks are checked above with dynamo's own
+    backend (the recompile limit is dynamo's, not Inductor's); Inductor costs ~15 s per block on a
+    2-core CPU, and each block of the published structures is a kind this network has."""
+    result = compile_check.check(16, dict(model_channels=16), tmp_path, steps=2)
+    assert result["compiled_calls"] == result["blocks"] == 10
     assert not result["limit_messages"]
     assert result["loss"] == pytest.approx(result["eager_loss"], rel=compile_check.LOSS_TOLERANCE)
