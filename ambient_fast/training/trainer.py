@@ -64,15 +64,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _gated_lerp_(averages: dict, params: dict, weight: float, counts: torch.Tensor) -> None:
-    """averages <- lerp(averages, params, weight) where `counts` (0-d bool on the device), else as they
-    were: selected rather than moved with a weight of 0, which would turn an average of -0.0 into +0.0.
-    Both dicts map the parameters' names to tensors (this rank's shards under FSDP2)."""
+def _gated_lerp_(averages: dict, params: dict, weight: float, counts: "torch.Tensor | bool") -> None:
+    """averages <- lerp(averages, params, weight) where `counts` (see `Trainer._gate`), else as they
+    were: on the device selected rather than moved with a weight of 0, which would turn an average of
+    -0.0 into +0.0. Both dicts map the parameters' names to tensors (this rank's shards under FSDP2)."""
     with torch.no_grad():
         names = list(params)
         old = [_local(averages[n]) for n in names]
-        moved = torch._foreach_lerp(old, [_local(params[n].detach()) for n in names], weight)
-        for before, after in zip(old, moved):
+        new = [_local(params[n].detach()) for n in names]
+        if isinstance(counts, bool):
+            if counts:
+                torch._foreach_lerp_(old, new, weight)
+            return
+        for before, after in zip(old, torch._foreach_lerp(old, new, weight)):
             torch.where(counts, after, before, out=before)
 
 
@@ -492,6 +496,7 @@ class Trainer(Stateful):
         with self._dropout_stream():
             loss = self.forward_backward()
         counts, void = self._count_step(self._clip_gradient())
+        counts = self._gate(counts)
         self._optimizer_step(counts)
         self._update_ema(counts)
         self.step += 1
@@ -531,39 +536,30 @@ class Trainer(Stateful):
         self._health = torch.stack([skipped + skip, streak, due + now_due, since_due + ~live])
         return counts, now_due | ~live
 
-    def _optimizer_step(self, counts: torch.Tensor) -> None:
-        """optimizer.step(), changing nothing where `counts` (0-d bool, on the device) is false. Fused
-        Adam (CUDA) takes GradScaler's `found_inf` for that; the others step, then put back every tensor
-        the step changed (on the CPU, where torch keeps their step counters too: no device read)."""
+    def _gate(self, counts: torch.Tensor) -> "torch.Tensor | bool":
+        """`counts` as the update takes it: on the device for CUDA's fused Adam, which takes it as
+        GradScaler's `found_inf`; read on the host for the plain Adam, the CPU's, where the flag is host
+        memory and reading it waits on nothing. (Undoing a step on the device instead, as CUDA must,
+        cost the CPU's default run 15 ms of its ~330 ms step: a copy of every parameter and moment.)"""
+        return counts if self.optimizer.defaults.get("fused") else bool(counts)
+
+    def _optimizer_step(self, counts: "torch.Tensor | bool") -> None:
+        """optimizer.step(), changing nothing where `counts` (see `_gate`) is false."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        skip = (~counts).to(torch.float32)
-        if self.optimizer.defaults.get("fused"):
-            self.optimizer.grad_scale, self.optimizer.found_inf = None, skip
-            try:
+        if isinstance(counts, bool):
+            if counts:
                 self.optimizer.step()
-            finally:
-                del self.optimizer.grad_scale, self.optimizer.found_inf
             return
-        state = self.optimizer.state
-        held = [t for p in self.params.values() for t in (p, *state.get(p, {}).values())]
-        kept = [_local(t) for t in held]
-        # One call copies them all: the default run's network has ~180 parameters, each with two
-        # moments and a step counter, and a clone per tensor cost about as much as the Adam step.
-        before = torch._foreach_clone(kept)
-        self.optimizer.step()
-        flag = {device: counts.to(device) for device in {t.device for t in kept}}  # step counters: the CPU
-        with torch.no_grad():
-            for t, old in zip(kept, before):
-                torch.where(flag[t.device], t, old, out=t)
-            existing = {id(t) for t in held}
-            for p in self.params.values():  # state this step created (the first): as if never made
-                for t in map(_local, (t for t in state[p].values() if id(t) not in existing)):
-                    torch.where(counts.to(t.device), t, t.new_zeros(()), out=t)
+        self.optimizer.grad_scale, self.optimizer.found_inf = None, (~counts).to(torch.float32)
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.grad_scale, self.optimizer.found_inf
 
-    def _update_ema(self, counts: torch.Tensor) -> None:
+    def _update_ema(self, counts: "torch.Tensor | bool") -> None:
         """EMA of the weights, and the post-hoc EMA's profiles, kept as they were where the step does
-        not count (`counts`, 0-d bool on the device); a post-hoc EMA snapshot when the step crosses
+        not count (`counts`, see `_gate`); a post-hoc EMA snapshot when the step crosses
         its interval (`_snapshot_posthoc_ema`)."""
         cfg = self.cfg
         halflife = cfg.ema * 1e6
