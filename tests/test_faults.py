@@ -461,8 +461,12 @@ def test_9_a_damaged_net_is_a_clear_error_in_every_command(tmp_path, capsys, net
 def test_9_output_paths_are_checked_before_the_work(tmp_path, capsys, network, monkeypatch):
     import ambient_fast.evaluation.report
     import ambient_fast.files.checkpoints
+    import ambient_fast.sampling.edm2  # noqa: F401
     import ambient_fast.sampling.samplers
 
+    # ambient_fast.sampling.edm2 binds `ambient_sample` when first imported, which the sample command
+    # does lazily: imported here first, it keeps the real one, not this test's stand-in (later tests
+    # in the same process sampled through `no_work` otherwise).
     def no_work(*args, **kwargs):
         raise AssertionError("the work started before the output path was checked")
 
