@@ -539,8 +539,8 @@ class Trainer(Stateful):
     def _gate(self, counts: torch.Tensor) -> "torch.Tensor | bool":
         """`counts` as the update takes it: on the device for CUDA's fused Adam, which takes it as
         GradScaler's `found_inf`; read on the host for the plain Adam, the CPU's, where the flag is host
-        memory and reading it waits on nothing. (Undoing a step on the device instead, as CUDA must,
-        cost the CPU's default run 15 ms of its ~330 ms step: a copy of every parameter and moment.)"""
+        memory and reading it waits on nothing. (Stepping and then undoing the step on the device cost
+        the CPU's default run 15 ms of its ~330 ms step: a copy of every parameter and moment.)"""
         return counts if self.optimizer.defaults.get("fused") else bool(counts)
 
     def _optimizer_step(self, counts: "torch.Tensor | bool") -> None:
