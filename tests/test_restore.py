@@ -133,9 +133,12 @@ def test_posterior_restore_on_the_builtin_set(trained, tmp_path):
 
 def test_posterior_restore_of_a_folder_with_masks(trained, tmp_path):
     """Tweedie moments on images with masks: an image's restoration is the same restored alone or
-    with others, to one grey level (the float32 network's convolutions round differently at another
-    batch size, 1e-5, and the conjugate gradients carry that to 3e-5: it moves a value across a
-    rounding boundary now and then); the images differ from one another."""
+    with others, to rounding: the float32 network's convolutions round differently at another batch
+    size (1e-5) and the conjugate gradients carry that on, so a value moves across a rounding
+    boundary now and then, and by a few levels here and there (by up to 11 on 4 of the 768 values,
+    mean 0.06, with the network this module trains on 2 threads; 1 level on one thread); the images
+    differ from one another (by 87 levels on average). A draw that depended on the batch would move
+    every value."""
     run, _ = trained
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir(), masks.mkdir()
@@ -147,8 +150,11 @@ def test_posterior_restore_of_a_folder_with_masks(trained, tmp_path):
               "--method", "posterior", "--steps", "3", "--cg-iterations", "2"]
     assert restore_main([*common, "--out", str(tmp_path / "all")]) == 0
     assert restore_main([*common, "--out", str(tmp_path / "one"), "--max-images", "1"]) == 0
-    same_files(tmp_path / "all", tmp_path / "one", ["000000.png"], levels=1)
-    assert not np.array_equal(load_png(tmp_path / "all" / "000000.png"), load_png(tmp_path / "all" / "000001.png"))
+    together, alone, other = (load_png(tmp_path / folder / name).astype(int) for folder, name in
+                              (("all", "000000.png"), ("one", "000000.png"), ("all", "000001.png")))
+    difference = np.abs(together - alone)
+    assert difference.mean() <= 0.25 and (difference > 1).mean() <= 0.02, (difference.mean(), (difference > 1).mean())
+    assert np.abs(together - other).mean() > 20
 
 
 def test_posterior_restore_of_measurements_with_an_operator(trained, tmp_path, capsys):
