@@ -34,6 +34,17 @@ def _interpreter_fixes():
         yield
 
 
+@pytest.fixture
+def cuda_defaults_on_cpu(monkeypatch):
+    """The commands and the trainer resolve their defaults as on CUDA (AMBIENT_FAST_DEFAULTS_FOR), the
+    fused kernels run in Triton's interpreter."""
+    from ambient_fast.training.settings import TARGET_VARIABLE
+
+    monkeypatch.setenv(TARGET_VARIABLE, "cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("AMBIENT_FAST_KERNELS", raising=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

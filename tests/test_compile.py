@@ -12,7 +12,6 @@ from ambient_fast.objective.objective import EDMSchedule, TrainingBatch, ambient
 from ambient_fast.networks import EDMPrecond
 from ambient_fast.training.parallel import compile_each
 from ambient_fast.training.config import ARCHS, PRESETS, preset_for
-from ambient_fast.training.settings import TARGET_VARIABLE
 
 from conftest import load_bench
 
@@ -106,7 +105,7 @@ def test_no_graph_break_in_the_blocks_or_the_loss():
         torch._dynamo.reset()
 
 
-def test_compiled_training_runs_every_block_and_matches_eager(tmp_path, monkeypatch):
+def test_compiled_training_runs_every_block_and_matches_eager(tmp_path, cuda_defaults_on_cpu):
     """The trainer's --compile path with Inductor on the built-in preset (16x16, 16 channels wide) in
     CUDA's settings (bf16 autocast, channels_last, the fused kernels in Triton's interpreter, the
     fused Adam): every kind of DDPM++ block once or twice (two resolutions, attention at the lower,
@@ -116,9 +115,6 @@ def test_compiled_training_runs_every_block_and_matches_eager(tmp_path, monkeypa
     dynamo's, not Inductor's); Inductor costs ~15 s per block on a 2-core CPU, and each block of the
     published structures is a kind this network has. (Under FSDP2, on 2 ranks, --compile runs in
     tests/test_cuda_config.py with EDM2 and with a diffusers UNet.)"""
-    monkeypatch.setenv(TARGET_VARIABLE, "cuda")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("AMBIENT_FAST_KERNELS", raising=False)
     result = compile_check.check(16, dict(model_channels=16), tmp_path, steps=2)
     settings = result["settings"]
     assert (settings.bf16, settings.channels_last, settings.fused_kernels, settings.fused_optimizer) == (True,) * 4

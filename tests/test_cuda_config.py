@@ -72,14 +72,6 @@ def assert_ran_with_cuda_values(printed: str, command: str, names) -> None:
     assert not wrong, f"{command} did not run {wrong} with CUDA's values ({expected.describe()}): {printed[-2000:]}"
 
 
-@pytest.fixture
-def cuda_defaults_on_cpu(monkeypatch):
-    """The commands resolve their defaults as on CUDA, the fused kernels run in the interpreter."""
-    monkeypatch.setenv(TARGET_VARIABLE, "cuda")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("AMBIENT_FAST_KERNELS", raising=False)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return synthetic_dataset(tmp_path_factory.mktemp("data"), n=16, p=0.6)
