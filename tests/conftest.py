@@ -46,13 +46,23 @@ def cuda_defaults_on_cpu(monkeypatch):
 
 
 @pytest.fixture
-def scalar_inductor_code(monkeypatch):
-    """Inductor generates scalar C++ for the CPU (ATEN_CPU_CAPABILITY=default, which Inductor reads at
-    each compile; a subprocess's ATen reads it at its start and computes without SIMD too). A GPU
-    compiles Triton code, not C++: the vectorised C++ is a path of the CPU alone, and it cost about 40%
-    of a CPU compile (the Inductor check in CUDA's settings: 285 CPU-s vectorised, 166 scalar). The
-    lowering, fusion and scheduling a GPU's compile shares are the same either way."""
+def lean_inductor(monkeypatch):
+    """Inductor as cheap as a CPU test can have it, here and in the subprocesses started (torchrun's
+    ranks): scalar C++ (ATEN_CPU_CAPABILITY=default, which Inductor reads at each compile; a
+    subprocess's ATen reads it at its start and computes without SIMD too) compiled in the process
+    itself (TORCHINDUCTOR_COMPILE_THREADS=1: no pool of compile workers beside each compiling process,
+    on two cores that two xdist workers or two ranks fill already). A GPU compiles Triton code, not
+    C++: the vectorised C++ is a path of the CPU alone; the lowering, fusion and scheduling that a GPU's
+    compile shares are the same. Measured alone with empty caches (2-core CPU): the Inductor check in
+    CUDA's settings 216 s and 285 CPU-s as Inductor defaults, 136 s and 182 CPU-s scalar, 123 s and
+    124 CPU-s scalar in one process; the compiled EDM2 and fine-tuning FSDP2 runs 158 s and 271 CPU-s,
+    112 s and 169 CPU-s."""
+    import torch._inductor.config
+
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    with torch._inductor.config.patch(compile_threads=1):  # it read the variable at its import
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -105,7 +105,7 @@ def test_no_graph_break_in_the_blocks_or_the_loss():
         torch._dynamo.reset()
 
 
-def test_compiled_training_runs_every_block_and_matches_eager(tmp_path, cuda_defaults_on_cpu, scalar_inductor_code):
+def test_compiled_training_runs_every_block_and_matches_eager(tmp_path, cuda_defaults_on_cpu, lean_inductor):
     """The trainer's --compile path with Inductor on the built-in preset (16x16, 16 channels wide) in
     CUDA's settings (bf16 autocast, channels_last, the fused kernels in Triton's interpreter, the
     fused Adam): every kind of DDPM++ block once or twice (two resolutions, attention at the lower,

@@ -256,7 +256,7 @@ def test_posterior_restore_runs_the_fast_path(data, tmp_path, cuda_defaults_on_c
 
 
 @runs_cuda_values("train", *ALL_TRAINING)
-def test_train_edm2_under_fsdp2_compiled_in_bf16_resumes_exactly(data, tmp_path, cuda_defaults_on_cpu, scalar_inductor_code):
+def test_train_edm2_under_fsdp2_compiled_in_bf16_resumes_exactly(data, tmp_path, cuda_defaults_on_cpu, lean_inductor):
     """EDM2 (its forced weight normalisation a step of its own, its scalar gains outside FSDP2's shards,
     its log-variance head in the root) trains on 2 ranks with CUDA's configuration, --compile and bf16
     included; a resumed run ends bit for bit where the run ended, post-hoc EMA snapshots included."""
@@ -297,7 +297,7 @@ def test_train_ddp_resumes_exactly(data, tmp_path, cuda_defaults_on_cpu, monkeyp
 
 
 @runs_cuda_values("finetune", *ALL_TRAINING)
-def test_finetune_fsdp2_resumes_exactly(data, tmp_path, cuda_defaults_on_cpu, scalar_inductor_code):
+def test_finetune_fsdp2_resumes_exactly(data, tmp_path, cuda_defaults_on_cpu, lean_inductor):
     """Fine-tuning a diffusers UNet under FSDP2 with CUDA's configuration: a resumed run ends bit for
     bit where the run ended."""
     diffusers = pytest.importorskip("diffusers", reason="the [diffusers] extra is not installed (it is part of [test])")
