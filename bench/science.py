@@ -91,6 +91,7 @@ FINAL_NETWORKS = (FINAL_NETWORK, "unet-ema")  # the end of a run: ours, and a fi
 GRID_IMAGES = 4096  # training images of the grid; its held-out twin is the reference set of every score
 HIDDEN_WEIGHT_P = 0.8  # the only p at which the default grid compares hidden-pixel weights
 RUN_GRID_IMAGES = 16  # images of each run's own final sample grid (the trainer's overview.png; not scored)
+SAMPLER_STEPS = 18  # Heun steps of the scored samples (EDM's default, the sample command's)
 
 
 class Variant(NamedTuple):
@@ -191,7 +192,8 @@ def sample(network: Path, count: int, seed: int) -> np.ndarray:
     for start in range(0, count, 128):
         seeds = range(seed * 10 ** 6 + start, seed * 10 ** 6 + min(start + 128, count))
         latents, masks = seeded_inputs(seeds, shape, 1, loaded.survival, shared, "cpu")
-        images.append(nchw_uint8(ambient_sample(loaded.model, latents, masks, **sampling_sigmas(loaded))))
+        images.append(nchw_uint8(ambient_sample(loaded.model, latents, masks, num_steps=SAMPLER_STEPS,
+                                                **sampling_sigmas(loaded))))
     return np.concatenate(images)
 
 

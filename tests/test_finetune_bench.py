@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import load_bench
-from test_science import scipy_frechet
+from test_science import scipy_frechet, small_samplers
 
 pytest.importorskip("diffusers", reason="the [diffusers] extra is not installed (it is part of [test])")
 
@@ -16,7 +16,8 @@ def bench():
     return load_bench("finetune")
 
 
-def test_pipeline_writes_its_report(bench, tmp_path):
+def test_pipeline_writes_its_report(bench, tmp_path, monkeypatch):
+    small_samplers(monkeypatch, bench.science)
     results = tmp_path / "results"
     argv = ["--quick", "--pretrain-steps", "2", "--steps", "4", "--images", "8", "--batch", "4", "--samples", "4", "--snapshot-samples", "2",
             "--threads", "1", "--work", str(tmp_path / "work"), "--results", str(results)]
