@@ -53,10 +53,10 @@ def lean_inductor(monkeypatch):
     itself (TORCHINDUCTOR_COMPILE_THREADS=1: no pool of compile workers beside each compiling process,
     on two cores that two xdist workers or two ranks fill already). A GPU compiles Triton code, not
     C++: the vectorised C++ is a path of the CPU alone; the lowering, fusion and scheduling that a GPU's
-    compile shares are the same. Measured alone with empty caches (2-core CPU): the Inductor check in
-    CUDA's settings 216 s and 285 CPU-s as Inductor defaults, 136 s and 182 CPU-s scalar, 123 s and
-    124 CPU-s scalar in one process; the compiled EDM2 and fine-tuning FSDP2 runs 158 s and 271 CPU-s,
-    112 s and 169 CPU-s."""
+    compile shares are the same. Measured alone with empty caches on the 2-core CPU, within the same
+    hour (its speed drifts): the Inductor check in CUDA's settings 216 s and 285 CPU-s with Inductor's
+    defaults, 136 s and 182 CPU-s scalar, 123 s and 124 CPU-s scalar in one process; the compiled EDM2
+    and fine-tuning FSDP2 runs 158 s and 271 CPU-s with the defaults, 112 s and 169 CPU-s lean."""
     import torch._inductor.config
 
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
