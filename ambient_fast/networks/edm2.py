@@ -83,8 +83,7 @@ class MPFourier(torch.nn.Module):
         return (y.cos() * math.sqrt(2)).to(x.dtype)
 
 
-@torch.compiler.disable  # see MPConv: Inductor drops this overwrite from a compiled graph
-@torch.no_grad()
+@torch.no_grad()  # outside compiled graphs: MPConv._overwrite_outside_graphs
 def _overwrite_normalized(weight: torch.nn.Parameter, w: torch.Tensor) -> None:
     weight.copy_(normalize(w))
 
@@ -107,11 +106,18 @@ class MPConv(torch.nn.Module):
     with float32 parameters.
     """
 
+    # `_overwrite_normalized` under torch.compiler.disable, wrapped when the first MPConv is built rather
+    # than at import: the wrapper imports torch._dynamo, half a second of the start of every command that
+    # imports the networks. A class attribute, so that it is no part of a module's pickled state.
+    _overwrite_outside_graphs = None
+
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int] = ()):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.normalize_in_forward = True
+        if MPConv._overwrite_outside_graphs is None:
+            MPConv._overwrite_outside_graphs = staticmethod(torch.compiler.disable(_overwrite_normalized))
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     @torch.no_grad()
@@ -127,7 +133,7 @@ class MPConv(torch.nn.Module):
         divides by sqrt(fan_in) in its own dtype (float16 for a float16 snapshot), as the reference."""
         w = self.weight.to(_compute_dtype(self.weight.dtype))  # the parameter itself when float32 (see above)
         if self.training and self.normalize_in_forward:
-            _overwrite_normalized(self.weight, w)
+            self._overwrite_outside_graphs(self.weight, w)
         w = normalize(w) * (gain / math.sqrt(w[0].numel()))
         w = w.to(x.dtype)
         if w.ndim == 2:
