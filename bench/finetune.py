@@ -97,7 +97,8 @@ def train(run: Path, unet: Path, data: Path, threads: int, **options) -> Path:
     if final.is_dir():
         print(f"reusing {final}", flush=True)
         return final
-    cfg = FinetuneConfig(unet=str(unet), data=str(data), out=str(run), sample_count=science.RUN_GRID_IMAGES, **options)
+    cfg = FinetuneConfig(unet=str(unet), data=str(data), out=str(run), sample_count=science.RUN_GRID_IMAGES,
+                         sample_steps=science.SAMPLER_STEPS, **options)
     with cpu_threads(threads):
         trainer = FinetuneTrainer(cfg, resume=(run / "config.json").is_file())
         if trainer.train() != 0 or not final.is_dir():

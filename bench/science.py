@@ -166,7 +166,8 @@ def train_run(run: Path, data: "Path | None", settings: Settings, **options) -> 
         print(f"reusing {final}", flush=True)
         return final
     cfg = TrainConfig(data=str(data), out=str(run), steps=settings.steps, batch=settings.batch, seed=settings.seed,
-                      snapshot_every=max(settings.steps // 4, 1), sample_count=RUN_GRID_IMAGES, **options)
+                      snapshot_every=max(settings.steps // 4, 1), sample_count=RUN_GRID_IMAGES,
+                      sample_steps=SAMPLER_STEPS, **options)
     resume = (run / "config.json").is_file()
     trainer = Trainer(cfg, resume=resume)
     try:

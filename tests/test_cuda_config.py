@@ -30,7 +30,7 @@ from conftest import TINY_ARCHITECTURES, torchrun
 
 # Tiny U-Nets on the 16x16 synthetic set, without attention (tests/test_compile.py compiles every
 # kind of block): torch.compile's cost on the CPU grows with the kinds of block.
-TINY = ["--channels", "8", "--blocks", "1", "--attn", "", "--batch", "4", "--sample-count", "1"]
+TINY = ["--channels", "8", "--blocks", "1", "--attn", "", "--batch", "4", "--sample-count", "1", "--sample-steps", "2"]
 # A run of 4 steps with a training state at step 2, which `cut_back_and_resume` resumes from.
 STEPS = ["--steps", "4", "--snapshot-every", "2"]
 
@@ -309,7 +309,7 @@ def test_finetune_fsdp2_resumes_exactly(data, tmp_path, cuda_defaults_on_cpu, le
     diffusers.DDPMScheduler().save_pretrained(unet)
     run = tmp_path / "run"
     out = torchrun("ambient_fast.finetune", "--unet", str(unet), "--data", str(data), "--out", str(run), *STEPS,
-                   "--batch", "4", "--sample-count", "1")
+                   "--batch", "4", "--sample-count", "1", "--sample-steps", "2")
     assert "parallel fsdp" in out
     assert_ran_with_cuda_values(out, "finetune", ALL_TRAINING)
     weights = run / "unet-ema" / "diffusion_pytorch_model.safetensors"

@@ -19,7 +19,7 @@ from ambient_fast.training.posthoc_ema import read_snapshots
 
 # An EDM2 U-Net of one resolution without attention (the fixture tests cover the rest of the network).
 TINY = ["--arch", "edm2", "--channels", "8", "--channel-mult", "1", "--blocks", "1", "--attn", "",
-        "--batch", "8", "--sample-count", "2", "--no-verify-data"]
+        "--batch", "8", "--sample-count", "2", "--sample-steps", "2", "--no-verify-data"]
 
 
 @pytest.fixture(autouse=True)

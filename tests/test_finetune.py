@@ -27,7 +27,7 @@ from ambient_fast.sampling.samplers import ambient_sample  # noqa: E402
 
 
 EMBEDDING_DIM, TOKENS = 24, 5
-FAST = ["--steps", "4", "--batch", "4", "--snapshot-every", "2", "--sample-count", "2"]
+FAST = ["--steps", "4", "--batch", "4", "--snapshot-every", "2", "--sample-count", "2", "--sample-steps", "2"]
 
 
 def tiny_unet2d() -> "diffusers.UNet2DModel":
@@ -204,7 +204,8 @@ def test_pixels_outside_A_cannot_change_the_loss(weighting):
 def test_finetune_writes_unets_that_diffusers_loads_as_the_trainer_held_them(models, kind, tmp_path):
     out = tmp_path / "run"
     cfg = FinetuneConfig(unet=str(models[kind]), data=str(models["data"]), out=str(out), steps=3, batch=4,
-                         snapshot_every=2, sample_count=2, prompt_embeddings=str(models["prompts"]) if kind == "IF" else None)
+                         snapshot_every=2, sample_count=2, sample_steps=2,
+                         prompt_embeddings=str(models["prompts"]) if kind == "IF" else None)
     trainer = FinetuneTrainer(cfg)
     assert "UNet2D" in trainer.summary() and "1000 timesteps" in trainer.summary()
     assert trainer.train() == 0

@@ -123,7 +123,7 @@ TIME_CAPS = {
 }
 BASES = {  # name -> (main, command line given an output folder and the inputs, runs under setup_only)
     "train": (train.main, lambda o, i: ["--data", i / "data", "--out", o / "run", "--steps", "1", "--batch", "2",
-                                        "--sample-count", "1", "--device", "cpu", *NET], True),
+                                        "--sample-count", "1", "--sample-steps", "2", "--device", "cpu", *NET], True),
     "sample": (sample.main, lambda o, i: ["--net", i / "net.safetensors", "--out", o / "s", "--seeds", "0",
                                           "--steps", "1", "--device", "cpu"], False),
     "restore": (restore.main, lambda o, i: ["--net", i / "net.safetensors", "--input", i / "data", "--out", o / "r",

@@ -16,7 +16,8 @@ from ambient_fast.prepare import main as prepare
 from ambient_fast.files.images import save_png
 from ambient_fast.train import main as train_main
 
-TINY = ["--channels", "8", "--channel-mult", "1", "--blocks", "1", "--attn", "", "--sample-count", "4"]
+TINY = ["--channels", "8", "--channel-mult", "1", "--blocks", "1", "--attn", "", "--sample-count", "4",
+        "--sample-steps", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from test_sample import small_model
 
 # A tiny network for 8x8 images (two levels) and runs of two steps with a state after each.
 NET = ["--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn", ""]
-RUN = ["--steps", "2", "--batch", "4", "--snapshot-every", "1", "--sample-count", "2", *NET]
+RUN = ["--steps", "2", "--batch", "4", "--snapshot-every", "1", "--sample-count", "2", "--sample-steps", "2", *NET]
 CORRUPTION = dict(kind="dust", p=0.5, delta=0.1, shared_channels=True)
 
 

@@ -14,7 +14,8 @@ from ambient_fast.sample import main as sample_main
 from ambient_fast.train import main as train_main
 from ambient_fast.training.trainer import SYNTHETIC_P
 
-TINY = ["--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn", "", "--sample-count", "4"]
+TINY = ["--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn", "", "--sample-count", "4",
+        "--sample-steps", "2"]
 
 
 @pytest.fixture(scope="module")

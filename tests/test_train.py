@@ -28,8 +28,8 @@ from ambient_fast.train import main
 from ambient_fast.training.trainer import Trainer
 from ambient_fast.training.state import state_dirs
 
-FAST = ["--steps", "4", "--batch", "8", "--snapshot-every", "2", "--sample-count", "4", "--channels", "16",
-        "--channel-mult", "1,2", "--blocks", "1", "--attn", ""]
+FAST = ["--steps", "4", "--batch", "8", "--snapshot-every", "2", "--sample-count", "4", "--sample-steps", "2",
+        "--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn", ""]
 
 
 @pytest.fixture(autouse=True)
@@ -126,6 +126,25 @@ def test_overview_shows_inputs_samples_clean_and_restorations(default_run):
     assert overview.shape[0] > 2 * (64 + 20)  # a second row of panels: the restorations
 
 
+def test_the_final_samples_are_the_sample_commands_at_the_runs_sample_steps(default_run, tmp_path):
+    """samples.png holds, seed by seed, what `sample` draws from the final network with --steps at the
+    run's --sample-steps (2: FAST), each image a function of its seed alone; and not what 18 steps
+    draw, so the option reached the sampler."""
+    from ambient_fast.sample import main as sample_main
+
+    run, _ = default_run
+    net = str(run / "network-final.safetensors")
+    for steps in (2, 18):
+        assert sample_main(["--net", net, "--seeds", "0-3", "--steps", str(steps), "--out",
+                            str(tmp_path / str(steps))]) == 0
+    final = load_png(run / "samples.png")  # 4 images of 16x16 in a 2x2 grid, a pixel between them
+    tiles = [final[1 + 17 * (i // 2):17 + 17 * (i // 2), 1 + 17 * (i % 2):17 + 17 * (i % 2)] for i in range(4)]
+    for seed, tile in enumerate(tiles):
+        drawn = {steps: load_png(tmp_path / str(steps) / f"{seed:06d}.png").astype(int) for steps in (2, 18)}
+        assert np.abs(tile.astype(int) - drawn[2]).max() <= 1
+        assert np.abs(tile.astype(int) - drawn[18]).mean() > 5
+
+
 def test_resuming_a_finished_run_does_nothing_unless_steps_grow(default_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(default_run[0], run)
@@ -159,7 +178,7 @@ def test_tensorboard_and_evaluations_during_training(default_run, tmp_path):
 
     run = tmp_path / "run"
     code, printed, err = run_main("--out", run, *FAST, "--log", "tensorboard", "--eval-every", "2", "--eval-samples", "2",
-                                   "--sample-count", "2")
+                                   "--sample-count", "2", "--sample-steps", "2")
     assert code == 0, err
     assert_same_weights(final_weights(default_run[0]), final_weights(run))
     assert "evaluation   every 2 steps: 2 samples" in printed and "Fréchet distance" in printed
@@ -302,7 +321,7 @@ def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path):
     steps between change nothing either."""
     cfg = TrainConfig(out=str(tmp_path / "run"), steps=6, batch=4, snapshot_every=2, model_channels=16,
                       channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], bad_steps=2, max_rollbacks=1,
-                      sample_count=4)
+                      sample_count=4, sample_steps=2)
     trainer = Trainer(cfg)
     try:
         for _ in range(2):
@@ -363,7 +382,7 @@ class HostReads:
 
 def small_trainer(tmp_path, **options) -> Trainer:
     return Trainer(TrainConfig(out=str(tmp_path / "run"), batch=4, batch_gpu=2, model_channels=8, channel_mult=[1, 2],
-                               num_blocks=1, attn_resolutions=[], sample_count=4, **options))
+                               num_blocks=1, attn_resolutions=[], sample_count=4, sample_steps=2, **options))
 
 
 def fused_adam(trainer: Trainer) -> None:

@@ -24,8 +24,8 @@ import torch
 # (step, roll-backs so far) at which the network's output is made non-finite.
 POISONED = {"faults": {(2, 0), (6, 0), (7, 0), (9, 1)}, "late-faults": {(5, 0), (13, 0), (14, 0), (21, 1)}}
 TINY = dict(steps=12, batch=4, batch_gpu=2, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[],
-            dropout=0.1, xflip=True, hidden_weight="unit", snapshot_every=4, sample_count=4, bad_steps=2,
-            max_rollbacks=1, seed=3)
+            dropout=0.1, xflip=True, hidden_weight="unit", snapshot_every=4, sample_count=4, sample_steps=2,
+            bad_steps=2, max_rollbacks=1, seed=3)
 
 
 class Poisoned:

@@ -146,6 +146,9 @@ class TrainConfig(Options):
     bad_steps: int = option(10, "consecutive non-finite steps before rolling back", bounds=at_least(1))
     max_rollbacks: int = option(3, "roll-backs allowed before giving up", bounds=at_least(0))
     sample_count: int = option(64, "images in the final sample grid", bounds=at_least(1), resumable=True)
+    sample_steps: int = option(18, "Heun steps of the final sample grid and of --eval-every's samples (EDM's 18, "
+                                   "the sample command's; fewer: sooner and rougher)", bounds=at_least(1),
+                               resumable=True)
     verify_data: bool = option(True, "check the data set's checksums and content at start (off: very large sets)",
                                resumable=True)
     log: str = option("none", "also send stats.jsonl's scalars and the sample grids to TensorBoard (OUT/tensorboard/) "

@@ -15,9 +15,8 @@ import torch
 from ambient_fast.files.atomic import dumps_json
 
 __all__ = ["StatsLog", "gpu_info", "sampler_evaluations", "progress_per_evaluation", "draw_samples",
-           "final_pictures", "Pictures", "TrainingEvaluation", "SAMPLE_STEPS"]
+           "final_pictures", "Pictures", "TrainingEvaluation"]
 
-SAMPLE_STEPS = 18  # the solver steps of the run's own samples (EDM's Heun default, the sample command's)
 RESTORE_SIGMA = 0.02  # the noise level of the run's one-step restorations (the restore command's default)
 OVERVIEW_IMAGES, RESTORED_IMAGES, COLUMNS = 36, 12, 6  # images per panel of overview.png, in 6 columns
 TILE = 64  # pixels a tile of overview.png is at least: small images are upscaled (nearest) to it
@@ -112,10 +111,10 @@ def progress_per_evaluation(net: torch.nn.Module, images: int, evaluations: int,
     on_progress(done + images)
 
 
-def draw_samples(loaded, model: torch.nn.Module, seeds: Sequence[int], device: torch.device,
+def draw_samples(loaded, model: torch.nn.Module, seeds: Sequence[int], device: torch.device, steps: int,
                  on_progress: Optional[Progress] = None) -> np.ndarray:
     """Samples of `model` (a `LoadedNetwork`'s, `loaded` saying what it trained on), one per seed, each
-    a function of its seed alone: the fixed-mask sampler at the training survival, SAMPLE_STEPS Heun
+    a function of its seed alone: the fixed-mask sampler at the training survival, `steps` Heun
     steps. Returns uint8 (N, H, W, C); `on_progress` is told the images done as it goes. A model
     trained on latents samples them unclamped and decodes them through the autoencoder its training
     record names."""
@@ -130,8 +129,8 @@ def draw_samples(loaded, model: torch.nn.Module, seeds: Sequence[int], device: t
     if model.label_dim:
         labels = torch.eye(model.label_dim, device=device)[torch.arange(len(latents)) % model.label_dim]
     codec = _codec(loaded, device)
-    with progress_per_evaluation(model, len(latents), sampler_evaluations(SAMPLE_STEPS), on_progress or (lambda _: None)):
-        images = ambient_sample(model, latents, masks, num_steps=SAMPLE_STEPS, class_labels=labels,
+    with progress_per_evaluation(model, len(latents), sampler_evaluations(steps), on_progress or (lambda _: None)):
+        images = ambient_sample(model, latents, masks, num_steps=steps, class_labels=labels,
                                 clip=codec is None, **sampling_sigmas(loaded))
     return to_uint8(images) if codec is None else codec.images(images)
 
@@ -201,7 +200,7 @@ def _panel(images: np.ndarray, label: str) -> np.ndarray:
                          pad=2), label)
 
 
-def final_pictures(network_path: Path, dataset, out: Path, count: int, device: torch.device,
+def final_pictures(network_path: Path, dataset, out: Path, count: int, steps: int, device: torch.device,
                    memory_format: torch.memory_format = torch.contiguous_format,
                    on_progress: Optional[Progress] = None) -> Pictures:
     """Sample `count` images from the network saved at `network_path` and write to `out`: samples.png
@@ -215,7 +214,7 @@ def final_pictures(network_path: Path, dataset, out: Path, count: int, device: t
 
     loaded = load_network(network_path)
     model = loaded.model.to(device, memory_format=memory_format)
-    samples = draw_samples(loaded, model, range(count), device, on_progress)
+    samples = draw_samples(loaded, model, range(count), device, steps, on_progress)
     shown_inputs = np.arange(min(count, len(dataset)))
     if dataset.is_latent:  # decoded by the set's autoencoder
         from ambient_fast.data.latents import LatentCodec
@@ -231,7 +230,7 @@ def final_pictures(network_path: Path, dataset, out: Path, count: int, device: t
     shown = min(OVERVIEW_IMAGES, count, len(inputs))
     missing = 1 - dataset.meta.observed_fraction
     top = [_panel(inputs[:shown], f"corrupted training inputs ({missing:.0%} of values missing, black)"),
-           _panel(samples[:shown], f"samples ({SAMPLE_STEPS} Heun steps, fixed mask)")]
+           _panel(samples[:shown], f"samples ({steps} Heun steps, fixed mask)")]
     clean = _clean_twin(dataset, "images.npy", shown)
     if clean is not None:
         top.append(_panel(clean.transpose(0, 2, 3, 1), "their clean originals (never seen in training)"))
@@ -258,12 +257,12 @@ def final_pictures(network_path: Path, dataset, out: Path, count: int, device: t
 
 class TrainingEvaluation:
     """`--eval-every`'s evaluation of the EMA network during training: `count` samples at fixed seeds
-    (0..count-1: successive grids show one set of seeds changing) and their Fréchet distance in pixel
-    space against clean reference images (ambient_fast.evaluation.report.load_clean: a folder, a
-    .npy, or the built-in set's held-out clean twin), with the reference's own floor (its halves
-    against each other)."""
+    (0..count-1: successive grids show one set of seeds changing), `steps` Heun steps each, and their
+    Fréchet distance in pixel space against clean reference images
+    (ambient_fast.evaluation.report.load_clean: a folder, a .npy, or the built-in set's held-out clean
+    twin), with the reference's own floor (its halves against each other)."""
 
-    def __init__(self, reference: str, count: int, shape: Sequence[int]):
+    def __init__(self, reference: str, count: int, steps: int, shape: Sequence[int]):
         from ambient_fast.evaluation.metrics import pixel_features
         from ambient_fast.evaluation.report import load_clean, reference_floor, small_count_warnings
 
@@ -271,7 +270,7 @@ class TrainingEvaluation:
         if tuple(images.array.shape[1:]) != tuple(shape):
             raise ValueError(f"--eval-reference {reference} holds {images.shape_text} images, the run trains on "
                              f"{'x'.join(map(str, shape))} ones; give clean images of the training images' size")
-        self.source, self.count = images.source, count
+        self.source, self.count, self.steps = images.source, count, steps
         self.features = pixel_features(images.array)
         floor = reference_floor(self.features)
         self.floor = None if floor is None else floor["value"]
@@ -288,7 +287,7 @@ class TrainingEvaluation:
         from ambient_fast.evaluation.metrics import frechet_distance, pixel_features
         from ambient_fast.files.images import grid, save_png
 
-        samples = draw_samples(loaded, loaded.model.to(device), range(self.count), device, on_progress)
+        samples = draw_samples(loaded, loaded.model.to(device), range(self.count), device, self.steps, on_progress)
         picture = grid(list(samples))
         save_png(picture, grid_path)
         fields = {"Eval/frechet_distance": frechet_distance(pixel_features(samples.transpose(0, 3, 1, 2)),

@@ -388,8 +388,8 @@ class Trainer(Stateful):
 
     def write_samples(self, network_path: Path, on_progress=None) -> "reporting.Pictures":
         """The final pictures (main rank): samples, inputs and the labelled overview."""
-        return reporting.final_pictures(network_path, self.dataset, self.run_dir, self.cfg.sample_count, self.device,
-                                        self.settings.memory_format, on_progress)
+        return reporting.final_pictures(network_path, self.dataset, self.run_dir, self.cfg.sample_count,
+                                        self.cfg.sample_steps, self.device, self.settings.memory_format, on_progress)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -460,7 +460,7 @@ class Trainer(Stateful):
     def _evaluation(self) -> "reporting.TrainingEvaluation":
         """--eval-every's reference and scorer (main rank), before any training."""
         return reporting.TrainingEvaluation(self.cfg.eval_reference or str(self.dataset.path), self.cfg.eval_samples,
-                                            self.dataset.shape)
+                                            self.cfg.sample_steps, self.dataset.shape)
 
     def evaluate(self, evaluation: "Optional[reporting.TrainingEvaluation]", progress: console.WorkProgress) -> dict:
         """--eval-every's evaluation of the EMA network at this step (collective: every rank gathers the
