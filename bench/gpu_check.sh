@@ -29,7 +29,8 @@
 #            (b) and of one sampler call
 #   kernels  (part 2, 70) python bench/kernels.py --sizes 64 --configs ddpmpp (its EDM2 configurations'
 #            six more compiles would not fit the limit: run them on their own, --configs edm2-64,edm2-latent-64)
-#   sample   (part 2, 85) python bench/sample.py --resolutions 64 (batch 256, the target's; the rehearsal samples at 32, in 8 steps)
+#   sample   (part 2, 85) python bench/sample.py --resolutions 64 (batch 256, the target's; the rehearsal samples
+#            at 32, in 8 steps)
 #   scaling  (part 2, 125) python bench/train.py --configs none --scaling 128,256,512: (b) at each batch
 # The limits, reasoned from what was measured on a 2-core CPU and from an H100/H200's speed (no GPU
 # run of this script has been recorded yet): Inductor compiles the 14 graphs of the CIFAR-10

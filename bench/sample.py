@@ -199,9 +199,9 @@ def main(argv=None) -> int:
     command = "python bench/sample.py " + " ".join(argv if argv is not None else sys.argv[1:])
     sections = [harness.environment_section(device, command.strip()),
                 f"{defaults['steps']}-step Heun, one fixed mask (survival {SURVIVAL}), DDPM++ as published "
-                "(double-sigmoid gate, reference preconditioning), random weights redrawn at unit scale. images/s: one timed call "
-                "after a 2-step warm-up call; differences: against reference-style's images, in [-1, 1]. "
-                "exact and fast: the network in the sampling command's memory format on this device."
+                "(double-sigmoid gate, reference preconditioning), random weights redrawn at unit scale. images/s: "
+                "one timed call after a 2-step warm-up call; differences: against reference-style's images, in "
+                "[-1, 1]. exact and fast: the network in the sampling command's memory format on this device."
                 + (f" Models narrowed to {size} (not the published sizes)." if size else "")]
     path = harness.report_path(args.results, "sample", device)
     failures = 0
