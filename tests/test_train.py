@@ -440,22 +440,29 @@ def test_the_loop_reads_the_device_only_at_its_logging_interval(tmp_path, monkey
 # Digests that tests/training_digest.py printed for the code before the step stopped reading the
 # device (commit cc87620: a host read of the gradient's finiteness every step, the roll-back at
 # once), each in a fresh process at one thread: weights, EMA, optimizer state, counters, stats lines.
-# Per vector unit of the CPU (torch's CPU capability), which can move last bits: the AVX2 digests
-# were printed by cc87620's code on an AVX2 machine, where main printed the same.
+# Per vector unit of the CPU (torch's CPU capability), and within one, per machine seen: two CPUs of
+# the same vector unit can still round differently (their BLAS and oneDNN pick kernels by vendor and
+# cache, not by vector unit alone). Each record was printed by cc87620's code on its machine, where
+# main printed the same: AVX512 on the first machine that ran this test and, on 2026-12-04, on an AMD
+# EPYC with AVX-512 and AVX512-BF16; AVX2 on an AMD EPYC with AVX2 only.
 RECORDED_TORCH = "2.13.0+cpu"
 RECORDED_DIGESTS = {
-    "AVX512": {
-        "late-faults": {"params": "e1c273a699f9bdb7", "ema": "89686cc9fd93060e", "optimizer": "181447ea1f25c1e7",
-                        "counters": [40, 160, 4, 1, 0.5], "stats": "11f0af97c415d487"},
-        "records": {"params": "216342e5bd06388a", "ema": "5b22ea7348d7af08", "optimizer": "9367ae685541dc70",
-                    "counters": [12, 48, 0, 0, 1.0], "stats": "af6b2fad387b6325"},
-    },
-    "AVX2": {
-        "late-faults": {"params": "37d90e833b7e8a9e", "ema": "aab9ceaaa1926d0b", "optimizer": "27055c00445f95c8",
-                        "counters": [40, 160, 4, 1, 0.5], "stats": "915495d657d4cfd0"},
-        "records": {"params": "a3f323067226fcbb", "ema": "38e09f96b7f7dcea", "optimizer": "b1894e546c3515fb",
-                    "counters": [12, 48, 0, 0, 1.0], "stats": "af6b2fad387b6325"},
-    },
+    "AVX512": [
+        {"late-faults": {"params": "e1c273a699f9bdb7", "ema": "89686cc9fd93060e", "optimizer": "181447ea1f25c1e7",
+                         "counters": [40, 160, 4, 1, 0.5], "stats": "11f0af97c415d487"},
+         "records": {"params": "216342e5bd06388a", "ema": "5b22ea7348d7af08", "optimizer": "9367ae685541dc70",
+                     "counters": [12, 48, 0, 0, 1.0], "stats": "af6b2fad387b6325"}},
+        {"late-faults": {"params": "3fc00f65ac9a3d3d", "ema": "8862a3d55d5a475b", "optimizer": "49075cf1fb8baf05",
+                         "counters": [40, 160, 4, 1, 0.5], "stats": "915495d657d4cfd0"},
+         "records": {"params": "757988419e1806bb", "ema": "4e0b699874fa29ee", "optimizer": "94a7b6a0e9080620",
+                     "counters": [12, 48, 0, 0, 1.0], "stats": "af6b2fad387b6325"}},
+    ],
+    "AVX2": [
+        {"late-faults": {"params": "37d90e833b7e8a9e", "ema": "aab9ceaaa1926d0b", "optimizer": "27055c00445f95c8",
+                         "counters": [40, 160, 4, 1, 0.5], "stats": "915495d657d4cfd0"},
+         "records": {"params": "a3f323067226fcbb", "ema": "38e09f96b7f7dcea", "optimizer": "b1894e546c3515fb",
+                     "counters": [12, 48, 0, 0, 1.0], "stats": "af6b2fad387b6325"}},
+    ],
 }
 CAPABILITY = torch.backends.cpu.get_cpu_capability()
 
@@ -474,7 +481,10 @@ def test_training_is_bitwise_the_recorded_run(tmp_path, case):
     result = subprocess.run([sys.executable, str(script), case, str(tmp_path)], capture_output=True, text=True,
                             timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.splitlines()[-1]) == RECORDED_DIGESTS[CAPABILITY][case]
+    digest = json.loads(result.stdout.splitlines()[-1])
+    recorded = [machine[case] for machine in RECORDED_DIGESTS[CAPABILITY]]
+    assert digest in recorded, (f"{case} printed {digest}, none of the {len(recorded)} digest(s) recorded on {CAPABILITY} "
+                                "CPUs: if cc87620's code prints the same here, this machine rounds apart; record it")
 
 
 @pytest.mark.parametrize("argv,message", [
