@@ -483,8 +483,9 @@ def test_training_is_bitwise_the_recorded_run(tmp_path, case):
     assert result.returncode == 0, result.stderr[-3000:]
     digest = json.loads(result.stdout.splitlines()[-1])
     recorded = [machine[case] for machine in RECORDED_DIGESTS[CAPABILITY]]
-    assert digest in recorded, (f"{case} printed {digest}, none of the {len(recorded)} digest(s) recorded on {CAPABILITY} "
-                                "CPUs: if cc87620's code prints the same here, this machine rounds apart; record it")
+    assert digest in recorded, (f"{case} printed {digest}, none of the {len(recorded)} digest(s) recorded on "
+                                f"{CAPABILITY} CPUs: if cc87620's code prints the same here, this machine rounds "
+                                "apart; record it")
 
 
 @pytest.mark.parametrize("argv,message", [
