@@ -48,20 +48,23 @@ def cuda_defaults_on_cpu(monkeypatch):
 @pytest.fixture
 def lean_inductor(monkeypatch):
     """Inductor as cheap as a CPU test can have it, here and in the subprocesses started (torchrun's
-    ranks): scalar C++ (ATEN_CPU_CAPABILITY=default, which Inductor reads at each compile; a
-    subprocess's ATen reads it at its start and computes without SIMD too) compiled in the process
-    itself (TORCHINDUCTOR_COMPILE_THREADS=1: no pool of compile workers beside each compiling process,
-    on two cores that two xdist workers or two ranks fill already). A GPU compiles Triton code, not
-    C++: the vectorised C++ is a path of the CPU alone; the lowering, fusion and scheduling that a GPU's
-    compile shares are the same. Measured alone with empty caches on the 2-core CPU, within the same
-    hour (its speed drifts): the Inductor check in CUDA's settings 216 s and 285 CPU-s with Inductor's
-    defaults, 136 s and 182 CPU-s scalar, 123 s and 124 CPU-s scalar in one process; the compiled EDM2
-    and fine-tuning FSDP2 runs 158 s and 271 CPU-s with the defaults, 112 s and 169 CPU-s lean."""
+    ranks): scalar C++ with no probe of the CPU's vector units (TORCHINDUCTOR_VEC_ISA_OK=0: otherwise
+    each process compiles or loads a test library per vector unit in a Python subprocess of its own
+    before its first compile) compiled in the process itself (TORCHINDUCTOR_COMPILE_THREADS=1: no pool
+    of compile workers beside each compiling process, on two cores that two xdist workers or two ranks
+    fill already). A GPU compiles Triton code, not C++: the vectorised C++ is a path of the CPU alone;
+    the lowering, fusion and scheduling that a GPU's compile shares are the same. Measured alone with
+    empty caches on the 2-core CPU, within the same hour (its speed drifts): the Inductor check in
+    CUDA's settings 216 s and 285 CPU-s with Inductor's defaults, 136 s and 182 CPU-s scalar, 123 s and
+    124 CPU-s scalar in one process; the compiled EDM2 and fine-tuning FSDP2 runs 158 s and 271 CPU-s
+    with the defaults, 112 s and 169 CPU-s lean. Without the probes, a process's first compile of a
+    one-line function: 20.9 and 19.9 s -> 7.7 and 9.9 s, its cache empty; 8.4 and 9.5 s -> 5.8 and 7.6
+    s, its cache full; the C++ generated is the same (the vector unit was the scalar one already)."""
     import torch._inductor.config
 
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.setenv("TORCHINDUCTOR_VEC_ISA_OK", "0")
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    with torch._inductor.config.patch(compile_threads=1):  # it read the variable at its import
+    with torch._inductor.config.patch({"compile_threads": 1, "cpp.vec_isa_ok": False}):  # both read at import
         yield
 
 
