@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -185,3 +186,24 @@ def load_bench(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills, built once per test session: under pytest-xdist the
+    workers share it (the first to ask builds it, another asking meanwhile waits for it), so that a
+    module fixture that trains a network does not train it on every worker. Its users only read it."""
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    session = tmp_path_factory.getbasetemp().parent  # this session's, shared by its workers
+    folder = session / name
+    with FileLock(str(session / f"{name}.lock")):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder

@@ -14,20 +14,27 @@ from ambient_fast.sample import main as sample_main
 from ambient_fast.train import main as train_main
 from ambient_fast.training.trainer import SYNTHETIC_P
 
+from conftest import built_once
+
 TINY = ["--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn", "", "--sample-count", "4",
         "--sample-steps", "2"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny model trained briefly by the trainer's CLI on the built-in synthetic set."""
-    root = tmp_path_factory.mktemp("trained")
+    """A tiny model trained briefly by the trainer's CLI on the built-in synthetic set (once per
+    session: 17 s on a 2-core CPU)."""
     mp = pytest.MonkeyPatch()
+
+    def train(root):
+        mp.setenv("AMBIENT_FAST_CACHE", str(root / "cache"))
+        assert train_main(["--out", str(root / "run"), "--steps", "150", "--batch", "16", "--lr-rampup", "0.5",
+                           *TINY]) == 0
+
+    root = built_once(tmp_path_factory, "restore-trained", train)
     mp.setenv("AMBIENT_FAST_CACHE", str(root / "cache"))
-    run = root / "run"
-    assert train_main(["--out", str(run), "--steps", "150", "--batch", "16", "--lr-rampup", "0.5", *TINY]) == 0
     data = next(p for p in (root / "cache").iterdir() if p.is_dir() and not p.name.endswith("-clean"))
-    yield run, data
+    yield root / "run", data
     mp.undo()
 
 
