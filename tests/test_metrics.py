@@ -184,6 +184,28 @@ def test_pixel_features():
     np.testing.assert_allclose(features[0], [-1, 1, 127 / 127.5 - 1, 128 / 127.5 - 1])
 
 
+def test_evaluate_extracts_a_set_given_twice_once(monkeypatch):
+    """Equal image sets (the same set as --samples and --reference, or as --reference and
+    --training) are extracted once; sets of one shape but other pixels are extracted apart."""
+    from ambient_fast.evaluation import report
+
+    rng = np.random.default_rng(4)
+    a, b = (rng.integers(0, 256, (6, 3, 4, 4), dtype=np.uint8) for _ in range(2))
+    extracted = []
+    monkeypatch.setattr(report, "pixel_features", lambda array: extracted.append(array) or pixel_features(array))
+
+    def evaluated(samples, reference):
+        extracted.clear()
+        images = [report.Images(array, [str(i) for i in range(len(array))], name)
+                  for array, name in ((samples, "samples"), (reference, "reference"))]
+        return report.evaluate(*images, None, "pixel", None, "cpu", 4)["frechet_distance"]
+
+    assert evaluated(a, a.copy()) == frechet_distance(pixel_features(a), pixel_features(a))
+    assert len(extracted) == 1
+    assert evaluated(a, b) == frechet_distance(pixel_features(a), pixel_features(b)) > 0
+    assert len(extracted) == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # The FID Inception network, on random weights
 

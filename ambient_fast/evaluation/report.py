@@ -147,7 +147,16 @@ def evaluate(samples: Images, reference: Images, training: Optional[Images], fea
     nearest-neighbour similarities when `training`."""
     _check_shapes(samples, {"--reference": reference, **({"--training": training} if training else {})})
     extract = InceptionFeatures(weights, device, batch) if features == "inception" else pixel_features
-    sample_features, reference_features = extract(samples.array), extract(reference.array)
+    extracted = []  # (images, their features): a set given twice (as --reference and --training, say) runs once
+
+    def features_of(array: np.ndarray) -> np.ndarray:
+        for seen, found in extracted:
+            if seen.shape == array.shape and np.array_equal(seen, array):
+                return found
+        extracted.append((array, extract(array)))
+        return extracted[-1][1]
+
+    sample_features, reference_features = features_of(samples.array), features_of(reference.array)
     dimension = sample_features.shape[1]
     report = dict(
         samples=dict(source=samples.source, count=len(samples.array), shape=list(samples.array.shape[1:])),
@@ -159,7 +168,7 @@ def evaluate(samples: Images, reference: Images, training: Optional[Images], fea
                                       dimension))
     if training is not None:
         if features == "inception":
-            similarity, index = cosine_nearest_neighbour(sample_features, extract(training.array))
+            similarity, index = cosine_nearest_neighbour(sample_features, features_of(training.array))
         else:
             similarity, index = nearest_neighbour_similarity(samples.array, training.array)
         top = int(similarity.argmax())
