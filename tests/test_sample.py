@@ -10,7 +10,7 @@ import torch
 from ambient_fast.files.checkpoints import save_network
 from ambient_fast.files.images import load_png
 from ambient_fast.networks import EDMPrecond, from_reference
-from ambient_fast.sample import parse_seeds
+from ambient_fast.sample import main as sample_main, parse_seeds
 from ambient_fast.sampling.samplers import PerSeedGenerators, ambient_sample, edm_sigma_steps, seeded_inputs
 
 from conftest import TINY_ARCHITECTURES, load_fixture, torchrun
@@ -141,7 +141,7 @@ def test_bad_arguments():
         ambient_sample(small_model(), torch.randn(1, 3, 8, 8), torch.ones(1, 3, 8, 8))
 
 
-def test_sample_cli_end_to_end(tmp_path):
+def test_sample_cli_end_to_end(tmp_path, capsys):
     net = tmp_path / "net.safetensors"
     save_network(net, small_model(label_dim=2), dict(kind="dust", p=0.5, delta=0.1, shared_channels=True))
     out = tmp_path / "samples"
@@ -153,8 +153,9 @@ def test_sample_cli_end_to_end(tmp_path):
     assert load_png(out / "000000.png").shape == (8, 8, 3)
     assert load_png(out / "grid.png").shape[2] == 3
     assert json.loads((out / "sampling.json").read_text())["survival"] == pytest.approx(0.45)
-    missing_class = subprocess.run(command[:-2], capture_output=True, text=True, timeout=300)
-    assert missing_class.returncode == 1 and "--class" in missing_class.stderr
+    capsys.readouterr()
+    assert sample_main(command[3:-2]) == 1  # the command's own error path, in this process
+    assert "--class" in capsys.readouterr().err
 
 
 def test_fast_path_agrees_with_the_exact_path():
@@ -190,9 +191,7 @@ def test_sample_cli_under_torchrun_splits_seeds(tmp_path):
     args = ["--net", str(net), "--seeds", "0-4", "--steps", "2", "--batch", "2"]
     out = torchrun("ambient_fast.sample", *args, "--out", str(tmp_path / "two"))
     assert "2 process(es)" in out
-    single = subprocess.run([sys.executable, "-m", "ambient_fast.sample", *args, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
+    assert sample_main([*args, "--out", str(tmp_path / "one")]) == 0  # one process: this one
     for seed in range(5):  # each image depends only on its seed, not on the rank or batch it ran in
         name = f"{seed:06d}.png"
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
