@@ -265,14 +265,14 @@ def records_objective(schedule, operator: str, noise: bool, labels: bool, batch:
     pytest.param(EDMSchedule(), "keep_patch", True, False, id="edm-keep-patch-tweedie"),
 ])
 def test_fused_image_draws_are_bitwise_the_reference(schedule, operator, noise, labels, monkeypatch):
-    """The ambient input of 200 images (two programs of the per-image kernel, the second partial) on
+    """The ambient input of 140 images (two programs of the per-image kernel, the second partial) on
     the fused path, under Triton's interpreter, and on the PyTorch path: sigma, the weights and the
     one-hot labels, and through the network input, the target and A_hat the noise added, the Tweedie
     multiples and B."""
     pytest.importorskip("triton", reason="Triton is not installed: the fused path is not tested")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("AMBIENT_FAST_KERNELS", raising=False)
-    batch = records_batch(200, labels)
+    batch = records_batch(140, labels)
     objective = records_objective(schedule, operator, noise, labels, batch)
     fused = objective.inputs(batch)
     monkeypatch.setenv("AMBIENT_FAST_KERNELS", "0")
