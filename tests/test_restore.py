@@ -23,12 +23,13 @@ TINY = ["--channels", "16", "--channel-mult", "1,2", "--blocks", "1", "--attn", 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained briefly by the trainer's CLI on the built-in synthetic set (once per
-    session: 17 s on a 2-core CPU)."""
+    session). 75 steps restore the held-out images 6.1 dB above the corrupted input (150: 7.1 dB, in
+    twice the time; the test below asks for 3), measured on the 2-core CPU."""
     mp = pytest.MonkeyPatch()
 
     def train(root):
         mp.setenv("AMBIENT_FAST_CACHE", str(root / "cache"))
-        assert train_main(["--out", str(root / "run"), "--steps", "150", "--batch", "16", "--lr-rampup", "0.5",
+        assert train_main(["--out", str(root / "run"), "--steps", "75", "--batch", "16", "--lr-rampup", "0.5",
                            *TINY]) == 0
 
     root = built_once(tmp_path_factory, "restore-trained", train)
