@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ambient_fast.networks import EDMPrecond, VPPrecond, build_reference_model, from_reference
 from ambient_fast.networks.layers import Conv2d
@@ -114,6 +115,39 @@ def test_preconditioners_forward_backward(precond, mask_aware):
     x, sigma = ambient_input(2), torch.tensor([0.1, 3.0])
     assert_gradient_matches_differences(lambda: model(x, sigma)[:, :3].square().mean(), model.parameters(), eps=1e-2,
                                         rel=1e-2)
+
+
+class OperationNames(TorchDispatchMode):
+    """Records the name of every ATen operation run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_network_built_on_meta_only_allocates():
+    """Built on the meta device (what a checkpoint's header is checked against before its weights
+    load), every architecture and EDM2 only make tensors, copy and view them: no initial values are
+    computed (layers.initial_values), since arithmetic on meta tensors runs PyTorch's Python reference
+    kernels. On the CPU the same build computes them."""
+    from ambient_fast.networks import EDM2Precond
+
+    builds = [lambda arch=arch: build(arch) for arch in TINY_ARCHITECTURES] + [
+        lambda: EDM2Precond(img_resolution=RES, img_channels=6, ambient=True, model_channels=16, channel_mult=[1, 2],
+                            num_blocks=1, attn_resolutions=[RES // 2])]
+    for make in builds:
+        with torch.device("meta"), OperationNames() as operations:
+            net = make()
+        assert all(p.is_meta for p in net.state_dict().values())
+        assert operations.names <= {"empty", "zeros", "ones", "rand", "randn", "lift_fresh", "_to_copy", "unsqueeze"}, \
+            operations.names
+        with OperationNames() as operations:
+            make()
+        assert {"mul"} <= operations.names
 
 
 def test_state_dict_round_trip(tmp_path):

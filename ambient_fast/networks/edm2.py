@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .layers import fused_attention, use_fused_attention
+from .layers import fused_attention, initial_values, use_fused_attention
 
 # EDM2's resampling filter: a 2x2 box. Nothing else is supported (no published EDM2 model uses another).
 RESAMPLE_FILTER = [1, 1]
@@ -74,8 +74,9 @@ class MPFourier(torch.nn.Module):
 
     def __init__(self, num_channels: int, bandwidth: float = 1):
         super().__init__()
-        self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
-        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
+        shape = [num_channels]
+        self.register_buffer("freqs", initial_values(shape, lambda: 2 * math.pi * torch.randn(*shape) * bandwidth))
+        self.register_buffer("phases", initial_values(shape, lambda: 2 * math.pi * torch.rand(*shape)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x.dtype)

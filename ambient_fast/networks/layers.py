@@ -7,7 +7,7 @@ their state dicts load with `strict=True`: a convolution has `weight` [O, I, k, 
 resamples. Initialisation follows EDM's schemes (it matters for new models only).
 """
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,17 +17,29 @@ from ambient_fast.kernels import gated_activation_packed
 from ambient_fast.options import GATES
 
 
-def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
-    """EDM's initialisation schemes: xavier/kaiming, uniform/normal."""
-    if mode == "xavier_uniform":
-        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
-    if mode == "xavier_normal":
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
-    if mode == "kaiming_uniform":
-        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
-    if mode == "kaiming_normal":
-        return math.sqrt(1 / fan_in) * torch.randn(*shape)
-    raise ValueError(f"unknown init mode {mode!r}; expected xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal")
+def initial_values(shape: Sequence[int], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`compute()`, a parameter's or buffer's random initial values of `shape`; on the meta device (a
+    network built for its shapes only, as a checkpoint's header is checked before its weights load)
+    an empty tensor instead. Meta tensors hold no values anyway, and arithmetic on them runs PyTorch's
+    Python reference kernels: their first use imports torch._dynamo (1.5 s of a 3.6 s sample command
+    on a 2-core CPU), and each operation then takes ten times the CPU's time."""
+    if torch.get_default_device().type == "meta":
+        return torch.empty(shape)
+    return compute()
+
+
+def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int, scale: float = 1) -> torch.Tensor:
+    """EDM's initialisation schemes (xavier/kaiming, uniform/normal), times `scale`."""
+    schemes = {
+        "xavier_uniform": lambda: math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1),
+        "xavier_normal": lambda: math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape),
+        "kaiming_uniform": lambda: math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1),
+        "kaiming_normal": lambda: math.sqrt(1 / fan_in) * torch.randn(*shape),
+    }
+    if mode not in schemes:
+        raise ValueError(f"unknown init mode {mode!r}; expected xavier_uniform, xavier_normal, kaiming_uniform or "
+                         "kaiming_normal")
+    return initial_values(shape, lambda: schemes[mode]() * scale)
 
 
 def check_gate(gate: str) -> str:
@@ -45,8 +57,8 @@ class Linear(torch.nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
-        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans, scale=init_weight))
+        self.bias = torch.nn.Parameter(weight_init([out_features], **fans, scale=init_bias)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype)
@@ -86,12 +98,13 @@ class Conv2d(torch.nn.Module):
         self.gate = check_gate(gate) if kernel else "none"
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
         shape = [out_channels, in_channels, kernel, kernel]
-        self.weight = torch.nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
-        self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        self.weight = torch.nn.Parameter(weight_init(shape, **fans, scale=init_weight)) if kernel else None
+        has_bias = kernel and bias
+        self.bias = torch.nn.Parameter(weight_init([out_channels], **fans, scale=init_bias)) if has_bias else None
         if self.gate != "none":
-            self.gate_weight = torch.nn.Parameter(weight_init(shape, **fans) * init_weight)
-        f = torch.as_tensor(resample_filter, dtype=torch.float32)
-        f = torch.outer(f, f).unsqueeze(0).unsqueeze(1) / f.sum().square()
+            self.gate_weight = torch.nn.Parameter(weight_init(shape, **fans, scale=init_weight))
+        taps = np.asarray(resample_filter, dtype=np.float32)  # in NumPy: no arithmetic on meta (initial_values)
+        f = torch.as_tensor(np.outer(taps, taps) / np.square(taps.sum()))[None, None]
         self.register_buffer("resample_filter", f if up or down else None)
 
     def _conv(self, x: torch.Tensor, padding: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -165,7 +178,8 @@ class FourierEmbedding(torch.nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 16):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        shape = [num_channels // 2]
+        self.register_buffer("freqs", initial_values(shape, lambda: torch.randn(*shape) * scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.outer(x, (2 * np.pi * self.freqs).to(x.dtype))
