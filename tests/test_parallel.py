@@ -90,6 +90,11 @@ GRADIENT_SCRIPT = textwrap.dedent("""
         torch.save(grads, {path!r})
     torch.distributed.barrier()  # no rank tears gloo down while the other still works (an abort once, under load)
     close_world()
+    # Out without the interpreter's finalisation: a rank still aborted there once in CI under load ("terminate
+    # called without an active exception"; gloo's worker threads can still hold tensors that Python then
+    # frees without the interpreter, pytorch/pytorch#179291). Everything this script makes is written above.
+    import os
+    os._exit(0)
 """)
 
 
